@@ -1,0 +1,5 @@
+import sys
+
+from palp.cli import main
+
+sys.exit(main())

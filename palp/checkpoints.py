@@ -1,0 +1,124 @@
+"""Training checkpoints: trainable weights, optimizer, global RNG states and metrics, written atomically.
+
+Layout under ``OUTPUT/checkpoints/``: ``config.json`` (the run's resolved settings) and one
+``step-NNNNNN/`` folder per checkpoint, which appears only once complete (temp dir + rename).
+Only the trainable parameters are stored (LoRA + placeholder rows), never the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from palp.config import ConfigError
+from palp.export import CONFIG_FILE, LORA_FILE, atomic_write_json, read_metrics_csv, write_metrics_csv
+
+DIR = "checkpoints"
+# Settings that may change between a run and its resumption.
+RESUMABLE_CHANGES = {"steps", "save_steps", "checkpoint_every", "checkpoints_total_limit", "output"}
+
+
+def _step_dirs(out: Path) -> list[Path]:
+    root = out / DIR
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def latest_step(out: Path) -> int:
+    dirs = _step_dirs(out)
+    return int(dirs[-1].name.split("-")[1]) if dirs else 0
+
+
+def check_output(out: Path, *, resume: bool) -> None:
+    """Refuse to overwrite a finished run or to silently restart over a partial one."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} is a file; give a folder")
+    if resume:
+        return
+    if (out / CONFIG_FILE).exists() or (out / LORA_FILE).exists():
+        raise ConfigError(f"--output {out} already holds a finished run; choose another folder (or --resume to extend it)")
+    if _step_dirs(out):
+        raise ConfigError(f"--output {out} holds checkpoints of an unfinished run; pass --resume to continue it")
+
+
+def record_config(out: Path, config: dict, *, resume: bool) -> None:
+    """Write the run's settings; on --resume, check they match the checkpoints' run."""
+    path = out / DIR / "config.json"
+    if resume and path.exists():
+        old = json.loads(path.read_text())
+        new = json.loads(json.dumps(config, default=str))
+        changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+        if changed:
+            raise ConfigError(
+                f"--resume: settings differ from the checkpointed run in {', '.join(changed)}; "
+                f"use the same settings or a new --output"
+            )
+    atomic_write_json(path, config)
+
+
+def _named_trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save(out: Path, step: int, model, optimizer, rows: list[dict], *, keep: int) -> Path:
+    root = out / DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
+    try:
+        save_file({n: p.detach().float().cpu().contiguous() for n, p in _named_trainable(model).items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        write_metrics_csv(tmp / "metrics.csv", rows)
+        atomic_write_json(tmp / "state.json", {"step": step})
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in _step_dirs(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_latest(out: Path, model, optimizer) -> tuple[int, list[dict]]:
+    """Restore the newest checkpoint; (0, []) when there is none yet."""
+    dirs = _step_dirs(out)
+    if not dirs:
+        return 0, []
+    ckpt = dirs[-1]
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    params = _named_trainable(model)
+    if set(saved) != set(params):
+        raise ConfigError(f"checkpoint {ckpt} does not match this model's trainable parameters; use a new --output")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    return step, read_metrics_csv(ckpt / "metrics.csv")
+
+
+def _rng_state() -> dict:
+    # The step's own draws come from a generator seeded by (seed, step, rank) and need no
+    # saving; the global states cover anything else that draws (dropout, augmentation).
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,152 @@
+"""``palp`` command line. ``main(argv)`` only parses and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from palp import __version__
+
+
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError("use on or off")
+    return value == "on"
+
+
+def _steps_list(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("use comma-separated step numbers, e.g. 100,200,300") from None
+
+
+def add_train_parser(sub) -> None:
+    from palp.config import TrainConfig as C
+    from palp.guidance import METHODS
+
+    p = sub.add_parser("train", help="fine-tune LoRA + [V] on a subject with prompt-aligned guidance",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("subject and prompts")
+    g.add_argument("--images", action="append", required=True, metavar="[V]=DIR",
+                   help="folder of subject photos; repeat as --images '[V1]=DIR' for several subjects")
+    g.add_argument("--class-word", action="append", required=True, metavar="[V]=WORD",
+                   help="class word of the subject (cat); '[V2]=dog' for a named subject")
+    g.add_argument("--prompt", required=True, help="target prompt, e.g. 'A sketch of [V] in Paris at night'")
+    g.add_argument("--personalization-prompt", action="append", metavar="[V]=PROMPT",
+                   help="personalization prompt y_P per subject (default 'A photo of [V]')")
+    g.add_argument("--clean-prompt", default="", help="clean target prompt y_c (default: derived from --prompt)")
+    g.add_argument("--pretrained-model", default=C.pretrained_model,
+                   help="Hugging Face id, local diffusers folder, gs:// prefix, or 'tiny'")
+    g.add_argument("--output", required=True, help="run folder")
+    g.add_argument("--min-image-size", type=int, default=None, help="smallest accepted image side (default: half the model resolution)")
+
+    m = p.add_argument_group("method (../shared/PALP.md)")
+    m.add_argument("--method", choices=METHODS, default=C.method)
+    m.add_argument("--noise", choices=("same", "iid"), default=C.noise, help="eps' of the re-noised estimate")
+    m.add_argument("--align-timestep", choices=("resample", "same"), default=C.align_timestep)
+    m.add_argument("--rescale", type=_on_off, default=C.rescale, metavar="on|off")
+    m.add_argument("--alpha", type=float, default=C.alpha, help="CFG scale, pretrained clean branch")
+    m.add_argument("--beta", type=float, default=C.beta, help="CFG scale, personalized branch")
+    m.add_argument("--lambda", dest="lam", type=float, default=C.lam, help="weight of the alignment term")
+    m.add_argument("--align-t-min", type=int, default=C.align_t_min)
+    m.add_argument("--align-t-max", type=int, default=C.align_t_max)
+    m.add_argument("--negative-prompt", default=C.negative_prompt, help="NFSD's negative prompt")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=C.steps)
+    o.add_argument("--lr", type=float, default=C.lr)
+    o.add_argument("--batch-size", type=int, default=C.batch_size, help="global batch")
+    o.add_argument("--micro-batch-size", type=int, default=None, help="per-process batch per forward (default: all of it)")
+    o.add_argument("--lora-rank", type=int, default=C.lora_rank)
+    o.add_argument("--lora-alpha", type=float, default=None, help="default: = rank")
+    o.add_argument("--max-grad-norm", type=float, default=C.max_grad_norm, help="0 turns clipping off")
+    o.add_argument("--weight-decay", type=float, default=C.weight_decay)
+    o.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=C.mixed_precision)
+    o.add_argument("--seed", type=int, default=C.seed)
+
+    c = p.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every)
+    c.add_argument("--checkpoints-total-limit", type=int, default=C.checkpoints_total_limit)
+    c.add_argument("--save-steps", type=_steps_list, default=[100, 200, 300, 400, 500],
+                   help="steps whose LoRA + embeddings are kept as snapshots")
+    c.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+
+def config_from_args(args):
+    from palp.config import ConfigError, Subject, TrainConfig
+    from palp.prompts import PromptError, parse_keyed
+
+    try:
+        images = parse_keyed(args.images, flag="--images")
+        words = parse_keyed(args.class_word, flag="--class-word")
+        y_p = parse_keyed(args.personalization_prompt, flag="--personalization-prompt")
+    except PromptError as e:
+        raise ConfigError(str(e)) from e
+    for flag, keyed in (("--class-word", words), ("--personalization-prompt", y_p)):
+        extra = sorted(set(keyed) - set(images))
+        if extra:
+            raise ConfigError(f"{flag} names {', '.join(extra)}, which has no --images")
+    missing = sorted(set(images) - set(words))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} has images but no class word; pass --class-word {missing[0]}=WORD")
+    subjects = [Subject(ph, folder, words[ph], y_p.get(ph, "")) for ph, folder in images.items()]
+    return TrainConfig(
+        subjects=subjects, target_prompt=args.prompt, output=args.output, pretrained_model=args.pretrained_model,
+        clean_prompt=args.clean_prompt, method=args.method, noise=args.noise, align_timestep=args.align_timestep,
+        rescale=args.rescale, alpha=args.alpha, beta=args.beta, lam=args.lam, align_t_min=args.align_t_min,
+        align_t_max=args.align_t_max, negative_prompt=args.negative_prompt, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+        steps=args.steps, max_grad_norm=args.max_grad_norm or None, weight_decay=args.weight_decay,
+        mixed_precision=args.mixed_precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        checkpoints_total_limit=args.checkpoints_total_limit, save_steps=args.save_steps,
+        min_image_size=args.min_image_size,
+    )
+
+
+def run_train(args) -> int:
+    from palp.train import train
+
+    cfg = config_from_args(args)
+    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    last = result.metrics[-1] if result.metrics else {}
+    print(f"trained {cfg.steps} steps ({cfg.method}) -> {result.output}  "
+          f"rec_loss {last.get('rec_loss', float('nan')):.4f}  align_loss {last.get('align_loss', float('nan')):.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="palp", description="Prompt Aligned Personalization of text-to-image models")
+    parser.add_argument("--version", action="version", version=f"palp {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    return parser
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    from palp.config import ConfigError
+    from palp.data import SubjectImageError
+    from palp.models import ModelError
+    from palp.prompts import PromptError
+    from palp.storage import StorageError
+    from palp.train import TrainingError
+
+    return (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except user_errors() as e:
+        print(f"palp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

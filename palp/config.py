@@ -1,0 +1,117 @@
+"""Typed training settings, with the paper's defaults (Appendix C) and validation at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from palp.guidance import METHODS, NFSD_NEGATIVE_PROMPT
+from palp.prompts import DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt, clean_prompt
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A setting palp cannot run with; the message names the flag."""
+
+
+@dataclass
+class Subject:
+    placeholder: str  # "[V]", "[V1]", ...
+    images: str  # folder (the data-prep step adds gs:// and prepared sets)
+    class_word: str
+    personalization_prompt: str = ""  # default: "A photo of [V]" with this placeholder
+
+    def __post_init__(self):
+        if not self.personalization_prompt:
+            self.personalization_prompt = DEFAULT_PERSONALIZATION_PROMPT.replace(DEFAULT_PLACEHOLDER, self.placeholder)
+
+
+@dataclass
+class TrainConfig:
+    subjects: list[Subject]
+    target_prompt: str
+    output: str
+    pretrained_model: str = "CompVis/stable-diffusion-v1-4"
+    clean_prompt: str = ""  # default: derived from the target prompt and the class words
+    method: str = "palp"  # palp | ti-db | sds | nfsd
+    noise: str = "same"  # same | iid: eps' for the re-noised estimate (PALP.md step 3)
+    align_timestep: str = "resample"  # resample | same: t' ~ U[t_min, t_max] or t' = t
+    rescale: bool = True  # multiply the alignment term by sqrt(a_t)/sqrt(1-a_t) (step 5)
+    alpha: float = 15.0  # CFG scale of the pretrained, clean-prompt branch
+    beta: float = 7.5  # CFG scale of the personalized branch
+    lam: float = 1.0  # lambda: weight of the alignment term
+    align_t_min: int = 20
+    align_t_max: int = 980
+    negative_prompt: str = NFSD_NEGATIVE_PROMPT  # nfsd only
+    lora_rank: int = 32
+    lora_alpha: float | None = None  # default: = rank
+    lr: float = 5e-5
+    batch_size: int = 32  # global: micro_batch_size x accumulation x processes
+    micro_batch_size: int | None = None  # default: as large as the global batch allows
+    steps: int = 500
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 1e-2
+    mixed_precision: str = "no"
+    seed: int = 0
+    checkpoint_every: int = 100
+    checkpoints_total_limit: int = 2
+    save_steps: list[int] = field(default_factory=lambda: [100, 200, 300, 400, 500])
+    min_image_size: int | None = None  # default: half the model resolution
+
+    def __post_init__(self):
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ConfigError(msg)
+
+        need(bool(self.subjects), "at least one subject (--images) is needed")
+        need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        need(self.noise in ("same", "iid"), f"--noise must be same or iid, not {self.noise!r}")
+        need(self.align_timestep in ("resample", "same"), f"--align-timestep must be resample or same, not {self.align_timestep!r}")
+        need(self.mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+        need(0 <= self.align_t_min <= self.align_t_max <= 999, "alignment t-range must satisfy 0 <= min <= max <= 999")
+        need(self.lora_rank >= 1, "--lora-rank must be >= 1")
+        need(self.lr > 0, "--lr must be > 0")
+        need(self.steps >= 1, "--steps must be >= 1")
+        need(self.batch_size >= 1, "--batch-size must be >= 1")
+        need(self.micro_batch_size is None or self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+        need(self.checkpoint_every >= 1, "--checkpoint-every must be >= 1")
+        need(all(s >= 1 for s in self.save_steps), "--save-steps must be positive step numbers")
+        self.save_steps = sorted(set(self.save_steps))
+        placeholders = [s.placeholder for s in self.subjects]
+        need(len(set(placeholders)) == len(placeholders), f"each placeholder may have one subject; got {placeholders}")
+        try:
+            for s in self.subjects:
+                check_prompt(s.personalization_prompt, {s.placeholder: s.class_word}, what=f"personalization prompt of {s.placeholder}")
+            check_prompt(self.target_prompt, self.class_words)
+            if not self.clean_prompt:
+                self.clean_prompt = clean_prompt(self.target_prompt, self.class_words)
+        except PromptError as e:
+            raise ConfigError(str(e)) from e
+
+    @property
+    def class_words(self) -> dict[str, str]:
+        return {s.placeholder: s.class_word for s in self.subjects}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        d["subjects"] = [Subject(**s) for s in d["subjects"]]
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def accumulation(self, num_processes: int) -> tuple[int, int]:
+        """(micro-batch, accumulation steps) with micro x accumulation x processes = batch."""
+        per_process, rest = divmod(self.batch_size, num_processes)
+        if rest or not per_process:
+            raise ConfigError(f"--batch-size {self.batch_size} is not divisible by the {num_processes} processes")
+        micro = self.micro_batch_size or per_process
+        if per_process % micro:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} over {num_processes} process(es) is {per_process} per process, "
+                f"not a multiple of --micro-batch-size {micro}"
+            )
+        return micro, per_process // micro

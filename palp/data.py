@@ -1,0 +1,76 @@
+"""Subject images: read, check, centre-crop and resize to the model's resolution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class SubjectImageError(ValueError):
+    """A subject image folder that cannot be trained on; the message names the file and the fix."""
+
+
+@dataclass
+class SubjectImages:
+    placeholder: str
+    paths: list[Path]
+    pixels: torch.Tensor  # (N, 3, R, R) in [-1, 1]
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SubjectImageError(f"subject image folder {folder} does not exist or is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise SubjectImageError(f"subject image folder {folder} is empty; put 1-5 photos of the subject in it")
+    return files
+
+
+def open_rgb(path: Path, *, min_size: int) -> Image.Image:
+    """Decode fully, apply the EXIF orientation, convert to RGB; reject unusable files."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode everything now: truncated files fail here, not later
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(background, im)
+            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                im = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise SubjectImageError(f"{path} is not a readable image ({e}); remove or replace it") from e
+    if min(rgb.size) < min_size:
+        raise SubjectImageError(
+            f"{path} is {rgb.size[0]}x{rgb.size[1]}, below the minimum side of {min_size} px; "
+            f"use a larger photo (or lower --min-image-size)"
+        )
+    return rgb
+
+
+def center_square(im: Image.Image, size: int) -> Image.Image:
+    side = min(im.size)
+    left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+    return im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3) in [-1, 1]
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_subject_images(placeholder: str, folder: str | Path, *, resolution: int, min_size: int | None = None) -> SubjectImages:
+    """All images of one subject folder, strictly: any bad file is an error naming it."""
+    min_size = resolution // 2 if min_size is None else min_size
+    files = list_image_files(folder)
+    pixels = [to_tensor(center_square(open_rgb(p, min_size=min_size), resolution)) for p in files]
+    return SubjectImages(placeholder, files, torch.stack(pixels))

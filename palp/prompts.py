@@ -1,0 +1,159 @@
+"""Prompts with subject placeholders: ``[V]``, ``[V1]``, ``[V2]``...
+
+Three prompts take part in a PALP step (../shared/PALP.md, "Notation"):
+
+- the personalization prompt ``y_P`` ("A photo of [V]"), one per subject;
+- the target prompt ``y`` ("A sketch of [V] in Paris at night");
+- the clean target prompt ``y_c``: ``y`` with each placeholder replaced by its class word and
+  a correct article ("A sketch of a cat in Paris at night").
+
+Inside the text encoder each placeholder is one new token (``[V]`` -> ``<v>``), so a prompt
+written for palp is also a prompt a stock diffusers pipeline understands after
+``load_textual_inversion``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+DEFAULT_PERSONALIZATION_PROMPT = "A photo of [V]"
+DEFAULT_PLACEHOLDER = "[V]"
+
+PLACEHOLDER_RE = re.compile(r"\[V(\d*)\]")
+# Anything that looks like an attempt at a placeholder: [v], [V_1], [ V ], [X]...
+_LOOSE_PLACEHOLDER_RE = re.compile(r"\[\s*[A-Za-z]\w*\s*\]")
+
+# Words after which the class word needs no article of its own ("my [V]" -> "my cat").
+_DETERMINERS = frozenset(
+    "the this that these those my your his her its our their one each every any some no "
+    "another".split()
+)
+_ARTICLES = frozenset({"a", "an"})
+# Vowel letters that sound like consonants, and silent h: the few exceptions that matter
+# for class nouns ("a unicorn", "a one-eyed toy", "an hourglass").
+_CONSONANT_SOUND_PREFIXES = ("uni", "use", "usu", "uk", "ufo", "euro", "eu", "one", "once", "ewe")
+_VOWEL_SOUND_PREFIXES = ("hour", "honest", "honor", "honour", "heir")
+
+
+class PromptError(ValueError):
+    """A prompt that palp cannot use; the message says what to change."""
+
+
+def is_placeholder(text: str) -> bool:
+    return PLACEHOLDER_RE.fullmatch(text) is not None
+
+
+def placeholders_in(prompt: str) -> list[str]:
+    """The placeholders of ``prompt`` in order of first appearance, without repeats."""
+    seen: dict[str, None] = {}
+    for m in PLACEHOLDER_RE.finditer(prompt):
+        seen.setdefault(m.group(0), None)
+    return list(seen)
+
+
+def placeholder_token(placeholder: str) -> str:
+    """The tokenizer token of a placeholder: ``[V]`` -> ``<v>``, ``[V2]`` -> ``<v2>``."""
+    m = PLACEHOLDER_RE.fullmatch(placeholder)
+    if m is None:
+        raise PromptError(f"{placeholder!r} is not a placeholder; use [V], [V1], [V2], ...")
+    return f"<v{m.group(1)}>"
+
+
+def indefinite_article(word: str) -> str:
+    w = word.strip().lower()
+    if w.startswith(_VOWEL_SOUND_PREFIXES):
+        return "an"
+    if w.startswith(_CONSONANT_SOUND_PREFIXES):
+        return "a"
+    return "an" if w[:1] in set("aeiou") else "a"
+
+
+def check_prompt(prompt: str, class_words: Mapping[str, str], *, what: str = "target prompt") -> list[str]:
+    """Validate a prompt against the known subjects; return its placeholders.
+
+    Raises PromptError for: no placeholder at all, a placeholder without a class word (an
+    unknown subject), or bracketed text that looks like a mistyped placeholder.
+    """
+    found = placeholders_in(prompt)
+    if not found:
+        stray = _LOOSE_PLACEHOLDER_RE.findall(prompt)
+        hint = f" ({stray[0]!r} is not one: placeholders are [V], [V1], [V2]...)" if stray else ""
+        raise PromptError(
+            f"the {what} {prompt!r} has no subject placeholder{hint}; write it as e.g. "
+            f"'A sketch of [V] in Paris at night'"
+        )
+    for stray in _LOOSE_PLACEHOLDER_RE.findall(PLACEHOLDER_RE.sub("", prompt)):
+        raise PromptError(
+            f"the {what} {prompt!r} contains {stray!r}, which is not a placeholder; "
+            f"placeholders are [V], [V1], [V2]..."
+        )
+    unknown = [p for p in found if p not in class_words]
+    if unknown:
+        known = ", ".join(sorted(class_words)) or "none"
+        raise PromptError(
+            f"the {what} {prompt!r} uses {', '.join(unknown)} but no subject has that placeholder "
+            f"(subjects: {known}); give each placeholder images and a class word"
+        )
+    missing = [p for p in found if not class_words[p]]
+    if missing:
+        raise PromptError(f"placeholder {missing[0]} has no class word; pass --class-word {missing[0]}=WORD")
+    return found
+
+
+def clean_prompt(prompt: str, class_words: Mapping[str, str]) -> str:
+    """Replace each placeholder by its class word, with a correct indefinite article.
+
+    "A sketch of [V]" -> "A sketch of a cat"; "[V] at night" (owl) -> "An owl at night";
+    "my [V]" -> "my cat"; "a [V]" (owl) -> "an owl".
+    """
+    check_prompt(prompt, class_words)
+    out: list[str] = []
+    pos = 0
+    for m in PLACEHOLDER_RE.finditer(prompt):
+        before = prompt[pos : m.start()]
+        word = class_words[m.group(0)]
+        prev = re.search(r"([A-Za-z']+)(\s+)$", before)
+        if prev and prev.group(1).lower() in _ARTICLES:
+            # The user wrote the article: make it agree with the class word, keep its case.
+            art = indefinite_article(word)
+            if prev.group(1)[0].isupper():
+                art = art.capitalize()
+            before = before[: prev.start(1)] + art + prev.group(2)
+            replacement = word
+        elif prev and prev.group(1).lower() in _DETERMINERS:
+            replacement = word
+        else:
+            art = indefinite_article(word)
+            at_start = not "".join(out + [before]).strip()
+            sentence_start = at_start or re.search(r"[.!?]\s*$", before) is not None
+            replacement = f"{art.capitalize() if sentence_start else art} {word}"
+        out.append(before + replacement)
+        pos = m.end()
+    out.append(prompt[pos:])
+    return "".join(out)
+
+
+def to_token_prompt(prompt: str) -> str:
+    """The text the tokenizer sees: each placeholder becomes its token ("[V]" -> "<v>")."""
+    return PLACEHOLDER_RE.sub(lambda m: placeholder_token(m.group(0)), prompt)
+
+
+def parse_keyed(values: Iterable[str] | None, *, flag: str, default_key: str = DEFAULT_PLACEHOLDER) -> dict[str, str]:
+    """Parse repeated ``--flag VALUE`` / ``--flag [V1]=VALUE`` options into {placeholder: value}.
+
+    ``--class-word cat`` means ``[V]=cat``; ``--class-word "[V2]=dog"`` names a subject.
+    """
+    out: dict[str, str] = {}
+    for raw in values or ():
+        key, sep, value = raw.partition("=")
+        if sep and is_placeholder(key.strip()):
+            key, value = key.strip(), value.strip()
+        else:
+            key, value = default_key, raw.strip()
+        if key in out:
+            raise PromptError(f"{flag} is given twice for {key}; give it once per placeholder")
+        if not value:
+            raise PromptError(f"{flag} for {key} is empty")
+        out[key] = value
+    return out

@@ -174,7 +174,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=accum)
     device, dtype = accelerator.device, _weight_dtype(cfg.mixed_precision)
 
-    model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from --seed, not global state
+        torch.manual_seed(cfg.seed)
+        model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     base.vae.to(device, dtype if dtype != torch.float32 else None)
     model.to(device, dtype)
     for p in model.trainable_parameters():  # trainable parameters stay fp32
@@ -208,10 +210,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     trainable = model.trainable_parameters()
     for step in bar:
         sums: dict[str, float] = {}
-        gen = step_generator(cfg.seed, step, accelerator.process_index)
-        for _ in range(accum):
+        # One draw for the whole per-process batch: results do not depend on the micro-batch size.
+        full = draw(step_generator(cfg.seed, step, accelerator.process_index), cfg, n_images=len(mean),
+                    batch=micro * accum, latent_shape=mean.shape[1:], num_timesteps=len(alphas_cumprod))
+        for i in range(accum):
             with accelerator.accumulate(wrapped):
-                d = draw(gen, cfg, n_images=len(mean), batch=micro, latent_shape=mean.shape[1:], num_timesteps=len(alphas_cumprod))
+                d = Draws(*(x[i * micro : (i + 1) * micro] for x in dataclasses.astuple(full)))
                 z0 = (mean[d.index] + std[d.index] * d.latent_noise).to(device, dtype)  # (B, 4, h, w)
                 d = Draws(*(x.to(device) for x in dataclasses.astuple(d)))
                 d.noise, d.noise_align = d.noise.to(dtype), d.noise_align.to(dtype)

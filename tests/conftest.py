@@ -1,0 +1,88 @@
+"""Shared fixtures: one tiny model per test session, in a private palp cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_CAT = REPO / "examples" / "subjects" / "cat"
+
+# Set before palp is imported anywhere: the tiny model and any gs:// downloads go here, and
+# subprocesses inherit it. Nothing may reach the network.
+_SESSION_CACHE = Path(os.environ.get("PALP_TEST_CACHE", "/tmp/palp-test-cache")) / f"pid-{os.getpid()}"
+os.environ["PALP_CACHE"] = str(_SESSION_CACHE)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from palp.tiny import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture()
+def cat_images(tmp_path) -> Path:
+    """A private copy of the shipped example subject (three photos of a cat)."""
+    dest = tmp_path / "cat"
+    shutil.copytree(EXAMPLE_CAT, dest)
+    return dest
+
+
+def train_args(images: Path, output: Path, *extra: str, steps: int = 3) -> list[str]:
+    """argv for a fast ``palp train`` on the tiny model."""
+    return [
+        "train", "--images", str(images), "--class-word", "cat", "--prompt", "A sketch of [V] in Paris at night",
+        "--pretrained-model", "tiny", "--steps", str(steps), "--batch-size", "2", "--lora-rank", "4",
+        "--output", str(output), "--quiet", *extra,
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A real gcp-storage-emulator HTTP server on 127.0.0.1; yields its address."""
+    port = free_port()
+    exe = shutil.which("gcp-storage-emulator") or str(Path(sys.executable).parent / "gcp-storage-emulator")
+    proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    host = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("gcp-storage-emulator did not start")
+            time.sleep(0.2)
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = host
+    try:
+        yield host
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old

@@ -1,0 +1,169 @@
+"""The training step's parameter gradient equals Eq. 1's autograd plus the closed form of Eq. 6.
+
+The reference below is written from ../shared/PALP.md alone, with separate UNet calls per
+prompt and the alignment term taken through x0_hat (step 4's form, not palp's rescaled
+eps-form of Eq. 7), so an error in either the algebra or the batching shows up.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from palp.config import Subject, TrainConfig
+from palp.models import load_base_model
+from palp.personalize import build_personalized_model
+from palp.prompts import to_token_prompt
+from palp.train import Draws, encode_fixed_prompts, step_losses, tokenize
+
+TARGET = "A sketch of [V] in Paris at night"
+CLEAN = "A sketch of a cat in Paris at night"
+
+
+def make_cfg(**kw) -> TrainConfig:
+    return TrainConfig(subjects=[Subject("[V]", "unused", "cat")], target_prompt=TARGET, output="unused",
+                       pretrained_model="tiny", lora_rank=4, **kw)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir):
+    torch.manual_seed(0)
+    base = load_base_model("tiny")
+    model, _, _ = build_personalized_model(base, {"[V]": "cat"}, rank=4)
+    with torch.no_grad():  # a LoRA and [V] away from their initial values, so both branches differ
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    params = model.trainable_parameters()
+    assert params, "no trainable parameters"
+    B = 2
+    g = torch.Generator().manual_seed(1)
+    z0 = torch.randn(B, 4, 8, 8, generator=g)
+    noise = torch.randn(B, 4, 8, 8, generator=g)
+    other_noise = torch.randn(B, 4, 8, 8, generator=g)
+    ids = tokenize(base.tokenizer, [to_token_prompt("A photo of [V]")] * B)
+    return dict(base=base, model=model, params=params, z0=z0, noise=noise, other_noise=other_noise, ids=ids,
+                ab=base.noise_scheduler.alphas_cumprod)
+
+
+def palp_grads(s, cfg, draws):
+    model = s["model"]
+    cond = encode_fixed_prompts(model, s["base"].tokenizer, cfg, "cpu")
+    B = len(draws.t)
+    loss, _ = step_losses(model, z0=s["z0"][:B], input_ids=s["ids"][:B], draws=draws, cond=cond,
+                          alphas_cumprod=s["ab"], cfg=cfg)
+    return torch.autograd.grad(loss, s["params"])
+
+
+def reference_grads(s, cfg, draws):
+    """Eq. 1 by autograd + Eq. 6 in closed form: w * delta * d x0_hat / d theta (x rescale)."""
+    unet, te, tok = s["base"].unet, s["base"].text_encoder, s["base"].tokenizer
+    ab, B = s["ab"], len(draws.t)
+    a_t = ab[draws.t].view(-1, 1, 1, 1)
+    z_t = a_t.sqrt() * s["z0"][:B] + (1 - a_t).sqrt() * draws.noise
+    states_p = te(s["ids"][:B])[0]
+    eps = unet(z_t, draws.t, encoder_hidden_states=states_p).sample
+    rec = ((eps - draws.noise) ** 2).mean()
+    grads = list(torch.autograd.grad(rec, s["params"], retain_graph=True))
+    if cfg.method == "ti-db":
+        return grads
+    x0_hat = (z_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # with grad: Eq. 2 as a function of theta
+    with torch.no_grad():
+        a2 = ab[draws.t_align].view(-1, 1, 1, 1)
+        x2 = a2.sqrt() * x0_hat + (1 - a2).sqrt() * draws.noise_align
+
+        def unet_on(text: str | None, states=None):
+            states = states if states is not None else te(tokenize(tok, [text] * len(x2)))[0]
+            return unet(x2, draws.t_align, encoder_hidden_states=states).sample
+
+        unet.disable_adapters()
+        pre_u, pre_c = unet_on(""), unet_on(CLEAN)
+        pre_n = unet_on(cfg.negative_prompt)
+        unet.enable_adapters()
+        pers_u, pers_c = unet_on(""), unet_on(None, states_p)
+        pretrained = pre_u + cfg.alpha * (pre_c - pre_u)
+        if cfg.method == "palp":
+            delta = pretrained - (pers_u + cfg.beta * (pers_c - pers_u))
+        elif cfg.method == "sds":
+            delta = pretrained - draws.noise_align
+        else:  # nfsd
+            d_c = cfg.alpha * (pre_c - pre_u)
+            d_d = torch.stack([pre_u[i] if draws.t_align[i] < 200 else pre_u[i] - pre_n[i] for i in range(len(x2))])
+            delta = d_c + d_d
+        scale = a_t.sqrt() / (1 - a_t).sqrt() if cfg.rescale else torch.ones_like(a_t)
+    align = torch.autograd.grad(x0_hat, s["params"], grad_outputs=cfg.lam * delta * scale / eps.numel())
+    return [g + a for g, a in zip(grads, align)]
+
+
+def draws_for(s, t, t_align, same_noise=True):
+    B = len(t)
+    noise = s["noise"][:B]
+    return Draws(index=torch.zeros(B, dtype=torch.long), latent_noise=torch.zeros_like(noise), t=torch.tensor(t),
+                 noise=noise, t_align=torch.tensor(t_align), noise_align=noise if same_noise else s["other_noise"][:B])
+
+
+def assert_grads_close(actual, expected):
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-7 * max(1.0, float(e.abs().max())))
+
+
+@pytest.mark.parametrize(
+    "kw, same_noise",
+    [
+        (dict(method="palp"), True),
+        (dict(method="palp", noise="iid", lam=0.5), False),
+        (dict(method="palp", rescale=False), True),
+        (dict(method="sds"), True),
+        (dict(method="nfsd"), True),
+        (dict(method="ti-db"), True),
+    ],
+    ids=["palp", "palp-iid-lambda", "palp-no-rescale", "sds", "nfsd", "ti-db"],
+)
+def test_step_gradient_matches_closed_form(setup, kw, same_noise):
+    cfg = make_cfg(**kw)
+    draws = draws_for(setup, [150, 640], [90, 870], same_noise=same_noise)
+    actual = palp_grads(setup, cfg, draws)
+    expected = reference_grads(setup, cfg, draws)
+    assert_grads_close(actual, expected)
+    if cfg.method != "ti-db":  # the alignment term must be there and matter
+        rec_only = reference_grads(setup, make_cfg(method="ti-db"), draws)
+        diff = sum(float((a - r).norm()) for a, r in zip(actual, rec_only))
+        assert diff > 1e-3 * sum(float(r.norm()) for r in rec_only)
+
+
+def test_ti_db_is_reconstruction_only(setup):
+    draws = draws_for(setup, [150, 640], [90, 870])
+    cfg = make_cfg(method="ti-db")
+    unet, te = setup["base"].unet, setup["base"].text_encoder
+    a_t = setup["ab"][draws.t].view(-1, 1, 1, 1)
+    z_t = a_t.sqrt() * setup["z0"] + (1 - a_t).sqrt() * draws.noise
+    eps = unet(z_t, draws.t, encoder_hidden_states=te(setup["ids"])[0]).sample
+    expected = torch.autograd.grad(torch.nn.functional.mse_loss(eps, draws.noise), setup["params"])
+    assert_grads_close(palp_grads(setup, cfg, draws), expected)
+
+
+def test_rescale_off_differs_by_exactly_the_factor(setup):
+    """Per element, the plain term is the rescaled one times sqrt(1 - a_t) / sqrt(a_t)."""
+    draws = draws_for(setup, [640], [300])
+    rec = palp_grads(setup, make_cfg(method="ti-db"), draws)
+    on = palp_grads(setup, make_cfg(method="palp", rescale=True), draws)
+    off = palp_grads(setup, make_cfg(method="palp", rescale=False), draws)
+    a = setup["ab"][640]
+    factor = float((1 - a).sqrt() / a.sqrt())
+    assert factor > 1.5  # t = 640: the two differ visibly
+    for r, g_on, g_off in zip(rec, on, off):
+        expected = factor * (g_on - r)
+        torch.testing.assert_close(g_off - r, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_alignment_branch_sees_no_gradient(setup):
+    """One backward: the pretrained and personalized guidance forwards build no graph."""
+    cfg = make_cfg(method="palp")
+    draws = draws_for(setup, [150, 640], [90, 870])
+    calls = []
+    handle = setup["base"].unet.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    try:
+        palp_grads(setup, cfg, draws)
+    finally:
+        handle.remove()
+    assert calls == [True, False, False]  # personalization (grad), pretrained 2B, personalized 2B

@@ -1,0 +1,63 @@
+import pytest
+
+from palp.prompts import (
+    PromptError,
+    clean_prompt,
+    parse_keyed,
+    placeholder_token,
+    placeholders_in,
+    to_token_prompt,
+)
+
+
+@pytest.mark.parametrize(
+    "prompt, words, expected",
+    [
+        ("A sketch of [V]", {"[V]": "cat"}, "A sketch of a cat"),
+        ("[V] at night", {"[V]": "owl"}, "An owl at night"),
+        ("my [V]", {"[V]": "cat"}, "my cat"),
+        ("A sketch of [V] in Paris at night", {"[V]": "cat"}, "A sketch of a cat in Paris at night"),
+        ("A watercolour of an [V] on the beach", {"[V]": "dog"}, "A watercolour of a dog on the beach"),
+        ("A photo of a [V]", {"[V]": "elephant"}, "A photo of an elephant"),
+        ("the [V] in the snow", {"[V]": "owl"}, "the owl in the snow"),
+        ("A toy [V] and [V]", {"[V]": "unicorn"}, "A toy a unicorn and a unicorn"),
+        ("An oil painting of [V1] inspired by [V2] painting", {"[V1]": "cat", "[V2]": "painting"},
+         "An oil painting of a cat inspired by a painting painting"),
+        ("A 19th century portrait of [V1] and [V2]", {"[V1]": "cat", "[V2]": "dog"},
+         "A 19th century portrait of a cat and a dog"),
+        ("Sunset. [V] on a rock", {"[V]": "hourglass"}, "Sunset. An hourglass on a rock"),
+    ],
+)
+def test_clean_prompt(prompt, words, expected):
+    assert clean_prompt(prompt, words) == expected
+
+
+def test_placeholders_and_tokens():
+    assert placeholders_in("[V2] and [V1] and [V2]") == ["[V2]", "[V1]"]
+    assert placeholder_token("[V]") == "<v>"
+    assert placeholder_token("[V12]") == "<v12>"
+    assert to_token_prompt("A sketch of [V1] with [V2]") == "A sketch of <v1> with <v2>"
+
+
+@pytest.mark.parametrize(
+    "prompt, words, message",
+    [
+        ("A sketch of a cat", {"[V]": "cat"}, "no subject placeholder"),
+        ("A sketch of [v]", {"[V]": "cat"}, "'[v]' is not one"),
+        ("A sketch of [V2]", {"[V]": "cat"}, "uses [V2] but no subject has that placeholder"),
+        ("A sketch of [V] and [X]", {"[V]": "cat"}, "'[X]', which is not a placeholder"),
+        ("A sketch of [V]", {"[V]": ""}, "has no class word"),
+    ],
+)
+def test_bad_prompts(prompt, words, message):
+    with pytest.raises(PromptError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        clean_prompt(prompt, words)
+
+
+def test_parse_keyed():
+    assert parse_keyed(["cat"], flag="--class-word") == {"[V]": "cat"}
+    assert parse_keyed(["[V1]=cat", "[V2]=dog"], flag="--class-word") == {"[V1]": "cat", "[V2]": "dog"}
+    assert parse_keyed(["[V]=An oil painting of [V]"], flag="--p") == {"[V]": "An oil painting of [V]"}
+    assert parse_keyed(["a=b"], flag="--p") == {"[V]": "a=b"}  # '=' in a value is not a key
+    with pytest.raises(PromptError, match="given twice"):
+        parse_keyed(["cat", "[V]=dog"], flag="--class-word")

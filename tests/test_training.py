@@ -1,0 +1,210 @@
+"""Training end to end on the tiny model: invariants, stock-diffusers round trip, resume, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, train_args
+from palp.cli import main
+from palp.export import EMBEDS_FILE, LORA_FILE
+from palp.models import load_base_model
+from palp.personalize import LORA_TARGETS, build_personalized_model
+from palp.prompts import to_token_prompt
+from palp.train import tokenize
+
+
+def _train(images, out, *extra, steps=3):
+    assert main(train_args(images, out, *extra, steps=steps)) == 0
+
+
+def test_lora_wraps_only_the_four_projections_and_disabled_equals_base(tiny_dir):
+    from peft.tuners.lora import LoraLayer
+
+    base = load_base_model("tiny")
+    untouched = load_base_model("tiny").unet
+    model, _, _ = build_personalized_model(base, {"[V]": "cat"}, rank=4)
+    wrapped = [n for n, m in model.unet.named_modules() if isinstance(m, LoraLayer)]
+    assert wrapped and all(n.endswith(LORA_TARGETS) for n in wrapped)
+    attn = [n for n, m in untouched.named_modules() if type(m).__name__ == "Attention"]
+    assert sorted(wrapped) == sorted(f"{a}.{p}" for a in attn for p in LORA_TARGETS)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_A." in n or ".lora_B." in n or n.endswith("learned") for n in trainable)
+    with torch.no_grad():  # make the adapter matter, then switch it off
+        for n, p in model.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+        x, t, states = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+        with model.adapters_disabled():
+            off = model.predict(x, t, states)
+        on = model.predict(x, t, states)
+        torch.testing.assert_close(off, untouched(x, t, encoder_hidden_states=states).sample, rtol=0, atol=0)
+        assert not torch.allclose(on, off)
+
+
+def test_training_leaves_base_weights_and_other_embedding_rows_bit_identical(cat_images, tmp_path, tiny_dir):
+    from palp.train import train
+    from palp.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(train_args(cat_images, tmp_path / "run", "--lr", "1e-2", steps=3))
+    result = train(config_from_args(args), progress=False)
+    reference = load_base_model("tiny")
+    ref_unet = reference.unet.state_dict()
+    for name, tensor in result.model.unet.state_dict().items():
+        if "lora_" in name:
+            continue
+        key = name.replace(".base_layer", "")
+        assert torch.equal(tensor, ref_unet[key]), name
+    ref_te = reference.text_encoder.state_dict()
+    emb = result.model.placeholder_embedding
+    for name, tensor in result.model.text_encoder.state_dict().items():
+        if name.endswith("learned"):
+            continue
+        assert torch.equal(tensor, ref_te[name.replace("token_embedding.base.", "token_embedding.")]), name
+    # The placeholder row moved away from its class-word initialisation.
+    cat_id = reference.tokenizer("cat", add_special_tokens=False).input_ids
+    assert not torch.equal(emb.learned.detach()[0], reference.text_encoder.get_input_embeddings().weight[cat_id].mean(0))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short palp run with a large lr, so the result differs clearly from the base model."""
+    from palp.cli import build_parser, config_from_args
+    from palp.train import train
+    from conftest import EXAMPLE_CAT
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    args = build_parser().parse_args(train_args(EXAMPLE_CAT, out, "--lr", "1e-2", "--save-steps", "2,4", steps=4))
+    return train(config_from_args(args), progress=False)
+
+
+def test_round_trip_through_stock_diffusers(trained, tiny_dir):
+    """StableDiffusionPipeline + load_lora_weights + load_textual_inversion == palp's model."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([50, 700])
+    prompt = "A sketch of <v> in Paris at night"
+
+    def stock_eps():
+        ids = tokenize(pipe.tokenizer, [prompt] * 2)
+        with torch.no_grad():
+            return pipe.unet(x, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+
+    pipe.load_textual_inversion(trained.output)  # the base model has no <v> before this
+    base_eps = stock_eps()
+    pipe.load_lora_weights(trained.output)
+    stock = stock_eps()
+    with torch.no_grad():
+        ours = trained.model.predict(x, t, trained.model.encode(tokenize(trained.tokenizer, [prompt] * 2)))
+    torch.testing.assert_close(stock, ours, rtol=1e-5, atol=1e-6)
+    assert (stock - base_eps).abs().max() > 1e-3
+    # The embeddings file holds one key per placeholder token, as load_textual_inversion wants.
+    assert list(load_file(trained.output / EMBEDS_FILE)) == ["<v>"]
+
+
+def test_outputs_metrics_config_and_snapshots(trained):
+    out = trained.output
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {"step", "loss", "rec_loss", "align_loss", "grad_norm", "lr"}
+    assert all(float(r["align_loss"]) > 0 and float(r["lr"]) == 1e-2 for r in rows)
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["class_words"] == {"[V]": "cat"} and config["placeholder_tokens"] == {"[V]": "<v>"}
+    assert config["clean_prompt"] == "A sketch of a cat in Paris at night"
+    assert config["method"] == "palp" and config["alpha"] == 15.0 and config["beta"] == 7.5
+    assert config["pretrained_model"] == "tiny" and config["completed_steps"] == 4
+    for step in (2, 4):
+        snap = out / "snapshots" / f"step-{step:06d}"
+        assert (snap / LORA_FILE).is_file() and (snap / EMBEDS_FILE).is_file()
+    final, snap4 = load_file(out / LORA_FILE), load_file(out / "snapshots/step-000004" / LORA_FILE)
+    assert all(torch.equal(final[k], snap4[k]) for k in final)
+    snap2 = load_file(out / "snapshots/step-000002" / LORA_FILE)
+    assert any(not torch.equal(final[k], snap2[k]) for k in final)
+
+
+def _weights(out):
+    return {**load_file(out / LORA_FILE), **load_file(out / EMBEDS_FILE)}
+
+
+def test_resume_after_exit_is_identical(cat_images, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train(cat_images, straight, "--checkpoint-every", "3", "--lr", "1e-3", steps=6)
+    # 3 steps in a process that exits, then --resume to 6 in another.
+    first = train_args(cat_images, resumed, "--checkpoint-every", "3", "--lr", "1e-3", steps=3)
+    subprocess.run([sys.executable, "-m", "palp", *first], check=True, cwd=REPO)
+    _train(cat_images, resumed, "--checkpoint-every", "3", "--lr", "1e-3", "--resume", steps=6)
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "metrics.csv").read_text() == (resumed / "metrics.csv").read_text()
+
+
+def test_resume_with_changed_method_is_refused(cat_images, tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(cat_images, out, "--checkpoint-every", "1", steps=2)
+    assert main(train_args(cat_images, out, "--method", "sds", "--resume", steps=4)) == 2
+    assert "settings differ from the checkpointed run in method" in capsys.readouterr().err
+    assert main(train_args(cat_images, out, steps=4)) == 2  # no silent overwrite either
+    assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(cat_images, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(train_args(cat_images, out, "--lr", "1e30", "--max-grad-norm", "0", "--checkpoint-every", "1", steps=20))
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite" in err and "at step" in err
+    step = int(err.split("at step ")[1].split(":")[0])
+    assert 1 < step <= 20
+    assert not (out / LORA_FILE).exists() and not (out / "training_config.json").exists()
+    assert f"checkpoint (step {step - 1}) is intact" in err
+    ckpt = load_file(out / "checkpoints" / f"step-{step - 1:06d}" / "trainable.safetensors")
+    assert all(torch.isfinite(v).all() for v in ckpt.values())
+
+
+def test_multi_subject_uses_each_subjects_personalization_prompt(cat_images, tmp_path, monkeypatch):
+    import palp.train as tr
+
+    seen = []
+    real = tr.step_losses
+
+    def spy(model, **kw):
+        seen.append(kw["input_ids"].clone())
+        return real(model, **kw)
+
+    monkeypatch.setattr(tr, "step_losses", spy)
+    args = ["train", "--images", f"[V1]={cat_images}", "--images", f"[V2]={cat_images}",
+            "--class-word", "[V1]=cat", "--class-word", "[V2]=dog",
+            "--personalization-prompt", "[V2]=An oil painting of [V2]",
+            "--prompt", "An oil painting of [V1] inspired by [V2] painting", "--pretrained-model", "tiny",
+            "--steps", "2", "--batch-size", "8", "--lora-rank", "4", "--output", str(tmp_path / "run"), "--quiet"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "run" / "training_config.json").read_text())
+    assert config["clean_prompt"] == "An oil painting of a cat inspired by a dog painting"
+    assert config["placeholder_tokens"] == {"[V1]": "<v1>", "[V2]": "<v2>"}
+    base = load_base_model("tiny")
+    base.tokenizer.add_tokens(["<v1>", "<v2>"])
+    expected = {tuple(tokenize(base.tokenizer, [to_token_prompt(p)])[0].tolist())
+                for p in ("A photo of [V1]", "An oil painting of [V2]")}
+    rows = {tuple(r.tolist()) for ids in seen for r in ids}
+    assert rows == expected  # both subjects' y_P appear, nothing else
+    assert list(load_file(tmp_path / "run" / EMBEDS_FILE)) == ["<v1>", "<v2>"]
+
+
+def test_gradient_accumulation_matches_one_big_batch(cat_images, tmp_path):
+    """Global batch 4 as 1 x 4 accumulation gives the same weights as 4 at once.
+
+    Up to fp32 summation order, which Adam's normalisation can amplify to ~1e-6 on a weight:
+    the tolerance is 1% of one step's size (lr 1e-3)."""
+    _train(cat_images, tmp_path / "big", "--batch-size", "4", "--lr", "1e-3", steps=2)
+    _train(cat_images, tmp_path / "acc", "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3", steps=2)
+    a, b = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
+    base = load_file(tmp_path / "big" / LORA_FILE)
+    assert any(v.abs().max() > 0 for k, v in base.items() if "lora.up" in k or "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)

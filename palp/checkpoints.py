@@ -22,8 +22,10 @@ from palp.config import ConfigError
 from palp.export import CONFIG_FILE, LORA_FILE, atomic_write_json, read_metrics_csv, write_metrics_csv
 
 DIR = "checkpoints"
-# Settings that may change between a run and its resumption.
-RESUMABLE_CHANGES = {"steps", "save_steps", "checkpoint_every", "checkpoints_total_limit", "output"}
+# Settings that may change between a run and its resumption (a run that diverged is resumed
+# from its last good checkpoint with a lower --lr, or without mixed precision).
+RESUMABLE_CHANGES = {"steps", "save_steps", "checkpoint_every", "checkpoints_total_limit", "output",
+                     "lr", "max_grad_norm", "mixed_precision"}
 
 
 def _step_dirs(out: Path) -> list[Path]:

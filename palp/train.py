@@ -177,7 +177,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from --seed, not global state
         torch.manual_seed(cfg.seed)
         model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-    base.vae.to(device, dtype if dtype != torch.float32 else None)
+    base.vae.to(device)  # used once, to encode the images: kept in fp32
     model.to(device, dtype)
     for p in model.trainable_parameters():  # trainable parameters stay fp32
         p.data = p.data.float()
@@ -204,6 +204,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         checkpoints.record_config(out, run_config, resume=resume)
     if resume:
         start, rows = checkpoints.load_latest(out, model, optimizer)
+        for group in optimizer.param_groups:  # the optimizer state carries the old lr
+            group["lr"] = cfg.lr
 
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=f"palp train ({cfg.method})",
                disable=not (progress and accelerator.is_local_main_process))

@@ -167,6 +167,28 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(cat_images
     assert all(torch.isfinite(v).all() for v in ckpt.values())
 
 
+def test_run_stopped_by_a_non_finite_loss_resumes_from_its_checkpoint(cat_images, tmp_path, monkeypatch, capsys):
+    """A NaN at step 3 (injected into the loss) leaves checkpoint 2; --resume with a new lr finishes."""
+    import palp.train as tr
+
+    real, calls = tr.step_losses, []
+
+    def nan_at_third_call(model, **kw):
+        loss, m = real(model, **kw)
+        calls.append(1)
+        return (loss * float("nan"), m) if len(calls) == 3 else (loss, m)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(tr, "step_losses", nan_at_third_call)
+    assert main(train_args(cat_images, out, "--checkpoint-every", "1", steps=5)) == 2
+    assert "non-finite loss at step 3" in capsys.readouterr().err
+    monkeypatch.setattr(tr, "step_losses", real)
+    assert main(train_args(cat_images, out, "--checkpoint-every", "1", "--lr", "1e-4", "--resume", steps=5)) == 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert [float(r["lr"]) for r in rows] == [5e-5, 5e-5, 1e-4, 1e-4, 1e-4]
+
+
 def test_multi_subject_uses_each_subjects_personalization_prompt(cat_images, tmp_path, monkeypatch):
     import palp.train as tr
 
@@ -208,3 +230,15 @@ def test_gradient_accumulation_matches_one_big_batch(cat_images, tmp_path):
     assert any(v.abs().max() > 0 for k, v in base.items() if "lora.up" in k or "lora_B" in k)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def test_bf16_keeps_trainable_parameters_fp32(cat_images, tmp_path):
+    from palp.cli import build_parser, config_from_args
+    from palp.train import train
+
+    args = build_parser().parse_args(train_args(cat_images, tmp_path / "run", "--mixed-precision", "bf16", steps=2))
+    result = train(config_from_args(args), progress=False)
+    assert {p.dtype for p in result.model.trainable_parameters()} == {torch.float32}
+    frozen = {p.dtype for p in result.model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in _weights(tmp_path / "run").values())

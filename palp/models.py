@@ -28,8 +28,11 @@ SD_LAYOUT = {
     "scheduler config": ("scheduler/scheduler_config.json",),
 }
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Fetch only what palp loads: configs, tokenizer files and safetensors weights.
-_HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "*/*.safetensors"]
+# Fetch only what palp loads: no safety checker, no fp16/EMA/.bin/.ckpt duplicates of the weights.
+_HUB_PATTERNS = [
+    "model_index.json", "scheduler/*", "tokenizer/*", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+    "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+]
 
 
 class ModelError(ValueError):

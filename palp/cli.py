@@ -28,12 +28,14 @@ def add_train_parser(sub) -> None:
 
     p = sub.add_parser("train", help="fine-tune LoRA + [V] on a subject with prompt-aligned guidance",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("subject and prompts")
-    g.add_argument("--images", action="append", required=True, metavar="[V]=DIR",
+    g = p.add_argument_group("subject and prompts (or --prepared)")
+    g.add_argument("--prepared", help="a dataset written by `palp prepare` (folder or gs:// prefix)")
+    g.add_argument("--task", help="with --prepared: the task id to train (needed when it holds several)")
+    g.add_argument("--images", action="append", metavar="[V]=DIR",
                    help="folder of subject photos; repeat as --images '[V1]=DIR' for several subjects")
-    g.add_argument("--class-word", action="append", required=True, metavar="[V]=WORD",
+    g.add_argument("--class-word", action="append", metavar="[V]=WORD",
                    help="class word of the subject (cat); '[V2]=dog' for a named subject")
-    g.add_argument("--prompt", required=True, help="target prompt, e.g. 'A sketch of [V] in Paris at night'")
+    g.add_argument("--prompt", help="target prompt, e.g. 'A sketch of [V] in Paris at night'")
     g.add_argument("--personalization-prompt", action="append", metavar="[V]=PROMPT",
                    help="personalization prompt y_P per subject (default 'A photo of [V]')")
     g.add_argument("--clean-prompt", default="", help="clean target prompt y_c (default: derived from --prompt)")
@@ -76,10 +78,33 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=run_train)
 
 
+def _subjects_from_prepared(args):
+    """Subjects, target and clean prompt of one task of a prepared dataset."""
+    from palp.config import ConfigError, Subject
+    from palp.prepare import load_task
+
+    given = [f for f, v in (("--images", args.images), ("--class-word", args.class_word), ("--prompt", args.prompt),
+                            ("--personalization-prompt", args.personalization_prompt), ("--clean-prompt", args.clean_prompt)) if v]
+    if given:
+        raise ConfigError(f"--prepared already gives subjects and prompts; drop {', '.join(given)}")
+    root, task = load_task(args.prepared, args.task)
+    subjects = [Subject(ph, str(root / "subjects" / name), task["class_words"][ph], task["personalization_prompts"][ph])
+                for ph, name in task["subjects"].items()]
+    return subjects, task["prompt"], task["clean_prompt"]
+
+
 def config_from_args(args):
     from palp.config import ConfigError, Subject, TrainConfig
     from palp.prompts import PromptError, parse_keyed
 
+    if args.prepared:
+        subjects, prompt, clean = _subjects_from_prepared(args)
+        return _train_config(args, subjects, prompt, clean)
+    if args.task:
+        raise ConfigError("--task needs --prepared")
+    missing = [f for f, v in (("--images", args.images), ("--class-word", args.class_word), ("--prompt", args.prompt)) if not v]
+    if missing:
+        raise ConfigError(f"give {', '.join(missing)} (or a --prepared dataset)")
     try:
         images = parse_keyed(args.images, flag="--images")
         words = parse_keyed(args.class_word, flag="--class-word")
@@ -94,9 +119,15 @@ def config_from_args(args):
     if missing:
         raise ConfigError(f"{', '.join(missing)} has images but no class word; pass --class-word {missing[0]}=WORD")
     subjects = [Subject(ph, folder, words[ph], y_p.get(ph, "")) for ph, folder in images.items()]
+    return _train_config(args, subjects, args.prompt, args.clean_prompt)
+
+
+def _train_config(args, subjects, prompt: str, clean: str):
+    from palp.config import TrainConfig
+
     return TrainConfig(
-        subjects=subjects, target_prompt=args.prompt, output=args.output, pretrained_model=args.pretrained_model,
-        clean_prompt=args.clean_prompt, method=args.method, noise=args.noise, align_timestep=args.align_timestep,
+        subjects=subjects, target_prompt=prompt, output=args.output, pretrained_model=args.pretrained_model,
+        clean_prompt=clean, method=args.method, noise=args.noise, align_timestep=args.align_timestep,
         rescale=args.rescale, alpha=args.alpha, beta=args.beta, lam=args.lam, align_t_min=args.align_t_min,
         align_t_max=args.align_t_max, negative_prompt=args.negative_prompt, lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
@@ -118,11 +149,76 @@ def run_train(args) -> int:
     return 0
 
 
+def _named(values, flag: str) -> dict[str, str]:
+    from palp.prepare import PrepareError
+
+    out = {}
+    for raw in values or ():
+        name, sep, value = raw.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise PrepareError(f"{flag} wants NAME=VALUE, got {raw!r}")
+        if name.strip() in out:
+            raise PrepareError(f"{flag} is given twice for {name.strip()}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def add_prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="validate and prepare subject photos and target prompts",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--subject", action="append", required=True, metavar="NAME=DIR_OR_GS_URI", help="a subject's photos")
+    p.add_argument("--prompt", action="append", metavar="PROMPT", help="a target prompt with [V] (repeatable)")
+    p.add_argument("--prompts-file", help="YAML prompts file (e.g. evaluation/prompts/paper.yaml)")
+    p.add_argument("--clean-prompt", help="clean prompt for the single --prompt (default: derived)")
+    p.add_argument("--class-word", action="append", metavar="NAME=WORD", help="class word (default: CLIP zero-shot)")
+    p.add_argument("--placeholder", action="append", metavar="NAME=[V1]", help="placeholder of a subject (default [V])")
+    p.add_argument("--personalization-prompt", action="append", metavar="NAME=PROMPT",
+                   help="personalization prompt of a subject (default 'A photo of [V]')")
+    p.add_argument("--output", required=True, help="folder or gs:// prefix for the prepared dataset")
+    p.add_argument("--pretrained-model", default="CompVis/stable-diffusion-v1-4", help="its resolution is used")
+    p.add_argument("--resolution", type=int, help="image side (default: the model's)")
+    p.add_argument("--min-image-size", type=int, help="smallest accepted side (default: half the resolution)")
+    p.add_argument("--near-duplicate-distance", type=int, default=4, help="max dHash distance of a near duplicate")
+    p.add_argument("--clip", default="ViT-B-32", help="open_clip model for class words (or 'tiny')")
+    p.add_argument("--clip-weights", default="openai", help="open_clip pretrained tag or checkpoint path")
+    p.add_argument("--class-vocabulary", help="vocabulary YAML (default evaluation/classes/vocabulary.yaml)")
+    p.add_argument("--min-confidence", type=float, default=0.3, help="flag a zero-shot winner below this")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_prepare)
+
+
+def run_prepare(args) -> int:
+    from palp.prepare import PrepareError, PromptSpec, SubjectSpec, load_prompts_file, prepare, summary_table
+
+    sources = _named(args.subject, "--subject")
+    words, phs = _named(args.class_word, "--class-word"), _named(args.placeholder, "--placeholder")
+    y_p = _named(args.personalization_prompt, "--personalization-prompt")
+    for flag, keyed in (("--class-word", words), ("--placeholder", phs), ("--personalization-prompt", y_p)):
+        if set(keyed) - set(sources):
+            raise PrepareError(f"{flag} names {sorted(set(keyed) - set(sources))[0]!r}, which is not a --subject")
+    subjects = [SubjectSpec(n, src, words.get(n), phs.get(n, "[V]"), y_p.get(n, "")) for n, src in sources.items()]
+    prompts = [PromptSpec(p) for p in args.prompt or []]
+    if args.clean_prompt:
+        if len(prompts) != 1:
+            raise PrepareError("--clean-prompt goes with exactly one --prompt; put clean prompts in a --prompts-file")
+        prompts[0].clean_prompt = args.clean_prompt
+    if args.prompts_file:
+        prompts += load_prompts_file(args.prompts_file)
+    manifest = prepare(subjects, prompts, args.output, pretrained_model=args.pretrained_model, resolution=args.resolution,
+                       min_size=args.min_image_size, near_duplicate=args.near_duplicate_distance, clip_model=args.clip,
+                       clip_weights=args.clip_weights, vocabulary=args.class_vocabulary, min_confidence=args.min_confidence,
+                       progress=not args.quiet)
+    print(summary_table(manifest))
+    print(f"\nprepared {len(manifest['subjects'])} subject(s), {len(manifest['tasks'])} task(s) -> {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palp", description="Prompt Aligned Personalization of text-to-image models")
     parser.add_argument("--version", action="version", version=f"palp {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_prepare_parser(sub)
     add_train_parser(sub)
     return parser
 
@@ -133,9 +229,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from palp.models import ModelError
     from palp.prompts import PromptError
     from palp.storage import StorageError
+    from palp.clip import ClipError
+    from palp.prepare import PrepareError
     from palp.train import TrainingError
 
-    return (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError)
+    return (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError, PrepareError, ClipError)
 
 
 def main(argv: list[str] | None = None) -> int:

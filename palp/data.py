@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,28 +34,45 @@ def list_image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def open_rgb(path: Path, *, min_size: int) -> Image.Image:
-    """Decode fully, apply the EXIF orientation, convert to RGB; reject unusable files."""
+class ImageRejected(SubjectImageError):
+    """One file that cannot be used; ``reason`` is the short fate shown in reports."""
+
+    def __init__(self, name: str, reason: str, fix: str):
+        super().__init__(f"{name} {reason}; {fix}")
+        self.reason = reason
+
+
+def decode_rgb(source: Path | bytes, *, name: str, min_size: int) -> Image.Image:
+    """Decode fully, apply the EXIF orientation, convert to RGB (CMYK, palette, alpha, 16-bit).
+
+    Raises ImageRejected for non-images, corrupt or truncated files and too-small images.
+    """
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             im.load()  # decode everything now: truncated files fail here, not later
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(background, im)
+                im = Image.alpha_composite(background, im)  # transparent -> white
             elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float64)
                 im = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
             rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise SubjectImageError(f"{path} is not a readable image ({e}); remove or replace it") from e
+    except UnidentifiedImageError as e:
+        raise ImageRejected(name, "is not a readable image (not an image file)", "remove or replace it") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageRejected(name, f"is not a readable image (corrupt or truncated: {e})", "remove or replace it") from e
     if min(rgb.size) < min_size:
-        raise SubjectImageError(
-            f"{path} is {rgb.size[0]}x{rgb.size[1]}, below the minimum side of {min_size} px; "
-            f"use a larger photo (or lower --min-image-size)"
+        raise ImageRejected(
+            name, f"is {rgb.size[0]}x{rgb.size[1]}, below the minimum side of {min_size} px",
+            "use a larger photo (or lower --min-image-size)",
         )
     return rgb
+
+
+def open_rgb(path: Path, *, min_size: int) -> Image.Image:
+    return decode_rgb(path, name=str(path), min_size=min_size)
 
 
 def center_square(im: Image.Image, size: int) -> Image.Image:

@@ -17,26 +17,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from palp import storage
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDS_FILE = "learned_embeds.safetensors"
 CONFIG_FILE = "training_config.json"
 METRICS_FILE = "metrics.csv"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
@@ -44,7 +34,7 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
         return
     cols = list(rows[0])
     lines = [",".join(cols)] + [",".join(_fmt(r[c]) for c in cols) for r in rows]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    storage.write_text(path, "\n".join(lines) + "\n")
 
 
 def read_metrics_csv(path: Path) -> list[dict]:

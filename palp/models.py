@@ -6,7 +6,6 @@ through the same ``from_pretrained`` calls, so the tiny test model and SD v1.4 s
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +80,7 @@ def resolve_model_dir(spec: str, *, cache_dir: str | Path | None = None) -> Path
     if spec == tiny.TINY_NAME:
         return tiny.tiny_model_dir()
     if storage.is_gcs(spec):
-        key = hashlib.sha256(spec.rstrip("/").encode()).hexdigest()[:16]
-        local = storage.download_prefix(spec, cache / "gcs" / key)
-        return check_sd_layout(local, spec=spec)
+        return check_sd_layout(storage.local_dir(spec, cache=cache), spec=spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         return check_sd_layout(path, spec=spec)

@@ -60,6 +60,26 @@ def placeholder_token(placeholder: str) -> str:
     return f"<v{m.group(1)}>"
 
 
+# Nouns that end in -s but are singular, and plurals that do not end in -s.
+_SINGULAR_S = frozenset(
+    "bus canvas cactus lens iris glass grass dress chess octopus platypus walrus hippopotamus rhinoceros "
+    "news mattress compass harness bass hummus citrus virus torus atlas gas asparagus hibiscus tennis "
+    "christmas analysis basis bonus campus census chorus circus corpus fungus genius lotus minibus "
+    "nautilus pegasus status surplus apparatus abacus albatross boss cross kiss moss class".split()
+)
+_PLURAL_NOT_S = frozenset("people children men women geese mice teeth feet sheep deer fish cattle".split())
+
+
+def is_plural(word: str) -> bool:
+    """Whether a class word names several things ("sunglasses", "shoes", "people"), which take no article."""
+    last = word.strip().lower().split()[-1] if word.strip() else ""
+    if last in _PLURAL_NOT_S:
+        return True
+    if last in _SINGULAR_S or not last.endswith("s") or last.endswith(("ss", "us", "is")):
+        return False
+    return True
+
+
 def indefinite_article(word: str) -> str:
     w = word.strip().lower()
     if w.startswith(_VOWEL_SOUND_PREFIXES):
@@ -105,7 +125,8 @@ def clean_prompt(prompt: str, class_words: Mapping[str, str]) -> str:
     """Replace each placeholder by its class word, with a correct indefinite article.
 
     "A sketch of [V]" -> "A sketch of a cat"; "[V] at night" (owl) -> "An owl at night";
-    "my [V]" -> "my cat"; "a [V]" (owl) -> "an owl".
+    "my [V]" -> "my cat"; "a [V]" (owl) -> "an owl"; "A sketch of [V]" (sunglasses) ->
+    "A sketch of sunglasses".
     """
     check_prompt(prompt, class_words)
     out: list[str] = []
@@ -115,14 +136,22 @@ def clean_prompt(prompt: str, class_words: Mapping[str, str]) -> str:
         word = class_words[m.group(0)]
         prev = re.search(r"([A-Za-z']+)(\s+)$", before)
         if prev and prev.group(1).lower() in _ARTICLES:
-            # The user wrote the article: make it agree with the class word, keep its case.
-            art = indefinite_article(word)
-            if prev.group(1)[0].isupper():
-                art = art.capitalize()
-            before = before[: prev.start(1)] + art + prev.group(2)
-            replacement = word
+            # The user wrote the article: make it agree with the class word (or drop it before
+            # a plural), keep its case.
+            if is_plural(word):
+                before = before[: prev.start(1)]
+                replacement = word[:1].upper() + word[1:] if prev.group(1)[0].isupper() and not before.strip() else word
+            else:
+                art = indefinite_article(word)
+                if prev.group(1)[0].isupper():
+                    art = art.capitalize()
+                before = before[: prev.start(1)] + art + prev.group(2)
+                replacement = word
         elif prev and prev.group(1).lower() in _DETERMINERS:
             replacement = word
+        elif is_plural(word):
+            at_start = not "".join(out + [before]).strip()
+            replacement = word[:1].upper() + word[1:] if at_start else word
         else:
             art = indefinite_article(word)
             at_start = not "".join(out + [before]).strip()

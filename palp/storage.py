@@ -1,18 +1,30 @@
-"""Local paths and ``gs://`` URIs.
+"""Local paths and ``gs://`` URIs: the one layer every step reads and writes through.
 
-The seam every step reads and writes through. Google Cloud Storage goes through the real
-``google-cloud-storage`` client: credentials come from the environment (Application Default
-Credentials, or ``STORAGE_EMULATOR_HOST`` for the emulator) and are never logged.
+Google Cloud Storage goes through the real ``google-cloud-storage`` client. Credentials come
+from the environment (Application Default Credentials; ``STORAGE_EMULATOR_HOST`` selects an
+emulator with anonymous credentials) and are never logged. Transient failures (connection
+refused or reset, 429, 5xx) are retried with exponential backoff. Local writes are atomic
+(temp file + rename); a GCS object becomes visible only once its upload completed, and a
+folder upload writes its marker file (e.g. ``manifest.json``) last, so a reader that waits for
+the marker never sees a half-written folder as finished.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import random
 import shutil
 import tempfile
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 GS = "gs://"
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
@@ -33,14 +45,145 @@ def split_gcs(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def gcs_client():
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or a gs:// URI."""
+    if is_gcs(base):
+        return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base).joinpath(*parts))
+
+
+# -- retries -------------------------------------------------------------------------------
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    import requests
+    from google.api_core import exceptions as gexc
+
+    return (
+        ConnectionError, TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+        requests.exceptions.ChunkedEncodingError, gexc.TooManyRequests, gexc.InternalServerError,
+        gexc.BadGateway, gexc.ServiceUnavailable, gexc.GatewayTimeout,
+    )
+
+
+def with_retries(fn: Callable[..., T]) -> Callable[..., T]:
+    """Retry ``fn`` on transient errors: PALP_STORAGE_RETRIES attempts (default 8), backoff
+    0.25 s doubling to 8 s with jitter. Permanent errors (404, 403, bad URIs) raise at once."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        attempts = int(os.environ.get("PALP_STORAGE_RETRIES", "8"))
+        transient = _transient_errors()
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn(*args, **kwargs)
+            except transient as e:
+                if attempt == attempts:
+                    raise StorageError(f"{fn.__name__}: still failing after {attempts} attempts: {type(e).__name__}: {e}") from e
+                delay = min(8.0, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+                log.warning("%s: transient %s, retry %d/%d in %.1fs", fn.__name__, type(e).__name__, attempt, attempts - 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+# -- GCS -----------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _client(emulator: str | None, project: str | None):
     from google.cloud import storage
 
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
+    if emulator:
         from google.auth.credentials import AnonymousCredentials
 
-        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "palp"), credentials=AnonymousCredentials())
-    return storage.Client()
+        return storage.Client(project=project or "palp", credentials=AnonymousCredentials())
+    return storage.Client(project=project)
+
+
+def gcs_client():
+    """A storage client for the current environment (cached per emulator host and project)."""
+    return _client(os.environ.get("STORAGE_EMULATOR_HOST"), os.environ.get("GOOGLE_CLOUD_PROJECT"))
+
+
+def _blob(uri: str):
+    bucket, name = split_gcs(uri)
+    if not name:
+        raise StorageError(f"{uri!r} names a bucket, not an object")
+    return gcs_client().bucket(bucket).blob(name)
+
+
+def _not_found(uri: str, e: Exception) -> StorageError:
+    return StorageError(f"{uri} does not exist ({type(e).__name__})")
+
+
+# -- the API every step uses ----------------------------------------------------------------
+
+@with_retries
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    if not is_gcs(uri):
+        try:
+            return Path(uri).read_bytes()
+        except FileNotFoundError as e:
+            raise _not_found(str(uri), e) from e
+    from google.api_core.exceptions import NotFound
+
+    try:
+        return _blob(str(uri)).download_as_bytes()
+    except NotFound as e:
+        raise _not_found(str(uri), e) from e
+
+
+def read_text(uri: str | os.PathLike) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+@with_retries
+def write_bytes(uri: str | os.PathLike, data: bytes, *, content_type: str | None = None) -> None:
+    """Write a whole file: atomically on disk; as one upload (visible only when complete) on GCS."""
+    if is_gcs(uri):
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        # Re-uploading the same bytes is harmless, so uploads are retried like reads.
+        _blob(str(uri)).upload_from_string(data, content_type=content_type, retry=DEFAULT_RETRY)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(uri: str | os.PathLike, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"), content_type="text/plain; charset=utf-8")
+
+
+@with_retries
+def exists(uri: str | os.PathLike) -> bool:
+    if is_gcs(uri):
+        return _blob(str(uri)).exists()
+    return Path(uri).exists()
+
+
+@with_retries
+def list_files(uri: str | os.PathLike, *, recursive: bool = False) -> list[str]:
+    """Names of the files under a folder or prefix, relative to it, sorted. Hidden files are skipped."""
+    if is_gcs(uri):
+        bucket, prefix = split_gcs(str(uri))
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter=None if recursive else "/")
+        names = [b.name[len(prefix) :] for b in blobs if not b.name.endswith("/")]
+    else:
+        root = Path(uri)
+        if not root.is_dir():
+            raise StorageError(f"{uri} does not exist or is not a folder")
+        found = root.rglob("*") if recursive else root.iterdir()
+        names = [str(p.relative_to(root)) for p in found if p.is_file()]
+    return sorted(n for n in names if not any(part.startswith(".") for part in Path(n).parts))
 
 
 def download_prefix(uri: str, dest: str | Path) -> Path:
@@ -52,20 +195,38 @@ def download_prefix(uri: str, dest: str | Path) -> Path:
     dest = Path(dest)
     if dest.exists():
         return dest
-    bucket_name, prefix = split_gcs(uri)
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    client = gcs_client()
-    blobs = [b for b in client.list_blobs(bucket_name, prefix=prefix) if not b.name.endswith("/")]
-    if not blobs:
+    names = list_files(uri, recursive=True)
+    if not names:
         raise StorageError(f"nothing found under {uri}; check the bucket and prefix")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        for blob in blobs:
-            target = tmp / blob.name[len(prefix) :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            blob.download_to_filename(str(target))
-        tmp.rename(dest)
+        for name in names:
+            write_bytes(tmp / name, read_bytes(join(uri, name)))
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.exists():  # not merely a concurrent downloader that finished first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def local_dir(uri: str | os.PathLike, *, cache: str | Path) -> Path:
+    """A local folder with the contents of ``uri``: the folder itself, or a cached download."""
+    if not is_gcs(uri):
+        return Path(uri)
+    import hashlib
+
+    key = hashlib.sha256(str(uri).rstrip("/").encode()).hexdigest()[:16]
+    return download_prefix(str(uri), Path(cache) / "gcs" / key)
+
+
+def upload_dir(local: str | Path, uri: str, *, last: Iterable[str] = ()) -> None:
+    """Copy a local folder to a folder or prefix; the files named in ``last`` go last."""
+    local = Path(local)
+    names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    last = [n for n in last if n in names]
+    for name in [n for n in names if n not in last] + last:
+        write_bytes(join(uri, name), (local / name).read_bytes())

@@ -26,6 +26,13 @@ from palp.prompts import (
         ("A 19th century portrait of [V1] and [V2]", {"[V1]": "cat", "[V2]": "dog"},
          "A 19th century portrait of a cat and a dog"),
         ("Sunset. [V] on a rock", {"[V]": "hourglass"}, "Sunset. An hourglass on a rock"),
+        ("A sketch of [V] in Paris", {"[V]": "sunglasses"}, "A sketch of sunglasses in Paris"),
+        ("A photo of a [V]", {"[V]": "sneakers"}, "A photo of sneakers"),
+        ("[V] on the moon", {"[V]": "red boots"}, "Red boots on the moon"),
+        ("my [V] at night", {"[V]": "shoes"}, "my shoes at night"),
+        ("A photo of [V]", {"[V]": "bus"}, "A photo of a bus"),
+        ("A photo of [V]", {"[V]": "cactus"}, "A photo of a cactus"),
+        ("A photo of [V]", {"[V]": "teddy bear"}, "A photo of a teddy bear"),
     ],
 )
 def test_clean_prompt(prompt, words, expected):

@@ -1,0 +1,295 @@
+"""``palp prepare``: photos + target prompts -> a validated, prepared dataset with a manifest.
+
+Output layout (local folder or gs:// prefix)::
+
+    subjects/<name>/000.png ...   centre-cropped, resized to the model's resolution
+    manifest.json                 written last: subjects, class words (+ scores), prompts,
+                                  clean prompts, elements, tasks, and every input file's fate
+
+A *task* is one (subject(s), target prompt) pair: PALP personalizes for a single prompt, so
+training, sampling and scoring run per task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from palp import __version__, storage
+from palp.data import ImageRejected, center_square, decode_rgb
+from palp.elements import element_list
+from palp.prompts import DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt, clean_prompt, placeholders_in
+
+MANIFEST = "manifest.json"
+
+
+class PrepareError(ValueError):
+    """Input that cannot be prepared; the message says what to fix."""
+
+
+@dataclass
+class SubjectSpec:
+    name: str  # a short id: "cat", "toy"
+    source: str  # folder or gs:// prefix of photos
+    class_word: str | None = None  # None: CLIP zero-shot
+    placeholder: str = DEFAULT_PLACEHOLDER
+    personalization_prompt: str = ""  # default "A photo of <placeholder>"
+
+
+@dataclass
+class PromptSpec:
+    prompt: str
+    clean_prompt: str = ""  # default: derived
+    elements: dict | None = None  # explicit {"style": ..., "ambiance": [...]}
+    subjects: dict[str, str] = field(default_factory=dict)  # explicit {placeholder: subject name}
+
+
+def load_prompts_file(uri: str) -> list[PromptSpec]:
+    """A YAML file with ``prompts:`` entries (a string, or prompt/clean_prompt/elements/subjects)."""
+    import yaml
+
+    data = yaml.safe_load(storage.read_text(uri))
+    entries = data.get("prompts") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise PrepareError(f"{uri}: expected a list under 'prompts:'")
+    specs = []
+    for i, e in enumerate(entries):
+        if isinstance(e, str):
+            e = {"prompt": e}
+        unknown = set(e) - {"prompt", "clean_prompt", "elements", "subjects"}
+        if "prompt" not in e or unknown:
+            raise PrepareError(f"{uri}: entry {i} needs 'prompt' and may have clean_prompt, elements, subjects (got {sorted(e)})")
+        specs.append(PromptSpec(e["prompt"], e.get("clean_prompt", ""), e.get("elements"), e.get("subjects") or {}))
+    return specs
+
+
+def dhash(im: Image.Image) -> int:
+    """64-bit difference hash: sign of horizontal gradients of a 9x8 grey thumbnail."""
+    g = np.asarray(im.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = (g[:, 1:] > g[:, :-1]).flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")  # no metadata, deterministic
+    return buf.getvalue()
+
+
+def prepare_subject_images(spec: SubjectSpec, *, resolution: int, min_size: int, near_duplicate: int,
+                           staging: Path, bar) -> tuple[list[dict], list[Image.Image]]:
+    """Every file's fate, and the accepted images (original orientation, RGB) for classification."""
+    try:
+        names = storage.list_files(spec.source)
+    except storage.StorageError as e:
+        raise PrepareError(f"subject {spec.name}: {e}") from e
+    if not names:
+        raise PrepareError(f"subject {spec.name}: {spec.source} holds no files; put 1-5 photos of the subject there")
+    bar.total = (bar.total or 0) + len(names)
+    fates, accepted, seen_sha, seen_hash = [], [], {}, []
+    for name in names:
+        data = storage.read_bytes(storage.join(spec.source, name))
+        sha = hashlib.sha256(data).hexdigest()
+        fate = {"file": name, "sha256": sha, "bytes": len(data)}
+        try:
+            if sha in seen_sha:
+                raise ImageRejected(name, f"is a duplicate of {seen_sha[sha]}", "")
+            im = decode_rgb(data, name=name, min_size=min_size)
+            fate["size"] = list(im.size)
+            h = dhash(im)
+            twin = next(((n, bin(h ^ hh).count("1")) for n, hh in seen_hash if bin(h ^ hh).count("1") <= near_duplicate), None)
+            if twin:
+                raise ImageRejected(name, f"is a near duplicate of {twin[0]} (hash distance {twin[1]})", "")
+        except ImageRejected as e:
+            fate.update(status="rejected", reason=e.reason.removeprefix("is "))
+        else:
+            out = f"subjects/{spec.name}/{len(accepted):03d}.png"
+            storage.write_bytes(staging / out, png_bytes(center_square(im, resolution)))
+            fate.update(status="ok", output=out, dhash=f"{h:016x}")
+            seen_hash.append((name, h))
+            accepted.append(im)
+        seen_sha.setdefault(sha, name)
+        fates.append(fate)
+        bar.update(1)
+    if not accepted:
+        reasons = "; ".join(f"{f['file']}: {f['reason']}" for f in fates)
+        raise PrepareError(f"subject {spec.name}: no usable image in {spec.source} ({reasons})")
+    return fates, accepted
+
+
+def build_tasks(subjects: dict[str, SubjectSpec], prompts: list[PromptSpec], class_words: dict[str, str]) -> list[dict]:
+    """One task per (prompt, subject) for [V] prompts; one per prompt for multi-subject ones."""
+    tasks = []
+    for i, p in enumerate(prompts):
+        used = placeholders_in(p.prompt)
+        if p.subjects:
+            assignments = [dict(p.subjects)]
+        elif used == [DEFAULT_PLACEHOLDER]:
+            assignments = [{DEFAULT_PLACEHOLDER: s.name} for s in subjects.values() if s.placeholder == DEFAULT_PLACEHOLDER]
+        else:
+            by_ph = {s.placeholder: s.name for s in subjects.values()}
+            assignments = [{ph: by_ph.get(ph) for ph in used}]
+        for mapping in assignments:
+            missing = [ph for ph in used if not mapping.get(ph)]
+            unknown = [n for n in mapping.values() if n and n not in subjects]
+            if missing or unknown:
+                raise PrepareError(
+                    f"prompt {p.prompt!r}: " + (f"no subject for {', '.join(missing)} (give one with "
+                    f"--placeholder NAME={missing[0]})" if missing else f"unknown subject {unknown[0]!r}")
+                )
+            words = {ph: class_words[name] for ph, name in mapping.items()}
+            try:
+                check_prompt(p.prompt, words)
+                clean = p.clean_prompt or clean_prompt(p.prompt, words)
+                elements = element_list(p.prompt, words, p.elements)
+            except PromptError as e:
+                raise PrepareError(str(e)) from e
+            names = [mapping[ph] for ph in used]
+            tasks.append({
+                "id": f"{'+'.join(names)}-{i:02d}", "prompt_index": i, "prompt": p.prompt, "clean_prompt": clean,
+                "subjects": {ph: mapping[ph] for ph in used}, "class_words": words,
+                "personalization_prompts": {ph: subjects[mapping[ph]].personalization_prompt.replace(subjects[mapping[ph]].placeholder, ph) for ph in used},
+                "elements": elements,
+            })
+    if not tasks:
+        raise PrepareError("no task: give at least one --prompt (or --prompts-file) and one --subject")
+    return tasks
+
+
+def model_resolution(pretrained_model: str) -> int:
+    """Image side of a base model, from its configs alone (512 for SD-1.x, 64 for tiny)."""
+    from palp.models import resolve_model_dir
+
+    path = resolve_model_dir(pretrained_model)
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str, *,
+            pretrained_model: str = "CompVis/stable-diffusion-v1-4", resolution: int | None = None,
+            min_size: int | None = None, near_duplicate: int = 4, clip_model: str = "ViT-B-32",
+            clip_weights: str = "openai", vocabulary: str | None = None, min_confidence: float = 0.3,
+            progress: bool = True) -> dict:
+    """Prepare subjects and prompts into ``output``; returns the manifest."""
+    if not subjects:
+        raise PrepareError("give at least one --subject NAME=DIR_OR_GS_URI")
+    by_name = {}
+    for s in subjects:
+        if s.name in by_name:
+            raise PrepareError(f"subject {s.name!r} is given twice")
+        s.personalization_prompt = s.personalization_prompt or DEFAULT_PERSONALIZATION_PROMPT.replace(DEFAULT_PLACEHOLDER, s.placeholder)
+        try:
+            check_prompt(s.personalization_prompt, {s.placeholder: s.class_word or "thing"}, what=f"personalization prompt of {s.name}")
+        except PromptError as e:
+            raise PrepareError(str(e)) from e
+        by_name[s.name] = s
+    if not prompts:
+        raise PrepareError("give at least one --prompt or a --prompts-file")
+    if storage.exists(storage.join(output, MANIFEST)):
+        raise PrepareError(f"{output} already holds a prepared dataset; choose another --output")
+    # Fail on prompts before reading any image: class words are not needed to check placeholders.
+    build_tasks(by_name, prompts, {n: s.class_word or "thing" for n, s in by_name.items()})
+    resolution = resolution or model_resolution(pretrained_model)
+    min_size = resolution // 2 if min_size is None else min_size
+
+    staging = Path(tempfile.mkdtemp(prefix="palp-prepare-"))
+    try:
+        fates, images = {}, {}
+        with tqdm(total=0, desc="palp prepare: images", unit="img", disable=not progress) as bar:
+            for s in subjects:
+                fates[s.name], images[s.name] = prepare_subject_images(
+                    s, resolution=resolution, min_size=min_size, near_duplicate=near_duplicate, staging=staging, bar=bar)
+        class_info = derive_class_words(subjects, images, clip_model=clip_model, clip_weights=clip_weights,
+                                        vocabulary=vocabulary, min_confidence=min_confidence)
+        class_words = {n: info["class_word"] for n, info in class_info.items()}
+        manifest = {
+            "palp_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "pretrained_model": pretrained_model, "resolution": resolution, "min_image_size": min_size,
+            "subjects": {
+                s.name: {"source": s.source, "placeholder": s.placeholder, "personalization_prompt": s.personalization_prompt,
+                         **class_info[s.name], "images": [f["output"] for f in fates[s.name] if f["status"] == "ok"],
+                         "files": fates[s.name]}
+                for s in subjects
+            },
+            "tasks": build_tasks(by_name, prompts, class_words),
+        }
+        storage.write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        if storage.is_gcs(output):
+            storage.upload_dir(staging, output, last=[MANIFEST])
+        else:
+            _move_into(staging, Path(output))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _move_into(staging: Path, out: Path) -> None:
+    """Move the staged files into ``out``, manifest last (each move is an atomic rename or copy)."""
+    files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+    files.sort(key=lambda p: str(p) == MANIFEST)
+    for rel in files:
+        storage.write_bytes(out / rel, (staging / rel).read_bytes())
+
+
+def derive_class_words(subjects, images, *, clip_model, clip_weights, vocabulary, min_confidence) -> dict[str, dict]:
+    """The user's class word wins; otherwise CLIP zero-shot over the vocabulary (top 5 kept)."""
+    info = {s.name: {"class_word": s.class_word, "class_word_source": "user"} for s in subjects if s.class_word}
+    todo = [s for s in subjects if not s.class_word]
+    if todo:
+        from palp.classify import classify_images, load_vocabulary
+        from palp.clip import load_clip
+
+        words, templates = load_vocabulary(vocabulary)
+        clip = load_clip(clip_model, clip_weights)
+        for s in todo:
+            result = classify_images(clip, images[s.name], words, templates, min_confidence=min_confidence)
+            info[s.name] = {
+                "class_word": result.word, "class_word_source": f"clip:{clip.name}",
+                "class_scores": [{"word": w, "score": round(p, 6)} for w, p in result.top],
+                "low_confidence": result.low_confidence,
+            }
+    return info
+
+
+def summary_table(manifest: dict) -> str:
+    import pandas as pd
+
+    rows = [{"subject": name, "file": f["file"], "fate": f["status"], "reason / output": f.get("reason") or f.get("output", "")}
+            for name, s in manifest["subjects"].items() for f in s["files"]]
+    words = [{"subject": n, "class word": s["class_word"], "source": s["class_word_source"],
+              "flag": "LOW CONFIDENCE" if s.get("low_confidence") else ""} for n, s in manifest["subjects"].items()]
+    tasks = [{"task": t["id"], "clean prompt": t["clean_prompt"], "elements": len(t["elements"])} for t in manifest["tasks"]]
+    return "\n\n".join(pd.DataFrame(x).to_string(index=False) for x in (rows, words, tasks))
+
+
+def load_manifest(prepared: str) -> dict:
+    path = storage.join(prepared, MANIFEST)
+    if not storage.exists(path):
+        raise PrepareError(f"{prepared} is not a prepared dataset (no {MANIFEST}); run `palp prepare` first")
+    return json.loads(storage.read_text(path))
+
+
+def load_task(prepared: str, task_id: str | None) -> tuple[Path, dict]:
+    """(local folder of the prepared dataset, the task); a gs:// dataset is fetched into the cache."""
+    from palp.tiny import cache_root
+
+    manifest = load_manifest(prepared)
+    tasks = {t["id"]: t for t in manifest["tasks"]}
+    if task_id is None:
+        if len(tasks) != 1:
+            raise PrepareError(f"{prepared} holds {len(tasks)} tasks; choose one with --task ({', '.join(tasks)})")
+        task_id = next(iter(tasks))
+    if task_id not in tasks:
+        raise PrepareError(f"no task {task_id!r} in {prepared}; tasks: {', '.join(tasks)}")
+    return storage.local_dir(prepared, cache=cache_root()), tasks[task_id]

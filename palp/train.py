@@ -161,7 +161,8 @@ def encode_latent_posteriors(vae, pixels: torch.Tensor, batch: int = 8) -> tuple
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Fine-tune LoRA + [V] tokens with the configured method; write a loadable result."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState, GradientState
 
     out = Path(cfg.output)
     checkpoints.check_output(out, resume=resume)
@@ -169,8 +170,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     base = load_base_model(cfg.pretrained_model)
     images = [load_subject_images(s.placeholder, s.images, resolution=base.resolution, min_size=cfg.min_image_size) for s in cfg.subjects]
 
-    probe = Accelerator(mixed_precision=cfg.mixed_precision)
-    micro, accum = cfg.accumulation(probe.num_processes)
+    micro, accum = cfg.accumulation(PartialState().num_processes)
+    # accelerate keeps its settings in process-wide singletons; one process may train several
+    # times (a local pipeline, a notebook) with other precisions or accumulation.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=accum)
     device, dtype = accelerator.device, _weight_dtype(cfg.mixed_precision)
 

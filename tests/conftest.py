@@ -57,28 +57,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def gcs_emulator():
-    """A real gcp-storage-emulator HTTP server on 127.0.0.1; yields its address."""
-    port = free_port()
+def start_emulator(port: int, *, storage_base: Path | None = None) -> subprocess.Popen:
+    """Start gcp-storage-emulator on 127.0.0.1:port (in memory, or on disk under storage_base)."""
     exe = shutil.which("gcp-storage-emulator") or str(Path(sys.executable).parent / "gcp-storage-emulator")
-    proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    host = f"http://127.0.0.1:{port}"
+    cmd = [exe, "start", "--host", "127.0.0.1", "--port", str(port), "--quiet"]
+    env = dict(os.environ)
+    if storage_base is None:
+        cmd.append("--in-memory")
+    else:
+        env["STORAGE_BASE"] = str(storage_base)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 30
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return proc
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
                 raise RuntimeError("gcp-storage-emulator did not start")
-            time.sleep(0.2)
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A real gcp-storage-emulator HTTP server on 127.0.0.1; yields its address."""
+    port = free_port()
+    proc = start_emulator(port)
     old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = host
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
     try:
-        yield host
+        yield os.environ["STORAGE_EMULATOR_HOST"]
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -86,3 +95,14 @@ def gcs_emulator():
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+def upload_folder(local: Path, uri: str) -> None:
+    """Put a local folder's files under a gs:// prefix (creating the bucket) with the stock client."""
+    from palp.storage import gcs_client, split_gcs
+
+    bucket_name, prefix = split_gcs(uri)
+    client = gcs_client()
+    bucket = client.lookup_bucket(bucket_name) or client.create_bucket(bucket_name)
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        bucket.blob(f"{prefix.rstrip('/')}/{f.relative_to(local)}").upload_from_filename(str(f))

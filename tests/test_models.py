@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import upload_folder
 from palp.models import ModelError, load_base_model, resolve_model_dir
 from palp.tiny import save_tiny_model
 
@@ -102,12 +103,7 @@ def test_unknown_hub_id_is_a_clear_error(tmp_path):
 
 def test_gcs_prefix_is_fetched_and_loaded(gcs_emulator, tiny_dir, tmp_path):
     """gs:// through the real google-cloud-storage client against a real emulator server."""
-    from palp.storage import gcs_client
-
-    client = gcs_client()
-    bucket = client.create_bucket("palp-models-test")
-    for f in sorted(p for p in tiny_dir.rglob("*") if p.is_file()):
-        bucket.blob(f"models/tiny-sd/{f.relative_to(tiny_dir)}").upload_from_filename(str(f))
+    upload_folder(tiny_dir, "gs://palp-models-test/models/tiny-sd")
     local = resolve_model_dir("gs://palp-models-test/models/tiny-sd", cache_dir=tmp_path / "cache")
     assert local.is_relative_to(tmp_path / "cache")
     assert json.loads((local / "model_index.json").read_text()) == json.loads((tiny_dir / "model_index.json").read_text())

@@ -88,9 +88,9 @@ def _subjects_from_prepared(args):
     if given:
         raise ConfigError(f"--prepared already gives subjects and prompts; drop {', '.join(given)}")
     root, task = load_task(args.prepared, args.task)
-    subjects = [Subject(ph, str(root / "subjects" / name), task["class_words"][ph], task["personalization_prompts"][ph])
+    subjects = [Subject(ph, str(root / "subjects" / name), task["class_words"][ph], task["personalization_prompts"][ph], name)
                 for ph, name in task["subjects"].items()]
-    return subjects, task["prompt"], task["clean_prompt"]
+    return subjects, task["prompt"], task["clean_prompt"], {"task_id": task["id"], "elements": task["elements"]}
 
 
 def config_from_args(args):
@@ -98,8 +98,8 @@ def config_from_args(args):
     from palp.prompts import PromptError, parse_keyed
 
     if args.prepared:
-        subjects, prompt, clean = _subjects_from_prepared(args)
-        return _train_config(args, subjects, prompt, clean)
+        subjects, prompt, clean, task = _subjects_from_prepared(args)
+        return _train_config(args, subjects, prompt, clean, **task)
     if args.task:
         raise ConfigError("--task needs --prepared")
     missing = [f for f, v in (("--images", args.images), ("--class-word", args.class_word), ("--prompt", args.prompt)) if not v]
@@ -122,10 +122,10 @@ def config_from_args(args):
     return _train_config(args, subjects, args.prompt, args.clean_prompt)
 
 
-def _train_config(args, subjects, prompt: str, clean: str):
+def _train_config(args, subjects, prompt: str, clean: str, **task):
     from palp.config import TrainConfig
 
-    return TrainConfig(
+    return TrainConfig(**task,
         subjects=subjects, target_prompt=prompt, output=args.output, pretrained_model=args.pretrained_model,
         clean_prompt=clean, method=args.method, noise=args.noise, align_timestep=args.align_timestep,
         rescale=args.rescale, alpha=args.alpha, beta=args.beta, lam=args.lam, align_t_min=args.align_t_min,
@@ -213,6 +213,69 @@ def run_prepare(args) -> int:
     return 0
 
 
+def add_sample_parser(sub) -> None:
+    from palp.sample import SCHEDULERS
+
+    p = sub.add_parser("sample", help="sample a trained run (or its base model) in batches",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="a finished `palp train` output (folder or gs://)")
+    p.add_argument("--output", required=True, help="samples folder or gs:// prefix (several runs may share it)")
+    p.add_argument("--prompts", nargs="+", help="prompts with placeholders (default: the run's target prompt)")
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--checkpoints", choices=("all", "final"), default="final", help="all: every saved snapshot too")
+    p.add_argument("--reference", action="store_true", help="sample the base model on the clean prompt (Fig. 6's reference)")
+    p.add_argument("--precision", choices=("auto", "fp64", "fp32", "fp16", "bf16"), default="auto",
+                   help="auto: fp16 on GPU, fp32 on CPU; fp64 makes images bit-identical across batch sizes")
+    p.add_argument("--device", help="default: cuda if available")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_sample)
+
+
+def run_sample(args) -> int:
+    from palp.sample import sample
+
+    rows = sample(args.model, args.output, prompts=args.prompts, num_samples=args.num_samples, seed=args.seed,
+                  steps=args.steps, scheduler=args.scheduler, guidance=args.guidance, batch_size=args.batch_size,
+                  checkpoints=args.checkpoints, reference=args.reference, precision=args.precision,
+                  device=args.device, progress=not args.quiet)
+    print(f"{len(rows)} samples -> {args.output}")
+    return 0
+
+
+def add_score_parser(sub) -> None:
+    p = sub.add_parser("score", help="CLIP text and image alignment: Table 2, Fig. 6, an HTML report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--samples", action="append", required=True, help="a `palp sample` output (repeatable)")
+    p.add_argument("--prepared", required=True, help="the prepared dataset the runs were trained on")
+    p.add_argument("--output", required=True)
+    p.add_argument("--clip", default="ViT-B-32", help="open_clip model (or 'tiny')")
+    p.add_argument("--clip-weights", default="openai", help="open_clip pretrained tag or checkpoint path")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_score)
+
+
+def run_score(args) -> int:
+    from palp.score import score
+
+    scores = score(args.samples, args.prepared, args.output, clip_model=args.clip, clip_weights=args.clip_weights,
+                   batch_size=args.batch_size, progress=not args.quiet)
+    print(storage_text(args.output, "table2.md"))
+    print(f"{len(scores)} images scored -> {args.output}")
+    return 0
+
+
+def storage_text(folder: str, name: str) -> str:
+    from palp import storage
+
+    return storage.read_text(storage.join(folder, name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palp", description="Prompt Aligned Personalization of text-to-image models")
     parser.add_argument("--version", action="version", version=f"palp {__version__}")
@@ -220,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_prepare_parser(sub)
     add_train_parser(sub)
+    add_sample_parser(sub)
+    add_score_parser(sub)
     return parser
 
 
@@ -231,9 +296,12 @@ def user_errors() -> tuple[type[Exception], ...]:
     from palp.storage import StorageError
     from palp.clip import ClipError
     from palp.prepare import PrepareError
+    from palp.sample import SampleError
+    from palp.score import ScoreError
     from palp.train import TrainingError
 
-    return (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError, PrepareError, ClipError)
+    return (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError, PrepareError, ClipError,
+            SampleError, ScoreError)
 
 
 def main(argv: list[str] | None = None) -> int:

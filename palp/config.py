@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from palp.elements import element_list
 from palp.guidance import METHODS, NFSD_NEGATIVE_PROMPT
 from palp.prompts import DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt, clean_prompt
 
@@ -21,8 +23,10 @@ class Subject:
     images: str  # folder (the data-prep step adds gs:// and prepared sets)
     class_word: str
     personalization_prompt: str = ""  # default: "A photo of [V]" with this placeholder
+    name: str = ""  # the subject's id in reports (default: the image folder's name)
 
     def __post_init__(self):
+        self.name = self.name or Path(str(self.images).rstrip("/")).name or self.placeholder
         if not self.personalization_prompt:
             self.personalization_prompt = DEFAULT_PERSONALIZATION_PROMPT.replace(DEFAULT_PLACEHOLDER, self.placeholder)
 
@@ -58,6 +62,8 @@ class TrainConfig:
     checkpoints_total_limit: int = 2
     save_steps: list[int] = field(default_factory=lambda: [100, 200, 300, 400, 500])
     min_image_size: int | None = None  # default: half the model resolution
+    task_id: str = ""  # the prepared dataset's task this run trains, if any
+    elements: list[dict] | None = None  # the target prompt's elements (default: palp's rule)
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -86,6 +92,8 @@ class TrainConfig:
             check_prompt(self.target_prompt, self.class_words)
             if not self.clean_prompt:
                 self.clean_prompt = clean_prompt(self.target_prompt, self.class_words)
+            if self.elements is None:
+                self.elements = element_list(self.target_prompt, self.class_words)
         except PromptError as e:
             raise ConfigError(str(e)) from e
 

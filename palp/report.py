@@ -1,0 +1,104 @@
+"""Pictures and pages people look at: the alignment-vs-steps plot and a self-contained HTML report.
+
+The report embeds every image as a ``data:`` URI and has no scripts, stylesheets or links to
+anything outside itself, so it renders inside a sandboxed iframe (a pipeline UI's HTML view).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import pandas as pd
+from PIL import Image
+
+from palp import storage
+
+THUMB = 160
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def thumbnail(uri: str, size: int = THUMB) -> str:
+    im = Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return _data_uri(buf.getvalue(), "image/jpeg")
+
+
+def steps_plot(scores: pd.DataFrame) -> bytes | None:
+    """PNG of text (target prompt) and image alignment vs training step, or None with < 2 steps."""
+    from palp.score import IMAGE, TARGET
+
+    trained = scores[scores["method"] != "base"]
+    if trained.groupby("method")["step"].nunique().max() < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for ax, metric, title in ((axes[0], TARGET, "Text alignment (target prompt)"), (axes[1], IMAGE, "Image alignment")):
+        for method, df in trained.groupby("method"):
+            curve = df.groupby("step")[metric].mean()
+            ax.plot(curve.index, curve.values, marker="o", label=method)
+        base = scores[scores["method"] == "base"]
+        if not base.empty:
+            ax.axhline(base[metric].mean(), color="gray", linestyle="--", label="base model (class word)")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("CLIP cosine")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 24px; color: #222; }
+table { border-collapse: collapse; margin: 8px 0 24px; }
+td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th { background: #f3f3f3; }
+.row { display: flex; flex-wrap: wrap; gap: 6px; margin-bottom: 12px; }
+.row img { width: 128px; height: 128px; object-fit: cover; border: 1px solid #ddd; }
+.label { font-size: 13px; color: #555; margin: 4px 0; }
+"""
+
+
+def html_report(scores: pd.DataFrame, t2: pd.DataFrame, subjects: dict[str, list[str]], plot: bytes | None) -> str:
+    from palp.score import IMAGE, TARGET
+
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>palp report</title>",
+        f"<style>{_STYLE}</style></head><body>", "<h1>palp: CLIP alignment report</h1>",
+        f"<p>{len(scores)} images, methods: {esc(', '.join(sorted(scores['method'].unique())))}. "
+        f"Raw cosine of L2-normalised CLIP features; image alignment over all (generated, input) pairs.</p>",
+        "<h2>Table 2</h2>", t2.to_html(float_format=lambda v: f"{v:.3f}", border=0),
+    ]
+    if plot is not None:
+        parts += ["<h2>Alignment vs fine-tuning steps</h2>", f"<img alt='alignment vs steps' src='{_data_uri(plot, 'image/png')}'>"]
+    parts.append("<h2>Input images</h2>")
+    for name in sorted({n for s in scores["subject"] for n in s.split("+")}):
+        thumbs = "".join(f"<img alt='{esc(name)}' src='{thumbnail(u)}'>" for u in subjects[name])
+        parts.append(f"<div class='label'>{esc(name)}</div><div class='row'>{thumbs}</div>")
+    parts.append("<h2>Samples (last step of each run)</h2>")
+    last = scores.groupby(["method", "run"])["step"].transform("max")
+    final = scores[scores["step"] == last]
+    for (subject, prompt), by_prompt in final.groupby(["subject", "prompt"], sort=True):
+        parts.append(f"<h3>{esc(subject)}: {esc(by_prompt['clean_prompt'].iloc[0])}</h3>")
+        for method, df in by_prompt.groupby("method"):
+            label = f"{method} — text {df[TARGET].mean():.3f}, image {df[IMAGE].mean():.3f}"
+            thumbs = "".join(f"<img alt='{esc(method)} sample {int(r['sample'])}' src='{thumbnail(r['path'])}'>"
+                             for _, r in df.iterrows())
+            parts.append(f"<div class='label'>{esc(label)}</div><div class='row'>{thumbs}</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,221 @@
+"""``palp sample``: images from a trained run, the way a diffusers user would make them.
+
+The base model, LoRA and learned tokens are loaded with diffusers' own loaders
+(``from_pretrained``, ``load_lora_weights``, ``load_textual_inversion``); the stock
+``StableDiffusionPipeline`` then runs every (prompt, sample) pair in batches, with
+classifier-free guidance as one UNet call per step.
+
+Sample *i* of prompt *p* starts from latents drawn from its own seed,
+``hash(seed, p, i)``, so it is the same image whatever the batch size or however the work is
+split; finished files are skipped, so a preempted job picks up where it stopped.
+
+Layout: ``OUTPUT/<method>/step-NNNNNN/<prompt-hash>-sNN.png``, ``samples.csv``, ``prompts.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from palp import storage
+from palp.elements import element_list
+from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE
+from palp.prompts import check_prompt, clean_prompt, to_token_prompt
+
+SAMPLES_CSV = "samples.csv"
+PROMPTS_JSON = "prompts.json"
+SCHEDULERS = ("ddim", "dpm++")
+REFERENCE_METHOD = "base"
+CSV_COLUMNS = ["task", "subject", "method", "step", "prompt", "clean_prompt", "sample", "seed", "file", "run"]
+
+
+class SampleError(ValueError):
+    """A run or option that cannot be sampled; the message says what to fix."""
+
+
+@dataclass
+class Weights:
+    """One set of LoRA + embeddings to sample: the final ones or a snapshot."""
+
+    step: int
+    folder: Path | None  # None: the base model (reference mode)
+
+
+def sample_seed(seed: int, prompt: str, index: int) -> int:
+    """The seed of sample ``index`` of ``prompt``: independent of batching and of other prompts."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(prompt.encode()), index]).generate_state(1)[0])
+
+
+def initial_latents(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, 4, h, w) starting noise, one CPU generator per sample (device-independent)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def prompt_key(prompt: str) -> str:
+    return f"{zlib.crc32(prompt.encode()):08x}"
+
+
+def fetch_run(model: str, *, cache: Path) -> Path:
+    """A local folder with the run's config, final weights and snapshots (not its checkpoints)."""
+    if not storage.is_gcs(model):
+        path = Path(model)
+        if not (path / CONFIG_FILE).is_file():
+            raise SampleError(f"{model} is not a finished training run (no {CONFIG_FILE}); train it first")
+        return path
+    import hashlib
+
+    local = cache / "runs" / hashlib.sha256(model.rstrip("/").encode()).hexdigest()[:16]
+    if not storage.exists(storage.join(model, CONFIG_FILE)):
+        raise SampleError(f"{model} is not a finished training run (no {CONFIG_FILE}); train it first")
+    for name in storage.list_files(model, recursive=True):
+        if name == CONFIG_FILE or name in (LORA_FILE, EMBEDS_FILE) or name.startswith("snapshots/"):
+            if not (local / name).exists():
+                storage.write_bytes(local / name, storage.read_bytes(storage.join(model, name)))
+    return local
+
+
+def weights_to_sample(run: Path, checkpoints: str, reference: bool) -> list[Weights]:
+    if reference:
+        return [Weights(0, None)]
+    final = json.loads((run / CONFIG_FILE).read_text())["completed_steps"]
+    found = [Weights(final, run)]
+    if checkpoints == "all":
+        snaps = sorted((run / "snapshots").glob("step-*")) if (run / "snapshots").is_dir() else []
+        found = [Weights(int(p.name.split("-")[1]), p) for p in snaps if int(p.name.split("-")[1]) != final] + found
+    elif checkpoints != "final":
+        raise SampleError(f"--checkpoints must be all or final, not {checkpoints!r}")
+    return found
+
+
+def build_pipeline(base_path: str | Path, *, scheduler: str, device: torch.device, dtype: torch.dtype):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base_path, torch_dtype=dtype, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler == "dpm++":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    else:
+        raise SampleError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_weights(pipe, folder: Path) -> None:
+    """Swap in one set of LoRA + embeddings with diffusers' loaders (unloading any previous set)."""
+    from safetensors.torch import load_file
+
+    pipe.unload_lora_weights()
+    pipe.unload_textual_inversion()
+    pipe.load_lora_weights(folder)
+    embeds = load_file(folder / EMBEDS_FILE)
+    pipe.load_textual_inversion(list(embeds.values()), token=list(embeds))
+
+
+def default_dtype(device: torch.device, precision: str) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def sample(model: str, output: str, *, prompts: list[str] | None = None, num_samples: int = 8, seed: int = 0,
+           steps: int = 50, scheduler: str = "ddim", guidance: float = 7.5, batch_size: int = 8,
+           checkpoints: str = "final", reference: bool = False, precision: str = "auto",
+           device: str | None = None, progress: bool = True) -> list[dict]:
+    """Sample a trained run (or, with ``reference``, its base model on the clean prompts)."""
+    from palp.models import resolve_model_dir
+    from palp.tiny import cache_root
+
+    if num_samples < 1 or batch_size < 1 or steps < 1:
+        raise SampleError("--num-samples, --batch-size and --steps must be >= 1")
+    run = fetch_run(model, cache=cache_root())
+    config = json.loads((run / CONFIG_FILE).read_text())
+    words = config["class_words"]
+    prompts = prompts or [config["target_prompt"]]
+    table = {}
+    for p in prompts:
+        check_prompt(p, words)
+        explicit = p == config["target_prompt"]
+        table[p] = {"clean_prompt": config["clean_prompt"] if explicit else clean_prompt(p, words),
+                    "elements": (config.get("elements") if explicit else None) or element_list(p, words)}
+    weights = weights_to_sample(run, checkpoints, reference)
+    method = REFERENCE_METHOD if reference else config["method"]
+    subject = "+".join(s["name"] for s in config["subjects"])
+
+    # Every (weights, prompt, sample) job; the finished ones are skipped.
+    jobs = []
+    for w in weights:
+        for p in prompts:
+            for i in range(num_samples):
+                s = sample_seed(seed, p, i)
+                rel = f"{method}/step-{w.step:06d}/{prompt_key(p)}-s{i:02d}.png"
+                jobs.append({"task": config.get("task_id", ""), "subject": subject, "method": method, "step": w.step,
+                             "prompt": p, "clean_prompt": table[p]["clean_prompt"], "sample": i, "seed": s,
+                             "file": rel, "run": model, "_weights": w})
+    # Batches are fixed chunks of the full job list: a resumed run recomputes an unfinished
+    # batch with exactly the same members, so its images are bit-identical to an unbroken run.
+    done = _finished(output)
+    batches = [b for w in weights for b in _chunks([j for j in jobs if j["_weights"] is w], batch_size)]
+    todo = [b for b in batches if not all(j["file"] in done for j in b)]
+
+    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    remaining = sum(len(b) for b in todo)
+    bar = tqdm(total=len(jobs), initial=len(jobs) - remaining, desc=f"palp sample ({method})", unit="img", disable=not progress)
+    if todo:
+        pipe = build_pipeline(config.get("base_model_path") or resolve_model_dir(config["pretrained_model"]),
+                              scheduler=scheduler, device=device_, dtype=default_dtype(device_, precision))
+        latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+        loaded = None
+        for batch in todo:
+            w = batch[0]["_weights"]
+            if w is not loaded and w.folder is not None:
+                load_weights(pipe, w.folder)
+            loaded = w
+            text = [to_token_prompt(j["clean_prompt"] if reference else j["prompt"]) for j in batch]
+            latents = initial_latents([j["seed"] for j in batch], latent_shape).to(device_, pipe.unet.dtype)
+            images = pipe(text, num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="pil").images
+            for j, im in zip(batch, images):
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                storage.write_bytes(storage.join(output, j["file"]), buf.getvalue(), content_type="image/png")
+            bar.update(sum(j["file"] not in done for j in batch))
+    bar.close()
+    rows = [{k: v for k, v in j.items() if not k.startswith("_")} for j in jobs]
+    _merge_tables(output, rows, {p: table[p] for p in prompts})
+    return rows
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _finished(output: str) -> set[str]:
+    """Files already written under ``output`` (writes are atomic, so each is complete)."""
+    try:
+        return set(storage.list_files(output, recursive=True))
+    except storage.StorageError:  # no output folder yet
+        return set()
+
+
+def _merge_tables(output: str, rows: list[dict], prompts: dict) -> None:
+    """Add this call's rows to samples.csv and prompts to prompts.json (other calls' rows are kept)."""
+    import pandas as pd
+
+    csv_uri, json_uri = storage.join(output, SAMPLES_CSV), storage.join(output, PROMPTS_JSON)
+    new = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    if storage.exists(csv_uri):
+        old = pd.read_csv(io.BytesIO(storage.read_bytes(csv_uri)), keep_default_na=False)
+        old = old[~old["file"].isin(set(new["file"]))]
+        new = pd.concat([old, new], ignore_index=True)
+    new = new.sort_values(["method", "step", "prompt", "sample"], kind="stable")
+    storage.write_text(csv_uri, new.to_csv(index=False))
+    known = json.loads(storage.read_text(json_uri)) if storage.exists(json_uri) else {}
+    storage.write_text(json_uri, json.dumps({**known, **prompts}, indent=2) + "\n")

@@ -1,0 +1,143 @@
+"""``palp score``: CLIP text and image alignment of sampled images (Table 2, Fig. 6).
+
+Protocol (../shared/PALP.md, "Evaluation protocol"): open_clip ViT-B-32 with OpenAI weights,
+L2-normalised features, **raw cosine**. Text alignment of an image against its clean target
+prompt and against each prompt element (Style, Class, Ambiance 1, ...); image alignment is
+the mean cosine over all (generated image, input image) pairs of its subject(s).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from palp import storage
+from palp.prepare import load_manifest
+from palp.sample import PROMPTS_JSON, SAMPLES_CSV
+
+TARGET = "Target prompt"
+IMAGE = "Image alignment"
+KEYS = ["subject", "prompt", "method", "step"]
+
+
+class ScoreError(ValueError):
+    """Inputs that cannot be scored; the message says what to fix."""
+
+
+def read_samples(dirs: list[str]) -> tuple[pd.DataFrame, dict]:
+    frames, prompts = [], {}
+    for d in dirs:
+        csv_uri = storage.join(d, SAMPLES_CSV)
+        if not storage.exists(csv_uri):
+            raise ScoreError(f"{d} holds no {SAMPLES_CSV}; run `palp sample` into it first")
+        df = pd.read_csv(io.BytesIO(storage.read_bytes(csv_uri)), keep_default_na=False)
+        df["path"] = [storage.join(d, f) for f in df["file"]]
+        frames.append(df)
+        prompts.update(json.loads(storage.read_text(storage.join(d, PROMPTS_JSON))))
+    samples = pd.concat(frames, ignore_index=True)
+    if samples.empty:
+        raise ScoreError("no samples to score")
+    return samples, prompts
+
+
+def _load_image(uri: str) -> Image.Image:
+    return Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
+
+
+def encode_images(clip, uris: list[str], *, batch_size: int, desc: str, progress: bool) -> torch.Tensor:
+    """(N, D) unit features, read and encoded in batches."""
+    feats = []
+    with tqdm(total=len(uris), desc=desc, unit="img", disable=not progress) as bar:
+        for i in range(0, len(uris), batch_size):
+            chunk = uris[i : i + batch_size]
+            feats.append(clip.encode_images([_load_image(u) for u in chunk], batch_size=batch_size))
+            bar.update(len(chunk))
+    return torch.cat(feats)
+
+
+def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: str = "ViT-B-32",
+          clip_weights: str = "openai", batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+    """Score every sample; write scores, summaries, Table 2, metrics, a plot and an HTML report."""
+    from palp.clip import load_clip
+
+    samples, prompts = read_samples(samples_dirs)
+    manifest = load_manifest(prepared)
+    subjects = {n: [storage.join(prepared, p) for p in s["images"]] for n, s in manifest["subjects"].items()}
+    needed = {n for names in samples["subject"] for n in names.split("+")}
+    unknown = sorted(needed - set(subjects))
+    if unknown:
+        raise ScoreError(f"subject(s) {', '.join(unknown)} of the samples are not in {prepared}; pass the dataset they were trained on")
+    clip = load_clip(clip_model, clip_weights)
+
+    gen = encode_images(clip, list(samples["path"]), batch_size=batch_size, desc="palp score: samples", progress=progress)
+    inputs = {n: encode_images(clip, subjects[n], batch_size=batch_size, desc=f"palp score: inputs {n}", progress=False)
+              for n in sorted(needed)}
+    texts = sorted({t for p in samples["prompt"].unique() for t in [prompts[p]["clean_prompt"], *(e["text"] for e in prompts[p]["elements"])]})
+    text_feats = dict(zip(texts, clip.encode_texts(texts)))
+
+    element_names = _element_columns(prompts, samples["prompt"].unique())
+    rows = []
+    for k, (_, r) in enumerate(samples.iterrows()):
+        g = gen[k]
+        p = prompts[r["prompt"]]
+        row = {c: r[c] for c in samples.columns}
+        row[TARGET] = float(g @ text_feats[p["clean_prompt"]])
+        for e in p["elements"]:
+            row[e["name"]] = float(g @ text_feats[e["text"]])
+        ref = torch.cat([inputs[n] for n in r["subject"].split("+")])
+        row[IMAGE] = float((ref @ g).mean())  # mean over every (generated, input) pair
+        rows.append(row)
+    scores = pd.DataFrame(rows)
+    metric_cols = [*element_names, TARGET, IMAGE]
+    write_outputs(scores, metric_cols, output, manifest, subjects)
+    return scores
+
+
+def _element_columns(prompts: dict, used) -> list[str]:
+    names = {e["name"] for p in used for e in prompts[p]["elements"]}
+    order = lambda n: ({"Style": 0}.get(n, 1 if n.startswith("Class") else 2), n)  # noqa: E731
+    return sorted(names, key=order)
+
+
+def summary_table(scores: pd.DataFrame, metric_cols: list[str]) -> pd.DataFrame:
+    """mean, std and n of every metric per subject x prompt x method x step."""
+    grouped = scores.groupby(KEYS, sort=True)[metric_cols]
+    out = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=0), "n": grouped.count()}, axis=1)
+    out.columns = [f"{metric} {stat}" for stat, metric in out.columns]
+    return out.reset_index()
+
+
+def table2(scores: pd.DataFrame, metric_cols: list[str]) -> pd.DataFrame:
+    """Rows = methods, at each run's last step; columns as the paper's Table 2."""
+    last = scores.groupby(["method", "run"])["step"].transform("max")
+    final = scores[scores["step"] == last]
+    return final.groupby("method")[metric_cols].mean().reindex(columns=metric_cols)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def write_outputs(scores: pd.DataFrame, metric_cols: list[str], output: str, manifest: dict, subjects: dict) -> None:
+    from palp.report import html_report, steps_plot
+
+    t2 = table2(scores, metric_cols)
+    storage.write_text(storage.join(output, "scores.csv"), scores.to_csv(index=False))
+    storage.write_text(storage.join(output, "summary.csv"), summary_table(scores, metric_cols).to_csv(index=False))
+    storage.write_text(storage.join(output, "table2.csv"), t2.to_csv())
+    storage.write_text(storage.join(output, "table2.md"), t2.to_markdown(floatfmt=".3f") + "\n")
+    metrics = {f"{_slug(m)}/{_slug(c)}": round(float(v), 6) for m, row in t2.iterrows() for c, v in row.items() if not math.isnan(v)}
+    metrics["num_images"] = int(len(scores))
+    storage.write_text(storage.join(output, "metrics.json"), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    plot = steps_plot(scores)
+    if plot is not None:
+        storage.write_bytes(storage.join(output, "alignment_vs_steps.png"), plot, content_type="image/png")
+    storage.write_text(storage.join(output, "report.html"), html_report(scores, t2, subjects, plot))

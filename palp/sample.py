@@ -97,8 +97,8 @@ def weights_to_sample(run: Path, checkpoints: str, reference: bool) -> list[Weig
 def build_pipeline(base_path: str | Path, *, scheduler: str, device: torch.device, dtype: torch.dtype):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(base_path, torch_dtype=dtype, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(base_path, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif scheduler == "dpm++":
@@ -106,7 +106,7 @@ def build_pipeline(base_path: str | Path, *, scheduler: str, device: torch.devic
     else:
         raise SampleError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device, dtype)
 
 
 def load_weights(pipe, folder: Path) -> None:

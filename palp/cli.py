@@ -276,6 +276,48 @@ def storage_text(folder: str, name: str) -> str:
     return storage.read_text(storage.join(folder, name))
 
 
+def add_study_parser(sub) -> None:
+    study = sub.add_parser("study", help="user-study forms (export) and their analysis (Table 3)")
+    ssub = study.add_subparsers(dest="study_command", required=True)
+    e = ssub.add_parser("export", help="blinded forms from the samples of several methods",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--samples", action="append", required=True, help="a `palp sample` output (repeatable)")
+    e.add_argument("--prepared", required=True, help="the prepared dataset (input images, elements)")
+    e.add_argument("--output", required=True, help="folder or gs:// prefix: forms/ and key/")
+    e.add_argument("--forms", type=int, default=3)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--image-size", type=int, default=512)
+    e.add_argument("--links", choices=("embedded", "signed"), default="embedded",
+                   help="signed: gs:// output, V4 signed image URLs in the CSV forms")
+    e.add_argument("--expiry-hours", type=int, default=168, help="lifetime of signed URLs")
+    e.add_argument("--methods", nargs="+", help="only these methods (default: all in the samples)")
+    e.set_defaults(func=run_study_export)
+    a = ssub.add_parser("analyze", help="Table 3 from filled forms", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--responses", required=True, help="a filled form, a folder of them, or a glob (XLSX or CSV)")
+    a.add_argument("--key", required=True, help="key/answer_key.csv of the export")
+    a.add_argument("--output", required=True)
+    a.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(func=run_study_analyze)
+
+
+def run_study_export(args) -> int:
+    from palp.study import export
+
+    summary = export(args.samples, args.prepared, args.output, forms=args.forms, seed=args.seed, image_size=args.image_size,
+                     links=args.links, expiry_hours=args.expiry_hours, methods=args.methods)
+    print(f"{summary['questions']} questions ({', '.join(summary['methods'])}) in forms of {summary['forms']} -> {args.output}")
+    return 0
+
+
+def run_study_analyze(args) -> int:
+    from palp.analyze import analyze, markdown
+
+    t3 = analyze(args.responses, args.key, args.output, n_boot=args.bootstrap, seed=args.seed)
+    print(markdown(t3))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palp", description="Prompt Aligned Personalization of text-to-image models")
     parser.add_argument("--version", action="version", version=f"palp {__version__}")
@@ -285,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_sample_parser(sub)
     add_score_parser(sub)
+    add_study_parser(sub)
     return parser
 
 
@@ -298,10 +341,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from palp.prepare import PrepareError
     from palp.sample import SampleError
     from palp.score import ScoreError
+    from palp.study import StudyError
     from palp.train import TrainingError
 
     return (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError, PrepareError, ClipError,
-            SampleError, ScoreError)
+            SampleError, ScoreError, StudyError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except user_errors() as e:
-        print(f"palp {args.command}: error: {e}", file=sys.stderr)
+        command = " ".join(filter(None, [args.command, getattr(args, "study_command", None)]))
+        print(f"palp {command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -18,7 +18,7 @@ from palp import storage
 THUMB = 160
 
 
-def _data_uri(data: bytes, mime: str) -> str:
+def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -27,7 +27,7 @@ def thumbnail(uri: str, size: int = THUMB) -> str:
     im.thumbnail((size, size))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=85)
-    return _data_uri(buf.getvalue(), "image/jpeg")
+    return data_uri(buf.getvalue(), "image/jpeg")
 
 
 def steps_plot(scores: pd.DataFrame) -> bytes | None:
@@ -85,7 +85,7 @@ def html_report(scores: pd.DataFrame, t2: pd.DataFrame, subjects: dict[str, list
         "<h2>Table 2</h2>", t2.to_html(float_format=lambda v: f"{v:.3f}", border=0),
     ]
     if plot is not None:
-        parts += ["<h2>Alignment vs fine-tuning steps</h2>", f"<img alt='alignment vs steps' src='{_data_uri(plot, 'image/png')}'>"]
+        parts += ["<h2>Alignment vs fine-tuning steps</h2>", f"<img alt='alignment vs steps' src='{data_uri(plot, 'image/png')}'>"]
     parts.append("<h2>Input images</h2>")
     for name in sorted({n for s in scores["subject"] for n in s.split("+")}):
         thumbs = "".join(f"<img alt='{esc(name)}' src='{thumbnail(u)}'>" for u in subjects[name])

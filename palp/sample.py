@@ -106,7 +106,8 @@ def build_pipeline(base_path: str | Path, *, scheduler: str, device: torch.devic
     else:
         raise SampleError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    pipe.to(device)
+    return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
 
 
 def load_weights(pipe, folder: Path) -> None:

@@ -230,3 +230,35 @@ def upload_dir(local: str | Path, uri: str, *, last: Iterable[str] = ()) -> None
     last = [n for n in last if n in names]
     for name in [n for n in names if n not in last] + last:
         write_bytes(join(uri, name), (local / name).read_bytes())
+
+
+def signed_url(uri: str, expiration, *, method: str = "GET") -> str:
+    """A V4 signed URL for one object.
+
+    Signs with the environment's credentials: a service-account key signs locally; credentials
+    from a metadata server (Vertex AI, GKE, GCE) sign through IAM ``signBlob`` with their
+    access token (the service account needs roles/iam.serviceAccountTokenCreator on itself).
+    ``GOOGLE_APPLICATION_CREDENTIALS`` naming a service-account key file takes precedence.
+    """
+    blob = _blob(uri)
+    credentials = None
+    key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if key_file:
+        from google.oauth2 import service_account
+
+        credentials = service_account.Credentials.from_service_account_file(key_file)
+    try:
+        return blob.generate_signed_url(version="v4", expiration=expiration, method=method, credentials=credentials)
+    except AttributeError:  # credentials without a private key: sign through IAM
+        import google.auth.transport.requests
+
+        creds = blob.client._credentials
+        email = getattr(creds, "service_account_email", None)
+        if not email:
+            raise StorageError(
+                "signed URLs need service-account credentials: set GOOGLE_APPLICATION_CREDENTIALS to a key file, "
+                "or run as a service account (Vertex AI, GKE, GCE)"
+            ) from None
+        creds.refresh(google.auth.transport.requests.Request())
+        return blob.generate_signed_url(version="v4", expiration=expiration, method=method,
+                                        service_account_email=email, access_token=creds.token)

@@ -61,7 +61,14 @@ def collect(files: list[str], key: pd.DataFrame) -> pd.DataFrame:
     by_id = key.set_index("question_id")
     problems, answers, seen = [], [], {}
     for uri in files:
-        table, lines = read_response(uri)
+        try:
+            table, lines = read_response(uri)
+        except StudyError as e:
+            problems.append(str(e))
+            continue
+        except (ValueError, KeyError, OSError) as e:  # not a readable CSV/XLSX form
+            problems.append(f"{uri}: not a readable form ({type(e).__name__}: {e})")
+            continue
         if "question_id" not in table.columns or "participant_id" not in table.columns:
             problems.append(f"{uri}: row 1: columns question_id and participant_id are required")
             continue

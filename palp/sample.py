@@ -9,7 +9,8 @@ Sample *i* of prompt *p* starts from latents drawn from its own seed,
 ``hash(seed, p, i)``, so it is the same image whatever the batch size or however the work is
 split; finished files are skipped, so a preempted job picks up where it stopped.
 
-Layout: ``OUTPUT/<method>/step-NNNNNN/<prompt-hash>-sNN.png``, ``samples.csv``, ``prompts.json``.
+Layout: ``OUTPUT/<task>/<method>-<run hash>/step-NNNNNN/<prompt hash>-sNN.png`` (the base
+model's reference samples: ``<task>/base/step-000000/``), ``samples.csv``, ``prompts.json``.
 """
 
 from __future__ import annotations
@@ -151,13 +152,17 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
     method = REFERENCE_METHOD if reference else config["method"]
     subject = "+".join(s["name"] for s in config["subjects"])
 
-    # Every (weights, prompt, sample) job; the finished ones are skipped.
+    # Every (weights, prompt, sample) job; the finished ones are skipped. Several runs may share
+    # one output folder: each writes under its own tag (the base model's samples depend only on
+    # the task, so runs of one task share them).
+    task = config.get("task_id") or subject
+    tag = f"{task}/{method}" if reference else f"{task}/{method}-{prompt_key(str(model).rstrip('/'))[:6]}"
     jobs = []
     for w in weights:
         for p in prompts:
             for i in range(num_samples):
                 s = sample_seed(seed, p, i)
-                rel = f"{method}/step-{w.step:06d}/{prompt_key(p)}-s{i:02d}.png"
+                rel = f"{tag}/step-{w.step:06d}/{prompt_key(p)}-s{i:02d}.png"
                 jobs.append({"task": config.get("task_id", ""), "subject": subject, "method": method, "step": w.step,
                              "prompt": p, "clean_prompt": table[p]["clean_prompt"], "sample": i, "seed": s,
                              "file": rel, "run": model, "_weights": w})

@@ -318,6 +318,79 @@ def run_study_analyze(args) -> int:
     return 0
 
 
+def add_pipeline_parser(sub) -> None:
+    pipe = sub.add_parser("pipeline", help="compile, run locally, or submit the KFP pipeline")
+    psub = pipe.add_subparsers(dest="pipeline_command", required=True)
+    c = psub.add_parser("compile", help="compile the DAG to a pipeline YAML", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--backend", choices=("vertex", "kubeflow", "vertex-tpu"), required=True)
+    c.add_argument("--accelerator", help="Vertex: NVIDIA_L4, NVIDIA_A100_80GB, NVIDIA_H100_80GB...; Kubeflow: nvidia.com/gpu; "
+                                         "vertex-tpu: TPU_V3 or TPU_V5_LITE_PODSLICE")
+    c.add_argument("--image", help="step image (default: the palp image of this version)")
+    c.add_argument("--output", required=True)
+    c.set_defaults(func=run_pipeline_compile)
+    r = psub.add_parser("run-local", help="run the whole DAG with kfp.local", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--config", help="experiment YAML (default: evaluation/experiments/demo.yaml, the embedded demo)")
+    r.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess")
+    r.add_argument("--pipeline-root", help="where artifacts go (default: a new temporary folder)")
+    r.add_argument("--image", help="with --runner docker: the step image")
+    r.set_defaults(func=run_pipeline_local)
+    s = psub.add_parser("submit", help="submit to Vertex AI Pipelines or Kubeflow Pipelines",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--backend", choices=("vertex", "kubeflow", "vertex-tpu"), required=True)
+    s.add_argument("--config", help="experiment YAML (default: the embedded demo)")
+    s.add_argument("--accelerator")
+    s.add_argument("--project", help="Vertex: GCP project")
+    s.add_argument("--region", help="Vertex: region, e.g. us-central1")
+    s.add_argument("--pipeline-root", help="Vertex: gs:// root for artifacts")
+    s.add_argument("--service-account", help="Vertex: service account the run uses")
+    s.add_argument("--host", help="Kubeflow: the KFP API endpoint")
+    s.add_argument("--experiment", help="Vertex Experiments / KFP experiment name")
+    s.set_defaults(func=run_pipeline_submit)
+
+
+def run_pipeline_compile(args) -> int:
+    from pipelines.palp_pipeline import compile_pipeline
+
+    print(compile_pipeline(args.backend, args.output, accelerator=args.accelerator, image=args.image))
+    return 0
+
+
+def run_pipeline_local(args) -> int:
+    from pipelines.run import find_outputs, run_local
+
+    root = run_local(args.config, runner=args.runner, pipeline_root=args.pipeline_root, image=args.image)
+    print(f"\nartifacts under {root}:")
+    outputs = find_outputs(root)
+    for task, paths in outputs.items():
+        for p in paths:
+            print(f"  {task}/{p.name}")
+    table = [p for p in outputs.get("compare", []) if p.name == "table"]
+    if table:
+        print("\ncomparison (Table 2 shape):\n" + table[0].read_text())
+    return 0
+
+
+def run_pipeline_submit(args) -> int:
+    from palp.config import ConfigError
+    from pipelines.run import load_experiment, submit_kubeflow, submit_vertex
+
+    params = load_experiment(args.config)
+    if args.backend == "kubeflow":
+        if not args.host:
+            raise ConfigError("--backend kubeflow needs --host")
+        run = submit_kubeflow(params, host=args.host, experiment=args.experiment, accelerator=args.accelerator)
+        print(f"submitted: run {getattr(run, 'run_id', run)}")
+        return 0
+    missing = [f for f, v in (("--project", args.project), ("--region", args.region), ("--pipeline-root", args.pipeline_root)) if not v]
+    if missing:
+        raise ConfigError(f"--backend {args.backend} needs {', '.join(missing)}")
+    job = submit_vertex(params, project=args.project, region=args.region, pipeline_root=args.pipeline_root,
+                        experiment=args.experiment, service_account=args.service_account, accelerator=args.accelerator,
+                        backend=args.backend)
+    print(f"submitted: {job.resource_name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palp", description="Prompt Aligned Personalization of text-to-image models")
     parser.add_argument("--version", action="version", version=f"palp {__version__}")
@@ -328,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub)
     add_score_parser(sub)
     add_study_parser(sub)
+    add_pipeline_parser(sub)
     return parser
 
 
@@ -344,17 +418,24 @@ def user_errors() -> tuple[type[Exception], ...]:
     from palp.study import StudyError
     from palp.train import TrainingError
 
-    return (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError, PrepareError, ClipError,
-            SampleError, ScoreError, StudyError)
+    errors = (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError, PrepareError, ClipError,
+              SampleError, ScoreError, StudyError)
+    if "pipelines.palp_pipeline" in sys.modules:  # only once a pipeline command ran: palp never imports kfp
+        errors += (sys.modules["pipelines.palp_pipeline"].PipelineError,)
+    return errors
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, raise_errors: bool = False) -> int:
+    """Run one ``palp`` command. Bad input prints one error line and returns 2, or, with
+    ``raise_errors`` (pipeline components), raises it so the step fails with that message."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if raise_errors:
+        return args.func(args)
     try:
         return args.func(args)
     except user_errors() as e:
-        command = " ".join(filter(None, [args.command, getattr(args, "study_command", None)]))
+        command = " ".join(filter(None, [args.command, getattr(args, "study_command", None), getattr(args, "pipeline_command", None)]))
         print(f"palp {command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -43,6 +43,11 @@ def read_samples(dirs: list[str]) -> tuple[pd.DataFrame, dict]:
         frames.append(df)
         prompts.update(json.loads(storage.read_text(storage.join(d, PROMPTS_JSON))))
     samples = pd.concat(frames, ignore_index=True)
+    # The base model's reference samples depend only on the task: runs of one task each make
+    # the same ones, which count once.
+    base = samples["method"] == "base"
+    samples = pd.concat([samples[~base], samples[base].drop_duplicates(["task", "subject", "prompt", "sample", "seed"])],
+                        ignore_index=True)
     if samples.empty:
         raise ScoreError("no samples to score")
     return samples, prompts

@@ -1,0 +1,114 @@
+"""The bodies of palp's KFP components: each only builds a ``palp`` command line and runs it
+(the same code path as the CLI), then fills the typed output artifacts.
+
+KFP serialises each function's source into the component, so every function imports what it
+uses inside its body.
+"""
+
+from typing import List
+
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+
+
+def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pretrained_model: str, clip_model: str,
+            clip_weights: str, prepared: Output[Dataset]) -> list:
+    """palp prepare; returns the runs to fan out: one {task_id, method} per task x method."""
+    import json
+    import os
+
+    from palp.cli import main
+
+    argv = ["prepare", "--output", prepared.path, "--pretrained-model", pretrained_model, "--clip", clip_model,
+            "--clip-weights", clip_weights, "--quiet"]
+    for s in subjects:
+        argv += ["--subject", f"{s['name']}={s['images']}"]
+        for key, flag in (("class_word", "--class-word"), ("placeholder", "--placeholder"),
+                          ("personalization_prompt", "--personalization-prompt")):
+            if s.get(key):
+                argv += [flag, f"{s['name']}={s[key]}"]
+    for p in prompts:
+        argv += ["--prompt", p]
+    if prompts_file:
+        argv += ["--prompts-file", prompts_file]
+    main(argv, raise_errors=True)
+    with open(os.path.join(prepared.path, "manifest.json")) as f:
+        tasks = [t["id"] for t in json.load(f)["tasks"]]
+    prepared.metadata.update({"tasks": tasks, "subjects": [s["name"] for s in subjects]})
+    return [{"task_id": t, "method": m} for t in tasks for m in methods]
+
+
+def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: str, steps: int, batch_size: int,
+          micro_batch_size: int, lr: float, lora_rank: int, save_steps: str, checkpoint_every: int, mixed_precision: str,
+          seed: int, model: Output[Model]):
+    """palp train --prepared, always with --resume: a retried (preempted) task continues from
+    the checkpoints it left in its output."""
+    from palp.cli import main
+
+    argv = ["train", "--prepared", prepared.path, "--task", task, "--method", method, "--pretrained-model", pretrained_model,
+            "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--lora-rank", str(lora_rank),
+            "--save-steps", save_steps, "--checkpoint-every", str(checkpoint_every), "--mixed-precision", mixed_precision,
+            "--seed", str(seed), "--output", model.path, "--resume", "--quiet"]
+    if micro_batch_size > 0:
+        argv += ["--micro-batch-size", str(micro_batch_size)]
+    main(argv, raise_errors=True)
+    model.metadata.update({"task": task, "method": method, "steps": steps, "framework": "diffusers-lora"})
+
+
+def sample(model: Input[Model], num_samples: int, steps: int, batch_size: int, scheduler: str, guidance: float,
+           checkpoints: str, reference: bool, seed: int, samples: Output[Dataset]):
+    """palp sample of the trained run (and, with ``reference``, of its base model on the clean prompt)."""
+    from palp.cli import main
+
+    argv = ["sample", "--model", model.path, "--output", samples.path, "--num-samples", str(num_samples), "--steps",
+            str(steps), "--batch-size", str(batch_size), "--scheduler", scheduler, "--guidance", str(guidance),
+            "--seed", str(seed), "--quiet"]
+    main(argv + ["--checkpoints", checkpoints], raise_errors=True)
+    if reference:
+        main(argv + ["--reference"], raise_errors=True)
+    samples.metadata.update({"num_samples": num_samples, "steps": steps, "scheduler": scheduler})
+
+
+def score(samples: Input[Dataset], prepared: Input[Dataset], clip_model: str, clip_weights: str,
+          scores: Output[Dataset], metrics: Output[Metrics], table: Output[Markdown], report: Output[HTML]):
+    """palp score of one branch: its Table 2 row, metrics and report."""
+    import json
+    import os
+    import shutil
+
+    from palp.cli import main
+
+    main(["score", "--samples", samples.path, "--prepared", prepared.path, "--output", scores.path, "--clip", clip_model,
+          "--clip-weights", clip_weights, "--quiet"], raise_errors=True)
+    with open(os.path.join(scores.path, "metrics.json")) as f:
+        for name, value in json.load(f).items():
+            metrics.log_metric(name, value)
+    shutil.copyfile(os.path.join(scores.path, "table2.md"), table.path)
+    shutil.copyfile(os.path.join(scores.path, "report.html"), report.path)
+
+
+def compare(samples: Input[List[Dataset]], prepared: Input[Dataset], clip_model: str, clip_weights: str, forms: int,
+            study_seed: int, study_image_size: int, scores: Output[Dataset], metrics: Output[Metrics],
+            table: Output[Markdown], report: Output[HTML], study: Output[Dataset]):
+    """Every branch together: the Table-2 comparison across methods, its report, the study forms."""
+    import json
+    import os
+    import shutil
+
+    from palp.cli import main
+
+    dirs = [s.path for s in samples]
+    argv = ["score", "--prepared", prepared.path, "--output", scores.path, "--clip", clip_model, "--clip-weights",
+            clip_weights, "--quiet"]
+    for d in dirs:
+        argv += ["--samples", d]
+    main(argv, raise_errors=True)
+    with open(os.path.join(scores.path, "metrics.json")) as f:
+        for name, value in json.load(f).items():
+            metrics.log_metric(name, value)
+    shutil.copyfile(os.path.join(scores.path, "table2.md"), table.path)
+    shutil.copyfile(os.path.join(scores.path, "report.html"), report.path)
+    argv = ["study", "export", "--prepared", prepared.path, "--output", study.path, "--forms", str(forms), "--seed",
+            str(study_seed), "--image-size", str(study_image_size)]
+    for d in dirs:
+        argv += ["--samples", d]
+    main(argv, raise_errors=True)

@@ -1,0 +1,146 @@
+"""The palp DAG: prepare -> ParallelFor(task x method: train -> sample -> score) -> compare.
+
+Wiring only: every step is a component from ``components``. Resources are set per backend at
+compile time (``build_pipeline(backend=...)``); locally they are ignored.
+"""
+
+
+from dataclasses import dataclass
+from typing import Optional
+
+from kfp import dsl
+
+from components import Components, default_image, make_components
+
+PIPELINE_NAME = "palp"
+BACKENDS = ("vertex", "kubeflow", "vertex-tpu")
+VERTEX_GPUS = ("NVIDIA_L4", "NVIDIA_TESLA_A100", "NVIDIA_A100_80GB", "NVIDIA_H100_80GB", "NVIDIA_H200_141GB", "NVIDIA_TESLA_T4")
+# TPU accelerator -> (machine type, chips) of a Vertex custom job.
+VERTEX_TPUS = {"TPU_V3": ("cloud-tpu", 8), "TPU_V5_LITE_PODSLICE": ("ct5lp-hightpu-4t", 4)}
+DEFAULT_ACCELERATOR = {"vertex": "NVIDIA_L4", "kubeflow": "nvidia.com/gpu", "vertex-tpu": "TPU_V5_LITE_PODSLICE"}
+
+
+class PipelineError(ValueError):
+    """A backend, accelerator or experiment the pipeline cannot take; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: str
+    memory: str
+    gpu: bool
+
+
+STEP_RESOURCES = {
+    "prepare": Resources("4", "16G", False),
+    "train": Resources("8", "64G", True),
+    "sample": Resources("8", "32G", True),
+    "score": Resources("4", "16G", True),
+    "compare": Resources("4", "16G", False),
+}
+
+
+def _configure(task, step: str, backend: str, accelerator: str):
+    r = STEP_RESOURCES[step]
+    task.set_cpu_limit(r.cpu).set_memory_limit(r.memory).set_caching_options(True)
+    if r.gpu and not (backend == "vertex-tpu" and step == "train"):
+        gpu = accelerator if backend != "vertex-tpu" else DEFAULT_ACCELERATOR["vertex"]
+        task.set_accelerator_type(gpu).set_accelerator_limit(1)
+    return task
+
+
+def _tpu_train(comps: Components, accelerator: str, image: Optional[str]):
+    """The train component as a Vertex custom job on TPU (google-cloud-pipeline-components)."""
+    from google_cloud_pipeline_components.v1.custom_job import create_custom_training_job_from_component
+
+    from components import make_components as make
+
+    tpu_train = make(image or default_image("tpu")).train
+    machine, chips = VERTEX_TPUS[accelerator]
+    return create_custom_training_job_from_component(
+        tpu_train, display_name="palp-train-tpu", machine_type=machine, accelerator_type=accelerator,
+        accelerator_count=chips, env=[{"name": "PJRT_DEVICE", "value": "TPU"}],
+    )
+
+
+def check_backend(backend: str, accelerator: Optional[str]) -> str:
+    if backend not in BACKENDS:
+        raise PipelineError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    accelerator = accelerator or DEFAULT_ACCELERATOR[backend]
+    if backend == "vertex" and accelerator not in VERTEX_GPUS:
+        raise PipelineError(f"Vertex accelerator {accelerator!r} unknown; use one of {', '.join(VERTEX_GPUS)}")
+    if backend == "vertex-tpu" and accelerator not in VERTEX_TPUS:
+        raise PipelineError(f"Vertex TPU {accelerator!r} unknown; use one of {', '.join(VERTEX_TPUS)}")
+    return accelerator
+
+
+def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None, image: Optional[str] = None,
+                   retries: bool = True):
+    """The pipeline function for one backend (resources differ; the DAG is the same).
+
+    ``retries=False`` drops the preemption retries, for local runs where a failure is final."""
+    accelerator = check_backend(backend, accelerator)
+    comps = make_components(image)
+    train_op = _tpu_train(comps, accelerator, None if image is None else image) if backend == "vertex-tpu" else comps.train
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="PALP: prompt-aligned personalization, compared across methods")
+    def palp_pipeline(
+        subjects: list,
+        prompts: list = [],
+        prompts_file: str = "",
+        methods: list = ["palp", "ti-db"],
+        pretrained_model: str = "CompVis/stable-diffusion-v1-4",
+        clip_model: str = "ViT-B-32",
+        clip_weights: str = "openai",
+        train_steps: int = 500,
+        batch_size: int = 32,
+        micro_batch_size: int = 0,
+        lr: float = 5e-5,
+        lora_rank: int = 32,
+        save_steps: str = "100,200,300,400,500",
+        checkpoint_every: int = 100,
+        mixed_precision: str = "bf16",
+        seed: int = 0,
+        num_samples: int = 8,
+        sample_steps: int = 50,
+        sample_batch_size: int = 8,
+        scheduler: str = "ddim",
+        guidance: float = 7.5,
+        checkpoints: str = "final",
+        reference: bool = False,
+        study_forms: int = 3,
+        study_seed: int = 0,
+        study_image_size: int = 512,
+    ):
+        prep = _configure(comps.prepare(subjects=subjects, prompts=prompts, prompts_file=prompts_file, methods=methods,
+                                        pretrained_model=pretrained_model, clip_model=clip_model, clip_weights=clip_weights),
+                          "prepare", backend, accelerator)
+        prep.set_display_name("prepare")
+        with dsl.ParallelFor(prep.outputs["Output"], name="task-x-method") as run:
+            tr = _configure(train_op(prepared=prep.outputs["prepared"], task=run.task_id, method=run.method,
+                                     pretrained_model=pretrained_model, steps=train_steps, batch_size=batch_size,
+                                     micro_batch_size=micro_batch_size, lr=lr, lora_rank=lora_rank, save_steps=save_steps,
+                                     checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed),
+                            "train", backend, accelerator)
+            if retries:  # preemption: the retried task resumes from its checkpoints
+                tr.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2.0)
+            sa = _configure(comps.sample(model=tr.outputs["model"], num_samples=num_samples, steps=sample_steps,
+                                         batch_size=sample_batch_size, scheduler=scheduler, guidance=guidance,
+                                         checkpoints=checkpoints, reference=reference, seed=seed),
+                            "sample", backend, accelerator)
+            if retries:  # resumable: finished images are kept
+                sa.set_retry(num_retries=3, backoff_duration="60s")
+            _configure(comps.score(samples=sa.outputs["samples"], prepared=prep.outputs["prepared"], clip_model=clip_model,
+                                   clip_weights=clip_weights), "score", backend, accelerator)
+        _configure(comps.compare(samples=dsl.Collected(sa.outputs["samples"]), prepared=prep.outputs["prepared"],
+                                 clip_model=clip_model, clip_weights=clip_weights, forms=study_forms, study_seed=study_seed,
+                                 study_image_size=study_image_size), "compare", backend, accelerator)
+
+    return palp_pipeline
+
+
+def compile_pipeline(backend: str, output: str, *, accelerator: Optional[str] = None, image: Optional[str] = None) -> str:
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(backend, accelerator, image), package_path=output)
+    return output

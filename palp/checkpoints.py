@@ -8,10 +8,8 @@ Only the trainable parameters are stored (LoRA + placeholder rows), never the ba
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from palp.config import ConfigError
+from palp.storage import atomic_directory
 from palp.export import CONFIG_FILE, LORA_FILE, atomic_write_json, read_metrics_csv, write_metrics_csv
 
 DIR = "checkpoints"
@@ -70,21 +69,13 @@ def _named_trainable(model) -> dict[str, torch.nn.Parameter]:
 
 
 def save(out: Path, step: int, model, optimizer, rows: list[dict], *, keep: int) -> Path:
-    root = out / DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
-    try:
+    final = out / DIR / f"step-{step:06d}"
+    with atomic_directory(final, replace=True) as tmp:
         save_file({n: p.detach().float().cpu().contiguous() for n, p in _named_trainable(model).items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         write_metrics_csv(tmp / "metrics.csv", rows)
         atomic_write_json(tmp / "state.json", {"step": step})
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in _step_dirs(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

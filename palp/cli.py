@@ -94,7 +94,7 @@ def _subjects_from_prepared(args):
 
 
 def config_from_args(args):
-    from palp.config import ConfigError, Subject, TrainConfig
+    from palp.config import ConfigError, Subject
     from palp.prompts import PromptError, parse_keyed
 
     if args.prepared:

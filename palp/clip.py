@@ -9,8 +9,6 @@ code and saves in open_clip's own folder layout (``open_clip_config.json`` +
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,23 +70,15 @@ def save_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     import open_clip
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    from palp.storage import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
         (tmp / "open_clip_config.json").write_text(json.dumps(TINY_CLIP_CONFIG, indent=2))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = open_clip.create_model(f"local-dir:{tmp}", load_weights=False)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "open_clip_model.safetensors"))
-        try:
-            tmp.rename(out_dir)
-        except OSError:
-            if not (out_dir / "open_clip_model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def tiny_clip_dir() -> Path:

@@ -11,6 +11,7 @@ the marker never sees a half-written folder as finished.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -186,6 +187,29 @@ def list_files(uri: str | os.PathLike, *, recursive: bool = False) -> list[str]:
     return sorted(n for n in names if not any(part.startswith(".") for part in Path(n).parts))
 
 
+@contextlib.contextmanager
+def atomic_directory(dest: str | Path, *, replace: bool = False):
+    """Yield a temporary folder beside ``dest`` that becomes ``dest`` by one rename on success.
+
+    Readers see the whole folder or none of it. With ``replace`` an existing ``dest`` is
+    swapped out; without, a ``dest`` that a concurrent writer completed first is kept.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        if replace and dest.exists():
+            shutil.rmtree(dest)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def download_prefix(uri: str, dest: str | Path) -> Path:
     """Copy every object under ``gs://bucket/prefix/`` into ``dest``, atomically.
 
@@ -198,18 +222,9 @@ def download_prefix(uri: str, dest: str | Path) -> Path:
     names = list_files(uri, recursive=True)
     if not names:
         raise StorageError(f"nothing found under {uri}; check the bucket and prefix")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_directory(dest) as tmp:
         for name in names:
             write_bytes(tmp / name, read_bytes(join(uri, name)))
-        try:
-            tmp.rename(dest)
-        except OSError:
-            if not dest.exists():  # not merely a concurrent downloader that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -126,19 +125,11 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
 
 def save_tiny_model(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
     """Build the tiny model and write it atomically to ``out_dir`` in the diffusers layout."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    from palp.storage import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
         build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
-        try:
-            tmp.rename(out_dir)
-        except OSError:
-            if not (out_dir / "model_index.json").exists():  # not merely a concurrent builder
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def tiny_model_dir() -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import Image
 
 from conftest import REPO, free_port, start_emulator, upload_folder
 from palp.cli import main
-from palp.prepare import PrepareError, PromptSpec, SubjectSpec, prepare
+from palp.prepare import PromptSpec, SubjectSpec, prepare
 
 RES = 64  # the tiny model's resolution; --min-image-size defaults to 32
 

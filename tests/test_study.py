@@ -34,7 +34,6 @@ def study_inputs(tmp_path_factory):
     assert main(["prepare", "--subject", f"cat={EXAMPLE_CAT}", "--subject", f"toy={toy}", "--class-word", "cat=cat",
                  "--class-word", "toy=toy", "--prompt", "A sketch of [V] in Paris at night", "--pretrained-model", "tiny",
                  "--output", str(root / "prep"), "--quiet"]) == 0
-    samples = []
     for task in ("cat-00", "toy-00"):
         for method in METHODS:
             run = root / f"run-{task}-{method}"

@@ -42,7 +42,7 @@ def main() -> None:
         t0 = time.perf_counter()
         score([str(tmp / "s")], str(tmp / "prep"), str(tmp / "scores"), clip_model="tiny", progress=False)
         t_score = time.perf_counter() - t0
-    print(f"| step | images | seconds | images/s |\n|---|---|---|---|")
+    print("| step | images | seconds | images/s |\n|---|---|---|---|")
     print(f"| sample ({args.steps} DDIM steps, CFG, batch {args.batch_size}) | {args.images} | {t_sample:.2f} | {args.images / t_sample:.2f} |")
     print(f"| score (tiny CLIP, incl. report) | {args.images} | {t_score:.2f} | {args.images / t_score:.2f} |")
 

@@ -40,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"tiny model, global batch {args.batch_size}, {args.threads} CPU thread(s), {args.steps} timed steps")
-    print(f"| method | s/step |\n|---|---|")
+    print("| method | s/step |\n|---|---|")
     for method in METHODS:
         warm = run_seconds(method, args.batch_size, 2)
         full = run_seconds(method, args.batch_size, 2 + args.steps)

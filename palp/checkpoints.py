@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from palp.config import ConfigError
+from palp import storage
 from palp.storage import atomic_directory
 from palp.export import CONFIG_FILE, LORA_FILE, atomic_write_json, read_metrics_csv, write_metrics_csv
 
@@ -115,3 +116,39 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def local_mirror(remote: str) -> Path:
+    import hashlib
+
+    from palp.tiny import cache_root
+
+    return cache_root() / "runs" / hashlib.sha256(remote.rstrip("/").encode()).hexdigest()[:16]
+
+
+def pull(remote: str, *, resume: bool) -> Path:
+    """The local working folder of a gs:// run; with ``resume``, holding its newest checkpoint.
+
+    A checkpoint counts once its ``state.json`` is in the bucket (``push`` writes it last).
+    """
+    local = local_mirror(remote)
+    if not resume:
+        shutil.rmtree(local, ignore_errors=True)  # leftovers of an earlier attempt are not this run
+    if storage.exists(storage.join(remote, CONFIG_FILE)) and not resume:
+        raise ConfigError(f"--output {remote} already holds a finished run; choose another (or --resume to extend it)")
+    names = storage.list_files(storage.join(remote, DIR), recursive=True) if resume else []
+    steps = sorted({n.split("/")[0] for n in names if n.endswith("/state.json") and n.startswith("step-")})
+    if not resume and storage.exists(storage.join(remote, DIR, "config.json")):
+        raise ConfigError(f"--output {remote} holds checkpoints of an unfinished run; pass --resume to continue it")
+    if steps and latest_step(local) < int(steps[-1].split("-")[1]):
+        shutil.rmtree(local / DIR, ignore_errors=True)
+        for name in ["config.json"] + [n for n in names if n.startswith(steps[-1] + "/")]:
+            storage.write_bytes(local / DIR / name, storage.read_bytes(storage.join(remote, DIR, name)))
+    local.mkdir(parents=True, exist_ok=True)
+    return local
+
+
+def push(checkpoint: Path, remote: str) -> None:
+    """Upload one checkpoint folder (and the run's config.json); its state.json goes last."""
+    storage.write_bytes(storage.join(remote, DIR, "config.json"), (checkpoint.parent / "config.json").read_bytes())
+    storage.upload_dir(checkpoint, storage.join(remote, DIR, checkpoint.name), last=["state.json"])

@@ -8,12 +8,15 @@ are the probabilities averaged over its images. A winner below ``min_confidence`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-DEFAULT_VOCABULARY = Path(__file__).resolve().parents[1] / "evaluation" / "classes" / "vocabulary.yaml"
+# evaluation/ beside the package (a source checkout), or PALP_EVALUATION_DIR (the step image).
+EVALUATION_DIR = Path(os.environ.get("PALP_EVALUATION_DIR") or Path(__file__).resolve().parents[1] / "evaluation")
+DEFAULT_VOCABULARY = EVALUATION_DIR / "classes" / "vocabulary.yaml"
 VOCABULARY_SECTIONS = ("dreambooth", "customconcept101", "common")
 
 

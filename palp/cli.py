@@ -332,7 +332,8 @@ def add_pipeline_parser(sub) -> None:
     r.add_argument("--config", help="experiment YAML (default: evaluation/experiments/demo.yaml, the embedded demo)")
     r.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess")
     r.add_argument("--pipeline-root", help="where artifacts go (default: a new temporary folder)")
-    r.add_argument("--image", help="with --runner docker: the step image")
+    r.add_argument("--image", help="with --runner docker: the step image (default: palp-cpu:<version>, built locally)")
+    r.add_argument("--gpus", action="store_true", help="with --runner docker: pass the host's GPUs to the steps")
     r.set_defaults(func=run_pipeline_local)
     s = psub.add_parser("submit", help="submit to Vertex AI Pipelines or Kubeflow Pipelines",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -358,7 +359,7 @@ def run_pipeline_compile(args) -> int:
 def run_pipeline_local(args) -> int:
     from pipelines.run import find_outputs, run_local
 
-    root = run_local(args.config, runner=args.runner, pipeline_root=args.pipeline_root, image=args.image)
+    root = run_local(args.config, runner=args.runner, pipeline_root=args.pipeline_root, image=args.image, gpus=args.gpus)
     print(f"\nartifacts under {root}:")
     outputs = find_outputs(root)
     for task, paths in outputs.items():
@@ -391,6 +392,33 @@ def run_pipeline_submit(args) -> int:
     return 0
 
 
+def add_image_parser(sub) -> None:
+    img = sub.add_parser("image", help="build the step image")
+    isub = img.add_subparsers(dest="image_command", required=True)
+    b = isub.add_parser("build", help="docker build of images/Dockerfile", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--target", choices=("cpu", "gpu", "tpu"), default="cpu")
+    b.add_argument("--base-image", help="default: the target's public base (python:3.11-slim-bookworm)")
+    b.add_argument("--tag", help="default: palp-<target>:<palp version>")
+    b.add_argument("--index-url", help="pip index for the build (e.g. a mirror)")
+    b.add_argument("--extra-index-url", action="append", help="extra pip index, e.g. a wheelhouse on http://127.0.0.1:PORT/simple")
+    b.add_argument("--find-links", action="append", help="a wheelhouse (flat folder served over http), e.g. http://127.0.0.1:PORT/")
+    b.add_argument("--trusted-host", action="append", help="pip trusted host (a plain-http wheelhouse)")
+    b.add_argument("--ca-bundle", help="CA bundle pip uses inside the build (a TLS-intercepting proxy)")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=run_image_build)
+
+
+def run_image_build(args) -> int:
+    from palp.image import build
+
+    tag = build(args.target, tag=args.tag, base_image=args.base_image, index_url=args.index_url,
+                extra_index_urls=args.extra_index_url, trusted_hosts=args.trusted_host, find_links=args.find_links,
+                ca_bundle=args.ca_bundle,
+                quiet=args.quiet)
+    print(tag)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palp", description="Prompt Aligned Personalization of text-to-image models")
     parser.add_argument("--version", action="version", version=f"palp {__version__}")
@@ -402,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_parser(sub)
     add_study_parser(sub)
     add_pipeline_parser(sub)
+    add_image_parser(sub)
     return parser
 
 
@@ -416,10 +445,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from palp.sample import SampleError
     from palp.score import ScoreError
     from palp.study import StudyError
+    from palp.image import ImageError
     from palp.train import TrainingError
 
     errors = (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError, PrepareError, ClipError,
-              SampleError, ScoreError, StudyError)
+              SampleError, ScoreError, StudyError, ImageError)
     if "pipelines.palp_pipeline" in sys.modules:  # only once a pipeline command ran: palp never imports kfp
         errors += (sys.modules["pipelines.palp_pipeline"].PipelineError,)
     return errors
@@ -435,7 +465,8 @@ def main(argv: list[str] | None = None, *, raise_errors: bool = False) -> int:
     try:
         return args.func(args)
     except user_errors() as e:
-        command = " ".join(filter(None, [args.command, getattr(args, "study_command", None), getattr(args, "pipeline_command", None)]))
+        command = " ".join(filter(None, [args.command, getattr(args, "study_command", None), getattr(args, "pipeline_command", None),
+                                          getattr(args, "image_command", None)]))
         print(f"palp {command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -129,6 +129,8 @@ def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = 
         q["question_id"] = "Q" + _token(rng, used)
         q["image_id"] = _token(rng, used)
         q["reference_id"] = _token(rng, used) if q["kind"] == "similarity" else ""
+    if forms > len(questions):
+        raise StudyError(f"{len(questions)} questions cannot fill {forms} forms; use --forms {len(questions)} or fewer")
     dealt = deal_forms(len(questions), forms, rng)
     n_el = max(len(q["elements"]) for q in questions)
 

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from palp import __version__, checkpoints, guidance
+from palp import __version__, checkpoints, guidance, storage
 from palp.config import TrainConfig
 from palp.data import load_subject_images
-from palp.export import CONFIG_FILE, LORA_FILE, METRICS_FILE, atomic_write_json, export_weights, write_metrics_csv
+from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE, METRICS_FILE, atomic_write_json, export_weights, write_metrics_csv
 from palp.models import load_base_model
 from palp.personalize import PersonalizedModel, build_personalized_model
 from palp.prompts import placeholder_token, to_token_prompt
@@ -164,7 +164,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState, GradientState
 
-    out = Path(cfg.output)
+    # A gs:// output trains in a local working folder mirrored to the bucket: checkpoints are
+    # pushed as they are written and pulled back on --resume (a preempted job on a new machine).
+    remote = cfg.output if storage.is_gcs(cfg.output) else None
+    out = checkpoints.pull(remote, resume=resume) if remote else Path(cfg.output)
     checkpoints.check_output(out, resume=resume)
     # Everything that can fail on bad input fails here, before anything is written.
     base = load_base_model(cfg.pretrained_model)
@@ -247,15 +250,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         bar.set_postfix(rec=f"{row['rec_loss']:.4f}", align=f"{row['align_loss']:.4f}", gn=f"{row['grad_norm']:.3f}")
         if accelerator.is_main_process:
             if step in cfg.save_steps:
-                export_weights(model, tokens, out / "snapshots" / f"step-{step:06d}")
+                snapshot = out / "snapshots" / f"step-{step:06d}"
+                export_weights(model, tokens, snapshot)
+                if remote:
+                    storage.upload_dir(snapshot, storage.join(remote, "snapshots", snapshot.name))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoints.save(out, step, model, optimizer, rows, keep=cfg.checkpoints_total_limit)
+                saved = checkpoints.save(out, step, model, optimizer, rows, keep=cfg.checkpoints_total_limit)
+                if remote:
+                    checkpoints.push(saved, remote)
         accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
         export_weights(model, tokens, out)
         write_metrics_csv(out / METRICS_FILE, rows)
         atomic_write_json(out / CONFIG_FILE, {**run_config, "completed_steps": cfg.steps})  # written last: the run is done
+        if remote:
+            for name in (LORA_FILE, EMBEDS_FILE, METRICS_FILE, CONFIG_FILE):  # the config last, as locally
+                storage.write_bytes(storage.join(remote, name), (out / name).read_bytes())
     accelerator.wait_for_everyone()
     return TrainResult(out, model, base.tokenizer, rows)
 

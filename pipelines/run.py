@@ -54,10 +54,54 @@ def load_experiment(path: Optional[str] = None) -> dict:
     return params
 
 
-def run_local(config: Optional[str] = None, *, runner: str = "subprocess", pipeline_root: Optional[str] = None,
-              image: Optional[str] = None) -> Path:
-    """Run the whole DAG with kfp.local; returns the pipeline root holding every artifact."""
+# Environment handed to step containers (DockerRunner): the emulator and project, if set.
+PASSED_ENV = ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "HF_HUB_OFFLINE", "PALP_STORAGE_RETRIES")
+
+
+def _stage_inputs(params: dict, root: Path) -> dict:
+    """Copy local subject folders and prompts file under the pipeline root, the one folder
+    DockerRunner mounts into step containers; gs:// inputs stay as they are."""
+    import shutil
+
+    params = dict(params, subjects=[dict(s) for s in params["subjects"]])
+    for s in params["subjects"]:
+        if "://" not in s["images"]:
+            dest = root / "inputs" / s["name"]
+            shutil.copytree(s["images"], dest, dirs_exist_ok=True)
+            s["images"] = str(dest)
+    if params.get("prompts_file") and "://" not in params["prompts_file"]:
+        dest = root / "inputs" / Path(params["prompts_file"]).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(params["prompts_file"], dest)
+        params["prompts_file"] = str(dest)
+    return params
+
+
+def docker_runner(root: Path, *, gpus: bool = False):
+    """kfp.local.DockerRunner on the host network, as the calling user, sharing a model cache
+    under the pipeline root. The image's entrypoint (palp) is replaced by the component's command."""
     from kfp import local
+
+    env = {"PALP_CACHE": str(root / ".palp-cache"), "HF_HOME": str(root / ".hf-home"), "MPLCONFIGDIR": "/tmp/matplotlib"}
+    env.update({k: os.environ[k] for k in PASSED_ENV if k in os.environ})
+    kwargs = {}
+    if gpus:
+        import docker
+
+        kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    return local.DockerRunner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}", entrypoint=["/usr/bin/env"],
+                              environment=env, **kwargs)
+
+
+def run_local(config: Optional[str] = None, *, runner: str = "subprocess", pipeline_root: Optional[str] = None,
+              image: Optional[str] = None, gpus: bool = False) -> Path:
+    """Run the whole DAG with kfp.local; returns the pipeline root holding every artifact.
+
+    ``runner="docker"`` runs every step in the step image (default: the locally built
+    ``palp-cpu:<version>``), with ``gpus`` passing the host's GPUs through."""
+    from kfp import local
+
+    from palp.image import default_tag
 
     params = load_experiment(config)
     root = Path(pipeline_root or tempfile.mkdtemp(prefix="palp-pipeline-")).resolve()
@@ -65,7 +109,8 @@ def run_local(config: Optional[str] = None, *, runner: str = "subprocess", pipel
     if runner == "subprocess":
         chosen = local.SubprocessRunner(use_venv=False)
     elif runner == "docker":
-        chosen = local.DockerRunner()
+        chosen, params = docker_runner(root, gpus=gpus), _stage_inputs(params, root)
+        image = image or default_tag("gpu" if gpus else "cpu")
     else:
         raise ExperimentError(f"--runner must be subprocess or docker, not {runner!r}")
     local.init(runner=chosen, pipeline_root=str(root), raise_on_error=True)

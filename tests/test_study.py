@@ -274,3 +274,11 @@ def test_signed_urls_for_gcs_output(study_inputs, gcs_emulator, tmp_path, monkey
         assert "X-Goog-Algorithm=GOOG4-RSA-SHA256" in url and "X-Goog-Expires=7200" in url and "X-Goog-Signature=" in url
         assert storage.exists(f"gs://palp-study-test/study1/forms/images/{r['image_id']}.png")
     assert storage.exists("gs://palp-study-test/study1/key/answer_key.csv")
+
+
+def test_more_forms_than_questions_is_a_clear_error(study_inputs, tmp_path, capsys):
+    root, samples = study_inputs
+    code = main(["study", "export", "--samples", samples[0], "--prepared", str(root / "prep"), "--output",
+                 str(tmp_path / "x"), "--forms", "5", "--methods", "palp"])
+    assert code == 2 and "4 questions cannot fill 5 forms; use --forms 4 or fewer" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -242,3 +242,27 @@ def test_bf16_keeps_trainable_parameters_fp32(cat_images, tmp_path):
     frozen = {p.dtype for p in result.model.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16}
     assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in _weights(tmp_path / "run").values())
+
+
+def test_gcs_output_checkpoints_and_resume_on_a_new_machine(cat_images, tmp_path, gcs_emulator):
+    """Train into gs://, lose the local working folder, --resume from the bucket: identical weights."""
+    import shutil
+
+    from palp import storage
+    from palp.checkpoints import local_mirror
+
+    storage.gcs_client().create_bucket("palp-train-test")
+    remote = "gs://palp-train-test/runs/cat"
+    _train(cat_images, tmp_path / "straight", "--checkpoint-every", "3", "--lr", "1e-3", steps=6)
+    _train(cat_images, remote, "--checkpoint-every", "3", "--lr", "1e-3", "--save-steps", "3", steps=3)
+    names = storage.list_files(remote, recursive=True)
+    assert "checkpoints/step-000003/state.json" in names and "snapshots/step-000003/pytorch_lora_weights.safetensors" in names
+    shutil.rmtree(local_mirror(remote))  # a preempted job restarts on another machine
+    _train(cat_images, remote, "--checkpoint-every", "3", "--lr", "1e-3", "--save-steps", "3", "--resume", steps=6)
+    for name in (LORA_FILE, EMBEDS_FILE):
+        a = load_file(tmp_path / "straight" / name)
+        storage.write_bytes(tmp_path / "from-gcs" / name, storage.read_bytes(f"{remote}/{name}"))
+        b = load_file(tmp_path / "from-gcs" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert storage.read_text(f"{remote}/metrics.csv") == (tmp_path / "straight" / "metrics.csv").read_text()
+    assert json.loads(storage.read_text(f"{remote}/training_config.json"))["completed_steps"] == 6

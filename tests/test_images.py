@@ -1,0 +1,137 @@
+"""The step image: built from images/Dockerfile on a local Debian base with a local wheelhouse,
+then every step run in containers (a mounted folder, then GCS), and the whole DAG under
+kfp.local's DockerRunner. Slow (the build installs torch into the image); CI runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLE_CAT, REPO, upload_folder
+from palp import __version__
+
+pytestmark = pytest.mark.slow
+BASE = "palp-base:bookworm"
+TAG = f"palp-cpu:{__version__}"
+WHEELHOUSE = Path(os.environ.get("PALP_WHEELHOUSE", "/tmp/palp-wheelhouse"))
+
+
+def _docker_ok() -> bool:
+    return shutil.which("docker") is not None and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def wheelhouse():
+    """torch + torchvision (and their dependencies) as a flat folder served on 127.0.0.1,
+    so the image build does not download them again."""
+    marker = WHEELHOUSE / ".complete"
+    if not marker.exists():
+        WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "-d", str(WHEELHOUSE),
+                        "torch==2.14.1", "torchvision==0.29.1"], check=True)
+        marker.touch()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(WHEELHOUSE)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def image(wheelhouse):
+    assert _docker_ok(), "docker is needed: install docker.io and start dockerd (see .ci/run)"
+    if subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode != 0:
+        subprocess.run(["bash", str(REPO / "images" / "make-base.sh"), BASE], check=True)
+    from palp.image import build
+
+    ca = "/etc/ssl/certs/ca-certificates.crt"
+    return build("cpu", base_image=BASE, find_links=[wheelhouse], trusted_hosts=["127.0.0.1"],
+                 ca_bundle=ca if os.path.exists(ca) else None, quiet=True)
+
+
+def docker_run(image: str, data: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = ["docker", "run", "--rm", "--network", "host", "-u", f"{os.getuid()}:{os.getgid()}", "-v", f"{data}:/data",
+           "-e", "PALP_CACHE=/data/.palp-cache", "-e", "HF_HUB_OFFLINE=1"]
+    for k, v in (env or {}).items():
+        cmd += ["-e", f"{k}={v}"]
+    result = subprocess.run(cmd + [image, *args], capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args[:1])} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_image_is_non_root_with_palp_entrypoint(image):
+    info = json.loads(subprocess.run(["docker", "image", "inspect", image], capture_output=True, text=True, check=True).stdout)[0]
+    assert info["Config"]["User"] == "palp" and info["Config"]["Entrypoint"] == ["palp"]
+    assert info["Config"]["Labels"]["org.opencontainers.image.version"] == __version__
+    out = subprocess.run(["docker", "run", "--rm", "--network", "host", image, "--version"], capture_output=True, text=True)
+    assert out.stdout.strip() == f"palp {__version__}"
+    who = subprocess.run(["docker", "run", "--rm", "--network", "host", "--entrypoint", "id", image, "-u"],
+                         capture_output=True, text=True)
+    assert who.stdout.strip() != "0"
+
+
+def test_every_step_runs_in_a_container(image, tmp_path, gcs_emulator):
+    data = tmp_path / "data"
+    shutil.copytree(EXAMPLE_CAT, data / "cat")
+    docker_run(image, data, "prepare", "--subject", "cat=/data/cat", "--class-word", "cat=cat", "--prompt",
+               "A sketch of [V] in Paris at night", "--pretrained-model", "tiny", "--output", "/data/prep", "--quiet")
+    docker_run(image, data, "train", "--prepared", "/data/prep", "--pretrained-model", "tiny", "--steps", "2",
+               "--batch-size", "2", "--lora-rank", "4", "--output", "/data/run", "--quiet")
+    docker_run(image, data, "sample", "--model", "/data/run", "--output", "/data/samples", "--num-samples", "2",
+               "--steps", "2", "--quiet")
+    docker_run(image, data, "score", "--samples", "/data/samples", "--prepared", "/data/prep", "--output", "/data/scores",
+               "--clip", "tiny", "--quiet")
+    docker_run(image, data, "study", "export", "--samples", "/data/samples", "--prepared", "/data/prep", "--output",
+               "/data/study", "--image-size", "32", "--forms", "2")
+    assert (data / "run" / "pytorch_lora_weights.safetensors").is_file()
+    assert (data / "scores" / "report.html").is_file() and (data / "study" / "key" / "answer_key.csv").is_file()
+    # The same subject from the GCS emulator: byte-identical prepared images.
+    upload_folder(data / "cat", "gs://palp-image-test/subjects/cat")
+    docker_run(image, data, "prepare", "--subject", "cat=gs://palp-image-test/subjects/cat", "--class-word", "cat=cat",
+               "--prompt", "A sketch of [V] in Paris at night", "--pretrained-model", "tiny", "--output",
+               "gs://palp-image-test/prep", "--quiet", env={"STORAGE_EMULATOR_HOST": gcs_emulator})
+    from palp import storage
+
+    manifest = json.loads((data / "prep" / "manifest.json").read_text())
+    for rel in manifest["subjects"]["cat"]["images"]:
+        assert storage.read_bytes(f"gs://palp-image-test/prep/{rel}") == (data / "prep" / rel).read_bytes()
+
+
+def test_whole_dag_under_docker_runner_with_gcs_inputs(image, tmp_path, gcs_emulator):
+    import yaml
+
+    from pipelines.run import run_local
+
+    upload_folder(EXAMPLE_CAT, "gs://palp-dag-test/subjects/cat")
+    config = yaml.safe_load((REPO / "evaluation/experiments/demo.yaml").read_text())
+    config["subjects"][0]["images"] = "gs://palp-dag-test/subjects/cat"  # one subject from GCS, one local
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    root = run_local(str(tmp_path / "c.yaml"), runner="docker", pipeline_root=str(tmp_path / "root"), image=image)
+    run = next(root.glob("palp-*"))
+    metrics = json.loads((run / "compare" / "scores" / "metrics.json").read_text())
+    assert "palp/target_prompt" in metrics and "ti_db/image_alignment" in metrics
+    assert (run / "compare" / "study" / "key" / "answer_key.csv").is_file()
+
+
+@pytest.mark.parametrize("extra", ["gpu", "tpu"])
+def test_gpu_and_tpu_install_steps_resolve(extra, tmp_path):
+    """The images we cannot build here: their `pip install palp[<extra>]` resolves for Linux x86-64, Python 3.11."""
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                             "--report", str(report), f"{REPO}[{extra}]"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    installed = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+                 for i in json.loads(report.read_text())["install"]}
+    if extra == "gpu":
+        assert installed["torch"] == "2.14.1" and any(n.startswith("nvidia-cudnn") for n in installed)
+    else:
+        assert installed["torch"] == "2.9.0" and installed["torch-xla"] == "2.9.0" and "libtpu" in installed

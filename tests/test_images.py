@@ -40,7 +40,11 @@ def wheelhouse():
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "-d", str(WHEELHOUSE),
                         "torch==2.14.1", "torchvision==0.29.1"], check=True)
         marker.touch()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(WHEELHOUSE)))
+    handler = partial(SimpleHTTPRequestHandler, directory=str(WHEELHOUSE))
+    try:  # a fixed port keeps the build argument, and so Docker's layer cache, the same across runs
+        server = ThreadingHTTPServer(("127.0.0.1", 18631), handler)
+    except OSError:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()

@@ -404,6 +404,7 @@ def add_image_parser(sub) -> None:
     b.add_argument("--find-links", action="append", help="a wheelhouse (flat folder served over http), e.g. http://127.0.0.1:PORT/")
     b.add_argument("--trusted-host", action="append", help="pip trusted host (a plain-http wheelhouse)")
     b.add_argument("--ca-bundle", help="CA bundle pip uses inside the build (a TLS-intercepting proxy)")
+    b.add_argument("--keep-old", action="store_true", help="keep untagged earlier palp images (they are pruned by default)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=run_image_build)
 
@@ -413,8 +414,7 @@ def run_image_build(args) -> int:
 
     tag = build(args.target, tag=args.tag, base_image=args.base_image, index_url=args.index_url,
                 extra_index_urls=args.extra_index_url, trusted_hosts=args.trusted_host, find_links=args.find_links,
-                ca_bundle=args.ca_bundle,
-                quiet=args.quiet)
+                ca_bundle=args.ca_bundle, quiet=args.quiet, prune=not args.keep_old)
     print(tag)
     return 0
 

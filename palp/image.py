@@ -16,6 +16,7 @@ from pathlib import Path
 from palp import __version__
 
 REPO = Path(__file__).resolve().parents[1]
+PALP_LABEL = "org.opencontainers.image.title=palp"  # on every stage of images/Dockerfile
 CONTEXT_PARTS = ("pyproject.toml", "README.md", "palp", "components", "pipelines", "evaluation", "images/Dockerfile")
 
 
@@ -77,8 +78,9 @@ def build_command(target: str, context: Path, *, tag: str, base_image: str | Non
 
 def build(target: str = "cpu", *, tag: str | None = None, base_image: str | None = None, index_url: str | None = None,
           extra_index_urls: list[str] | None = None, trusted_hosts: list[str] | None = None,
-          find_links: list[str] | None = None, ca_bundle: str | None = None, quiet: bool = False) -> str:
-    """Build the image; returns its tag."""
+          find_links: list[str] | None = None, ca_bundle: str | None = None, quiet: bool = False,
+          prune: bool = True) -> str:
+    """Build the image; returns its tag. ``prune`` removes untagged palp images (earlier builds)."""
     if shutil.which("docker") is None:
         raise ImageError("docker is not installed (or not on PATH)")
     tag = tag or default_tag(target)
@@ -90,4 +92,6 @@ def build(target: str = "cpu", *, tag: str | None = None, base_image: str | None
         if result.returncode != 0:
             tail = (result.stdout or "")[-4000:] if quiet else ""
             raise ImageError(f"docker build of {tag} failed (exit {result.returncode}){': ' + tail if tail else ''}")
+    if prune:  # earlier builds of palp images, now untagged: several GB each
+        subprocess.run(["docker", "image", "prune", "--force", "--filter", f"label={PALP_LABEL}"], capture_output=True)
     return tag

@@ -118,10 +118,15 @@ def step_losses(
                 x_t2.repeat(k, 1, 1, 1), draws.t_align.repeat(k), torch.cat([s.expand(B, -1, -1) for s in fixed])
             ).float().chunk(k)
         if cfg.method == "palp":
-            # Personalized branch: LoRA on, y_P (the states the grad branch just used).
-            pers = pretrained.predict(
-                x_t2.repeat(2, 1, 1, 1), draws.t_align.repeat(2), torch.cat([cond.uncond.expand(B, -1, -1), states.detach()])
-            ).float().chunk(2)
+            # Personalized branch: LoRA on, y_P (the states the grad branch just used). With
+            # beta = 1, G^beta is the conditional prediction alone: no unconditional half.
+            if cfg.beta == 1.0:
+                pers_cond = pretrained.predict(x_t2, draws.t_align, states.detach()).float()
+                pers = (pers_cond, pers_cond)
+            else:
+                pers = pretrained.predict(
+                    x_t2.repeat(2, 1, 1, 1), draws.t_align.repeat(2), torch.cat([cond.uncond.expand(B, -1, -1), states.detach()])
+                ).float().chunk(2)
             delta = guidance.palp_delta(
                 pre_uncond=pre[0], pre_clean=pre[1], pers_uncond=pers[0], pers_cond=pers[1], alpha=cfg.alpha, beta=cfg.beta
             )
@@ -197,7 +202,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(device)
     cond = encode_fixed_prompts(model, base.tokenizer, cfg, device)
 
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The fused kernel on CUDA (one launch for all parameters); the same update.
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=accelerator.device.type == "cuda")
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
     run_config = {

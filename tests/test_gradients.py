@@ -113,11 +113,12 @@ def assert_grads_close(actual, expected):
         (dict(method="palp"), True),
         (dict(method="palp", noise="iid", lam=0.5), False),
         (dict(method="palp", rescale=False), True),
+        (dict(method="palp", alpha=7.5, beta=1.0), True),  # composition settings: no personalized uncond call
         (dict(method="sds"), True),
         (dict(method="nfsd"), True),
         (dict(method="ti-db"), True),
     ],
-    ids=["palp", "palp-iid-lambda", "palp-no-rescale", "sds", "nfsd", "ti-db"],
+    ids=["palp", "palp-iid-lambda", "palp-no-rescale", "palp-beta-1", "sds", "nfsd", "ti-db"],
 )
 def test_step_gradient_matches_closed_form(setup, kw, same_noise):
     cfg = make_cfg(**kw)
@@ -167,3 +168,10 @@ def test_alignment_branch_sees_no_gradient(setup):
     finally:
         handle.remove()
     assert calls == [True, False, False]  # personalization (grad), pretrained 2B, personalized 2B
+    shapes = []
+    handle = setup["base"].unet.register_forward_hook(lambda m, i, o: shapes.append(o.sample.shape[0]))
+    try:
+        palp_grads(setup, make_cfg(method="palp", beta=1.0), draws)
+    finally:
+        handle.remove()
+    assert shapes == [2, 4, 2]  # with beta = 1 the personalized branch needs no unconditional half

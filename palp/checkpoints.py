@@ -119,11 +119,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def local_mirror(remote: str) -> Path:
-    import hashlib
-
     from palp.tiny import cache_root
 
-    return cache_root() / "runs" / hashlib.sha256(remote.rstrip("/").encode()).hexdigest()[:16]
+    return storage.cache_dir(remote, cache=cache_root(), kind="runs")
 
 
 def pull(remote: str, *, resume: bool) -> Path:

@@ -75,6 +75,13 @@ def open_rgb(path: Path, *, min_size: int) -> Image.Image:
     return decode_rgb(path, name=str(path), min_size=min_size)
 
 
+def read_image(uri: str) -> Image.Image:
+    """An image at a local path or gs:// URI, as RGB (no checks: for images palp wrote itself)."""
+    from palp import storage
+
+    return Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
+
+
 def center_square(im: Image.Image, size: int) -> Image.Image:
     side = min(im.size)
     left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2

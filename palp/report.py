@@ -11,9 +11,8 @@ import html
 import io
 
 import pandas as pd
-from PIL import Image
 
-from palp import storage
+from palp.data import read_image
 
 THUMB = 160
 
@@ -23,7 +22,7 @@ def data_uri(data: bytes, mime: str) -> str:
 
 
 def thumbnail(uri: str, size: int = THUMB) -> str:
-    im = Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
+    im = read_image(uri)
     im.thumbnail((size, size))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=85)

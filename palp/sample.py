@@ -70,13 +70,12 @@ def fetch_run(model: str, *, cache: Path) -> Path:
         if not (path / CONFIG_FILE).is_file():
             raise SampleError(f"{model} is not a finished training run (no {CONFIG_FILE}); train it first")
         return path
-    import hashlib
-
-    local = cache / "runs" / hashlib.sha256(model.rstrip("/").encode()).hexdigest()[:16]
+    # The same folder a gs:// training run mirrors into: on the machine that trained, nothing is fetched.
+    local = storage.cache_dir(model, cache=cache, kind="runs")
     if not storage.exists(storage.join(model, CONFIG_FILE)):
         raise SampleError(f"{model} is not a finished training run (no {CONFIG_FILE}); train it first")
     for name in storage.list_files(model, recursive=True):
-        if name == CONFIG_FILE or name in (LORA_FILE, EMBEDS_FILE) or name.startswith("snapshots/"):
+        if name in (CONFIG_FILE, LORA_FILE, EMBEDS_FILE) or name.startswith("snapshots/"):
             if not (local / name).exists():
                 storage.write_bytes(local / name, storage.read_bytes(storage.join(model, name)))
     return local

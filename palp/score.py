@@ -15,10 +15,10 @@ import re
 
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from palp import storage
+from palp.data import read_image
 from palp.prepare import load_manifest
 from palp.sample import PROMPTS_JSON, SAMPLES_CSV
 
@@ -52,17 +52,13 @@ def read_samples(dirs: list[str]) -> tuple[pd.DataFrame, dict]:
     return samples, prompts
 
 
-def _load_image(uri: str) -> Image.Image:
-    return Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
-
-
 def encode_images(clip, uris: list[str], *, batch_size: int, desc: str, progress: bool) -> torch.Tensor:
     """(N, D) unit features, read and encoded in batches."""
     feats = []
     with tqdm(total=len(uris), desc=desc, unit="img", disable=not progress) as bar:
         for i in range(0, len(uris), batch_size):
             chunk = uris[i : i + batch_size]
-            feats.append(clip.encode_images([_load_image(u) for u in chunk], batch_size=batch_size))
+            feats.append(clip.encode_images([read_image(u) for u in chunk], batch_size=batch_size))
             bar.update(len(chunk))
     return torch.cat(feats)
 

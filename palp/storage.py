@@ -228,14 +228,18 @@ def download_prefix(uri: str, dest: str | Path) -> Path:
     return dest
 
 
+def cache_dir(uri: str, *, cache: str | Path, kind: str) -> Path:
+    """The local cache folder for a gs:// URI: ``cache/kind/<hash of the URI>``."""
+    import hashlib
+
+    return Path(cache) / kind / hashlib.sha256(str(uri).rstrip("/").encode()).hexdigest()[:16]
+
+
 def local_dir(uri: str | os.PathLike, *, cache: str | Path) -> Path:
     """A local folder with the contents of ``uri``: the folder itself, or a cached download."""
     if not is_gcs(uri):
         return Path(uri)
-    import hashlib
-
-    key = hashlib.sha256(str(uri).rstrip("/").encode()).hexdigest()[:16]
-    return download_prefix(str(uri), Path(cache) / "gcs" / key)
+    return download_prefix(str(uri), cache_dir(str(uri), cache=cache, kind="gcs"))
 
 
 def upload_dir(local: str | Path, uri: str, *, last: Iterable[str] = ()) -> None:

@@ -23,9 +23,11 @@ from palp.export import CONFIG_FILE, LORA_FILE, atomic_write_json, read_metrics_
 
 DIR = "checkpoints"
 # Settings that may change between a run and its resumption (a run that diverged is resumed
-# from its last good checkpoint with a lower --lr, or without mixed precision).
+# from its last good checkpoint with a lower --lr, or without mixed precision), and the speed
+# options, which change how a step runs but not what it computes.
 RESUMABLE_CHANGES = {"steps", "save_steps", "checkpoint_every", "checkpoints_total_limit", "output",
-                     "lr", "max_grad_norm", "mixed_precision"}
+                     "lr", "max_grad_norm", "mixed_precision", "fused_guidance", "compile", "compile_mode",
+                     "compile_cache", "channels_last", "gradient_checkpointing"}
 
 
 def _step_dirs(out: Path) -> list[Path]:

@@ -24,6 +24,7 @@ def _steps_list(value: str) -> list[int]:
 
 def add_train_parser(sub) -> None:
     from palp.config import TrainConfig as C
+    from palp.fast import COMPILE_CHOICES, COMPILE_MODES
     from palp.guidance import METHODS
 
     p = sub.add_parser("train", help="fine-tune LoRA + [V] on a subject with prompt-aligned guidance",
@@ -67,6 +68,18 @@ def add_train_parser(sub) -> None:
     o.add_argument("--weight-decay", type=float, default=C.weight_decay)
     o.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=C.mixed_precision)
     o.add_argument("--seed", type=int, default=C.seed)
+
+    s = p.add_argument_group("speed and memory (none changes what a step computes)")
+    s.add_argument("--fused-guidance", type=_on_off, default=C.fused_guidance, metavar="on|off",
+                   help="the pretrained and personalized guidance branches in one UNet call")
+    s.add_argument("--compile", choices=("auto", *COMPILE_CHOICES), default=C.compile,
+                   help="torch.compile the UNet's repeated blocks or all of it; auto: blocks on CUDA, none elsewhere")
+    s.add_argument("--compile-mode", choices=COMPILE_MODES, default=C.compile_mode)
+    s.add_argument("--compile-cache", default=C.compile_cache, metavar="DIR",
+                   help="folder or gs:// prefix keeping the compiled kernels, reused by later runs")
+    s.add_argument("--channels-last", type=_on_off, default=C.channels_last, metavar="on|off")
+    s.add_argument("--gradient-checkpointing", type=_on_off, default=C.gradient_checkpointing, metavar="on|off",
+                   help="less memory for about one more UNet forward per step")
 
     c = p.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every)
@@ -134,7 +147,9 @@ def _train_config(args, subjects, prompt: str, clean: str, **task):
         steps=args.steps, max_grad_norm=args.max_grad_norm or None, weight_decay=args.weight_decay,
         mixed_precision=args.mixed_precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
         checkpoints_total_limit=args.checkpoints_total_limit, save_steps=args.save_steps,
-        min_image_size=args.min_image_size,
+        min_image_size=args.min_image_size, fused_guidance=args.fused_guidance, compile=args.compile,
+        compile_mode=args.compile_mode, compile_cache=args.compile_cache, channels_last=args.channels_last,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
 
 

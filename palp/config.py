@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from palp.elements import element_list
+from palp.fast import COMPILE_CHOICES, COMPILE_MODES
 from palp.guidance import METHODS, NFSD_NEGATIVE_PROMPT
 from palp.prompts import DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt, clean_prompt
 
@@ -15,6 +16,24 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 
 class ConfigError(ValueError):
     """A setting palp cannot run with; the message names the flag."""
+
+
+# Method variants an experiment can list: "palp-iid" is PALP with i.i.d. re-noising (--noise iid).
+NOISE_SUFFIX = "-iid"
+
+
+def split_method(variant: str) -> tuple[str, str]:
+    """``palp`` -> (palp, same); ``palp-iid`` -> (palp, iid); checked against the methods."""
+    base, noise = (variant[: -len(NOISE_SUFFIX)], "iid") if variant.endswith(NOISE_SUFFIX) else (variant, "same")
+    if base not in METHODS or (noise == "iid" and base == "ti-db"):
+        options = [*METHODS, *(m + NOISE_SUFFIX for m in METHODS if m != "ti-db")]
+        raise ConfigError(f"unknown method {variant!r}; choose one of {', '.join(options)}")
+    return base, noise
+
+
+def method_label(method: str, noise: str = "same") -> str:
+    """The name a run's samples and scores carry: the method, with -iid for i.i.d. noise."""
+    return method + NOISE_SUFFIX if noise == "iid" and method != "ti-db" else method
 
 
 @dataclass
@@ -64,6 +83,13 @@ class TrainConfig:
     min_image_size: int | None = None  # default: half the model resolution
     task_id: str = ""  # the prepared dataset's task this run trains, if any
     elements: list[dict] | None = None  # the target prompt's elements (default: palp's rule)
+    # Speed and memory (palp/fast.py); none of these changes what a step computes.
+    fused_guidance: bool = True  # pretrained + personalized guidance branches in one UNet call
+    compile: str = "auto"  # none | transformers | blocks | unet; auto: blocks on CUDA, none elsewhere
+    compile_mode: str = "default"  # torch.compile mode
+    compile_cache: str = ""  # folder or gs:// prefix keeping compiled kernels for later runs
+    channels_last: bool = False
+    gradient_checkpointing: bool = False  # less memory, about one more UNet forward per step
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -82,6 +108,8 @@ class TrainConfig:
         need(self.batch_size >= 1, "--batch-size must be >= 1")
         need(self.micro_batch_size is None or self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
         need(self.checkpoint_every >= 1, "--checkpoint-every must be >= 1")
+        need(self.compile in ("auto", *COMPILE_CHOICES), f"--compile must be auto or one of {', '.join(COMPILE_CHOICES)}, not {self.compile!r}")
+        need(self.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
         need(all(s >= 1 for s in self.save_steps), "--save-steps must be positive step numbers")
         self.save_steps = sorted(set(self.save_steps))
         placeholders = [s.placeholder for s in self.subjects]

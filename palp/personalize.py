@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from palp.fast import LoraGate
 from palp.prompts import placeholder_token
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -88,6 +89,7 @@ class PersonalizedModel(nn.Module):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        self._lora_gate: LoraGate | None = None  # made at the first gated call
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -106,6 +108,14 @@ class PersonalizedModel(nn.Module):
 
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         return self.unet(z_t, t, encoder_hidden_states=states).sample
+
+    def predict_gated(self, z_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        """One UNet call in which row i is G(.; theta_LoRA) where lora[i] = 1 and the pretrained
+        G(.; theta) where lora[i] = 0 (fast.LoraGate); lora is (N,) like t."""
+        if self._lora_gate is None:
+            self._lora_gate = LoraGate(self.unet)
+        with self._lora_gate(lora):
+            return self.predict(z_t, t, states)
 
     @contextlib.contextmanager
     def adapters_disabled(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from palp import __version__, checkpoints, guidance, storage
+from palp import __version__, checkpoints, fast, guidance, storage
 from palp.config import TrainConfig
 from palp.data import load_subject_images
+from palp.fast import row_flags
 from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE, METRICS_FILE, atomic_write_json, export_weights, write_metrics_csv
 from palp.models import load_base_model
 from palp.personalize import PersonalizedModel, build_personalized_model
@@ -110,23 +112,18 @@ def step_losses(
         B = z0.shape[0]
         x0_hat = guidance.predict_x0(z_t, eps_pred.detach(), ab_t)  # Eq. 2
         x_t2 = guidance.add_noise(x0_hat, draws.noise_align, alphas_cumprod[draws.t_align])  # step 3
+        # Pretrained branch: adapters off, no placeholder. Personalized branch (palp): LoRA on,
+        # y_P (the states the grad branch just used); with beta = 1, G^beta is the conditional
+        # prediction alone, so it needs no unconditional half.
         fixed = [cond.uncond, cond.clean] + ([cond.negative] if cfg.method == "nfsd" else [])
-        k = len(fixed)
-        # Pretrained branch: adapters off, no placeholder; uncond and prompts in one call.
-        with pretrained.adapters_disabled():
-            pre = pretrained.predict(
-                x_t2.repeat(k, 1, 1, 1), draws.t_align.repeat(k), torch.cat([s.expand(B, -1, -1) for s in fixed])
-            ).float().chunk(k)
+        personalized = []
         if cfg.method == "palp":
-            # Personalized branch: LoRA on, y_P (the states the grad branch just used). With
-            # beta = 1, G^beta is the conditional prediction alone: no unconditional half.
-            if cfg.beta == 1.0:
-                pers_cond = pretrained.predict(x_t2, draws.t_align, states.detach()).float()
-                pers = (pers_cond, pers_cond)
-            else:
-                pers = pretrained.predict(
-                    x_t2.repeat(2, 1, 1, 1), draws.t_align.repeat(2), torch.cat([cond.uncond.expand(B, -1, -1), states.detach()])
-                ).float().chunk(2)
+            personalized = ([] if cfg.beta == 1.0 else [cond.uncond]) + [states.detach()]
+        preds = guidance_predictions(pretrained, x_t2, draws.t_align, [s.expand(B, -1, -1) for s in fixed],
+                                     [s.expand(B, -1, -1) for s in personalized], fused=cfg.fused_guidance)
+        pre = preds[: len(fixed)]
+        if cfg.method == "palp":
+            pers = preds[len(fixed) :] if cfg.beta != 1.0 else [preds[-1], preds[-1]]
             delta = guidance.palp_delta(
                 pre_uncond=pre[0], pre_clean=pre[1], pers_uncond=pers[0], pers_cond=pers[1], alpha=cfg.alpha, beta=cfg.beta
             )
@@ -138,6 +135,27 @@ def step_losses(
     align = guidance.alignment_surrogate(eps_pred.float(), delta, coefficient)
     metrics["align_loss"] = delta.pow(2).mean()  # the size of the score; align's value itself is not a loss
     return rec + align, metrics
+
+
+def guidance_predictions(model: PersonalizedModel, x: torch.Tensor, t: torch.Tensor, pretrained_states: list[torch.Tensor],
+                         personalized_states: list[torch.Tensor], *, fused: bool) -> list[torch.Tensor]:
+    """The no-grad guidance predictions at (x, t), float32, (B, 4, h, w) each: G(x, t, s; theta)
+    for each of ``pretrained_states``, then G(x, t, s; theta_LoRA) for each of ``personalized_states``.
+
+    ``fused``: all of them in one UNet call of (k_pre + k_pers) * B rows, the LoRA switched per
+    row (fast.LoraGate); otherwise one call with the adapters disabled and one with them on.
+    """
+    B, k_pre, k_pers = x.shape[0], len(pretrained_states), len(personalized_states)
+    if fused:
+        k = k_pre + k_pers
+        lora = row_flags([(k_pre * B, 0.0), (k_pers * B, 1.0)], device=x.device)
+        out = model.predict_gated(x.repeat(k, 1, 1, 1), t.repeat(k), torch.cat(pretrained_states + personalized_states), lora)
+        return list(out.float().chunk(k))
+    with model.adapters_disabled():
+        preds = list(model.predict(x.repeat(k_pre, 1, 1, 1), t.repeat(k_pre), torch.cat(pretrained_states)).float().chunk(k_pre))
+    if k_pers:
+        preds += model.predict(x.repeat(k_pers, 1, 1, 1), t.repeat(k_pers), torch.cat(personalized_states)).float().chunk(k_pers)
+    return preds
 
 
 @dataclass
@@ -164,6 +182,95 @@ def encode_latent_posteriors(vae, pixels: torch.Tensor, batch: int = 8) -> tuple
     return torch.cat(means), torch.cat(stds)  # (N, 4, h, w) each
 
 
+def setup_model(base, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[PersonalizedModel, dict, str]:
+    """LoRA + placeholder tokens on the base model, on ``device``: frozen weights in ``dtype``,
+    trainable ones in fp32, with cfg's speed options applied. Returns (model, token ids, the
+    compile-cache file to save once everything is compiled, or '')."""
+    with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from --seed, not global state
+        torch.manual_seed(cfg.seed)
+        model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    model.to(device, dtype)
+    for p in model.trainable_parameters():  # trainable parameters stay fp32
+        p.data = p.data.float()
+    if cfg.channels_last:
+        fast.set_channels_last(model.unet, True)
+    if cfg.gradient_checkpointing:
+        fast.set_gradient_checkpointing(model.unet, True)
+    how = fast.resolve_compile(cfg.compile, device)
+    cache = fast.compile_cache_file(cfg.compile_cache, how, device) if cfg.compile_cache and how != "none" else ""
+    if cache:
+        fast.load_compile_cache(cache)
+    fast.compile_unet(model.unet, how, mode=cfg.compile_mode)
+    return model, token_ids, cache
+
+
+@dataclass
+class StepContext:
+    """What every step of a run shares (all on the run's device)."""
+
+    model: PersonalizedModel  # the module itself: the no-grad guidance branches call it
+    wrapped: torch.nn.Module  # as accelerate prepared it: the grad branch calls it
+    optimizer: torch.optim.Optimizer
+    accelerator: object
+    trainable: list[torch.nn.Parameter]
+    mean: torch.Tensor  # (N, 4, h, w) VAE posterior of each training image, encoded once
+    std: torch.Tensor  # (N, 4, h, w)
+    image_ids: torch.Tensor  # (N, 77) y_P's tokens for each training image
+    cond: Conditioning  # the prompts without learned tokens, encoded once
+    alphas_cumprod: torch.Tensor  # (T,)
+    dtype: torch.dtype  # of the frozen weights and the latents
+
+
+def make_context(model: PersonalizedModel, accelerator, cfg: TrainConfig, **tensors) -> StepContext:
+    """The optimizer (the fused kernel on CUDA: one launch for all parameters, the same update)
+    and accelerate's wrapping, around a model from ``setup_model``."""
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=accelerator.device.type == "cuda")
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    return StepContext(model=model, wrapped=wrapped, optimizer=optimizer, accelerator=accelerator,
+                       trainable=model.trainable_parameters(), **tensors)
+
+
+class NonFiniteError(ArithmeticError):
+    """The loss or the gradient norm of a step is not finite; the message says which."""
+
+
+def train_step(ctx: StepContext, cfg: TrainConfig, full: Draws, *, micro: int) -> dict[str, float]:
+    """One optimizer step on the per-process batch drawn in ``full`` (on the CPU), in micro-batches
+    of ``micro``: per micro-batch a forward and one backward, then clipping and the update.
+
+    Returns the step's measurements (loss, its terms, grad_norm). Raises NonFiniteError before
+    the update if the loss or the gradient norm is not finite. The device is waited for once per
+    micro-batch: the measurements are read together, after the backward has been queued.
+    """
+    acc, accum = ctx.accelerator, len(full.t) // micro
+    device = ctx.mean.device
+    sums: dict[str, float] = {}
+    for i in range(accum):
+        with acc.accumulate(ctx.wrapped):
+            d = Draws(*(x[i * micro : (i + 1) * micro].to(device, non_blocking=True) for x in dataclasses.astuple(full)))
+            z0 = (ctx.mean[d.index] + ctx.std[d.index] * d.latent_noise).to(ctx.dtype)  # (B, 4, h, w)
+            d.noise, d.noise_align = d.noise.to(ctx.dtype), d.noise_align.to(ctx.dtype)
+            with acc.autocast():
+                loss, m = step_losses(ctx.wrapped, z0=z0, input_ids=ctx.image_ids[d.index], draws=d, cond=ctx.cond,
+                                      alphas_cumprod=ctx.alphas_cumprod, cfg=cfg, pretrained=ctx.model)
+            acc.backward(loss)
+            norm = acc.clip_grad_norm_(ctx.trainable, cfg.max_grad_norm or math.inf) if acc.sync_gradients else None
+            values = torch.stack([loss.detach().float(), *(v.float() for v in m.values())]
+                                 + ([norm.float()] if norm is not None else [])).tolist()
+            if not math.isfinite(values[0]):
+                raise NonFiniteError("loss")
+            if norm is not None:
+                if not math.isfinite(values[-1]):
+                    raise NonFiniteError("gradient")
+                sums["grad_norm"] = values[-1]
+            ctx.optimizer.step()
+            ctx.optimizer.zero_grad(set_to_none=True)
+        for key, v in zip(["loss", *m], values):
+            sums[key] = sums.get(key, 0.0) + v / accum
+    return sums
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Fine-tune LoRA + [V] tokens with the configured method; write a loadable result."""
     from accelerate import Accelerator, PartialState
@@ -186,26 +293,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=accum)
     device, dtype = accelerator.device, _weight_dtype(cfg.mixed_precision)
 
-    with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from --seed, not global state
-        torch.manual_seed(cfg.seed)
-        model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    model, token_ids, compile_cache = setup_model(base, cfg, device, dtype)
     base.vae.to(device)  # used once, to encode the images: kept in fp32
-    model.to(device, dtype)
-    for p in model.trainable_parameters():  # trainable parameters stay fp32
-        p.data = p.data.float()
     tokens = [placeholder_token(p) for p in token_ids]
 
     pixels = torch.cat([im.pixels for im in images])
     mean, std = encode_latent_posteriors(base.vae, pixels)
     ids_per_subject = tokenize(base.tokenizer, [to_token_prompt(s.personalization_prompt) for s in cfg.subjects])
     image_ids = torch.cat([ids_per_subject[i].expand(len(im.paths), -1) for i, im in enumerate(images)])  # (N, 77)
-    alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(device)
-    cond = encode_fixed_prompts(model, base.tokenizer, cfg, device)
-
-    # The fused kernel on CUDA (one launch for all parameters); the same update.
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=accelerator.device.type == "cuda")
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    ctx = make_context(model, accelerator, cfg, mean=mean, std=std, image_ids=image_ids.to(device),
+                       cond=encode_fixed_prompts(model, base.tokenizer, cfg, device),
+                       alphas_cumprod=base.noise_scheduler.alphas_cumprod.to(device), dtype=dtype)
 
     run_config = {
         **cfg.to_dict(), "palp_version": __version__, "base_model_path": str(base.path), "resolution": base.resolution,
@@ -217,55 +315,49 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     if accelerator.is_main_process:
         checkpoints.record_config(out, run_config, resume=resume)
     if resume:
-        start, rows = checkpoints.load_latest(out, model, optimizer)
-        for group in optimizer.param_groups:  # the optimizer state carries the old lr
+        start, rows = checkpoints.load_latest(out, model, ctx.optimizer)
+        for group in ctx.optimizer.param_groups:  # the optimizer state carries the old lr
             group["lr"] = cfg.lr
+
+    def draws_of(step: int) -> Draws:
+        # One draw for the whole per-process batch: results do not depend on the micro-batch size.
+        full = draw(step_generator(cfg.seed, step, accelerator.process_index), cfg, n_images=len(mean),
+                    batch=micro * accum, latent_shape=mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
+        return Draws(*(x.pin_memory() for x in dataclasses.astuple(full))) if device.type == "cuda" else full
 
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=f"palp train ({cfg.method})",
                disable=not (progress and accelerator.is_local_main_process))
-    trainable = model.trainable_parameters()
-    for step in bar:
-        sums: dict[str, float] = {}
-        # One draw for the whole per-process batch: results do not depend on the micro-batch size.
-        full = draw(step_generator(cfg.seed, step, accelerator.process_index), cfg, n_images=len(mean),
-                    batch=micro * accum, latent_shape=mean.shape[1:], num_timesteps=len(alphas_cumprod))
-        for i in range(accum):
-            with accelerator.accumulate(wrapped):
-                d = Draws(*(x[i * micro : (i + 1) * micro] for x in dataclasses.astuple(full)))
-                z0 = (mean[d.index] + std[d.index] * d.latent_noise).to(device, dtype)  # (B, 4, h, w)
-                d = Draws(*(x.to(device) for x in dataclasses.astuple(d)))
-                d.noise, d.noise_align = d.noise.to(dtype), d.noise_align.to(dtype)
-                with accelerator.autocast():
-                    loss, m = step_losses(wrapped, z0=z0, input_ids=image_ids[d.index.cpu()].to(device), draws=d,
-                                          cond=cond, alphas_cumprod=alphas_cumprod, cfg=cfg, pretrained=model)
-                if not torch.isfinite(loss):
-                    raise TrainingError(_non_finite(step, "loss", out))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-                    if not torch.isfinite(norm):
-                        raise TrainingError(_non_finite(step, "gradient", out))
-                    sums["grad_norm"] = float(norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / accum
-            for key, v in m.items():
-                sums[key] = sums.get(key, 0.0) + float(v) / accum
-        row = {"step": step, "loss": sums["loss"], "rec_loss": sums["rec_loss"], "align_loss": sums.get("align_loss", 0.0),
-               "grad_norm": sums["grad_norm"], "lr": optimizer.param_groups[0]["lr"]}
-        rows.append(row)
-        bar.set_postfix(rec=f"{row['rec_loss']:.4f}", align=f"{row['align_loss']:.4f}", gn=f"{row['grad_norm']:.3f}")
-        if accelerator.is_main_process:
-            if step in cfg.save_steps:
-                snapshot = out / "snapshots" / f"step-{step:06d}"
-                export_weights(model, tokens, snapshot)
-                if remote:
-                    storage.upload_dir(snapshot, storage.join(remote, "snapshots", snapshot.name))
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                saved = checkpoints.save(out, step, model, optimizer, rows, keep=cfg.checkpoints_total_limit)
-                if remote:
-                    checkpoints.push(saved, remote)
-        accelerator.wait_for_everyone()
+    # The next step's draws are made on the CPU while the device runs this step.
+    ahead = ThreadPoolExecutor(max_workers=1)
+    upcoming = ahead.submit(draws_of, start + 1)
+    try:
+        for step in bar:
+            full = upcoming.result()
+            if step < cfg.steps:
+                upcoming = ahead.submit(draws_of, step + 1)
+            try:
+                sums = train_step(ctx, cfg, full, micro=micro)
+            except NonFiniteError as e:
+                raise TrainingError(_non_finite(step, str(e), out)) from None
+            if compile_cache and step == start + 1 and accelerator.is_main_process:
+                fast.save_compile_cache(compile_cache)  # every shape has been compiled by now
+            row = {"step": step, "loss": sums["loss"], "rec_loss": sums["rec_loss"], "align_loss": sums.get("align_loss", 0.0),
+                   "grad_norm": sums["grad_norm"], "lr": ctx.optimizer.param_groups[0]["lr"]}
+            rows.append(row)
+            bar.set_postfix(rec=f"{row['rec_loss']:.4f}", align=f"{row['align_loss']:.4f}", gn=f"{row['grad_norm']:.3f}")
+            if accelerator.is_main_process:
+                if step in cfg.save_steps:
+                    snapshot = out / "snapshots" / f"step-{step:06d}"
+                    export_weights(model, tokens, snapshot)
+                    if remote:
+                        storage.upload_dir(snapshot, storage.join(remote, "snapshots", snapshot.name))
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    saved = checkpoints.save(out, step, model, ctx.optimizer, rows, keep=cfg.checkpoints_total_limit)
+                    if remote:
+                        checkpoints.push(saved, remote)
+            accelerator.wait_for_everyone()
+    finally:
+        ahead.shutdown(cancel_futures=True)
 
     if accelerator.is_main_process:
         export_weights(model, tokens, out)
@@ -284,4 +376,5 @@ def _non_finite(step: int, what: str, out: Path) -> str:
     return f"non-finite {what} at step {step}: training stopped ({keep}); lower --lr or use --mixed-precision no"
 
 
-__all__ = ["train", "step_losses", "draw", "Draws", "Conditioning", "TrainResult", "TrainingError", "LORA_FILE"]
+__all__ = ["train", "train_step", "step_losses", "setup_model", "make_context", "draw", "Draws", "Conditioning",
+           "StepContext", "TrainResult", "TrainingError", "NonFiniteError", "LORA_FILE"]

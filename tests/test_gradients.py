@@ -120,8 +120,11 @@ def assert_grads_close(actual, expected):
     ],
     ids=["palp", "palp-iid-lambda", "palp-no-rescale", "palp-beta-1", "sds", "nfsd", "ti-db"],
 )
-def test_step_gradient_matches_closed_form(setup, kw, same_noise):
-    cfg = make_cfg(**kw)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+def test_step_gradient_matches_closed_form(setup, kw, same_noise, fused):
+    """Fused: the guidance branches in one UNet call with a per-row LoRA gate; separate: one
+    call with the adapters disabled and one with them on. Both equal the reference."""
+    cfg = make_cfg(fused_guidance=fused, **kw)
     draws = draws_for(setup, [150, 640], [90, 870], same_noise=same_noise)
     actual = palp_grads(setup, cfg, draws)
     expected = reference_grads(setup, cfg, draws)
@@ -157,21 +160,26 @@ def test_rescale_off_differs_by_exactly_the_factor(setup):
         torch.testing.assert_close(g_off - r, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
-def test_alignment_branch_sees_no_gradient(setup):
-    """One backward: the pretrained and personalized guidance forwards build no graph."""
-    cfg = make_cfg(method="palp")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+def test_alignment_branch_sees_no_gradient(setup, fused):
+    """One backward: the guidance forwards build no graph. Fused, both branches are one UNet call."""
     draws = draws_for(setup, [150, 640], [90, 870])
-    calls = []
-    handle = setup["base"].unet.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    calls, shapes = [], []
+
+    def record(module, args, output):
+        calls.append(torch.is_grad_enabled())
+        shapes.append(output.sample.shape[0])
+
+    handle = setup["base"].unet.register_forward_hook(record)
     try:
-        palp_grads(setup, cfg, draws)
+        palp_grads(setup, make_cfg(method="palp", fused_guidance=fused), draws)
+        n = len(calls)
+        palp_grads(setup, make_cfg(method="palp", beta=1.0, fused_guidance=fused), draws)
     finally:
         handle.remove()
-    assert calls == [True, False, False]  # personalization (grad), pretrained 2B, personalized 2B
-    shapes = []
-    handle = setup["base"].unet.register_forward_hook(lambda m, i, o: shapes.append(o.sample.shape[0]))
-    try:
-        palp_grads(setup, make_cfg(method="palp", beta=1.0), draws)
-    finally:
-        handle.remove()
-    assert shapes == [2, 4, 2]  # with beta = 1 the personalized branch needs no unconditional half
+    if fused:  # personalization (grad); pretrained uncond + clean and personalized uncond + y_P in one call
+        assert calls == [True, False] * 2 and shapes[:n] == [2, 8]
+        assert shapes[n:] == [2, 6]  # with beta = 1 the personalized branch needs no unconditional half
+    else:  # personalization (grad), pretrained 2B, personalized 2B
+        assert calls == [True, False, False] * 2 and shapes[:n] == [2, 4, 4]
+        assert shapes[n:] == [2, 4, 2]

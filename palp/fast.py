@@ -1,0 +1,184 @@
+"""Speed options of the training step and the sampler; none of them changes what is computed.
+
+- ``LoraGate``: a per-sample switch of the LoRA layers, so that one UNet call evaluates the
+  pretrained model on some rows and the personalized one on the others. PALP's two no-grad
+  guidance branches (Eq. 6) become one call of 4B rows instead of two calls of 2B. A row with
+  gate 0 has its rank-r LoRA activation zeroed, so LoRA adds exactly 0 there: that row is the
+  base layer's output, the same as with the adapters disabled. (peft's own mixed-batch
+  ``adapter_names`` gathers and scatters sub-batches per layer; a multiplicative gate keeps
+  every shape static, which is what ``torch.compile`` wants.)
+- ``compile_unet``: ``torch.compile`` of the whole UNet or of its repeated blocks only
+  (regional compilation: each distinct block shape is compiled once, in seconds rather than
+  the minutes a whole-UNet graph takes).
+- ``load_compile_cache`` / ``save_compile_cache``: torch's portable compile cache as one file
+  (local or gs://), so a pipeline step on a fresh machine reuses an earlier step's kernels.
+- ``set_channels_last``, ``set_gradient_checkpointing``: memory layout and the memory option.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+
+import torch
+from torch import nn
+
+from palp import storage
+
+log = logging.getLogger(__name__)
+
+# What --compile may name: nothing, the UNet's repeated blocks (regional), or the whole UNet.
+COMPILE_CHOICES = ("none", "transformers", "blocks", "unet")
+_REGIONS = {
+    "transformers": ("Transformer2DModel",),  # norm + proj_in + attention blocks + proj_out
+    "blocks": ("Transformer2DModel", "ResnetBlock2D"),  # ~all the UNet's work, in ~20 distinct shapes
+}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# A block class is compiled once per distinct input shape (SD's UNet has ~15 resnet shapes,
+# each seen with and without grad and at a few batch sizes): dynamo's default of 8 compiled
+# versions per function would send the rest back to eager.
+RECOMPILE_LIMIT = 128
+
+
+class LoraGate:
+    """A per-row LoRA switch for one UNet: ``with gate(flags): unet(x)`` with ``flags`` (N,) in {0, 1}.
+
+    Hooks sit on every LoRA ``lora_A`` projection and multiply its (N, ..., r) output by the
+    row's flag; outside a ``with`` block they change nothing. The batch dimension of every LoRA
+    input in diffusers' attention is the UNet's batch dimension, which the hook checks.
+    """
+
+    def __init__(self, unet: nn.Module):
+        from peft.tuners.lora import LoraLayer
+
+        self.flags: torch.Tensor | None = None
+        self._handles = [
+            a.register_forward_hook(self._hook)
+            for layer in unet.modules() if isinstance(layer, LoraLayer)
+            for a in layer.lora_A.values()
+        ]
+        if not self._handles:
+            raise ValueError("the UNet has no LoRA layers to gate")
+
+    def _hook(self, module, args, output: torch.Tensor):
+        if self.flags is None:
+            return None
+        if output.shape[0] != self.flags.shape[0]:
+            raise RuntimeError(f"LoRA gate of {self.flags.shape[0]} rows met a LoRA input of {output.shape[0]} rows")
+        return output * self.flags.view(-1, *(1,) * (output.dim() - 1)).to(output.dtype)
+
+    @contextlib.contextmanager
+    def __call__(self, flags: torch.Tensor):
+        if flags.dim() != 1:
+            raise ValueError(f"LoRA gate flags must be (N,), got {tuple(flags.shape)}")
+        self.flags = flags
+        try:
+            yield
+        finally:
+            self.flags = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def row_flags(counts: list[tuple[int, float]], *, device) -> torch.Tensor:
+    """(N,) gate flags for consecutive groups of rows: [(B, 0.0), (B, 1.0)] -> B zeros then B ones.
+
+    Made on the device with fills (no host-to-device copy, so nothing waits for the GPU)."""
+    return torch.cat([torch.full((n, ), value, device=device) for n, value in counts])
+
+
+def _raise_recompile_limits() -> None:
+    import torch._dynamo.config as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch releases
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), RECOMPILE_LIMIT))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), 8 * RECOMPILE_LIMIT))
+
+
+def resolve_compile(how: str, device: torch.device) -> str:
+    """``auto``: the repeated blocks on CUDA (compiled in seconds, run faster), nothing elsewhere."""
+    if how == "auto":
+        return "blocks" if torch.device(device).type == "cuda" else "none"
+    return how
+
+
+def compile_unet(unet: nn.Module, how: str, *, mode: str = "default", backend: str = "inductor") -> list[nn.Module]:
+    """``torch.compile`` the UNet in place (``Module.compile``: state-dict names stay the same).
+
+    ``how``: ``none``, ``transformers`` / ``blocks`` (regional: each such block is compiled
+    on its own; the small glue between blocks stays eager) or ``unet`` (one graph). Shapes
+    are static (``dynamic=False``): each batch size gets kernels specialised to it. Returns
+    the compiled modules. Compilation happens at the first call of each shape.
+    """
+    if how not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, not {how!r}")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
+    if how == "none":
+        return []
+    _raise_recompile_limits()
+    targets = [unet] if how == "unet" else [m for m in unet.modules() if type(m).__name__ in _REGIONS[how]]
+    if not targets:
+        raise ValueError(f"the UNet has none of the blocks --compile {how} compiles ({', '.join(_REGIONS[how])})")
+    options = {} if mode == "default" else {"mode": mode}
+    for m in targets:
+        m.compile(backend=backend, dynamic=False, **options)
+    return targets
+
+
+def uncompile_unet(unet: nn.Module) -> None:
+    """Undo ``compile_unet``: every module runs eagerly again (the compiled code stays cached)."""
+    for m in unet.modules():
+        m._compiled_call_impl = None
+
+
+def set_channels_last(module: nn.Module, on: bool) -> None:
+    """NHWC weights for the convolutions (activations follow them); no effect on results."""
+    module.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
+
+def set_gradient_checkpointing(unet: nn.Module, on: bool) -> None:
+    """Recompute block activations in the backward pass: less memory, about one more forward."""
+    if on:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+
+
+def compile_cache_file(folder: str, how: str, device: torch.device) -> str:
+    """The cache file for this torch, device and compile setting inside ``folder`` (local or gs://).
+
+    Compiled kernels are only valid for the torch build and the device they were made for."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", f"torch-{torch.__version__}-{name}-{how}")
+    return storage.join(folder, f"{tag}.bin")
+
+
+def load_compile_cache(uri: str) -> bool:
+    """Fill torch's local compile caches from ``uri`` if it exists; True if it did."""
+    if not uri or not storage.exists(uri):
+        return False
+    try:
+        torch.compiler.load_cache_artifacts(storage.read_bytes(uri))
+    except Exception as e:  # a cache from another build is useless, not fatal: compile afresh
+        log.warning("compile cache %s not loaded (%s: %s); compiling from scratch", uri, type(e).__name__, e)
+        return False
+    return True
+
+
+def save_compile_cache(uri: str) -> bool:
+    """Write everything this process compiled (and loaded) to ``uri``, atomically; True if any."""
+    if not uri:
+        return False
+    artifacts = torch.compiler.save_cache_artifacts()
+    if not artifacts or not artifacts[0]:
+        return False
+    storage.write_bytes(uri, artifacts[0])
+    return True

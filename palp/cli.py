@@ -229,7 +229,8 @@ def run_prepare(args) -> int:
 
 
 def add_sample_parser(sub) -> None:
-    from palp.sample import SCHEDULERS
+    from palp.fast import COMPILE_CHOICES
+    from palp.sample import SAMPLERS, SCHEDULERS
 
     p = sub.add_parser("sample", help="sample a trained run (or its base model) in batches",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -247,6 +248,13 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp64", "fp32", "fp16", "bf16"), default="auto",
                    help="auto: fp16 on GPU, fp32 on CPU; fp64 makes images bit-identical across batch sizes")
     p.add_argument("--device", help="default: cuda if available")
+    p.add_argument("--sampler", choices=SAMPLERS, default="palp",
+                   help="palp: the stock pipeline's steps without per-step host syncs; stock: the pipeline itself")
+    p.add_argument("--vae-precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="the VAE decoder's precision (auto: as --precision)")
+    p.add_argument("--compile", choices=("auto", *COMPILE_CHOICES), default="auto",
+                   help="torch.compile the UNet's repeated blocks or all of it; auto: blocks on CUDA, none elsewhere")
+    p.add_argument("--compile-cache", default="", metavar="DIR", help="folder or gs:// prefix keeping the compiled kernels")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_sample)
 
@@ -257,7 +265,8 @@ def run_sample(args) -> int:
     rows = sample(args.model, args.output, prompts=args.prompts, num_samples=args.num_samples, seed=args.seed,
                   steps=args.steps, scheduler=args.scheduler, guidance=args.guidance, batch_size=args.batch_size,
                   checkpoints=args.checkpoints, reference=args.reference, precision=args.precision,
-                  device=args.device, progress=not args.quiet)
+                  device=args.device, progress=not args.quiet, sampler=args.sampler, vae_precision=args.vae_precision,
+                  compile=args.compile, compile_cache=args.compile_cache)
     print(f"{len(rows)} samples -> {args.output}")
     return 0
 

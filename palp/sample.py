@@ -1,9 +1,10 @@
 """``palp sample``: images from a trained run, the way a diffusers user would make them.
 
 The base model, LoRA and learned tokens are loaded with diffusers' own loaders
-(``from_pretrained``, ``load_lora_weights``, ``load_textual_inversion``); the stock
-``StableDiffusionPipeline`` then runs every (prompt, sample) pair in batches, with
-classifier-free guidance as one UNet call per step.
+(``from_pretrained``, ``load_lora_weights``, ``load_textual_inversion``) into the stock
+``StableDiffusionPipeline``; ``generate`` then runs its denoising steps on every (prompt,
+sample) pair in batches, with classifier-free guidance as one UNet call per step and no host
+sync inside the loop (``--sampler stock`` calls the pipeline itself instead).
 
 Sample *i* of prompt *p* starts from latents drawn from its own seed,
 ``hash(seed, p, i)``, so it is the same image whatever the batch size or however the work is
@@ -18,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,8 @@ from palp.prompts import check_prompt, clean_prompt, to_token_prompt
 SAMPLES_CSV = "samples.csv"
 PROMPTS_JSON = "prompts.json"
 SCHEDULERS = ("ddim", "dpm++")
+SAMPLERS = ("palp", "stock")
+PRECISIONS = ("auto", "fp64", "fp32", "fp16", "bf16")
 REFERENCE_METHOD = "base"
 CSV_COLUMNS = ["task", "subject", "method", "step", "prompt", "clean_prompt", "sample", "seed", "file", "run"]
 
@@ -121,6 +125,39 @@ def load_weights(pipe, folder: Path) -> None:
     pipe.load_textual_inversion(list(embeds.values()), token=list(embeds))
 
 
+@torch.no_grad()
+def generate(pipe, prompts: list[str], latents: torch.Tensor, *, steps: int, guidance: float) -> np.ndarray:
+    """(B, H, W, 3) uint8 images: what ``pipe(prompts, latents=latents, ...)`` makes, step for
+    step, without waiting for the device on every step.
+
+    Classifier-free guidance is one UNet call of 2B rows per step. The scheduler's bookkeeping
+    stays on the CPU (timesteps as Python ints; the stock loop indexes CPU tables with device
+    timesteps, which waits for the device twice a step), so the loop only queues work and the
+    host waits once per batch, for the finished uint8 images. The VAE decodes in its own dtype.
+    """
+    device = pipe.unet.device
+    do_cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+    cond, uncond = pipe.encode_prompt(prompts, device, 1, do_cfg)
+    states = torch.cat([uncond, cond]) if do_cfg else cond  # (2B, 77, D)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(steps)  # on the CPU
+    timesteps = scheduler.timesteps.tolist()
+    on_device = scheduler.timesteps.to(device)  # the UNet's timestep input, copied once
+    extra = pipe.prepare_extra_step_kwargs(None, 0.0)
+    x = latents.to(device, pipe.unet.dtype) * scheduler.init_noise_sigma  # (B, 4, h, w)
+    for i, t in enumerate(timesteps):
+        rows = scheduler.scale_model_input(torch.cat([x, x]) if do_cfg else x, t)
+        eps = pipe.unet(rows, on_device[i], encoder_hidden_states=states).sample
+        if do_cfg:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        x = scheduler.step(eps, t, x, **extra, return_dict=False)[0]
+    vae = pipe.vae
+    image = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
+    image = ((image * 0.5 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)  # as diffusers' postprocess
+    return image.permute(0, 2, 3, 1).cpu().numpy()
+
+
 def default_dtype(device: torch.device, precision: str) -> torch.dtype:
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -130,13 +167,27 @@ def default_dtype(device: torch.device, precision: str) -> torch.dtype:
 def sample(model: str, output: str, *, prompts: list[str] | None = None, num_samples: int = 8, seed: int = 0,
            steps: int = 50, scheduler: str = "ddim", guidance: float = 7.5, batch_size: int = 8,
            checkpoints: str = "final", reference: bool = False, precision: str = "auto",
-           device: str | None = None, progress: bool = True) -> list[dict]:
-    """Sample a trained run (or, with ``reference``, its base model on the clean prompts)."""
+           device: str | None = None, progress: bool = True, sampler: str = "palp", vae_precision: str = "auto",
+           compile: str = "auto", compile_cache: str = "") -> list[dict]:
+    """Sample a trained run (or, with ``reference``, its base model on the clean prompts).
+
+    ``sampler``: ``palp`` (``generate``: the stock pipeline's steps without its per-step host
+    syncs) or ``stock`` (the pipeline's ``__call__``). ``vae_precision``: the decoder's dtype
+    (``auto``: the model's). ``compile``/``compile_cache``: as for training (palp sampler only).
+    """
+    from palp import fast
     from palp.models import resolve_model_dir
     from palp.tiny import cache_root
 
     if num_samples < 1 or batch_size < 1 or steps < 1:
         raise SampleError("--num-samples, --batch-size and --steps must be >= 1")
+    if sampler not in SAMPLERS:
+        raise SampleError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+    if compile not in ("auto", *fast.COMPILE_CHOICES):
+        raise SampleError(f"--compile must be auto or one of {', '.join(fast.COMPILE_CHOICES)}, not {compile!r}")
+    for flag, value in (("--precision", precision), ("--vae-precision", vae_precision)):
+        if value not in PRECISIONS:
+            raise SampleError(f"{flag} must be one of {', '.join(PRECISIONS)}, not {value!r}")
     run = fetch_run(model, cache=cache_root())
     config = json.loads((run / CONFIG_FILE).read_text())
     words = config["class_words"]
@@ -175,27 +226,56 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
     remaining = sum(len(b) for b in todo)
     bar = tqdm(total=len(jobs), initial=len(jobs) - remaining, desc=f"palp sample ({method})", unit="img", disable=not progress)
     if todo:
+        dtype = default_dtype(device_, precision)
         pipe = build_pipeline(config.get("base_model_path") or resolve_model_dir(config["pretrained_model"]),
-                              scheduler=scheduler, device=device_, dtype=default_dtype(device_, precision))
+                              scheduler=scheduler, device=device_, dtype=dtype)
+        if vae_precision != "auto":
+            pipe.vae.to(dtype=default_dtype(device_, vae_precision))
+        how = fast.resolve_compile(compile, device_) if sampler == "palp" else "none"
+        cache = fast.compile_cache_file(compile_cache, how, device_) if compile_cache and how != "none" else ""
+        if cache:
+            fast.load_compile_cache(cache)
+        fast.compile_unet(pipe.unet, how)
         latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-        loaded = None
-        for batch in todo:
-            w = batch[0]["_weights"]
-            if w is not loaded and w.folder is not None:
-                load_weights(pipe, w.folder)
-            loaded = w
-            text = [to_token_prompt(j["clean_prompt"] if reference else j["prompt"]) for j in batch]
-            latents = initial_latents([j["seed"] for j in batch], latent_shape).to(device_, pipe.unet.dtype)
-            images = pipe(text, num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="pil").images
-            for j, im in zip(batch, images):
-                buf = io.BytesIO()
-                im.save(buf, format="PNG")
-                storage.write_bytes(storage.join(output, j["file"]), buf.getvalue(), content_type="image/png")
-            bar.update(sum(j["file"] not in done for j in batch))
+        loaded, writes = None, []
+        # PNG encoding and writing (slow on gs://) run beside the device's work on the next batch.
+        with ThreadPoolExecutor(max_workers=4) as writer:
+            for n, batch in enumerate(todo):
+                w = batch[0]["_weights"]
+                if w is not loaded and w.folder is not None:
+                    load_weights(pipe, w.folder)
+                loaded = w
+                text = [to_token_prompt(j["clean_prompt"] if reference else j["prompt"]) for j in batch]
+                latents = initial_latents([j["seed"] for j in batch], latent_shape)
+                if sampler == "stock":
+                    images = pipe(text, num_inference_steps=steps, guidance_scale=guidance, latents=latents.to(device_, dtype),
+                                  output_type="np").images
+                    images = (images * 255).round().astype(np.uint8)  # as the pipeline's own PIL output
+                else:
+                    pad = batch_size - len(batch) if how != "none" else 0  # compiled: one batch shape for every batch
+                    images = generate(pipe, text + text[-1:] * pad, torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)]),
+                                      steps=steps, guidance=guidance)[: len(batch)]
+                if cache and n == 0:
+                    fast.save_compile_cache(cache)
+                for j, im in zip(batch, images):
+                    writes.append(writer.submit(_write_png, storage.join(output, j["file"]), im))
+                for f in [f for f in writes if f.done()]:
+                    f.result()  # a failed write stops the run
+                bar.update(sum(j["file"] not in done for j in batch))
+            for f in writes:
+                f.result()
     bar.close()
     rows = [{k: v for k, v in j.items() if not k.startswith("_")} for j in jobs]
     _merge_tables(output, rows, {p: table[p] for p in prompts})
     return rows
+
+
+def _write_png(uri: str, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    storage.write_bytes(uri, buf.getvalue(), content_type="image/png")
 
 
 def _chunks(items: list, size: int) -> list[list]:

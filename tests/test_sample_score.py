@@ -83,6 +83,15 @@ def test_lora_and_embedding_are_applied_like_stock_diffusers(workspace, tmp_path
         assert np.abs(ours - (base[k] * 255).round()).mean() > 0.5  # the LoRA changes the picture
 
 
+def test_palp_and_stock_samplers_write_the_same_images(workspace, tmp_path):
+    """``--sampler palp`` runs the stock pipeline's steps without its host syncs: the same PNGs (fp32)."""
+    assert _sample(workspace, tmp_path / "palp", "--batch-size", "3") == 0
+    assert _sample(workspace, tmp_path / "stock", "--batch-size", "3", "--sampler", "stock") == 0
+    files = sorted(p.relative_to(tmp_path / "palp") for p in (tmp_path / "palp").rglob("*.png"))
+    assert len(files) == 4
+    assert all(np.array_equal(_pixels(tmp_path / "palp" / f), _pixels(tmp_path / "stock" / f)) for f in files)
+
+
 def test_checkpoints_all_and_reference(workspace, tmp_path):
     out = tmp_path / "s"
     assert _sample(workspace, out, "--checkpoints", "all") == 0

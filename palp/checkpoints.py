@@ -27,7 +27,7 @@ DIR = "checkpoints"
 # options, which change how a step runs but not what it computes.
 RESUMABLE_CHANGES = {"steps", "save_steps", "checkpoint_every", "checkpoints_total_limit", "output",
                      "lr", "max_grad_norm", "mixed_precision", "fused_guidance", "compile", "compile_mode",
-                     "compile_cache", "channels_last", "gradient_checkpointing"}
+                     "compile_cache", "channels_last", "attention", "gradient_checkpointing"}
 
 
 def _step_dirs(out: Path) -> list[Path]:

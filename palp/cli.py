@@ -24,7 +24,7 @@ def _steps_list(value: str) -> list[int]:
 
 def add_train_parser(sub) -> None:
     from palp.config import TrainConfig as C
-    from palp.fast import COMPILE_CHOICES, COMPILE_MODES
+    from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES, COMPILE_MODES
     from palp.guidance import METHODS
 
     p = sub.add_parser("train", help="fine-tune LoRA + [V] on a subject with prompt-aligned guidance",
@@ -78,6 +78,7 @@ def add_train_parser(sub) -> None:
     s.add_argument("--compile-cache", default=C.compile_cache, metavar="DIR",
                    help="folder or gs:// prefix keeping the compiled kernels, reused by later runs")
     s.add_argument("--channels-last", type=_on_off, default=C.channels_last, metavar="on|off")
+    s.add_argument("--attention", choices=ATTENTION_BACKENDS, default=C.attention, help="the SDPA kernel (auto: PyTorch's choice)")
     s.add_argument("--gradient-checkpointing", type=_on_off, default=C.gradient_checkpointing, metavar="on|off",
                    help="less memory for about one more UNet forward per step")
 
@@ -149,7 +150,7 @@ def _train_config(args, subjects, prompt: str, clean: str, **task):
         checkpoints_total_limit=args.checkpoints_total_limit, save_steps=args.save_steps,
         min_image_size=args.min_image_size, fused_guidance=args.fused_guidance, compile=args.compile,
         compile_mode=args.compile_mode, compile_cache=args.compile_cache, channels_last=args.channels_last,
-        gradient_checkpointing=args.gradient_checkpointing,
+        attention=args.attention, gradient_checkpointing=args.gradient_checkpointing,
     )
 
 
@@ -229,7 +230,7 @@ def run_prepare(args) -> int:
 
 
 def add_sample_parser(sub) -> None:
-    from palp.fast import COMPILE_CHOICES
+    from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES
     from palp.sample import SAMPLERS, SCHEDULERS
 
     p = sub.add_parser("sample", help="sample a trained run (or its base model) in batches",
@@ -255,6 +256,7 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--compile", choices=("auto", *COMPILE_CHOICES), default="auto",
                    help="torch.compile the UNet's repeated blocks or all of it; auto: blocks on CUDA, none elsewhere")
     p.add_argument("--compile-cache", default="", metavar="DIR", help="folder or gs:// prefix keeping the compiled kernels")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="the SDPA kernel (auto: PyTorch's choice)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_sample)
 
@@ -266,7 +268,7 @@ def run_sample(args) -> int:
                   steps=args.steps, scheduler=args.scheduler, guidance=args.guidance, batch_size=args.batch_size,
                   checkpoints=args.checkpoints, reference=args.reference, precision=args.precision,
                   device=args.device, progress=not args.quiet, sampler=args.sampler, vae_precision=args.vae_precision,
-                  compile=args.compile, compile_cache=args.compile_cache)
+                  compile=args.compile, compile_cache=args.compile_cache, attention=args.attention)
     print(f"{len(rows)} samples -> {args.output}")
     return 0
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from palp.elements import element_list
-from palp.fast import COMPILE_CHOICES, COMPILE_MODES
+from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES, COMPILE_MODES
 from palp.guidance import METHODS, NFSD_NEGATIVE_PROMPT
 from palp.prompts import DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt, clean_prompt
 
@@ -89,6 +89,7 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode
     compile_cache: str = ""  # folder or gs:// prefix keeping compiled kernels for later runs
     channels_last: bool = False
+    attention: str = "auto"  # SDPA kernel: auto | flash | cudnn | efficient | math
     gradient_checkpointing: bool = False  # less memory, about one more UNet forward per step
 
     def __post_init__(self):
@@ -109,6 +110,7 @@ class TrainConfig:
         need(self.micro_batch_size is None or self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
         need(self.checkpoint_every >= 1, "--checkpoint-every must be >= 1")
         need(self.compile in ("auto", *COMPILE_CHOICES), f"--compile must be auto or one of {', '.join(COMPILE_CHOICES)}, not {self.compile!r}")
+        need(self.attention in ATTENTION_BACKENDS, f"--attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {self.attention!r}")
         need(self.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
         need(all(s >= 1 for s in self.save_steps), "--save-steps must be positive step numbers")
         self.save_steps = sorted(set(self.save_steps))

@@ -12,6 +12,8 @@
   the minutes a whole-UNet graph takes).
 - ``load_compile_cache`` / ``save_compile_cache``: torch's portable compile cache as one file
   (local or gs://), so a pipeline step on a fresh machine reuses an earlier step's kernels.
+- ``attention_backend``: which scaled-dot-product-attention kernel PyTorch may use (SD's heads
+  are 40 wide, a shape the kernels handle with very different efficiency).
 - ``set_channels_last``, ``set_gradient_checkpointing``: memory layout and the memory option.
 """
 
@@ -35,6 +37,7 @@ _REGIONS = {
     "blocks": ("Transformer2DModel", "ResnetBlock2D"),  # ~all the UNet's work, in ~20 distinct shapes
 }
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 # A block class is compiled once per distinct input shape (SD's UNet has ~15 resnet shapes,
 # each seen with and without grad and at a few batch sizes): dynamo's default of 8 compiled
 # versions per function would send the rest back to eager.
@@ -137,6 +140,19 @@ def uncompile_unet(unet: nn.Module) -> None:
     """Undo ``compile_unet``: every module runs eagerly again (the compiled code stays cached)."""
     for m in unet.modules():
         m._compiled_call_impl = None
+
+
+def attention_backend(name: str):
+    """A context in which attention runs on one SDPA kernel (``auto``: PyTorch's own choice)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, not {name!r}")
+    if name == "auto":
+        return contextlib.nullcontext()
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel([backend])
 
 
 def set_channels_last(module: nn.Module, on: bool) -> None:

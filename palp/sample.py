@@ -98,7 +98,9 @@ def weights_to_sample(run: Path, checkpoints: str, reference: bool) -> list[Weig
     return found
 
 
-def build_pipeline(base_path: str | Path, *, scheduler: str, device: torch.device, dtype: torch.dtype):
+def build_pipeline(base_path: str | Path, *, scheduler: str, device: torch.device, dtype: torch.dtype,
+                   vae_dtype: torch.dtype | None = None):
+    """The stock pipeline in ``dtype``, its VAE in ``vae_dtype`` (default: the same), each cast once from fp32."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(base_path, safety_checker=None, feature_extractor=None,
@@ -111,7 +113,11 @@ def build_pipeline(base_path: str | Path, *, scheduler: str, device: torch.devic
         raise SampleError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
+    for name in ("unet", "text_encoder", "vae"):
+        target = vae_dtype if name == "vae" and vae_dtype is not None else dtype
+        if target != torch.float32:
+            getattr(pipe, name).to(dtype=target)
+    return pipe
 
 
 def load_weights(pipe, folder: Path) -> None:
@@ -168,12 +174,13 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
            steps: int = 50, scheduler: str = "ddim", guidance: float = 7.5, batch_size: int = 8,
            checkpoints: str = "final", reference: bool = False, precision: str = "auto",
            device: str | None = None, progress: bool = True, sampler: str = "palp", vae_precision: str = "auto",
-           compile: str = "auto", compile_cache: str = "") -> list[dict]:
+           compile: str = "auto", compile_cache: str = "", attention: str = "auto") -> list[dict]:
     """Sample a trained run (or, with ``reference``, its base model on the clean prompts).
 
     ``sampler``: ``palp`` (``generate``: the stock pipeline's steps without its per-step host
     syncs) or ``stock`` (the pipeline's ``__call__``). ``vae_precision``: the decoder's dtype
-    (``auto``: the model's). ``compile``/``compile_cache``: as for training (palp sampler only).
+    (``auto``: the model's). ``compile``/``compile_cache``: as for training (palp sampler only);
+    ``attention``: the SDPA kernel (fast.attention_backend).
     """
     from palp import fast
     from palp.models import resolve_model_dir
@@ -185,6 +192,8 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
         raise SampleError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
     if compile not in ("auto", *fast.COMPILE_CHOICES):
         raise SampleError(f"--compile must be auto or one of {', '.join(fast.COMPILE_CHOICES)}, not {compile!r}")
+    if attention not in fast.ATTENTION_BACKENDS:
+        raise SampleError(f"--attention must be one of {', '.join(fast.ATTENTION_BACKENDS)}, not {attention!r}")
     for flag, value in (("--precision", precision), ("--vae-precision", vae_precision)):
         if value not in PRECISIONS:
             raise SampleError(f"{flag} must be one of {', '.join(PRECISIONS)}, not {value!r}")
@@ -228,9 +237,8 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
     if todo:
         dtype = default_dtype(device_, precision)
         pipe = build_pipeline(config.get("base_model_path") or resolve_model_dir(config["pretrained_model"]),
-                              scheduler=scheduler, device=device_, dtype=dtype)
-        if vae_precision != "auto":
-            pipe.vae.to(dtype=default_dtype(device_, vae_precision))
+                              scheduler=scheduler, device=device_, dtype=dtype,
+                              vae_dtype=None if vae_precision == "auto" else default_dtype(device_, vae_precision))
         how = fast.resolve_compile(compile, device_) if sampler == "palp" else "none"
         cache = fast.compile_cache_file(compile_cache, how, device_) if compile_cache and how != "none" else ""
         if cache:
@@ -239,7 +247,7 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
         latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
         loaded, writes = None, []
         # PNG encoding and writing (slow on gs://) run beside the device's work on the next batch.
-        with ThreadPoolExecutor(max_workers=4) as writer:
+        with ThreadPoolExecutor(max_workers=4) as writer, fast.attention_backend(attention):
             for n, batch in enumerate(todo):
                 w = batch[0]["_weights"]
                 if w is not loaded and w.folder is not None:

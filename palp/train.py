@@ -331,31 +331,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     ahead = ThreadPoolExecutor(max_workers=1)
     upcoming = ahead.submit(draws_of, start + 1)
     try:
-        for step in bar:
-            full = upcoming.result()
-            if step < cfg.steps:
-                upcoming = ahead.submit(draws_of, step + 1)
-            try:
-                sums = train_step(ctx, cfg, full, micro=micro)
-            except NonFiniteError as e:
-                raise TrainingError(_non_finite(step, str(e), out)) from None
-            if compile_cache and step == start + 1 and accelerator.is_main_process:
-                fast.save_compile_cache(compile_cache)  # every shape has been compiled by now
-            row = {"step": step, "loss": sums["loss"], "rec_loss": sums["rec_loss"], "align_loss": sums.get("align_loss", 0.0),
-                   "grad_norm": sums["grad_norm"], "lr": ctx.optimizer.param_groups[0]["lr"]}
-            rows.append(row)
-            bar.set_postfix(rec=f"{row['rec_loss']:.4f}", align=f"{row['align_loss']:.4f}", gn=f"{row['grad_norm']:.3f}")
-            if accelerator.is_main_process:
-                if step in cfg.save_steps:
-                    snapshot = out / "snapshots" / f"step-{step:06d}"
-                    export_weights(model, tokens, snapshot)
-                    if remote:
-                        storage.upload_dir(snapshot, storage.join(remote, "snapshots", snapshot.name))
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    saved = checkpoints.save(out, step, model, ctx.optimizer, rows, keep=cfg.checkpoints_total_limit)
-                    if remote:
-                        checkpoints.push(saved, remote)
-            accelerator.wait_for_everyone()
+        with fast.attention_backend(cfg.attention):
+            for step in bar:
+                full = upcoming.result()
+                if step < cfg.steps:
+                    upcoming = ahead.submit(draws_of, step + 1)
+                try:
+                    sums = train_step(ctx, cfg, full, micro=micro)
+                except NonFiniteError as e:
+                    raise TrainingError(_non_finite(step, str(e), out)) from None
+                if compile_cache and step == start + 1 and accelerator.is_main_process:
+                    fast.save_compile_cache(compile_cache)  # every shape has been compiled by now
+                row = {"step": step, "loss": sums["loss"], "rec_loss": sums["rec_loss"], "align_loss": sums.get("align_loss", 0.0),
+                       "grad_norm": sums["grad_norm"], "lr": ctx.optimizer.param_groups[0]["lr"]}
+                rows.append(row)
+                bar.set_postfix(rec=f"{row['rec_loss']:.4f}", align=f"{row['align_loss']:.4f}", gn=f"{row['grad_norm']:.3f}")
+                if accelerator.is_main_process:
+                    if step in cfg.save_steps:
+                        snapshot = out / "snapshots" / f"step-{step:06d}"
+                        export_weights(model, tokens, snapshot)
+                        if remote:
+                            storage.upload_dir(snapshot, storage.join(remote, "snapshots", snapshot.name))
+                    if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                        saved = checkpoints.save(out, step, model, ctx.optimizer, rows, keep=cfg.checkpoints_total_limit)
+                        if remote:
+                            checkpoints.push(saved, remote)
+                accelerator.wait_for_everyone()
     finally:
         ahead.shutdown(cancel_futures=True)
 

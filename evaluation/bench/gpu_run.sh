@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # One prepared GPU run of palp's benchmarks; JSON, logs and tables land in $OUT.
 #
-#     evaluation/bench/gpu_run.sh          # both benchmarks, about 8 minutes on an H200
+#     evaluation/bench/gpu_run.sh          # both benchmarks, 8-9 minutes on an H200
 #     evaluation/bench/gpu_run.sh run      # whole palp train runs, about 4 minutes
 #
+# Environment: OUT; TRAIN_VARIANTS / SAMPLE_VARIANTS (space-separated, default: each script's
+# list); TRAIN_LIMIT / SAMPLE_LIMIT / RUN_LIMIT (seconds, default 330 / 200 / 330); RUN_STEPS,
+# RUN_WARM_STEPS. The random SD-1.4-shaped model is written once to /tmp and reused by later
+# calls on the same machine.
 # Prepare first, where PyPI is reachable: evaluation/bench/prepare_device.sh (writes .whl/,
 # which the GPU machine needs: carry it). Each benchmark has its own time limit and writes
 # its JSON after every variant, so a run cut short still reports what it measured.
@@ -29,11 +33,13 @@ python3 -c 'import torch, diffusers, peft, transformers; print("torch", torch.__
 
 case "$PHASE" in
   bench)
-    timeout 270 python3 evaluation/bench/train_step.py "${TOK[@]}" --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log"
-    timeout 180 python3 evaluation/bench/sampling.py "${TOK[@]}" --out "$OUT/sampling.json" 2>&1 | tee "$OUT/sampling.log"
+    TV=(); [ -n "${TRAIN_VARIANTS:-}" ] && TV=(--variants $TRAIN_VARIANTS)
+    SV=(); [ -n "${SAMPLE_VARIANTS:-}" ] && SV=(--variants $SAMPLE_VARIANTS)
+    timeout "${TRAIN_LIMIT:-330}" python3 evaluation/bench/train_step.py "${TOK[@]}" "${TV[@]}" --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log"
+    timeout "${SAMPLE_LIMIT:-200}" python3 evaluation/bench/sampling.py "${TOK[@]}" "${SV[@]}" --out "$OUT/sampling.json" 2>&1 | tee "$OUT/sampling.log"
     ;;
   run)
-    timeout 420 python3 evaluation/bench/train_step.py "${TOK[@]}" --variants --run-steps "${RUN_STEPS:-60}" \
+    timeout "${RUN_LIMIT:-330}" python3 evaluation/bench/train_step.py "${TOK[@]}" --variants --run-steps "${RUN_STEPS:-60}" \
       --run-warm-steps "${RUN_WARM_STEPS:-10}" --out "$OUT/train_run.json" 2>&1 | tee "$OUT/train_run.log"
     ;;
   *) echo "usage: $0 [bench|run]" >&2; exit 2 ;;

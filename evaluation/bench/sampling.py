@@ -12,7 +12,7 @@ latents. Variants (``BASE[+OPTION...]``):
 - ``stock``: ``StableDiffusionPipeline.__call__`` (output_type="np"), the anchor's reference.
 - ``palp``: ``palp.sample.generate``: the same steps, no host syncs inside the loop.
 - options (palp only): ``vae=bf16|fp16|fp32`` (decoder dtype), ``cl`` (channels-last UNet),
-  ``compile=transformers|blocks|unet``, ``mode=<torch.compile mode>``.
+  ``compile=transformers|blocks|unet``, ``mode=<torch.compile mode>``, ``sdpa=flash|cudnn|efficient|math``.
 
 Per variant: the first call (compilation included, 2 steps) timed alone, a 5-step call (the
 warm-up, in which host syncs are counted), then --iters full calls (median); images/s, the share of the ceiling of the UNet work
@@ -33,14 +33,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo
 
 import benchlib as bl
 from benchlib import BenchError, log
 
 BASES = ("stock", "palp")
-OPTIONS = ("vae", "cl", "compile", "mode")
+OPTIONS = ("vae", "cl", "compile", "mode", "sdpa")
 PROMPT = "A sketch of [V] in Paris at night"
-DEFAULT_VARIANTS = ["stock", "palp", "palp+vae=bf16", "palp+compile=blocks+vae=bf16", "palp+compile=blocks+cl+vae=bf16"]
+DEFAULT_VARIANTS = ["stock", "palp", "palp+vae=bf16", "palp+compile=blocks+vae=bf16",
+                    "palp+compile=blocks+vae=bf16+sdpa=cudnn", "palp+compile=blocks+cl+vae=bf16"]
 SMOKE_VARIANTS = ["stock", "palp", "palp+vae=bf16", "palp+cl"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -80,8 +82,15 @@ class Samplers:
         self.resolution = unet.config.sample_size * 8
         self.flops_fwd = bl.unet_forward_flops(unet, resolution=self.resolution, device=device, dtype=self.dtype,
                                                text_dim=self.pipe.text_encoder.config.hidden_size)
-        self.vae_dtype = self.pipe.vae.dtype
+        self.vaes = {self.pipe.vae.dtype: self.pipe.vae}  # each decoder dtype cast once from this one
         self.reference = None  # the stock pipeline's images
+
+    def use_vae(self, dtype: torch.dtype) -> None:
+        import copy
+
+        if dtype not in self.vaes:
+            self.vaes[dtype] = copy.deepcopy(self.vaes[self.dtype]).to(dtype=dtype)
+        self.pipe.vae = self.vaes[dtype]
 
     def run(self, base: str, steps: int) -> np.ndarray:
         from palp.sample import generate
@@ -114,6 +123,11 @@ def parse(spec: str) -> tuple[str, dict]:
         raise BenchError(f"variant {spec!r}: the stock pipeline takes no options")
     if opts.get("vae", "fp32") not in DTYPES:
         raise BenchError(f"variant {spec!r}: vae must be one of {', '.join(DTYPES)}")
+    from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES
+
+    if opts.get("sdpa", "auto") not in ATTENTION_BACKENDS or opts.get("compile", "none") not in COMPILE_CHOICES:
+        raise BenchError(f"variant {spec!r}: sdpa must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                         f"compile one of {', '.join(COMPILE_CHOICES)}")
     return base, opts
 
 
@@ -122,27 +136,32 @@ def measure(s: Samplers, spec: str, *, iters: int, backend: str) -> dict:
 
     base, opts = parse(spec)
     unet, dev = s.pipe.unet, s.device
-    if opts.get("vae"):
-        s.pipe.vae.to(dtype=DTYPES[opts["vae"]])
+    s.use_vae(DTYPES[opts["vae"]] if opts.get("vae") else s.dtype)
     if opts.get("cl"):
         fast.set_channels_last(unet, True)
     if opts.get("compile"):
+        if opts.get("sdpa"):  # compiled graphs keep the attention kernel they were traced with: trace afresh
+            torch._dynamo.reset()
         fast.compile_unet(unet, opts["compile"], mode=opts.get("mode", "default"), backend=backend)
+    attention = fast.attention_backend(opts.get("sdpa", "auto"))
     try:
         bl.reset_peak_memory(dev)
-        first = bl.first_call_s(lambda: s.run(base, 2), dev)
-        syncs = count_syncs(lambda: s.run(base, 5), dev)  # also the warm-up
-        times, images = [], None
-        for _ in range(iters):
-            bl.sync(dev)
-            t0 = time.perf_counter()
-            images = s.run(base, s.steps)  # ends with the images on the host: a sync
-            times.append(time.perf_counter() - t0)
+        with attention:
+            first = bl.first_call_s(lambda: s.run(base, 2), dev)
+            syncs = count_syncs(lambda: s.run(base, 5), dev)  # also the warm-up
+            times, images = [], None
+            for _ in range(iters):
+                bl.sync(dev)
+                t0 = time.perf_counter()
+                images = s.run(base, s.steps)  # ends with the images on the host: a sync
+                times.append(time.perf_counter() - t0)
         peak = bl.peak_memory_gib(dev)
     finally:
         fast.uncompile_unet(unet)
         fast.set_channels_last(unet, False)
-        s.pipe.vae.to(dtype=s.vae_dtype)
+        if opts.get("sdpa") and opts.get("compile"):
+            torch._dynamo.reset()
+        s.use_vae(s.dtype)
     seconds = float(np.median(times))
     if base == "stock" and s.reference is None:
         s.reference = images
@@ -164,7 +183,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.batch = args.batch or (2 if args.smoke else 16)
     steps = args.steps or (4 if args.smoke else 50)
-    iters = args.iters or (1 if args.smoke else 2)
+    iters = args.iters or 1  # a 50-step batch takes seconds on a GPU: one is a stable measurement
     backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
     variants = args.variants or (SMOKE_VARIANTS if args.smoke else DEFAULT_VARIANTS)
     for v in variants:

@@ -13,7 +13,8 @@ Variants (``BASE[+OPTION...]``):
 - ``db``, ``palp``: palp's ``train_step`` with method ti-db / palp (what ``palp train`` runs per step:
   forward, one backward, clipping, fused AdamW, the measurements read once).
 - options: ``separate`` (the two guidance branches as two calls), ``cl`` (channels-last),
-  ``ckpt`` (gradient checkpointing), ``compile=transformers|blocks|unet``, ``mode=<torch.compile mode>``.
+  ``ckpt`` (gradient checkpointing), ``compile=transformers|blocks|unet``, ``mode=<torch.compile mode>``,
+  ``sdpa=flash|cudnn|efficient|math`` (the attention kernel).
 
 Each variant: its first call (compilation included) timed alone, then --warmup calls, then
 --iters calls timed with CUDA events (median). FLOPs are counted as the anchors do: a forward
@@ -37,17 +38,18 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 import benchlib as bl
 from benchlib import BenchError, log
 
 BASES = ("naive-db", "naive-palp", "db", "palp")
-OPTIONS = ("separate", "cl", "ckpt", "compile", "mode")
+OPTIONS = ("separate", "cl", "ckpt", "compile", "mode", "sdpa")
 # In the order that matters: a run cut short still has the comparison. The first compiled
 # variant compiles from an empty cache (its first call is the cold compile time); the later
 # ones reuse what it compiled; channels-last changes strides, so it compiles again.
-DEFAULT_VARIANTS = ["naive-db", "naive-palp", "db", "palp+separate", "palp", "palp+compile=blocks",
-                    "db+compile=blocks", "palp+compile=blocks+cl"]
+DEFAULT_VARIANTS = ["naive-db", "naive-palp", "db", "palp", "palp+separate", "palp+compile=blocks",
+                    "db+compile=blocks", "palp+compile=blocks+sdpa=cudnn", "palp+compile=blocks+cl"]
 SMOKE_VARIANTS = ["naive-db", "naive-palp", "db", "palp+separate", "palp", "palp+cl+ckpt"]
 
 
@@ -163,7 +165,7 @@ class Bench:
 
 
 def parse(spec: str) -> tuple[str, dict]:
-    from palp.fast import COMPILE_CHOICES, COMPILE_MODES
+    from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES, COMPILE_MODES
 
     base, opts = bl.parse_variant(spec, BASES, OPTIONS)
     if base.startswith("naive") and opts:
@@ -171,6 +173,8 @@ def parse(spec: str) -> tuple[str, dict]:
     if opts.get("compile", "none") not in COMPILE_CHOICES or opts.get("mode", "default") not in COMPILE_MODES:
         raise BenchError(f"variant {spec!r}: compile must be one of {', '.join(COMPILE_CHOICES)}, "
                          f"mode one of {', '.join(COMPILE_MODES)}")
+    if opts.get("sdpa", "auto") not in ATTENTION_BACKENDS:
+        raise BenchError(f"variant {spec!r}: sdpa must be one of {', '.join(ATTENTION_BACKENDS)}")
     return base, opts
 
 
@@ -179,13 +183,19 @@ def measure(bench: Bench, spec: str, *, iters: int, warmup: int, backend: str) -
 
     base, opts = parse(spec)
     cfg = dataclasses.replace(bench.cfg, method="ti-db" if base == "db" else "palp", fused_guidance="separate" not in opts)
-    fn = {"naive-db": bench.naive_db, "naive-palp": bench.naive_palp}.get(base) or bench.palp_step(cfg)
+    step = {"naive-db": bench.naive_db, "naive-palp": bench.naive_palp}.get(base) or bench.palp_step(cfg)
+
+    def fn():
+        with fast.attention_backend(opts.get("sdpa", "auto")):
+            step()
     unet, dev = bench.model.unet, bench.device
     if opts.get("cl"):
         fast.set_channels_last(unet, True)
     if opts.get("ckpt"):
         fast.set_gradient_checkpointing(unet, True)
     if opts.get("compile"):
+        if opts.get("sdpa"):  # compiled graphs keep the attention kernel they were traced with: trace afresh
+            torch._dynamo.reset()
         fast.compile_unet(unet, opts["compile"], mode=opts.get("mode", "default"), backend=backend)
     try:
         bl.reset_peak_memory(dev)
@@ -196,6 +206,8 @@ def measure(bench: Bench, spec: str, *, iters: int, warmup: int, backend: str) -
         fast.uncompile_unet(unet)
         fast.set_gradient_checkpointing(unet, False)
         fast.set_channels_last(unet, False)
+        if opts.get("sdpa") and opts.get("compile"):
+            torch._dynamo.reset()
     flops = bench.flops(base, cfg)
     return {"variant": spec, "batch": bench.batch, "ms": ms, "first_call_s": first, "tflops": flops / (ms / 1e3) / 1e12,
             "flops": flops, "peak_mem_gib": peak}
@@ -266,8 +278,8 @@ def main(argv=None) -> int:
         run_child(args)
         return 0
     args.batch = args.batch or (2 if args.smoke else 32)
-    iters = args.iters or (2 if args.smoke else 10)
-    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
+    iters = args.iters or (2 if args.smoke else 6)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
     backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
     variants = args.variants if args.variants is not None else (SMOKE_VARIANTS if args.smoke else DEFAULT_VARIANTS)
     for v in variants:

@@ -89,7 +89,9 @@ class PersonalizedModel(nn.Module):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
-        self._lora_gate: LoraGate | None = None  # made at the first gated call
+        # The gate's hooks exist from the start (doing nothing outside predict_gated): torch.compile
+        # does not guard on hooks, so a hook added after a graph was traced would be ignored by it.
+        self._lora_gate = LoraGate(unet)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -112,8 +114,6 @@ class PersonalizedModel(nn.Module):
     def predict_gated(self, z_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
         """One UNet call in which row i is G(.; theta_LoRA) where lora[i] = 1 and the pretrained
         G(.; theta) where lora[i] = 0 (fast.LoraGate); lora is (N,) like t."""
-        if self._lora_gate is None:
-            self._lora_gate = LoraGate(self.unet)
         with self._lora_gate(lora):
             return self.predict(z_t, t, states)
 

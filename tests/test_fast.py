@@ -136,13 +136,16 @@ def test_compiled_step_gives_the_same_gradient(tiny32):
 
     base, model = tiny32
     cfg = _cfg()
-    plain = _step_grads(base, model, cfg)
+    plain = _step_grads(*_model(), cfg)  # a twin, so that this model is compiled before its first call
     before = counters["frames"]["ok"]
     compiled = fast.compile_unet(model.unet, "transformers", backend="aot_eager")
     try:
         assert compiled and {type(m).__name__ for m in compiled} == {"Transformer2DModel"}
         got = _step_grads(base, model, cfg)
         assert counters["frames"]["ok"] > before  # the compiled code ran
+        graphs = counters["stats"]["unique_graphs"]
+        _step_grads(base, model, cfg)
+        assert counters["stats"]["unique_graphs"] == graphs  # a second step reuses every graph: no recompiling
     finally:
         fast.uncompile_unet(model.unet)
         torch._dynamo.reset()

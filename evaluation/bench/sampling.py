@@ -12,7 +12,8 @@ latents. Variants (``BASE[+OPTION...]``):
 - ``stock``: ``StableDiffusionPipeline.__call__`` (output_type="np"), the anchor's reference.
 - ``palp``: ``palp.sample.generate``: the same steps, no host syncs inside the loop.
 - options (palp only): ``vae=bf16|fp16|fp32`` (decoder dtype), ``cl`` (channels-last UNet),
-  ``compile=transformers|blocks|unet``, ``mode=<torch.compile mode>``, ``sdpa=flash|cudnn|efficient|math``.
+  ``compile=transformers|blocks|unet``, ``mode=<torch.compile mode>``, ``sdpa=flash|cudnn|efficient|math``,
+  ``cudnn`` (torch.backends.cudnn.benchmark: each convolution's fastest algorithm, found by timing).
 
 Per variant: the first call (compilation included, 2 steps) timed alone, a 5-step call (the
 warm-up, in which host syncs are counted), then --iters full calls (median); images/s, the share of the ceiling of the UNet work
@@ -39,10 +40,11 @@ import benchlib as bl
 from benchlib import BenchError, log
 
 BASES = ("stock", "palp")
-OPTIONS = ("vae", "cl", "compile", "mode", "sdpa")
+OPTIONS = ("vae", "cl", "compile", "mode", "sdpa", "cudnn")
 PROMPT = "A sketch of [V] in Paris at night"
 DEFAULT_VARIANTS = ["stock", "palp", "palp+vae=bf16", "palp+compile=blocks+vae=bf16",
-                    "palp+compile=blocks+vae=bf16+sdpa=cudnn", "palp+compile=blocks+cl+vae=bf16"]
+                    "palp+compile=blocks+vae=bf16+cudnn", "palp+compile=blocks+vae=bf16+sdpa=cudnn",
+                    "palp+compile=blocks+cl+vae=bf16"]
 SMOKE_VARIANTS = ["stock", "palp", "palp+vae=bf16", "palp+cl"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -144,6 +146,7 @@ def measure(s: Samplers, spec: str, *, iters: int, backend: str) -> dict:
             torch._dynamo.reset()
         fast.compile_unet(unet, opts["compile"], mode=opts.get("mode", "default"), backend=backend)
     attention = fast.attention_backend(opts.get("sdpa", "auto"))
+    torch.backends.cudnn.benchmark = bool(opts.get("cudnn"))
     try:
         bl.reset_peak_memory(dev)
         with attention:
@@ -162,6 +165,7 @@ def measure(s: Samplers, spec: str, *, iters: int, backend: str) -> dict:
         if opts.get("sdpa") and opts.get("compile"):
             torch._dynamo.reset()
         s.use_vae(s.dtype)
+        torch.backends.cudnn.benchmark = False
     seconds = float(np.median(times))
     if base == "stock" and s.reference is None:
         s.reference = images

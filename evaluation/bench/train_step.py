@@ -14,7 +14,8 @@ Variants (``BASE[+OPTION...]``):
   forward, one backward, clipping, fused AdamW, the measurements read once).
 - options: ``separate`` (the two guidance branches as two calls), ``cl`` (channels-last),
   ``ckpt`` (gradient checkpointing), ``compile=transformers|blocks|unet``, ``mode=<torch.compile mode>``,
-  ``sdpa=flash|cudnn|efficient|math`` (the attention kernel).
+  ``sdpa=flash|cudnn|efficient|math`` (the attention kernel), ``cudnn`` (cuDNN picks each
+  convolution's fastest algorithm by timing them: torch.backends.cudnn.benchmark).
 
 Each variant: its first call (compilation included) timed alone, then --warmup calls, then
 --iters calls timed with CUDA events (median). FLOPs are counted as the anchors do: a forward
@@ -44,12 +45,13 @@ import benchlib as bl
 from benchlib import BenchError, log
 
 BASES = ("naive-db", "naive-palp", "db", "palp")
-OPTIONS = ("separate", "cl", "ckpt", "compile", "mode", "sdpa")
+OPTIONS = ("separate", "cl", "ckpt", "compile", "mode", "sdpa", "cudnn")
 # In the order that matters: a run cut short still has the comparison. The first compiled
 # variant compiles from an empty cache (its first call is the cold compile time); the later
 # ones reuse what it compiled; channels-last changes strides, so it compiles again.
 DEFAULT_VARIANTS = ["naive-db", "naive-palp", "db", "palp", "palp+separate", "palp+compile=blocks",
-                    "db+compile=blocks", "palp+compile=blocks+sdpa=cudnn", "palp+compile=blocks+cl"]
+                    "db+compile=blocks", "palp+compile=blocks+cudnn", "palp+compile=blocks+sdpa=cudnn",
+                    "palp+compile=blocks+cl"]
 SMOKE_VARIANTS = ["naive-db", "naive-palp", "db", "palp+separate", "palp", "palp+cl+ckpt"]
 
 
@@ -188,6 +190,8 @@ def measure(bench: Bench, spec: str, *, iters: int, warmup: int, backend: str) -
     def fn():
         with fast.attention_backend(opts.get("sdpa", "auto")):
             step()
+
+    torch.backends.cudnn.benchmark = bool(opts.get("cudnn"))
     unet, dev = bench.model.unet, bench.device
     if opts.get("cl"):
         fast.set_channels_last(unet, True)
@@ -206,6 +210,7 @@ def measure(bench: Bench, spec: str, *, iters: int, warmup: int, backend: str) -
         fast.uncompile_unet(unet)
         fast.set_gradient_checkpointing(unet, False)
         fast.set_channels_last(unet, False)
+        torch.backends.cudnn.benchmark = False
         if opts.get("sdpa") and opts.get("compile"):
             torch._dynamo.reset()
     flops = bench.flops(base, cfg)

@@ -136,6 +136,13 @@ def compile_unet(unet: nn.Module, how: str, *, mode: str = "default", backend: s
     return targets
 
 
+def is_compile_error(error: BaseException) -> bool:
+    """Whether ``error`` is torch.compile failing (tracing or code generation), not the model."""
+    import torch._dynamo.exc
+
+    return isinstance(error, torch._dynamo.exc.TorchDynamoException)
+
+
 def uncompile_unet(unet: nn.Module) -> None:
     """Undo ``compile_unet``: every module runs eagerly again (the compiled code stays cached)."""
     for m in unet.modules():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from palp import storage
 from palp.elements import element_list
 from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE
 from palp.prompts import check_prompt, clean_prompt, to_token_prompt
+
+log = logging.getLogger(__name__)
 
 SAMPLES_CSV = "samples.csv"
 PROMPTS_JSON = "prompts.json"
@@ -261,8 +264,16 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
                     images = (images * 255).round().astype(np.uint8)  # as the pipeline's own PIL output
                 else:
                     pad = batch_size - len(batch) if how != "none" else 0  # compiled: one batch shape for every batch
-                    images = generate(pipe, text + text[-1:] * pad, torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)]),
-                                      steps=steps, guidance=guidance)[: len(batch)]
+                    rows = (text + text[-1:] * pad, torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)]))
+                    try:
+                        images = generate(pipe, *rows, steps=steps, guidance=guidance)[: len(batch)]
+                    except Exception as e:
+                        if how == "none" or not fast.is_compile_error(e):
+                            raise
+                        log.warning("torch.compile failed (%s); sampling without compiling", type(e).__name__)
+                        fast.uncompile_unet(pipe.unet)
+                        how, cache = "none", ""
+                        images = generate(pipe, *rows, steps=steps, guidance=guidance)[: len(batch)]
                 if cache and n == 0:
                     fast.save_compile_cache(cache)
                 for j, im in zip(batch, images):

@@ -325,6 +325,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
                     batch=micro * accum, latent_shape=mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
         return Draws(*(x.pin_memory() for x in dataclasses.astuple(full))) if device.type == "cuda" else full
 
+    compiled = fast.resolve_compile(cfg.compile, device) != "none"
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=f"palp train ({cfg.method})",
                disable=not (progress and accelerator.is_local_main_process))
     # The next step's draws are made on the CPU while the device runs this step.
@@ -333,13 +334,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     try:
         with fast.attention_backend(cfg.attention):
             for step in bar:
+                accelerator_step = accelerator.step
                 full = upcoming.result()
                 if step < cfg.steps:
                     upcoming = ahead.submit(draws_of, step + 1)
                 try:
-                    sums = train_step(ctx, cfg, full, micro=micro)
-                except NonFiniteError as e:
-                    raise TrainingError(_non_finite(step, str(e), out)) from None
+                    sums = _step(ctx, cfg, full, micro, step, out)
+                except Exception as e:
+                    if not (compiled and fast.is_compile_error(e)):
+                        raise
+                    # torch.compile failed here (at the first call of some shape): the same step
+                    # again, eagerly; nothing was updated (the error came before the optimizer).
+                    log.warning("torch.compile failed (%s: %s); training without compiling", type(e).__name__,
+                                str(e).splitlines()[0] if str(e) else "")
+                    fast.uncompile_unet(model.unet)
+                    compiled, compile_cache = False, ""
+                    accelerator.step = accelerator_step  # accumulation restarts with this step's first micro-batch
+                    ctx.optimizer.zero_grad(set_to_none=True)
+                    sums = _step(ctx, cfg, full, micro, step, out)
                 if compile_cache and step == start + 1 and accelerator.is_main_process:
                     fast.save_compile_cache(compile_cache)  # every shape has been compiled by now
                 row = {"step": step, "loss": sums["loss"], "rec_loss": sums["rec_loss"], "align_loss": sums.get("align_loss", 0.0),
@@ -369,6 +381,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
                 storage.write_bytes(storage.join(remote, name), (out / name).read_bytes())
     accelerator.wait_for_everyone()
     return TrainResult(out, model, base.tokenizer, rows)
+
+
+def _step(ctx: StepContext, cfg: TrainConfig, full: Draws, micro: int, step: int, out: Path) -> dict[str, float]:
+    try:
+        return train_step(ctx, cfg, full, micro=micro)
+    except NonFiniteError as e:
+        raise TrainingError(_non_finite(step, str(e), out)) from None
 
 
 def _non_finite(step: int, what: str, out: Path) -> str:

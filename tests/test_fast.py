@@ -202,3 +202,31 @@ def test_compile_cache_round_trip(tmp_path, monkeypatch):
     assert counters["inductor"]["fxgraph_cache_hit"] >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0
     torch.testing.assert_close(got, expected)
     torch._dynamo.reset()
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_step(cat_images, tmp_path, monkeypatch, caplog):
+    """If torch.compile fails on a machine, training goes on eagerly: the same weights as --compile none."""
+    import logging
+
+    import torch._dynamo
+    from safetensors.torch import load_file
+
+    from conftest import train_args
+    from palp.cli import main
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no code generator here")
+
+    real = fast.compile_unet
+    monkeypatch.setattr(fast, "compile_unet", lambda unet, how, **kw: real(unet, how, backend=broken_backend))
+    torch._dynamo.reset()
+    try:
+        with caplog.at_level(logging.WARNING, logger="palp.train"):
+            assert main(train_args(cat_images, tmp_path / "fallback", "--compile", "transformers", steps=1)) == 0
+    finally:
+        torch._dynamo.reset()
+    assert "torch.compile failed (BackendCompilerFailed" in caplog.text
+    assert main(train_args(cat_images, tmp_path / "eager", "--compile", "none", steps=1)) == 0
+    for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        a, b = load_file(tmp_path / "fallback" / name), load_file(tmp_path / "eager" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

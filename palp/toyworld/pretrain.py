@@ -1,0 +1,521 @@
+"""Pretrain the toy world's models: a small Stable Diffusion, a small CLIP, and the judge.
+
+    python -m palp.toyworld.pretrain all --work WORKDIR --out palp/toyworld/weights
+
+Stages run in order and each one resumes from its last checkpoint in ``--work``:
+
+- ``data``: render the pretraining scenes (images, ground-truth labels, captions);
+- ``vae``: an AutoencoderKL, 64x64 RGB <-> 16x16x8 latents (SD's layout, 4x down-sampling);
+- ``unet``: a UNet2DConditionModel and a CLIPTextModel (real CLIP tokenizer), trained together
+  on the latents with SD's noise schedule and epsilon objective, captions dropped 10% of the
+  time for classifier-free guidance, with an EMA of the weights;
+- ``clip``: a small open_clip model trained contrastively on the same images and captions;
+- ``judge``: a classifier that reads every ground-truth attribute from an image;
+- ``export``: write the diffusers model, the open_clip folder and the judge to ``--out``.
+
+Everything is seeded. Wall times and sizes go to ``--work``/recipe.json, which ``export``
+copies next to the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from palp.toyworld.world import ATTRIBUTES, render_dataset
+
+RES = 64
+LATENT = 16
+LATENT_CHANNELS = 8
+SEED = 0
+STAGES = ("data", "vae", "unet", "judge", "clip", "export")
+
+DEFAULTS = dict(
+    n_train=60000,
+    vae_steps=3000,
+    vae_batch=16,
+    unet_steps=5000,
+    unet_batch=64,
+    unet_lr=8e-4,
+    clip_steps=1500,
+    clip_batch=128,
+    judge_steps=2000,
+    judge_batch=64,
+)
+
+
+# ----------------------------------------------------------------------------- architectures
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(24, 48, 64),
+        layers_per_block=1,
+        # 8 latent channels: 16x16x8 keeps the identity patterns that 16x16x4 blurs away.
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=RES,
+    )
+
+
+def build_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=64,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(48, 96, 120),  # 4.8M parameters: the weights file stays under 20 MB
+        layers_per_block=1,
+        # Cross-attention at 8x8 and 4x4: style, place and time are global properties.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def build_tokenizer():
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    from palp.tiny import write_clip_tokenizer_files
+
+    with tempfile.TemporaryDirectory() as d:
+        write_clip_tokenizer_files(Path(d))
+        return CLIPTokenizer.from_pretrained(d, pad_token="<|endoftext|>", model_max_length=77)
+
+
+CLIP_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
+    },
+    "preprocess_cfg": {
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    },
+}
+
+
+class Judge(torch.nn.Module):
+    """A small CNN with one head per ground-truth attribute."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(cin, cout):
+            return torch.nn.Sequential(
+                torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.BatchNorm2d(cout), torch.nn.ReLU(),
+                torch.nn.Conv2d(cout, cout, 3, padding=1), torch.nn.BatchNorm2d(cout), torch.nn.ReLU(),
+                torch.nn.MaxPool2d(2),
+            )
+
+        self.features = torch.nn.Sequential(block(3, 32), block(32, 64), block(64, 128), block(128, 128))
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(128 * 16, len(v)) for k, v in ATTRIBUTES.items()})
+
+    def forward(self, x):  # x: (B, 3, 64, 64) in [-1, 1]
+        h = self.features(x)  # (B, 128, 4, 4)
+        h = F.adaptive_avg_pool2d(h, 4).flatten(1)
+        return {k: head(h) for k, head in self.heads.items()}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _atomic_save(obj, path: Path):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load_data(work: Path):
+    d = np.load(work / "data.npz")
+    captions = json.loads((work / "captions.json").read_text())
+    return d["images"], d["labels"], captions
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def _recipe(work: Path, stage: str, **info):
+    path = work / "recipe.json"
+    recipe = json.loads(path.read_text()) if path.exists() else {}
+    recipe.setdefault("stages", {}).setdefault(stage, {}).update(info)
+    recipe["hardware"] = f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}" + (
+        f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    )
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(recipe, indent=2))
+    os.replace(tmp, path)
+
+
+class _Resumable:
+    """Holds a stage's modules + optimizer; saves and restores them with the RNG state."""
+
+    def __init__(self, path: Path, **objects):
+        self.path, self.objects, self.step = path, objects, 0
+        self.elapsed = 0.0
+        if path.exists():
+            state = torch.load(path, weights_only=False)
+            for k, obj in objects.items():
+                obj.load_state_dict(state[k])
+            self.step, self.elapsed = state["step"], state["elapsed"]
+            torch.set_rng_state(state["torch_rng"])
+            np.random.set_state(state["np_rng"])
+            random.setstate(state["py_rng"])
+            print(f"resumed {path.name} at step {self.step}")
+
+    def save(self, elapsed: float):
+        state = {k: obj.state_dict() for k, obj in self.objects.items()}
+        state.update(step=self.step, elapsed=elapsed, torch_rng=torch.get_rng_state(),
+                     np_rng=np.random.get_state(), py_rng=random.getstate())
+        _atomic_save(state, self.path)
+
+
+def _seed(seed: int):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _loop(stage, work, steps, every, run_step, **objects):
+    """Run ``run_step(step) -> loss`` until ``steps``, checkpointing every ``every`` steps."""
+    state = _Resumable(work / f"{stage}.ckpt", **objects)
+    start, t0 = state.step, time.perf_counter()
+    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, mininterval=10)
+    avg = None
+    for step in bar:
+        loss = run_step(step)
+        avg = loss if avg is None else 0.98 * avg + 0.02 * loss
+        state.step = step + 1
+        if state.step % 50 == 0:
+            bar.set_postfix(loss=f"{avg:.4f}")
+        if state.step % every == 0 or state.step == steps:
+            state.save(state.elapsed + time.perf_counter() - t0)
+    wall = state.elapsed + time.perf_counter() - t0
+    info = {"steps": steps, "wall_s": round(wall, 1)}
+    if avg is not None:  # a resumed, already finished stage keeps the loss it recorded
+        info["final_loss"] = avg
+    _recipe(work, stage, **info)
+    return state
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_data(work: Path, cfg):
+    if (work / "data.npz").exists():
+        return
+    t0 = time.perf_counter()
+    images, labels, captions = render_dataset(cfg["n_train"], seed=SEED)
+    np.savez(work / "data.tmp.npz", images=images, labels=labels)
+    os.replace(work / "data.tmp.npz", work / "data.npz")
+    (work / "captions.json").write_text(json.dumps(captions))
+    _recipe(work, "data", n=cfg["n_train"], seed=SEED, wall_s=round(time.perf_counter() - t0, 1))
+
+
+def stage_vae(work: Path, cfg):
+    images, _, _ = _load_data(work)
+    _seed(SEED + 1)
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(SEED + 1)
+
+    def run_step(step):
+        lr = 1e-3 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg["vae_steps"])))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(images), (cfg["vae_batch"],), generator=g)
+        x = _to_tensor(images[idx.numpy()])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        kl = post.kl().mean() / (LATENT * LATENT * LATENT_CHANNELS)
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    _loop("vae", work, cfg["vae_steps"], 250, run_step, vae=vae, opt=opt)
+    # Latents of the whole set (posterior mean and std) and SD's latent scaling factor.
+    if not (work / "latents.pt").exists():
+        vae.eval()
+        means, stds = [], []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(images), 256), desc="encoding latents", mininterval=10):
+                post = vae.encode(_to_tensor(images[i : i + 256])).latent_dist
+                means.append(post.mean.half())
+                stds.append(post.std.half())
+        mean, std = torch.cat(means), torch.cat(stds)
+        scaling = float(1.0 / mean.float().std())
+        vae.register_to_config(scaling_factor=scaling)
+        with torch.no_grad():
+            x = _to_tensor(images[:512])
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+            psnr = float(10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), x)))
+        _atomic_save({"mean": mean, "std": std, "scaling_factor": scaling}, work / "latents.pt")
+        vae.save_pretrained(work / "vae")
+        _recipe(work, "vae", scaling_factor=scaling, reconstruction_psnr_db=round(psnr, 2))
+
+
+def stage_unet(work: Path, cfg):
+    _, _, captions = _load_data(work)
+    lat = torch.load(work / "latents.pt")
+    mean, std, scaling = lat["mean"], lat["std"], lat["scaling_factor"]
+    from diffusers import DDPMScheduler
+
+    from palp.tiny import SD_SCHEDULER_CONFIG
+
+    sched = DDPMScheduler(**{k: SD_SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
+    tok = build_tokenizer()
+    ids = tok(captions + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty = ids[-1]
+    ids = ids[:-1]
+    _seed(SEED + 2)
+    unet, te = build_unet(), build_text_encoder()
+    ema_unet, ema_te = build_unet(), build_text_encoder()
+    ema_unet.load_state_dict(unet.state_dict())
+    ema_te.load_state_dict(te.state_dict())
+    for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
+        p.requires_grad_(False)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg["unet_lr"], weight_decay=0.0)
+    ac = sched.alphas_cumprod
+    g = torch.Generator().manual_seed(SEED + 2)
+    pairs = list(zip(list(unet.parameters()) + list(te.parameters()),
+                     list(ema_unet.parameters()) + list(ema_te.parameters())))
+    b = cfg["unet_batch"]
+
+    def run_step(step):
+        lr = cfg["unet_lr"] * min(1.0, (step + 1) / 300)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(captions), (b,), generator=g)
+        z0 = (mean[idx].float() + std[idx].float() * torch.randn(b, LATENT_CHANNELS, LATENT, LATENT, generator=g)) * scaling
+        tok_ids = ids[idx].clone()
+        drop = torch.rand(b, generator=g) < 0.1
+        tok_ids[drop] = empty
+        t = torch.randint(0, 1000, (b,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = ac[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        cond = te(tok_ids)[0]
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p, e in pairs:
+                e.lerp_(p, 1 - decay)
+        return loss.item()
+
+    _loop("unet", work, cfg["unet_steps"], 250, run_step, unet=unet, te=te, ema_unet=ema_unet, ema_te=ema_te, opt=opt)
+    ema_unet.save_pretrained(work / "unet")
+    ema_te.save_pretrained(work / "text_encoder")
+
+
+def stage_clip(work: Path, cfg):
+    import open_clip
+
+    images, _, captions = _load_data(work)
+    clip_dir = work / "clip_init"
+    clip_dir.mkdir(exist_ok=True)
+    (clip_dir / "open_clip_config.json").write_text(json.dumps(CLIP_CONFIG, indent=2))
+    _seed(SEED + 3)
+    model = open_clip.create_model(f"local-dir:{clip_dir}", load_weights=False)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
+    mean = torch.tensor(CLIP_CONFIG["preprocess_cfg"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_CONFIG["preprocess_cfg"]["std"]).view(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(SEED + 3)
+    b = cfg["clip_batch"]
+
+    def run_step(step):
+        lr = 5e-4 * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / cfg["clip_steps"]))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(images), (b,), generator=g).numpy()
+        x = (torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        text = tokenizer([captions[i] for i in idx])
+        img_f, txt_f, scale = model(x, text)[:3]
+        logits = scale * img_f @ txt_f.T
+        # Captions can repeat within a batch: every identical caption is a positive.
+        same = torch.tensor([[captions[i] == captions[j] for j in idx] for i in idx], dtype=torch.float32)
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.T.log_softmax(1), 1).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return loss.item()
+
+    _loop("clip", work, cfg["clip_steps"], 250, run_step, model=model, opt=opt)
+    from safetensors.torch import save_file
+
+    out = work / "clip"
+    out.mkdir(exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps(CLIP_CONFIG, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+
+
+def judge_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Blur, noise and colour jitter, so the judge also reads imperfect, generated images."""
+    b = x.shape[0]
+    k = torch.tensor([1.0, 2.0, 1.0]) / 4
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), (k[:, None] * k[None]).expand(3, 1, 3, 3), groups=3)
+    w = torch.rand(b, 1, 1, 1, generator=g)
+    x = w * blurred + (1 - w) * x
+    x = x + 0.08 * torch.rand(b, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
+    x = x * (1 + 0.1 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)) + 0.1 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5)
+    return x.clamp(-1, 1)
+
+
+def stage_judge(work: Path, cfg):
+    images, labels, _ = _load_data(work)
+    _seed(SEED + 4)
+    judge = Judge()
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(SEED + 4)
+    lab = torch.from_numpy(labels)
+    b = cfg["judge_batch"]
+    style_idx = ATTRIBUTES["style"].index("sketch")
+
+    def run_step(step):
+        lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / cfg["judge_steps"]))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        judge.train()
+        idx = torch.randint(len(images), (b,), generator=g)
+        x = judge_augment(_to_tensor(images[idx.numpy()]), g)
+        y = lab[idx]
+        out = judge(x)
+        loss = 0.0
+        for j, (k, logits) in enumerate(out.items()):
+            per = F.cross_entropy(logits, y[:, j], reduction="none")
+            # Attributes that a picture does not show carry no label.
+            if k in ("color", "pattern_color"):
+                per = per * (y[:, 0] != style_idx)
+            if k == "pattern_color":
+                per = per * (y[:, list(ATTRIBUTES).index("pattern")] != 0)
+            loss = loss + per.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    _loop("judge", work, cfg["judge_steps"], 250, run_step, judge=judge, opt=opt)
+    from palp.toyworld.judge import judge_accuracy
+
+    judge.eval()
+    acc = judge_accuracy(judge, n=2000, seed=12345)
+    _atomic_save(judge.state_dict(), work / "judge.pt")
+    _recipe(work, "judge", heldout_accuracy=acc)
+    print("judge held-out accuracy:", json.dumps(acc))
+
+
+def stage_export(work: Path, out: Path):
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from palp.storage import atomic_directory
+    from palp.tiny import SD_SCHEDULER_CONFIG
+
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(work / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(work / "text_encoder"),
+        tokenizer=build_tokenizer(),
+        unet=UNet2DConditionModel.from_pretrained(work / "unet"),
+        scheduler=PNDMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out / "sd", replace=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    with atomic_directory(out / "clip", replace=True) as tmp:
+        for f in ("open_clip_config.json", "open_clip_model.safetensors"):
+            shutil.copy(work / "clip" / f, tmp / f)
+    with atomic_directory(out / "judge", replace=True) as tmp:
+        state = torch.load(work / "judge.pt")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "judge.safetensors"))
+    shutil.copy(work / "recipe.json", out / "recipe.json")
+    big = [p for p in out.rglob("*") if p.is_file() and p.stat().st_size > 20 * 2**20]
+    if big:
+        raise SystemExit(f"weight files over 20 MB: {big}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("stage", choices=STAGES + ("all",))
+    ap.add_argument("--work", required=True, type=Path, help="working folder (data, checkpoints; resumable)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "weights")
+    ap.add_argument("--threads", type=int, default=None)
+    for k, v in DEFAULTS.items():
+        ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = {k: getattr(args, k) for k in DEFAULTS}
+    args.work.mkdir(parents=True, exist_ok=True)
+    _recipe(args.work, "config", **cfg)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    for s in stages:
+        if s == "export":
+            stage_export(args.work, args.out)
+        else:
+            globals()[f"stage_{s}"](args.work, cfg)
+
+
+if __name__ == "__main__":
+    main()

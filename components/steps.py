@@ -17,7 +17,10 @@ def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pre
     import os
 
     from palp.cli import main
+    from palp.config import split_method
 
+    for m in methods:  # fail before any branch starts
+        split_method(m)
     argv = ["prepare", "--output", prepared.path, "--pretrained-model", pretrained_model, "--clip", clip_model,
             "--clip-weights", clip_weights, "--quiet"]
     for s in subjects:
@@ -43,8 +46,11 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
     """palp train --prepared, always with --resume: a retried (preempted) task continues from
     the checkpoints it left in its output."""
     from palp.cli import main
+    from palp.config import split_method
 
-    argv = ["train", "--prepared", prepared.path, "--task", task, "--method", method, "--pretrained-model", pretrained_model,
+    base_method, noise = split_method(method)  # "palp-iid": PALP with i.i.d. re-noising
+    argv = ["train", "--prepared", prepared.path, "--task", task, "--method", base_method, "--noise", noise,
+            "--pretrained-model", pretrained_model,
             "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--lora-rank", str(lora_rank),
             "--save-steps", save_steps, "--checkpoint-every", str(checkpoint_every), "--mixed-precision", mixed_precision,
             "--seed", str(seed), "--output", model.path, "--resume", "--quiet"]
@@ -68,7 +74,7 @@ def sample(model: Input[Model], num_samples: int, steps: int, batch_size: int, s
     samples.metadata.update({"num_samples": num_samples, "steps": steps, "scheduler": scheduler})
 
 
-def score(samples: Input[Dataset], prepared: Input[Dataset], clip_model: str, clip_weights: str,
+def score(samples: Input[Dataset], prepared: Input[Dataset], clip_model: str, clip_weights: str, judge: str,
           scores: Output[Dataset], metrics: Output[Metrics], table: Output[Markdown], report: Output[HTML]):
     """palp score of one branch: its Table 2 row, metrics and report."""
     import json
@@ -78,7 +84,7 @@ def score(samples: Input[Dataset], prepared: Input[Dataset], clip_model: str, cl
     from palp.cli import main
 
     main(["score", "--samples", samples.path, "--prepared", prepared.path, "--output", scores.path, "--clip", clip_model,
-          "--clip-weights", clip_weights, "--quiet"], raise_errors=True)
+          "--clip-weights", clip_weights, "--judge", judge, "--quiet"], raise_errors=True)
     with open(os.path.join(scores.path, "metrics.json")) as f:
         for name, value in json.load(f).items():
             metrics.log_metric(name, value)
@@ -86,7 +92,7 @@ def score(samples: Input[Dataset], prepared: Input[Dataset], clip_model: str, cl
     shutil.copyfile(os.path.join(scores.path, "report.html"), report.path)
 
 
-def compare(samples: Input[List[Dataset]], prepared: Input[Dataset], clip_model: str, clip_weights: str, forms: int,
+def compare(samples: Input[List[Dataset]], prepared: Input[Dataset], clip_model: str, clip_weights: str, judge: str, forms: int,
             study_seed: int, study_image_size: int, scores: Output[Dataset], metrics: Output[Metrics],
             table: Output[Markdown], report: Output[HTML], study: Output[Dataset]):
     """Every branch together: the Table-2 comparison across methods, its report, the study forms."""
@@ -98,7 +104,7 @@ def compare(samples: Input[List[Dataset]], prepared: Input[Dataset], clip_model:
 
     dirs = [s.path for s in samples]
     argv = ["score", "--prepared", prepared.path, "--output", scores.path, "--clip", clip_model, "--clip-weights",
-            clip_weights, "--quiet"]
+            clip_weights, "--judge", judge, "--quiet"]
     for d in dirs:
         argv += ["--samples", d]
     main(argv, raise_errors=True)

@@ -41,7 +41,7 @@ def add_train_parser(sub) -> None:
                    help="personalization prompt y_P per subject (default 'A photo of [V]')")
     g.add_argument("--clean-prompt", default="", help="clean target prompt y_c (default: derived from --prompt)")
     g.add_argument("--pretrained-model", default=C.pretrained_model,
-                   help="Hugging Face id, local diffusers folder, gs:// prefix, or 'tiny'")
+                   help="Hugging Face id, local diffusers folder, gs:// prefix, 'tiny' or 'toyworld'")
     g.add_argument("--output", required=True, help="run folder")
     g.add_argument("--min-image-size", type=int, default=None, help="smallest accepted image side (default: half the model resolution)")
 
@@ -195,7 +195,7 @@ def add_prepare_parser(sub) -> None:
     p.add_argument("--resolution", type=int, help="image side (default: the model's)")
     p.add_argument("--min-image-size", type=int, help="smallest accepted side (default: half the resolution)")
     p.add_argument("--near-duplicate-distance", type=int, default=4, help="max dHash distance of a near duplicate")
-    p.add_argument("--clip", default="ViT-B-32", help="open_clip model for class words (or 'tiny')")
+    p.add_argument("--clip", default="ViT-B-32", help="open_clip model for class words (or 'tiny', 'toyworld')")
     p.add_argument("--clip-weights", default="openai", help="open_clip pretrained tag or checkpoint path")
     p.add_argument("--class-vocabulary", help="vocabulary YAML (default evaluation/classes/vocabulary.yaml)")
     p.add_argument("--min-confidence", type=float, default=0.3, help="flag a zero-shot winner below this")
@@ -279,8 +279,9 @@ def add_score_parser(sub) -> None:
     p.add_argument("--samples", action="append", required=True, help="a `palp sample` output (repeatable)")
     p.add_argument("--prepared", required=True, help="the prepared dataset the runs were trained on")
     p.add_argument("--output", required=True)
-    p.add_argument("--clip", default="ViT-B-32", help="open_clip model (or 'tiny')")
+    p.add_argument("--clip", default="ViT-B-32", help="open_clip model (or 'tiny', 'toyworld')")
     p.add_argument("--clip-weights", default="openai", help="open_clip pretrained tag or checkpoint path")
+    p.add_argument("--judge", default="", help="also judge toy-world images: 'toyworld' or a judge.safetensors")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_score)
@@ -290,7 +291,7 @@ def run_score(args) -> int:
     from palp.score import score
 
     scores = score(args.samples, args.prepared, args.output, clip_model=args.clip, clip_weights=args.clip_weights,
-                   batch_size=args.batch_size, progress=not args.quiet)
+                   judge=args.judge, batch_size=args.batch_size, progress=not args.quiet)
     print(storage_text(args.output, "table2.md"))
     print(f"{len(scores)} images scored -> {args.output}")
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from palp.tiny import cache_root
+from palp.toyworld import TOYWORLD_NAME, weights_dir
 
 TINY_CLIP = "tiny"
 TINY_CLIP_VERSION = "1"
@@ -92,17 +93,19 @@ def load_clip(name: str = "ViT-B-32", weights: str = "openai", *, device: str | 
     """open_clip model + preprocessing + tokenizer, in eval mode.
 
     ``name``: an open_clip architecture (``ViT-B-32``), ``local-dir:PATH``/``hf-hub:ORG/NAME``,
-    or ``tiny``. ``weights``: an open_clip pretrained tag (``openai``) or a checkpoint path.
+    ``tiny`` or ``toyworld``. ``weights``: an open_clip pretrained tag (``openai``) or a checkpoint path.
     """
     import open_clip
 
     display = name
     if name == TINY_CLIP:
         name, weights = f"local-dir:{tiny_clip_dir()}", None
+    elif name == TOYWORLD_NAME:
+        name, weights = f"local-dir:{weights_dir('clip')}", None
     elif name.startswith(("local-dir:", "hf-hub:")):
         weights = None
     elif name not in open_clip.list_models():
-        raise ClipError(f"unknown CLIP model {name!r}; use an open_clip name such as ViT-B-32, local-dir:PATH, or tiny")
+        raise ClipError(f"unknown CLIP model {name!r}; use an open_clip name such as ViT-B-32, local-dir:PATH, tiny or toyworld")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
     except Exception as e:  # open_clip reports a missing download or file in many ways

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from palp import storage, tiny
+from palp.toyworld import TOYWORLD_NAME, weights_dir
 
 # What a Stable Diffusion (1.x/2.x) directory must hold, per component.
 SD_LAYOUT = {
@@ -74,18 +75,20 @@ def check_sd_layout(path: Path, *, spec: str) -> Path:
 
 
 def resolve_model_dir(spec: str, *, cache_dir: str | Path | None = None) -> Path:
-    """Turn ``tiny``, a local directory, a ``gs://`` prefix or a hub id into a local directory."""
+    """Turn ``tiny``, ``toyworld``, a local directory, a ``gs://`` prefix or a hub id into a local directory."""
     spec = str(spec)
     cache = Path(cache_dir) if cache_dir else tiny.cache_root()
     if spec == tiny.TINY_NAME:
         return tiny.tiny_model_dir()
+    if spec == TOYWORLD_NAME:
+        return check_sd_layout(weights_dir("sd"), spec=spec)
     if storage.is_gcs(spec):
         return check_sd_layout(storage.local_dir(spec, cache=cache), spec=spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         return check_sd_layout(path, spec=spec)
     if path.exists():
-        raise ModelError(f"{spec} is a file; --pretrained-model wants a model directory, hub id, gs:// prefix or 'tiny'")
+        raise ModelError(f"{spec} is a file; --pretrained-model wants a model directory, hub id, gs:// prefix, 'tiny' or 'toyworld'")
     if not _HUB_ID_RE.match(spec) or spec.startswith((".", "/", "~")):
         raise ModelError(f"model {spec!r} not found: no such directory, and it is not a Hugging Face id (ORG/NAME)")
     return check_sd_layout(_hub_snapshot(spec), spec=spec)

@@ -11,6 +11,7 @@ import html
 import io
 
 import pandas as pd
+from PIL import Image
 
 from palp.data import read_image
 
@@ -24,6 +25,9 @@ def data_uri(data: bytes, mime: str) -> str:
 def thumbnail(uri: str, size: int = THUMB) -> str:
     im = read_image(uri)
     im.thumbnail((size, size))
+    factor = size // max(im.size)
+    if factor >= 2:  # small images (the toy world's 64 px) are shown enlarged, pixels kept sharp
+        im = im.resize((im.width * factor, im.height * factor), Image.NEAREST)
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=85)
     return data_uri(buf.getvalue(), "image/jpeg")

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from palp import storage
 from palp.elements import element_list
 from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE
+from palp.config import method_label
 from palp.prompts import check_prompt, clean_prompt, to_token_prompt
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
         table[p] = {"clean_prompt": config["clean_prompt"] if explicit else clean_prompt(p, words),
                     "elements": (config.get("elements") if explicit else None) or element_list(p, words)}
     weights = weights_to_sample(run, checkpoints, reference)
-    method = REFERENCE_METHOD if reference else config["method"]
+    method = REFERENCE_METHOD if reference else method_label(config["method"], config.get("noise", "same"))
     subject = "+".join(s["name"] for s in config["subjects"])
 
     # Every (weights, prompt, sample) job; the finished ones are skipped. Several runs may share

@@ -64,8 +64,12 @@ def encode_images(clip, uris: list[str], *, batch_size: int, desc: str, progress
 
 
 def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: str = "ViT-B-32",
-          clip_weights: str = "openai", batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
-    """Score every sample; write scores, summaries, Table 2, metrics, a plot and an HTML report."""
+          clip_weights: str = "openai", judge: str = "", batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+    """Score every sample; write scores, summaries, Table 2, metrics, a plot and an HTML report.
+
+    ``judge`` (``toyworld`` or a judge.safetensors): also read style, place, time, class and
+    identity off every toy-world image and score each against the prompt and the subject.
+    """
     from palp.clip import load_clip
 
     samples, prompts = read_samples(samples_dirs)
@@ -97,8 +101,39 @@ def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: st
         rows.append(row)
     scores = pd.DataFrame(rows)
     metric_cols = [*element_names, TARGET, IMAGE]
+    if judge:
+        judge_cols = judge_columns(scores, prompts, subjects, judge, progress=progress)
+        scores = pd.concat([scores, judge_cols], axis=1)
+        metric_cols += list(judge_cols.columns)
     write_outputs(scores, metric_cols, output, manifest, subjects)
     return scores
+
+
+def judge_columns(scores: pd.DataFrame, prompts: dict, subjects: dict, spec: str, *, progress: bool) -> pd.DataFrame:
+    """The toy-world judge's per-element correctness of every sample (NaN for multi-subject)."""
+    from palp.toyworld.judge import JUDGE_COLUMNS, judge_row, predict, reference_identity, resolve_judge
+    from palp.toyworld.render import SIZE, parse_caption
+
+    try:
+        model = resolve_judge(spec)
+    except (FileNotFoundError, OSError) as e:
+        raise ScoreError(f"--judge {spec}: {e}") from e
+
+    def read(uris):
+        return [read_image(u).convert("RGB").resize((SIZE, SIZE)) for u in uris]
+
+    readings = []
+    uris = list(scores["path"])
+    for i in tqdm(range(0, len(uris), 256), desc="palp score: judge", disable=not progress):
+        readings += predict(model, read(uris[i : i + 256]))
+    identity = {n: reference_identity(predict(model, read(files))) for n, files in subjects.items()}
+    rows = []
+    for (_, r), reading in zip(scores.iterrows(), readings):
+        if "+" in r["subject"]:
+            rows.append({c: math.nan for c in JUDGE_COLUMNS.values()})
+            continue
+        rows.append(judge_row(reading, parse_caption(prompts[r["prompt"]]["clean_prompt"]), identity[r["subject"]]))
+    return pd.DataFrame(rows, index=scores.index, columns=list(JUDGE_COLUMNS.values()))
 
 
 def _element_columns(prompts: dict, used) -> list[str]:

@@ -92,6 +92,7 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
         pretrained_model: str = "CompVis/stable-diffusion-v1-4",
         clip_model: str = "ViT-B-32",
         clip_weights: str = "openai",
+        judge: str = "",
         train_steps: int = 500,
         batch_size: int = 32,
         micro_batch_size: int = 0,
@@ -131,9 +132,9 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
             if retries:  # resumable: finished images are kept
                 sa.set_retry(num_retries=3, backoff_duration="60s")
             _configure(comps.score(samples=sa.outputs["samples"], prepared=prep.outputs["prepared"], clip_model=clip_model,
-                                   clip_weights=clip_weights), "score", backend, accelerator)
+                                   clip_weights=clip_weights, judge=judge), "score", backend, accelerator)
         _configure(comps.compare(samples=dsl.Collected(sa.outputs["samples"]), prepared=prep.outputs["prepared"],
-                                 clip_model=clip_model, clip_weights=clip_weights, forms=study_forms, study_seed=study_seed,
+                                 clip_model=clip_model, clip_weights=clip_weights, judge=judge, forms=study_forms, study_seed=study_seed,
                                  study_image_size=study_image_size), "compare", backend, accelerator)
 
     return palp_pipeline

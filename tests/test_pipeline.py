@@ -167,4 +167,4 @@ def test_a_failing_branch_fails_the_run_with_its_error(tmp_path, capfd):
     with pytest.raises(RuntimeError):
         run_local(str(tmp_path / "c.yaml"), pipeline_root=str(tmp_path / "root"))
     captured = capfd.readouterr()
-    assert "invalid choice: 'bogus'" in captured.out + captured.err
+    assert "unknown method 'bogus'; choose one of palp, ti-db" in captured.out + captured.err

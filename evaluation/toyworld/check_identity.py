@@ -1,0 +1,89 @@
+"""Does TI+DB keep a personal subject's identity? The judge reads "A photo of [V]" samples.
+
+    python evaluation/toyworld/check_identity.py --out /tmp/toy-identity [--steps 500]
+
+For each personal subject in examples/toyworld/, runs ``palp train --method ti-db`` on its
+photos with the toy model, samples "A photo of [V]", and compares the judge's reading of
+each sample with the subject's ground truth (examples/toyworld/NAME.json): class, body
+colour, pattern, pattern colour and accessory. Writes identity.json and a grid per subject.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from palp.cli import main as palp
+from palp.data import read_image
+from palp.storage import write_bytes, write_text
+from palp.toyworld.judge import IDENTITY_ATTRIBUTES, predict, resolve_judge
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPT = "A photo of [V]"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--subjects", nargs="*", help="names under examples/toyworld (default: all)")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--num-samples", type=int, default=8)
+    ap.add_argument("--sample-steps", type=int, default=25)
+    args = ap.parse_args(argv)
+
+    root = REPO / "examples" / "toyworld"
+    names = args.subjects or sorted(p.stem for p in root.glob("*.json"))
+    judge = resolve_judge("toyworld")
+    out = Path(args.out)
+    results, grids = {}, []
+    for name in names:
+        truth = json.loads((root / f"{name}.json").read_text())
+        truth = {"class": truth["identity"]["cls"], **{k: truth["identity"][k] for k in IDENTITY_ATTRIBUTES}}
+        run, samples = out / name / "run", out / name / "samples"
+        t0 = time.perf_counter()
+        palp(["train", "--images", str(root / name), "--class-word", truth["class"], "--prompt", PROMPT,
+              "--method", "ti-db", "--pretrained-model", "toyworld", "--steps", str(args.steps),
+              "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lora-rank", str(args.lora_rank),
+              "--save-steps", str(args.steps), "--output", str(run), "--resume", "--quiet"], raise_errors=True)
+        train_s = time.perf_counter() - t0
+        palp(["sample", "--model", str(run), "--output", str(samples), "--prompts", PROMPT, "--num-samples",
+              str(args.num_samples), "--steps", str(args.sample_steps), "--quiet"], raise_errors=True)
+        table = pd.read_csv(samples / "samples.csv", keep_default_na=False)
+        images = [read_image(str(samples / f)) for f in table["file"]]
+        readings = predict(judge, images)
+        kept = {k: float(np.mean([r[k] == truth[k] for r in readings])) for k in truth}
+        all_kept = float(np.mean([all(r[k] == truth[k] for k in truth) for r in readings]))
+        results[name] = {"truth": truth, "kept": kept, "mean": float(np.mean(list(kept.values()))),
+                         "all_attributes": all_kept, "train_s": round(train_s, 1)}
+        print(name, json.dumps(results[name]["kept"]), f"mean {results[name]['mean']:.3f}")
+        row = Image.new("RGB", (64 * (1 + len(images)), 64), "white")
+        row.paste(Image.open(sorted((root / name).glob("*.png"))[0]).convert("RGB"), (0, 0))
+        for i, im in enumerate(images):
+            row.paste(im.convert("RGB").resize((64, 64)), (64 * (i + 1), 0))
+        grids.append(row)
+    overall = {k: float(np.mean([r["kept"][k] for r in results.values()])) for k in results[names[0]]["kept"]}
+    summary = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lora_rank": args.lora_rank,
+               "per_subject": results, "overall": overall,
+               "overall_mean": float(np.mean(list(overall.values())))}
+    write_text(str(out / "identity.json"), json.dumps(summary, indent=2) + "\n")
+    grid = Image.new("RGB", (grids[0].width, 64 * len(grids)), "white")
+    for i, g in enumerate(grids):
+        grid.paste(g, (0, 64 * i))
+    buf = io.BytesIO()
+    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(buf, format="PNG")
+    write_bytes(str(out / "identity_grid.png"), buf.getvalue(), content_type="image/png")
+    print(json.dumps({"overall": overall, "overall_mean": summary["overall_mean"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

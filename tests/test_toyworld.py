@@ -1,0 +1,240 @@
+"""The toy world: renderer, captions, judge, shipped models, and judge scoring."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from palp.config import ConfigError, method_label, split_method
+from palp.toyworld import WEIGHTS
+from palp.toyworld.judge import JUDGE_COLUMNS, judge_row, reference_identity
+from palp.toyworld.render import (
+    PLACES,
+    STYLES,
+    TIMES,
+    Identity,
+    Scene,
+    compose_caption,
+    parse_caption,
+    render_array,
+)
+from palp.toyworld.world import HELD_OUT_PAIRS, PERSONAL_SUBJECTS, TARGET_PROMPTS, random_scene, write_subjects
+
+REPO = Path(__file__).resolve().parents[1]
+CAT = Identity("cat", "purple", "dotted", "green", "star")
+
+
+def test_rendering_is_a_function_of_the_scene():
+    a = render_array(Scene(CAT, "watercolour", "beach", "sunset", seed=3))
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, render_array(Scene(CAT, "watercolour", "beach", "sunset", seed=3)))
+    assert not np.array_equal(a, render_array(Scene(CAT, "watercolour", "beach", "sunset", seed=4)))
+    assert not np.array_equal(a, render_array(Scene(CAT, "watercolour", "beach", "night", seed=3)))
+
+
+def test_each_attribute_changes_the_pixels():
+    base = Scene(CAT, "photo", "grass", "day", seed=1)
+    ref = render_array(base)
+    for change in (dict(identity=Identity("cat", "blue", "dotted", "green", "star")),
+                   dict(identity=Identity("cat", "purple", "striped", "green", "star")),
+                   dict(identity=Identity("cat", "purple", "dotted", "red", "star")),
+                   dict(identity=Identity("cat", "purple", "dotted", "green", "hat")),
+                   dict(identity=Identity("dog", "purple", "dotted", "green", "star"))):
+        other = render_array(Scene(**{**base.__dict__, **change}))
+        assert np.abs(other.astype(int) - ref).sum() > 0
+
+
+def test_sketch_is_grey_and_neon_is_dark():
+    sketch = render_array(Scene(CAT, "sketch", "grass", "day", seed=2)).astype(int)
+    assert np.abs(sketch[..., 0] - sketch[..., 2]).max() <= 12  # grey lines on white paper
+    assert np.median(sketch) > 200
+    neon = render_array(Scene(CAT, "neon", "grass", "day", seed=2))
+    assert np.median(neon) < 60
+
+
+def test_captions_parse_back_to_their_scene():
+    for style in STYLES:
+        for place in PLACES:
+            for time in (("day",) if place == "plain" else TIMES):
+                for say_day in (False, True):
+                    text = compose_caption(style, CAT.describe(), place, time, say_day=say_day)
+                    assert parse_caption(text) == {"style": style, "place": place, "time": time}, text
+
+
+def test_caption_describes_the_identity():
+    s = Scene(CAT, "watercolour", "beach", "sunset")
+    assert s.caption() == "A watercolour of a purple cat with green dots and a star on its head on the beach at sunset"
+    assert Identity("robot", "orange").describe() == "an orange robot"
+
+
+def test_bad_scenes_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="no time of day"):
+        Scene(CAT, "photo", "plain", "night")
+    with pytest.raises(ValueError, match="choose one of"):
+        Scene(CAT, "oil painting")
+    with pytest.raises(ValueError, match="unknown color"):
+        Identity("cat", "teal")
+
+
+def test_pretraining_never_shows_the_personal_subjects_pairs():
+    rng = random.Random(0)
+    pairs = {(s.identity.cls, s.identity.color) for s in (random_scene(rng) for _ in range(5000))}
+    assert not pairs & HELD_OUT_PAIRS
+    assert len(pairs) == 7 * 8 - len(HELD_OUT_PAIRS)  # every other pair does occur
+
+
+def test_target_prompts_are_complex_and_parse():
+    for p in TARGET_PROMPTS:
+        parsed = parse_caption(p.replace("[V]", "a cat"))
+        assert parsed["style"] not in (None, "photo") and parsed["place"] != "plain"
+
+
+def test_write_subjects_renders_photos_and_truth(tmp_path):
+    write_subjects(tmp_path, n=3, subjects=PERSONAL_SUBJECTS[:2])
+    for s in PERSONAL_SUBJECTS[:2]:
+        assert sorted(p.name for p in (tmp_path / s.name).iterdir()) == ["00.png", "01.png", "02.png"]
+        truth = json.loads((tmp_path / f"{s.name}.json").read_text())
+        assert truth["identity"]["color"] == s.identity.color
+    # The shipped example folders are exactly what the renderer makes.
+    from PIL import Image
+
+    shipped = np.asarray(Image.open(REPO / "examples/toyworld/purple-cat/00.png"))
+    write_subjects(tmp_path / "again", n=1, subjects=PERSONAL_SUBJECTS[:1])
+    assert np.array_equal(shipped, np.asarray(Image.open(tmp_path / "again/purple-cat/00.png")))
+
+
+def test_judge_row_counts_only_what_the_style_shows():
+    identity = {"class": "cat", "color": "purple", "pattern": "dotted", "pattern_color": "green", "accessory": "star"}
+    reading = {"style": "sketch", "place": "snow", "time": "night", **identity, "color": "blue", "pattern_color": "red"}
+    row = judge_row(reading, {"style": "sketch", "place": "snow", "time": "night"}, identity)
+    # A sketch shows pattern and accessory only: the wrong colours do not count.
+    assert row == {JUDGE_COLUMNS["place"]: 1.0, JUDGE_COLUMNS["time"]: 1.0, JUDGE_COLUMNS["style"]: 1.0,
+                   JUDGE_COLUMNS["class"]: 1.0, JUDGE_COLUMNS["identity"]: 1.0}
+    row = judge_row(dict(reading, style="watercolour"), {"style": "watercolour", "place": "beach", "time": "night"}, identity)
+    assert row[JUDGE_COLUMNS["style"]] == 1.0 and row[JUDGE_COLUMNS["place"]] == 0.0
+    assert row[JUDGE_COLUMNS["identity"]] == pytest.approx(2 / 4)  # colour and pattern colour are wrong
+    assert reference_identity([identity, identity, dict(identity, color="red")]) == identity
+
+
+def test_method_variants():
+    assert split_method("palp") == ("palp", "same")
+    assert split_method("palp-iid") == ("palp", "iid")
+    assert split_method("sds-iid") == ("sds", "iid")
+    for bad in ("ti-db-iid", "palp-xyz", "dreambooth"):
+        with pytest.raises(ConfigError, match="choose one of"):
+            split_method(bad)
+    assert method_label("palp", "iid") == "palp-iid" and method_label("palp") == "palp"
+    assert method_label("ti-db", "iid") == "ti-db"
+
+
+# ----------------------------------------------------------------------------- shipped models
+
+
+def test_shipped_weight_files_are_small():
+    files = [p for p in WEIGHTS.rglob("*") if p.is_file()]
+    assert {"sd", "clip", "judge"} <= {p.relative_to(WEIGHTS).parts[0] for p in files}
+    assert max(p.stat().st_size for p in files) < 20 * 10**6
+
+
+def test_judge_reads_fresh_renders():
+    from palp.toyworld.judge import judge_accuracy, load_judge
+
+    acc = judge_accuracy(load_judge(), n=300, seed=4242)
+    for k in ("style", "place", "time", "class", "accessory"):
+        assert acc[k] >= 0.95, acc
+    # Colours are harder (watercolour pales them, pixel art quantises them); chance is 1/8.
+    for k in ("color", "pattern", "pattern_color"):
+        assert acc[k] >= 0.5, acc
+
+
+def test_toy_sd_loads_through_stock_diffusers():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from palp.models import load_base_model, resolve_model_dir
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_dir("toyworld"), safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    assert pipe.tokenizer.vocab_size == 49408
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+    base = load_base_model("toyworld")
+    assert base.resolution == 64 and base.unet.dtype == torch.float32
+
+
+def test_toy_clip_knows_the_style_of_a_render():
+    from palp.clip import load_clip
+    from PIL import Image
+
+    clip = load_clip("toyworld")
+    rng = random.Random(7)
+    hits = 0
+    scenes = [random_scene(rng) for _ in range(40)]
+    feats = clip.encode_images([Image.fromarray(render_array(s)) for s in scenes])
+    for s, f in zip(scenes, feats):
+        texts = [compose_caption(st, s.identity.describe(), s.place, s.time) for st in STYLES]
+        hits += int(STYLES[int((clip.encode_texts(texts) @ f).argmax())] == s.style)
+    assert hits >= 36
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_report_tables_and_intervals(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toy_report", REPO / "evaluation/toyworld/report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    rows = []
+    rng = np.random.default_rng(0)
+    for subject in ("a", "b", "c"):
+        for prompt in ("p1", "p2"):
+            for method, good in (("ti-db", 0.0), ("palp", 1.0)):
+                for step in (100, 200):
+                    for i in range(4):
+                        rows.append({"subject": subject, "prompt": prompt, "method": method, "step": step, "run": f"{subject}{prompt}{method}",
+                                     "Judge: style": good, "Judge: place": good, "Judge: time": 1.0, "Judge: class": 1.0,
+                                     "Judge: identity": 1.0 - good / 2, "Target prompt": 0.2 + 0.1 * good,
+                                     "Image alignment": float(rng.uniform(0.5, 0.6))})
+    pd.DataFrame(rows).to_csv(tmp_path / "scores.csv", index=False)
+    report.main(["--scores", str(tmp_path / "scores.csv"), "--out", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    # Closed forms: TI+DB finds 1 of 3 elements, PALP all; the paired difference is exact.
+    assert summary["table2"]["ti-db"]["Elements found"] == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+    assert summary["table2"]["palp"]["Elements found"] == pytest.approx([1.0, 1.0, 1.0])
+    assert summary["paired"]["palp"]["Elements found"] == pytest.approx([2 / 3, 2 / 3, 2 / 3])
+    assert summary["paired"]["palp"]["Judge: identity"] == pytest.approx([-0.5, -0.5, -0.5])
+    lo, hi = summary["table2"]["palp"]["Image alignment"][1:]
+    assert lo <= summary["table2"]["palp"]["Image alignment"][0] <= hi
+    assert summary["table3"]["palp"]["Elements found"][0] == 1.0
+    assert (tmp_path / "out/curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_score_with_the_judge_end_to_end(tmp_path):
+    """prepare -> train (toy model, palp-iid) -> sample -> score --judge: judge columns beside CLIP's."""
+    from palp.cli import main
+
+    subject = REPO / "examples/toyworld/purple-cat"
+    prompt = "A sketch of [V] in the snow at night"
+    assert main(["prepare", "--subject", f"purple-cat={subject}", "--class-word", "purple-cat=cat", "--prompt", prompt,
+                 "--pretrained-model", "toyworld", "--clip", "toyworld", "--output", str(tmp_path / "prep"), "--quiet"]) == 0
+    assert main(["train", "--prepared", str(tmp_path / "prep"), "--pretrained-model", "toyworld", "--method", "palp",
+                 "--noise", "iid", "--steps", "2", "--batch-size", "2", "--lora-rank", "4", "--save-steps", "2",
+                 "--output", str(tmp_path / "run"), "--quiet"]) == 0
+    assert main(["sample", "--model", str(tmp_path / "run"), "--output", str(tmp_path / "samples"), "--num-samples", "3",
+                 "--steps", "3", "--quiet"]) == 0
+    assert main(["score", "--samples", str(tmp_path / "samples"), "--prepared", str(tmp_path / "prep"), "--output",
+                 str(tmp_path / "scores"), "--clip", "toyworld", "--judge", "toyworld", "--quiet"]) == 0
+    scores = pd.read_csv(tmp_path / "scores" / "scores.csv")
+    assert set(scores["method"]) == {"palp-iid"}  # the run's label carries its noise
+    for col in JUDGE_COLUMNS.values():
+        assert scores[col].between(0, 1).all(), col
+    metrics = json.loads((tmp_path / "scores" / "metrics.json").read_text())
+    assert "palp_iid/judge_identity" in metrics and "palp_iid/target_prompt" in metrics
+    assert main(["score", "--samples", str(tmp_path / "samples"), "--prepared", str(tmp_path / "prep"), "--output",
+                 str(tmp_path / "bad"), "--clip", "toyworld", "--judge", str(tmp_path / "nope.safetensors"), "--quiet"]) != 0

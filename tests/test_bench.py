@@ -44,7 +44,7 @@ def test_train_step_smoke_writes_the_table_and_json(tmp_path):
     assert list(rows) == ["naive-db", "palp"]
     for r in rows.values():
         assert {"ms", "first_call_s", "tflops", "share_of_ceiling", "ratio_to_naive_db", "peak_mem_gib", "flops"} <= set(r)
-        assert r["ms"] > 0 and 0 < r["share_of_ceiling"] < 1
+        assert r["ms"] > 0 and r["share_of_ceiling"] > 0  # (a CPU's "ceiling" is only a scale: no upper bound)
     assert rows["naive-db"]["ratio_to_naive_db"] == 1.0
     # A PALP step (beta = 7.5) is 3F + 4F per image, TI+DB 3F.
     assert rows["palp"]["flops"] == pytest.approx(7 / 3 * rows["naive-db"]["flops"])

@@ -60,7 +60,7 @@ def main(argv=None):
     scenes = held_out_scenes(args.n, args.seed, seen)
     pipe = StableDiffusionPipeline.from_pretrained(resolve_model_dir(args.model), safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)  # latents are not in [-1, 1]
     pipe.set_progress_bar_config(disable=True)
     judge = resolve_judge(args.judge)
     t0 = time.perf_counter()

@@ -483,6 +483,10 @@ def stage_export(work: Path, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     with atomic_directory(out / "sd", replace=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        # As in SD-1.x's own scheduler_config.json: a DDIM scheduler made from this config must
+        # not clip the predicted latents to [-1, 1] (the default for pixel-space models).
+        sched = tmp / "scheduler" / "scheduler_config.json"
+        sched.write_text(json.dumps({**json.loads(sched.read_text()), "clip_sample": False}, indent=2, sort_keys=True) + "\n")
     with atomic_directory(out / "clip", replace=True) as tmp:
         for f in ("open_clip_config.json", "open_clip_model.safetensors"):
             shutil.copy(work / "clip" / f, tmp / f)

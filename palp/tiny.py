@@ -61,10 +61,31 @@ def write_clip_tokenizer_files(out_dir: Path) -> None:
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
+def clip_text_encoder(*, hidden: int, intermediate: int, layers: int, heads: int):
+    """A CLIPTextModel of the given width over CLIP's 49,408-token vocabulary (SD-1.x's layout)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            projection_dim=hidden,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
 def build_tiny_pipeline(seed: int = TINY_SEED):
     """The tiny StableDiffusionPipeline, with weights drawn from ``seed``."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -93,21 +114,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
             sample_size=TINY_RESOLUTION,
         )
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                projection_dim=32,
-                hidden_act="quick_gelu",
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
+        text_encoder = clip_text_encoder(hidden=32, intermediate=37, layers=2, heads=4)
     with tempfile.TemporaryDirectory() as tok_dir:
         write_clip_tokenizer_files(Path(tok_dir))
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir, pad_token="<|endoftext|>", model_max_length=77)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from palp.toyworld.render import VISIBLE_IDENTITY, render_array
-from palp.toyworld.world import ATTRIBUTES, label_vector, random_scene
+from palp.toyworld.world import ATTRIBUTES, random_scene
 
 WEIGHTS = Path(__file__).parent / "weights"
 IDENTITY_ATTRIBUTES = ("color", "pattern", "pattern_color", "accessory")
@@ -60,7 +60,6 @@ def judge_accuracy(judge, n: int = 2000, seed: int = 12345) -> dict:
             if k == "pattern_color" and truth["pattern"] == "plain":
                 continue
             hits[k].append(p[k] == truth[k])
-    _ = label_vector  # the label order the judge was trained with
     return {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
 
 

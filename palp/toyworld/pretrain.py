@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from palp.clip import TINY_CLIP_CONFIG
 from palp.toyworld.world import ATTRIBUTES, render_dataset
 
 RES = 64
@@ -76,23 +77,9 @@ def build_vae():
 
 
 def build_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from palp.tiny import clip_text_encoder
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=64,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    return clip_text_encoder(hidden=64, intermediate=256, layers=4, heads=4)
 
 
 def build_unet():
@@ -131,12 +118,7 @@ CLIP_CONFIG = {
         "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
     },
-    "preprocess_cfg": {
-        "mean": [0.48145466, 0.4578275, 0.40821073],
-        "std": [0.26862954, 0.26130258, 0.27577711],
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    },
+    "preprocess_cfg": TINY_CLIP_CONFIG["preprocess_cfg"],  # CLIP's own normalisation
 }
 
 

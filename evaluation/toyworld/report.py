@@ -23,7 +23,6 @@ import argparse
 import glob
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -42,14 +42,23 @@ def predict(judge, images, batch_size: int = 256) -> list[dict]:
     return out
 
 
-def judge_accuracy(judge, n: int = 2000, seed: int = 12345) -> dict:
-    """Accuracy per attribute on freshly rendered scenes the judge never saw.
+def judge_accuracy(judge, n: int = 2000, seed: int = 12345, *, held_out_pairs: bool = False) -> dict:
+    """Accuracy per attribute on freshly rendered scenes the judge never saw: any subject, or
+    (``held_out_pairs``) only the (class, colour) pairs the toy model's pretraining never shows,
+    such as the personal subjects'.
 
     Colours count only where the style shows them, pattern colour only where there is a
     pattern.
     """
+    from palp.toyworld.world import HELD_OUT_PAIRS, random_identity
+
     rng = random.Random(seed)
-    scenes = [random_scene(rng) for _ in range(n)]
+    scenes = []
+    while len(scenes) < n:
+        identity = random_identity(rng, every_pair=True)
+        if held_out_pairs and (identity.cls, identity.color) not in HELD_OUT_PAIRS:
+            continue
+        scenes.append(random_scene(rng, identity))
     preds = predict(judge, [render_array(s) for s in scenes])
     hits = {k: [] for k in ATTRIBUTES}
     for s, p in zip(scenes, preds):

@@ -83,11 +83,17 @@ def main(argv=None):
         for k in IDENTITY_ATTRIBUTES:
             if named[k] and k in VISIBLE_IDENTITY[s.style]:
                 hits[k].append(r[k] == truth[k])
+    # Where the class is missed: by prompted style and by prompted class.
+    by = {"class_by_style": {}, "class_by_class": {}}
+    for s, r in zip(scenes, readings):
+        for key, group in (("class_by_style", s.style), ("class_by_class", s.identity.cls)):
+            by[key].setdefault(group, []).append(r["class"] == s.identity.cls)
     result = {
         "model": args.model, "n": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
         "sampling_wall_s": round(wall, 1),
         "accuracy": {k: round(float(np.mean(v)), 4) for k, v in hits.items()},
         "count": {k: len(v) for k, v in hits.items()},
+        **{key: {g: round(float(np.mean(v)), 3) for g, v in sorted(d.items())} for key, d in by.items()},
     }
     out = Path(args.out)
     write_text(str(out / "base.json"), json.dumps(result, indent=2) + "\n")

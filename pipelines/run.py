@@ -5,6 +5,7 @@ relative paths in them (subject images, a prompts file) are resolved against the
 directory, then the repository.
 """
 
+import contextlib
 import inspect
 import os
 import tempfile
@@ -114,8 +115,30 @@ def run_local(config: Optional[str] = None, *, runner: str = "subprocess", pipel
     else:
         raise ExperimentError(f"--runner must be subprocess or docker, not {runner!r}")
     local.init(runner=chosen, pipeline_root=str(root), raise_on_error=True)
-    build_pipeline("kubeflow", image=image, retries=False)(**params)  # resources are ignored locally
+    with _threads_per_step(runner):
+        build_pipeline("kubeflow", image=image, retries=False)(**params)  # resources are ignored locally
     return root
+
+
+# kfp.local runs up to two ParallelFor iterations at once.
+LOCAL_PARALLEL_TASKS = 2
+
+
+@contextlib.contextmanager
+def _threads_per_step(runner: str):
+    """Give each locally run step its share of the cores (unless OMP_NUM_THREADS is set).
+
+    Two torch processes that each start a thread per core fight over the cores (OpenMP
+    threads spin at their barriers): on 2 cores the demo's train steps ran about 20 times
+    slower than one at a time. Subprocess steps inherit this environment."""
+    if runner != "subprocess" or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // LOCAL_PARALLEL_TASKS))
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
 
 
 def find_outputs(root: Path) -> dict[str, list[Path]]:

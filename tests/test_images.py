@@ -116,7 +116,7 @@ def test_whole_dag_under_docker_runner_with_gcs_inputs(image, tmp_path, gcs_emul
     from pipelines.run import run_local
 
     upload_folder(EXAMPLE_CAT, "gs://palp-dag-test/subjects/cat")
-    config = yaml.safe_load((REPO / "evaluation/experiments/demo.yaml").read_text())
+    config = yaml.safe_load((REPO / "evaluation/experiments/tiny.yaml").read_text())
     config["subjects"][0]["images"] = "gs://palp-dag-test/subjects/cat"  # one subject from GCS, one local
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     root = run_local(str(tmp_path / "c.yaml"), runner="docker", pipeline_root=str(tmp_path / "root"), image=image)

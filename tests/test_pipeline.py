@@ -138,18 +138,28 @@ def test_bad_experiment_and_submit_arguments(tmp_path, capsys):
 
 
 def test_whole_dag_runs_locally(tmp_path, capsys):
-    """The embedded demo: 2 subjects x 1 prompt x 2 methods under kfp.local's SubprocessRunner."""
+    """The embedded demo (the toy world, 2 subjects x 1 prompt x 2 methods) under kfp.local's
+    SubprocessRunner, shortened to a few steps; the judge's columns reach Table 2 and the metrics."""
     from palp.cli import main
+    from pipelines.run import DEFAULT_CONFIG
 
-    assert main(["pipeline", "run-local", "--pipeline-root", str(tmp_path / "root")]) == 0
+    assert DEFAULT_CONFIG.name == "demo.yaml"
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert config["pretrained_model"] == "toyworld" and config["judge"] == "toyworld"
+    config.update(train_steps=2, save_steps="1,2", checkpoint_every=2, num_samples=2, sample_steps=3)
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pipeline", "run-local", "--config", str(tmp_path / "demo.yaml"), "--pipeline-root", str(tmp_path / "root")]) == 0
     out = capsys.readouterr().out
-    assert "comparison (Table 2 shape)" in out and "| palp" in out and "| ti-db" in out
+    assert "comparison (Table 2 shape)" in out and "| palp" in out and "| ti-db" in out and "Judge: identity" in out
     run = next((tmp_path / "root").glob("palp-*"))
     compare = run / "compare"
     metrics = json.loads((compare / "scores" / "metrics.json").read_text())
     for method in ("palp", "ti_db", "base"):
-        for column in ("style", "class", "ambiance_1", "ambiance_2", "target_prompt", "image_alignment"):
+        for column in ("style", "class", "ambiance_1", "ambiance_2", "target_prompt", "image_alignment",
+                       "judge_style", "judge_place", "judge_time", "judge_class"):
             assert f"{method}/{column}" in metrics
+        assert 0.0 <= metrics[f"{method}/judge_style"] <= 1.0
+    assert "palp/judge_identity" in metrics and "ti_db/judge_identity" in metrics
     assert "<html>" in (compare / "report").read_text()
     assert (compare / "table").read_text().startswith("| method")
     key = (compare / "study" / "key" / "answer_key.csv").read_text()
@@ -161,7 +171,7 @@ def test_whole_dag_runs_locally(tmp_path, capsys):
 def test_a_failing_branch_fails_the_run_with_its_error(tmp_path, capfd):
     from pipelines.run import run_local
 
-    config = yaml.safe_load((REPO / "evaluation/experiments/demo.yaml").read_text())
+    config = yaml.safe_load((REPO / "evaluation/experiments/tiny.yaml").read_text())
     config.update(methods=["palp", "bogus"], subjects=config["subjects"][:1])
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(RuntimeError):

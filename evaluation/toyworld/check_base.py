@@ -24,8 +24,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from palp.storage import write_bytes, write_text
-from palp.toyworld.judge import IDENTITY_ATTRIBUTES, predict, resolve_judge
-from palp.toyworld.render import VISIBLE_IDENTITY
+from palp.toyworld.judge import IDENTITY_ATTRIBUTES, predict, resolve_judge, shown_identity
 from palp.toyworld.world import random_scene
 
 
@@ -81,7 +80,7 @@ def main(argv=None):
         named = {"color": s.caption_color, "pattern": s.caption_pattern, "accessory": s.caption_accessory,
                  "pattern_color": s.caption_color and s.caption_pattern and truth["pattern"] != "plain"}
         for k in IDENTITY_ATTRIBUTES:
-            if named[k] and k in VISIBLE_IDENTITY[s.style]:
+            if named[k] and k in shown_identity(s.style, truth["pattern"]):
                 hits[k].append(r[k] == truth[k])
     # Where the class is missed: by prompted style and by prompted class.
     by = {"class_by_style": {}, "class_by_class": {}}

@@ -68,8 +68,7 @@ def main(argv=None):
         # What `palp score --judge` measures: agreement with the judge's own reading of the
         # subject's photos (the judge misreads some attributes of some subjects even there).
         photos = [read_image(str(f)) for f in sorted((root / name).glob("*.png"))]
-        seen = reference_identity(predict(judge, photos))
-        seen = {"class": seen["class"], **{k: seen[k] for k in IDENTITY_ATTRIBUTES}}
+        seen = reference_identity(predict(judge, photos))  # class and IDENTITY_ATTRIBUTES, as truth
         kept_seen = {k: float(np.mean([r[k] == seen[k] for r in readings])) for k in seen}
         results[name] = {"truth": truth, "kept": kept, "mean": float(np.mean(list(kept.values()))),
                          "all_attributes": all_kept, "judge_reads_photos_as": seen, "kept_vs_photos": kept_seen,

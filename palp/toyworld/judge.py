@@ -8,19 +8,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from palp.toyworld import TOYWORLD_NAME, weights_dir
 from palp.toyworld.render import VISIBLE_IDENTITY, render_array
 from palp.toyworld.world import ATTRIBUTES, random_scene
 
-WEIGHTS = Path(__file__).parent / "weights"
 IDENTITY_ATTRIBUTES = ("color", "pattern", "pattern_color", "accessory")
 
 
+def shown_identity(style: str, pattern: str) -> list[str]:
+    """The identity attributes an image in ``style`` shows (a sketch has no colours), less the
+    pattern's colour where there is no pattern."""
+    return [k for k in VISIBLE_IDENTITY[style] if not (k == "pattern_color" and pattern == "plain")]
+
+
 def load_judge(path: str | Path | None = None):
+    """The judge from a judge.safetensors (default: the shipped one)."""
     from safetensors.torch import load_file
 
     from palp.toyworld.pretrain import Judge
 
-    path = Path(path) if path else WEIGHTS / "judge" / "judge.safetensors"
+    path = Path(path) if path else weights_dir("judge") / "judge.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"no judge weights at {path}; run python -m palp.toyworld.pretrain all")
     judge = Judge()
@@ -31,11 +38,12 @@ def load_judge(path: str | Path | None = None):
 @torch.no_grad()
 def predict(judge, images, batch_size: int = 256) -> list[dict]:
     """Per image, the judge's reading of every attribute: [{'style': 'sketch', ...}, ...]."""
+    from palp.toyworld.pretrain import _to_tensor
+
     out = []
     for i in range(0, len(images), batch_size):
         arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.uint8) for im in images[i : i + batch_size]])
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        logits = judge(x)
+        logits = judge(_to_tensor(arr))
         idx = {k: v.argmax(1).tolist() for k, v in logits.items()}
         for j in range(len(arr)):
             out.append({k: ATTRIBUTES[k][idx[k][j]] for k in ATTRIBUTES})
@@ -63,10 +71,9 @@ def judge_accuracy(judge, n: int = 2000, seed: int = 12345, *, held_out_pairs: b
     hits = {k: [] for k in ATTRIBUTES}
     for s, p in zip(scenes, preds):
         truth = s.labels()
+        shown = shown_identity(s.style, truth["pattern"])
         for k in ATTRIBUTES:
-            if k in IDENTITY_ATTRIBUTES and k not in VISIBLE_IDENTITY[s.style]:
-                continue
-            if k == "pattern_color" and truth["pattern"] == "plain":
+            if k in IDENTITY_ATTRIBUTES and k not in shown:
                 continue
             hits[k].append(p[k] == truth[k])
     return {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
@@ -83,11 +90,7 @@ JUDGE_COLUMNS = {
 
 def resolve_judge(spec: str):
     """``toyworld`` (the shipped judge) or a path to a judge.safetensors."""
-    from palp.toyworld import TOYWORLD_NAME, weights_dir
-
-    if spec == TOYWORLD_NAME:
-        return load_judge(weights_dir("judge") / "judge.safetensors")
-    return load_judge(spec)
+    return load_judge(None if spec == TOYWORLD_NAME else spec)
 
 
 def reference_identity(readings: list[dict]) -> dict:
@@ -110,6 +113,6 @@ def judge_row(reading: dict, expected_scene: dict, identity: dict) -> dict:
     row = {JUDGE_COLUMNS[k]: float(reading[k] == expected_scene[k]) for k in ("place", "time")}
     row[JUDGE_COLUMNS["style"]] = float(reading["style"] == style)
     row[JUDGE_COLUMNS["class"]] = float(reading["class"] == identity["class"])
-    shown = [k for k in VISIBLE_IDENTITY[style] if not (k == "pattern_color" and identity["pattern"] == "plain")]
+    shown = shown_identity(style, identity["pattern"])
     row[JUDGE_COLUMNS["identity"]] = float(np.mean([reading[k] == identity[k] for k in shown]))
     return row

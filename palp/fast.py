@@ -150,7 +150,12 @@ def uncompile_unet(unet: nn.Module) -> None:
 
 
 def attention_backend(name: str):
-    """A context in which attention runs on one SDPA kernel (``auto``: PyTorch's own choice)."""
+    """A context in which attention runs on the SDPA kernel ``name`` wherever that kernel takes the
+    inputs (``auto``: PyTorch's own choice everywhere).
+
+    Where it cannot run, PyTorch's next kernel in order (flash, memory-efficient, math) does: the
+    VAE's attention has one head 512 wide, which the flash and cuDNN kernels refuse on the GPU, so
+    a strict choice would stop every sampling run at its decode with "No available kernel"."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if name not in ATTENTION_BACKENDS:
@@ -159,7 +164,10 @@ def attention_backend(name: str):
         return contextlib.nullcontext()
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
-    return sdpa_kernel([backend])
+    if backend == SDPBackend.MATH:
+        return sdpa_kernel([backend])
+    fallbacks = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel([backend] + [b for b in fallbacks if b != backend], set_priority=True)
 
 
 def set_channels_last(module: nn.Module, on: bool) -> None:

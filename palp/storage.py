@@ -56,11 +56,14 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 # -- retries -------------------------------------------------------------------------------
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
-    import requests
-    from google.api_core import exceptions as gexc
-
-    return (
-        ConnectionError, TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+    errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    try:  # the GCS client's errors, where it is installed (local paths need neither)
+        import requests
+        from google.api_core import exceptions as gexc
+    except ImportError:
+        return errors
+    return errors + (
+        requests.exceptions.ConnectionError, requests.exceptions.Timeout,
         requests.exceptions.ChunkedEncodingError, gexc.TooManyRequests, gexc.InternalServerError,
         gexc.BadGateway, gexc.ServiceUnavailable, gexc.GatewayTimeout,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from palp import fast
 from palp.config import Subject, TrainConfig
@@ -163,6 +164,23 @@ def test_attention_kernel_choice_gives_the_same_gradient(tiny32):
     plain = _step_grads(base, model, cfg)
     with fast.attention_backend("math"):
         _assert_same(_step_grads(base, model, cfg), plain)
+
+
+def test_attention_choice_falls_back_where_its_kernel_cannot_run():
+    """The VAE's one 512-wide head is refused by the flash and cuDNN kernels on the GPU; on the CPU
+    the cuDNN kernel refuses everything. A chosen kernel that cannot run must hand over to the next,
+    not stop the run with "No available kernel"."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 16, 512, generator=g) for _ in range(3))
+    with sdpa_kernel([SDPBackend.MATH]):
+        reference = F.scaled_dot_product_attention(q, k, v)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v)  # what a strict choice did
+    for name in fast.ATTENTION_BACKENDS:
+        with fast.attention_backend(name):
+            torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), reference)
 
 
 def test_speed_settings_are_checked(tiny32):

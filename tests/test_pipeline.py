@@ -26,6 +26,15 @@ def test_import_palp_does_not_import_kfp():
         assert "import kfp" not in path.read_text() and "from kfp" not in path.read_text(), path
 
 
+def test_local_paths_need_no_cloud_client(tmp_path):
+    """An image without google-cloud-storage (a GPU image, say) still reads and writes local paths."""
+    code = ("import sys; sys.modules['google.api_core'] = sys.modules['google.cloud'] = None\n"
+            "from palp import storage\n"
+            f"p = {str(tmp_path / 'out.json')!r}\n"
+            "storage.write_text(p, 'ok'); assert storage.exists(p) and storage.read_text(p) == 'ok'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_committed_yaml_is_what_the_code_compiles(backend, tmp_path):
     from pipelines.palp_pipeline import compile_pipeline

@@ -149,10 +149,29 @@ def test_judge_reads_fresh_renders(held_out_pairs):
     acc = judge_accuracy(load_judge(), n=300, seed=4242, held_out_pairs=held_out_pairs)
     for k in ("style", "place", "time", "class", "accessory"):
         assert acc[k] >= 0.95, acc
-    assert acc["pattern"] >= 0.85 and acc["color"] >= 0.65, acc
+    assert acc["pattern"] >= 0.85 and acc["color"] >= 0.72, acc
     # The pattern's colour is the judge's weak head (stripes as wide as the body's own colour,
-    # dots a few pixels across): chance is 1/8, and it reads about 0.4.
-    assert acc["pattern_color"] >= 0.25, acc
+    # dots a few pixels across): chance is 1/8, and it reads about 0.6.
+    assert acc["pattern_color"] >= 0.45, acc
+
+
+def test_judge_schedule_is_the_resumed_run():
+    """The shipped judge ran 1500 steps of a cosine, then was resumed to 3000 steps: the schedule
+    must give exactly those rates, so that one run with the defaults reproduces it."""
+    import math
+
+    from palp.toyworld.pretrain import DEFAULTS, judge_lr
+
+    def cosine(step, period):
+        return 2e-3 * 0.5 * (1 + math.cos(math.pi * step / period))
+
+    assert (DEFAULTS["judge_steps"], DEFAULTS["judge_first_cycle"]) == (3000, 1500)
+    for step in (0, 1, 700, 1499):
+        assert judge_lr(step, 3000, 1500) == cosine(step, 1500) == judge_lr(step, 1500, 1500)
+    for step in (1500, 2000, 2999):
+        assert judge_lr(step, 3000, 1500) == cosine(step, 3000)
+    assert [judge_lr(s, 40, 0) for s in range(40)] == [cosine(s, 40) for s in range(40)]
+    assert [judge_lr(s, 40, 1500) for s in range(40)] == [cosine(s, 40) for s in range(40)]
 
 
 def test_toy_sd_loads_through_stock_diffusers():

@@ -1,13 +1,13 @@
 """Does TI+DB keep a personal subject's identity? The judge reads "A photo of [V]" samples.
 
-    python evaluation/toyworld/check_identity.py --out /tmp/toy-identity [--steps 500]
+    python evaluation/toyworld/check_identity.py --out /tmp/toy-identity [--config evaluation/toyworld/experiment.yaml]
 
 For each personal subject in examples/toyworld/, runs ``palp train --method ti-db`` on its
-photos with the toy model, samples "A photo of [V]", and compares the judge's reading of
-each sample with the subject's ground truth (examples/toyworld/NAME.json): class, body
-colour, pattern, pattern colour and accessory; and with the judge's own reading of the
-subject's photos, which is what `palp score --judge` compares with. Writes identity.json and
-a grid per subject.
+photos with the toy model and the experiment's fine-tuning recipe (steps, batch, lr, LoRA
+rank), samples "A photo of [V]", and compares the judge's reading of each sample with the
+subject's ground truth (examples/toyworld/NAME.json): class, body colour, pattern, pattern
+colour and accessory; and with the judge's own reading of the subject's photos, which is what
+`palp score --judge` compares with. Writes identity.json and a grid per subject.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from PIL import Image
 
 from palp.cli import main as palp
@@ -35,13 +36,21 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--subjects", nargs="*", help="names under examples/toyworld (default: all)")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--config", default=str(REPO / "evaluation" / "toyworld" / "experiment.yaml"),
+                    help="the experiment whose fine-tuning recipe is checked (steps, batch, lr, rank)")
+    ap.add_argument("--steps", type=int, help="default: the config's train_steps")
+    ap.add_argument("--batch-size", type=int, help="default: the config's batch_size")
+    ap.add_argument("--lr", type=float, help="default: the config's lr")
+    ap.add_argument("--lora-rank", type=int, help="default: the config's lora_rank")
     ap.add_argument("--num-samples", type=int, default=8)
     ap.add_argument("--sample-steps", type=int, default=25)
     args = ap.parse_args(argv)
+    config = yaml.safe_load(Path(args.config).read_text())
+    for arg, key in (("steps", "train_steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("lora_rank", "lora_rank")):
+        if getattr(args, arg) is None:
+            if key not in config:
+                ap.error(f"{args.config} has no {key}: give --{arg.replace('_', '-')}")
+            setattr(args, arg, config[key])
 
     root = REPO / "examples" / "toyworld"
     names = args.subjects or sorted(p.stem for p in root.glob("*.json"))

@@ -52,8 +52,9 @@ DEFAULTS = dict(
     unet_lr=8e-4,
     clip_steps=1000,
     clip_batch=128,
-    judge_steps=1500,
+    judge_steps=3000,
     judge_batch=64,
+    judge_first_cycle=1500,
 )
 
 
@@ -402,6 +403,15 @@ def judge_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
+def judge_lr(step: int, steps: int, first_cycle: int) -> float:
+    """The judge's learning rate: a cosine from 2e-3 to 0 over the first ``first_cycle`` steps,
+    then, from the lr a cosine over all ``steps`` has there, the rest of that cosine to 0 (a warm
+    restart). This is what a 1500-step run resumed to 3000 steps did, which is how the shipped
+    judge was trained; ``first_cycle`` 0 (or >= ``steps``): one cosine over all steps."""
+    period = first_cycle if 0 < first_cycle < steps and step < first_cycle else steps
+    return 2e-3 * 0.5 * (1 + math.cos(math.pi * step / period))
+
+
 def stage_judge(work: Path, cfg):
     from diffusers import AutoencoderKL
 
@@ -424,7 +434,7 @@ def stage_judge(work: Path, cfg):
     def run_step(step):
         # Each step's scenes and noise are a function of the step: resuming repeats nothing.
         rng, g = random.Random(f"judge-{SEED}-{step}"), torch.Generator().manual_seed(SEED + 4 + 1_000_003 * step)
-        lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / cfg["judge_steps"]))
+        lr = judge_lr(step, cfg["judge_steps"], cfg["judge_first_cycle"])
         for group in opt.param_groups:
             group["lr"] = lr
         judge.train()

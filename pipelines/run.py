@@ -83,7 +83,8 @@ def docker_runner(root: Path, *, gpus: bool = False):
     under the pipeline root. The image's entrypoint (palp) is replaced by the component's command."""
     from kfp import local
 
-    env = {"PALP_CACHE": str(root / ".palp-cache"), "HF_HOME": str(root / ".hf-home"), "MPLCONFIGDIR": "/tmp/matplotlib"}
+    env = {"PALP_CACHE": str(root / ".palp-cache"), "HF_HOME": str(root / ".hf-home"), "MPLCONFIGDIR": "/tmp/matplotlib",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(_local_threads())}  # containers inherit nothing
     env.update({k: os.environ[k] for k in PASSED_ENV if k in os.environ})
     kwargs = {}
     if gpus:
@@ -124,6 +125,10 @@ def run_local(config: Optional[str] = None, *, runner: str = "subprocess", pipel
 LOCAL_PARALLEL_TASKS = 2
 
 
+def _local_threads() -> int:
+    return max(1, (os.cpu_count() or 1) // LOCAL_PARALLEL_TASKS)
+
+
 @contextlib.contextmanager
 def _threads_per_step(runner: str):
     """Give each locally run step its share of the cores (unless OMP_NUM_THREADS is set).
@@ -131,10 +136,10 @@ def _threads_per_step(runner: str):
     Two torch processes that each start a thread per core fight over the cores (OpenMP
     threads spin at their barriers): on 2 cores the demo's train steps ran about 20 times
     slower than one at a time. Subprocess steps inherit this environment."""
-    if runner != "subprocess" or "OMP_NUM_THREADS" in os.environ:
+    if runner != "subprocess" or "OMP_NUM_THREADS" in os.environ:  # docker: docker_runner's environment
         yield
         return
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // LOCAL_PARALLEL_TASKS))
+    os.environ["OMP_NUM_THREADS"] = str(_local_threads())
     try:
         yield
     finally:

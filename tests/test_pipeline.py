@@ -26,6 +26,25 @@ def test_import_palp_does_not_import_kfp():
         assert "import kfp" not in path.read_text() and "from kfp" not in path.read_text(), path
 
 
+def test_local_steps_get_their_share_of_the_cores(tmp_path, monkeypatch):
+    """kfp.local runs two loop iterations at once: each step gets half the cores, in a subprocess
+    (inherited environment) and in a container (the runner's environment), unless the user chose."""
+    import os
+
+    from pipelines.run import _threads_per_step, docker_runner
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert docker_runner(tmp_path).container_run_args["environment"]["OMP_NUM_THREADS"] == "4"
+    with _threads_per_step("subprocess"):
+        assert os.environ["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert docker_runner(tmp_path).container_run_args["environment"]["OMP_NUM_THREADS"] == "3"
+    with _threads_per_step("subprocess"):
+        assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
 def test_local_paths_need_no_cloud_client(tmp_path):
     """An image without google-cloud-storage (a GPU image, say) still reads and writes local paths."""
     code = ("import sys; sys.modules['google.api_core'] = sys.modules['google.cloud'] = None\n"

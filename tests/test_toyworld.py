@@ -235,6 +235,29 @@ def test_report_tables_and_intervals(tmp_path):
     assert lo <= summary["table2"]["palp"]["Image alignment"][0] <= hi
     assert summary["table3"]["palp"]["Elements found"][0] == 1.0
     assert (tmp_path / "out/curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "out/gallery.png").exists()  # no images to show
+
+    # With the images at hand: a gallery row per subject (the i-th with the i-th prompt), three
+    # final-step samples per method, each image where its method, subject and sample put it.
+    from PIL import Image
+
+    table = pd.read_csv(tmp_path / "scores.csv")
+    colours = {"ti-db": (200, 0, 0), "palp": (0, 0, 200)}
+    paths = []
+    for n, r in table.iterrows():
+        path = tmp_path / "img" / f"{n}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (32, 32), colours[r["method"]]).save(path)
+        paths.append(str(path))
+    table["path"], table["sample"] = paths, table.index % 4
+    table.to_csv(tmp_path / "scores-img.csv", index=False)
+    report.main(["--scores", str(tmp_path / "scores-img.csv"), "--out", str(tmp_path / "out2")])
+    sheet = Image.open(tmp_path / "out2/gallery.png").convert("RGB")
+    methods = report.methods_in(table)
+    assert sheet.size == (330 + len(methods) * 3 * 64, 16 + 3 * 64)
+    for j, m in enumerate(methods):
+        for k in range(3):
+            assert sheet.getpixel((330 + (j * 3 + k) * 64 + 32, 16 + 2 * 64 + 32)) == colours[m]
 
 
 def test_score_with_the_judge_end_to_end(tmp_path):

@@ -12,6 +12,7 @@ Reads the compare step's scores.csv (or ``--scores FILE``) and writes, to ``--ou
 - ``paired.md``: each method minus TI+DB, paired by (subject, prompt);
 - ``curves.png``: the Fig.-6 curves (alignment and identity vs fine-tuning steps), the base
   model prompted with the class word as the reference line;
+- ``gallery.png``: final-step samples, a row per (subject, prompt), where the images are readable;
 - ``summary.json``: every number above.
 
 Intervals are 95% percentile bootstraps over (subject, prompt) pairs, the unit of the design.
@@ -168,6 +169,41 @@ def curves(df: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
+def gallery(df: pd.DataFrame, per_cell: int = 3) -> bytes | None:
+    """Final-step samples: a row per subject, each with another prompt (the i-th subject with the
+    i-th prompt), ``per_cell`` images per method; None where the images are not readable (a
+    scores.csv moved away from its pipeline root)."""
+    from PIL import Image, ImageDraw
+
+    from palp.data import read_image
+
+    if "path" not in df.columns:
+        return None
+    last = final_step(df)
+    methods = methods_in(last)
+    have = set(last.groupby(UNIT).groups)
+    subjects, prompts = sorted(last["subject"].unique()), sorted(last["prompt"].unique())
+    units = [u for u in ((s, prompts[i % len(prompts)]) for i, s in enumerate(subjects)) if u in have]
+    size, label_w, head = 64, 330, 16
+    sheet = Image.new("RGB", (label_w + len(methods) * per_cell * size, head + len(units) * size), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, m in enumerate(methods):
+        draw.text((label_w + j * per_cell * size + 4, 2), m, fill="black")
+    for i, (subject, prompt) in enumerate(units):
+        draw.text((4, head + i * size + 24), f"{subject}: {prompt}"[:56], fill="black")
+        for j, m in enumerate(methods):
+            cell = last[(last["subject"] == subject) & (last["prompt"] == prompt) & (last["method"] == m)]
+            for k, path in enumerate(cell.sort_values("sample")["path"][:per_cell]):
+                try:
+                    im = read_image(str(path)).convert("RGB").resize((size, size))
+                except (OSError, ValueError):
+                    return None
+                sheet.paste(im, (label_w + (j * per_cell + k) * size, head + i * size))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -185,6 +221,9 @@ def main(argv=None):
     write_text(f"{out}/table3.md", t3 + "\n")
     write_text(f"{out}/paired.md", tp + "\n")
     write_bytes(f"{out}/curves.png", curves(df), content_type="image/png")
+    sheet = gallery(df)
+    if sheet is not None:
+        write_bytes(f"{out}/gallery.png", sheet, content_type="image/png")
     write_text(f"{out}/summary.json", json.dumps({"scores": path, "table2": n2, "table3": n3, "paired": np_}, indent=2) + "\n")
     print(f"## Table 2 (last step; mean [95% CI])\n\n{t2}\n\n## Table 3 (judge as rater)\n\n{t3}\n\n## Paired\n\n{tp}\n")
     print(f"-> {out}")

@@ -85,7 +85,7 @@ def main(argv=None):
         print(name, json.dumps(results[name]["kept"]), f"mean {results[name]['mean']:.3f}",
               f"(vs the judge's reading of the photos: {results[name]['mean_vs_photos']:.3f})")
         row = Image.new("RGB", (64 * (1 + len(images)), 64), "white")
-        row.paste(Image.open(sorted((root / name).glob("*.png"))[0]).convert("RGB"), (0, 0))
+        row.paste(photos[0].convert("RGB"), (0, 0))
         for i, im in enumerate(images):
             row.paste(im.convert("RGB").resize((64, 64)), (64 * (i + 1), 0))
         grids.append(row)

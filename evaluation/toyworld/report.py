@@ -12,7 +12,8 @@ Reads the compare step's scores.csv (or ``--scores FILE``) and writes, to ``--ou
 - ``paired.md``: each method minus TI+DB, paired by (subject, prompt);
 - ``curves.png``: the Fig.-6 curves (alignment and identity vs fine-tuning steps), the base
   model prompted with the class word as the reference line;
-- ``gallery.png``: final-step samples, a row per (subject, prompt), where the images are readable;
+- ``gallery.png``: final-step samples, a row per subject (each with another prompt), where the
+  images are readable;
 - ``summary.json``: every number above.
 
 Intervals are 95% percentile bootstraps over (subject, prompt) pairs, the unit of the design.

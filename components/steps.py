@@ -42,7 +42,7 @@ def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pre
 
 def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: str, steps: int, batch_size: int,
           micro_batch_size: int, lr: float, lora_rank: int, save_steps: str, checkpoint_every: int, mixed_precision: str,
-          seed: int, model: Output[Model]):
+          seed: int, model: Output[Model], lora_targets: str = "attention"):
     """palp train --prepared, always with --resume: a retried (preempted) task continues from
     the checkpoints it left in its output."""
     from palp.cli import main
@@ -52,7 +52,7 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
     argv = ["train", "--prepared", prepared.path, "--task", task, "--method", base_method, "--noise", noise,
             "--pretrained-model", pretrained_model,
             "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--lora-rank", str(lora_rank),
-            "--save-steps", save_steps, "--checkpoint-every", str(checkpoint_every), "--mixed-precision", mixed_precision,
+            "--lora-targets", lora_targets, "--save-steps", save_steps, "--checkpoint-every", str(checkpoint_every), "--mixed-precision", mixed_precision,
             "--seed", str(seed), "--output", model.path, "--resume", "--quiet"]
     if micro_batch_size > 0:
         argv += ["--micro-batch-size", str(micro_batch_size)]

@@ -26,6 +26,7 @@ def add_train_parser(sub) -> None:
     from palp.config import TrainConfig as C
     from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES, COMPILE_MODES
     from palp.guidance import METHODS
+    from palp.personalize import LORA_TARGET_SETS
 
     p = sub.add_parser("train", help="fine-tune LoRA + [V] on a subject with prompt-aligned guidance",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -64,6 +65,9 @@ def add_train_parser(sub) -> None:
     o.add_argument("--micro-batch-size", type=int, default=None, help="per-process batch per forward (default: all of it)")
     o.add_argument("--lora-rank", type=int, default=C.lora_rank)
     o.add_argument("--lora-alpha", type=float, default=None, help="default: = rank")
+    o.add_argument("--lora-targets", choices=LORA_TARGET_SETS, default=C.lora_targets,
+                   help="attention: the attention projections (the paper's); attention+resnets: also the "
+                        "ResNet blocks' convolutions, for UNets with attention-free levels")
     o.add_argument("--max-grad-norm", type=float, default=C.max_grad_norm, help="0 turns clipping off")
     o.add_argument("--weight-decay", type=float, default=C.weight_decay)
     o.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=C.mixed_precision)
@@ -144,7 +148,7 @@ def _train_config(args, subjects, prompt: str, clean: str, **task):
         clean_prompt=clean, method=args.method, noise=args.noise, align_timestep=args.align_timestep,
         rescale=args.rescale, alpha=args.alpha, beta=args.beta, lam=args.lam, align_t_min=args.align_t_min,
         align_t_max=args.align_t_max, negative_prompt=args.negative_prompt, lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha, lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+        lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         steps=args.steps, max_grad_norm=args.max_grad_norm or None, weight_decay=args.weight_decay,
         mixed_precision=args.mixed_precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
         checkpoints_total_limit=args.checkpoints_total_limit, save_steps=args.save_steps,

@@ -9,6 +9,7 @@ from pathlib import Path
 from palp.elements import element_list
 from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES, COMPILE_MODES
 from palp.guidance import METHODS, NFSD_NEGATIVE_PROMPT
+from palp.personalize import LORA_TARGET_SETS
 from palp.prompts import DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt, clean_prompt
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -69,6 +70,7 @@ class TrainConfig:
     negative_prompt: str = NFSD_NEGATIVE_PROMPT  # nfsd only
     lora_rank: int = 32
     lora_alpha: float | None = None  # default: = rank
+    lora_targets: str = "attention"  # attention | attention+resnets (personalize.LORA_TARGET_SETS)
     lr: float = 5e-5
     batch_size: int = 32  # global: micro_batch_size x accumulation x processes
     micro_batch_size: int | None = None  # default: as large as the global batch allows
@@ -104,6 +106,8 @@ class TrainConfig:
         need(self.mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
         need(0 <= self.align_t_min <= self.align_t_max <= 999, "alignment t-range must satisfy 0 <= min <= max <= 999")
         need(self.lora_rank >= 1, "--lora-rank must be >= 1")
+        need(self.lora_targets in LORA_TARGET_SETS,
+             f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}, not {self.lora_targets!r}")
         need(self.lr > 0, "--lr must be > 0")
         need(self.steps >= 1, "--steps must be >= 1")
         need(self.batch_size >= 1, "--batch-size must be >= 1")

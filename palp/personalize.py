@@ -17,6 +17,15 @@ from palp.fast import LoraGate
 from palp.prompts import placeholder_token
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Which layers get LoRA (--lora-targets). "attention" is the paper's: the self- and
+# cross-attention projections. "attention+resnets" adds the two 3x3 convolutions of every
+# ResNet block, for UNets with levels that have no attention: SD-1.x has attention at every
+# level but the lowest-resolution one, the toy world's UNet has none at its 16x16 level, where
+# the fine patterns are drawn.
+LORA_TARGET_SETS = {
+    "attention": LORA_TARGETS,
+    "attention+resnets": (*LORA_TARGETS, "conv1", "conv2"),
+}
 
 
 class PlaceholderEmbedding(nn.Module):
@@ -68,15 +77,18 @@ def add_placeholder_tokens(tokenizer, text_encoder, class_words: dict[str, str])
     return dict(zip(class_words, ids))
 
 
-def add_lora(unet, *, rank: int, alpha: float | None = None):
-    """LoRA (peft) on to_q, to_k, to_v, to_out.0 of every attention block; returns the config."""
+def add_lora(unet, *, rank: int, alpha: float | None = None, targets: str = "attention"):
+    """LoRA (peft) on the layers that ``targets`` names (LORA_TARGET_SETS: by default to_q, to_k,
+    to_v, to_out.0 of every attention block); returns the config."""
     from peft import LoraConfig
 
+    if targets not in LORA_TARGET_SETS:
+        raise ValueError(f"LoRA targets must be one of {', '.join(LORA_TARGET_SETS)}, not {targets!r}")
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else rank,
         init_lora_weights="gaussian",  # B = 0: the adapted model starts equal to the base
-        target_modules=list(LORA_TARGETS),
+        target_modules=list(LORA_TARGET_SETS[targets]),
     )
     unet.add_adapter(config)
     return config
@@ -126,10 +138,11 @@ class PersonalizedModel(nn.Module):
             self.unet.enable_adapters()
 
 
-def build_personalized_model(base, class_words: dict[str, str], *, rank: int, alpha: float | None = None):
+def build_personalized_model(base, class_words: dict[str, str], *, rank: int, alpha: float | None = None,
+                             targets: str = "attention"):
     """Freeze the base, add LoRA and placeholder tokens. Returns (model, lora_config, token ids)."""
     for module in (base.unet, base.vae, base.text_encoder):
         module.requires_grad_(False)
     token_ids = add_placeholder_tokens(base.tokenizer, base.text_encoder, class_words)
-    config = add_lora(base.unet, rank=rank, alpha=alpha)
+    config = add_lora(base.unet, rank=rank, alpha=alpha, targets=targets)
     return PersonalizedModel(base.unet, base.text_encoder), config, token_ids

@@ -98,6 +98,7 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
         micro_batch_size: int = 0,
         lr: float = 5e-5,
         lora_rank: int = 32,
+        lora_targets: str = "attention",
         save_steps: str = "100,200,300,400,500",
         checkpoint_every: int = 100,
         mixed_precision: str = "bf16",
@@ -120,7 +121,8 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
         with dsl.ParallelFor(prep.outputs["Output"], name="task-x-method") as run:
             tr = _configure(train_op(prepared=prep.outputs["prepared"], task=run.task_id, method=run.method,
                                      pretrained_model=pretrained_model, steps=train_steps, batch_size=batch_size,
-                                     micro_batch_size=micro_batch_size, lr=lr, lora_rank=lora_rank, save_steps=save_steps,
+                                     micro_batch_size=micro_batch_size, lr=lr, lora_rank=lora_rank, lora_targets=lora_targets,
+                                     save_steps=save_steps,
                                      checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed),
                             "train", backend, accelerator)
             if retries:  # preemption: the retried task resumes from its checkpoints

@@ -19,19 +19,19 @@ from palp.prompts import to_token_prompt
 from palp.train import Draws, encode_fixed_prompts, step_losses, tokenize
 
 
-def _model(dtype=torch.float32):
+def _model(dtype=torch.float32, targets="attention"):
     torch.manual_seed(0)
     base = load_base_model("tiny")
-    model, _, _ = build_personalized_model(base, {"[V]": "cat"}, rank=4)
+    model, _, _ = build_personalized_model(base, {"[V]": "cat"}, rank=4, targets=targets)
     with torch.no_grad():  # a LoRA and [V] away from their initial values: adapted != pretrained
         for p in model.trainable_parameters():
             p.add_(0.05 * torch.randn_like(p))
     return base, model.to(dtype)
 
 
-@pytest.fixture(scope="module")
-def tiny64():
-    return _model(torch.float64)
+@pytest.fixture(scope="module", params=["attention", "attention+resnets"])
+def tiny64(request):
+    return _model(torch.float64, targets=request.param)
 
 
 def test_gated_call_equals_separate_calls(tiny64):

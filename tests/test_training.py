@@ -15,7 +15,7 @@ from conftest import REPO, train_args
 from palp.cli import main
 from palp.export import EMBEDS_FILE, LORA_FILE
 from palp.models import load_base_model
-from palp.personalize import LORA_TARGETS, build_personalized_model
+from palp.personalize import LORA_TARGET_SETS, LORA_TARGETS, build_personalized_model
 from palp.prompts import to_token_prompt
 from palp.train import tokenize
 
@@ -107,6 +107,43 @@ def test_round_trip_through_stock_diffusers(trained, tiny_dir):
     assert (stock - base_eps).abs().max() > 1e-3
     # The embeddings file holds one key per placeholder token, as load_textual_inversion wants.
     assert list(load_file(trained.output / EMBEDS_FILE)) == ["<v>"]
+
+
+def test_lora_on_resnets_wraps_their_convolutions_and_round_trips_through_stock_diffusers(tmp_path, tiny_dir):
+    """--lora-targets attention+resnets: LoRA on the attention projections and on both 3x3
+    convolutions of every ResNet block, nothing else; the saved file loads into the stock
+    pipeline (load_lora_weights) as the same model."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.resnet import ResnetBlock2D
+    from peft.tuners.lora import LoraLayer
+
+    from conftest import EXAMPLE_CAT
+    from palp.cli import build_parser, config_from_args
+    from palp.train import train
+
+    args = build_parser().parse_args(train_args(EXAMPLE_CAT, tmp_path / "run", "--lr", "1e-2", "--method", "ti-db",
+                                                "--lora-targets", "attention+resnets", steps=2))
+    result = train(config_from_args(args), progress=False)
+    untouched = load_base_model("tiny").unet
+    attn = [n for n, m in untouched.named_modules() if type(m).__name__ == "Attention"]
+    resnets = [n for n, m in untouched.named_modules() if isinstance(m, ResnetBlock2D)]
+    wrapped = [n for n, m in result.model.unet.named_modules() if isinstance(m, LoraLayer)]
+    assert sorted(wrapped) == sorted([f"{a}.{p}" for a in attn for p in LORA_TARGETS]
+                                     + [f"{r}.{c}" for r in resnets for c in ("conv1", "conv2")])
+    assert set(LORA_TARGET_SETS["attention+resnets"]) == {*LORA_TARGETS, "conv1", "conv2"}
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    pipe.load_textual_inversion(result.output)
+    pipe.load_lora_weights(result.output)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([50, 700])
+    ids = tokenize(pipe.tokenizer, ["A photo of <v>"] * 2)
+    with torch.no_grad():
+        stock = pipe.unet(x, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+        ours = result.model.predict(x, t, result.model.encode(tokenize(result.tokenizer, ["A photo of <v>"] * 2)))
+        with result.model.adapters_disabled():
+            base = result.model.predict(x, t, result.model.encode(tokenize(result.tokenizer, ["A photo of <v>"] * 2)))
+    torch.testing.assert_close(stock, ours, rtol=1e-5, atol=1e-6)
+    assert (ours - base).abs().max() > 1e-3
 
 
 def test_outputs_metrics_config_and_snapshots(trained):

@@ -300,6 +300,7 @@ def test_pretraining_script_runs_every_stage_and_resumes(tmp_path, capsys):
     recipe = json.loads((out / "recipe.json").read_text())["stages"]
     assert recipe["unet"]["steps"] == 2 and recipe["unet"]["settings"]["unet_batch"] == 4
     assert recipe["data"]["settings"] == {"n_train": 96} and "heldout_accuracy" in recipe["judge"]
+    assert recipe["unet"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     pipe = StableDiffusionPipeline.from_pretrained(out / "sd", safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
     assert not DDIMScheduler.from_config(pipe.scheduler.config).config.clip_sample
@@ -310,3 +311,13 @@ def test_pretraining_script_runs_every_stage_and_resumes(tmp_path, capsys):
     pretrain.main(["unet", "--work", str(work), *small])  # finished: resumes at its last step, trains nothing
     assert "resumed unet.ckpt at step 2" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in work.glob("*.ckpt")} == before
+
+
+def test_pretraining_refuses_a_device_it_cannot_use(tmp_path, capsys):
+    from palp.toyworld import pretrain
+
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["vae", "--work", str(tmp_path / "work"), "--device", "nosuchdevice"])
+    assert e.value.code == 2
+    assert "--device nosuchdevice" in capsys.readouterr().err
+    assert not (tmp_path / "work" / "vae.ckpt").exists()

@@ -15,7 +15,8 @@ Stages run in order and each one resumes from its last checkpoint in ``--work``:
 - ``export``: write the diffusers model, the open_clip folder and the judge to ``--out``.
 
 Everything is seeded. Wall times and sizes go to ``--work``/recipe.json, which ``export``
-copies next to the weights.
+copies next to the weights. ``--device`` (default: a GPU where there is one) places the models;
+every random draw is made on the CPU, from the same generators, whatever the device.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class _Resumable:
         self.path, self.objects, self.step = path, objects, 0
         self.elapsed = 0.0
         if path.exists():
-            state = torch.load(path, weights_only=False)
+            state = torch.load(path, weights_only=False, map_location="cpu")
             for k, obj in objects.items():
                 obj.load_state_dict(state[k])
             self.step, self.elapsed = state["step"], state["elapsed"]
@@ -245,7 +246,8 @@ def stage_data(work: Path, cfg):
 def stage_vae(work: Path, cfg):
     images, _, _ = _load_data(work)
     _seed(SEED + 1)
-    vae = build_vae()
+    dev = cfg["device"]
+    vae = build_vae().to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(SEED + 1)
 
@@ -254,9 +256,9 @@ def stage_vae(work: Path, cfg):
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(images), (cfg["vae_batch"],), generator=g)
-        x = _to_tensor(images[idx.numpy()])
+        x = _to_tensor(images[idx.numpy()]).to(dev)
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=g)).sample
+        rec = vae.decode(post.sample(generator=g)).sample  # diffusers draws from a CPU generator on the CPU
         kl = post.kl().mean() / (LATENT * LATENT * LATENT_CHANNELS)
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
@@ -272,14 +274,14 @@ def stage_vae(work: Path, cfg):
         means, stds = [], []
         with torch.no_grad():
             for i in tqdm(range(0, len(images), 256), desc="encoding latents", mininterval=10):
-                post = vae.encode(_to_tensor(images[i : i + 256])).latent_dist
-                means.append(post.mean.half())
-                stds.append(post.std.half())
+                post = vae.encode(_to_tensor(images[i : i + 256]).to(dev)).latent_dist
+                means.append(post.mean.half().cpu())
+                stds.append(post.std.half().cpu())
         mean, std = torch.cat(means), torch.cat(stds)
         scaling = float(1.0 / mean.float().std())
         vae.register_to_config(scaling_factor=scaling)
         with torch.no_grad():
-            x = _to_tensor(images[:512])
+            x = _to_tensor(images[:512]).to(dev)
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample
             psnr = float(10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), x)))
         _atomic_save({"mean": mean, "std": std, "scaling_factor": scaling}, work / "latents.pt")
@@ -301,8 +303,9 @@ def stage_unet(work: Path, cfg):
     empty = ids[-1]
     ids = ids[:-1]
     _seed(SEED + 2)
-    unet, te = build_unet(), build_text_encoder()
-    ema_unet, ema_te = build_unet(), build_text_encoder()
+    dev = cfg["device"]
+    unet, te = build_unet().to(dev), build_text_encoder().to(dev)
+    ema_unet, ema_te = build_unet().to(dev), build_text_encoder().to(dev)
     ema_unet.load_state_dict(unet.state_dict())
     ema_te.load_state_dict(te.state_dict())
     for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
@@ -328,9 +331,9 @@ def stage_unet(work: Path, cfg):
         eps = torch.randn(z0.shape, generator=g)
         a = ac[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        cond = te(tok_ids)[0]
-        pred = unet(zt, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, eps)
+        cond = te(tok_ids.to(dev))[0]
+        pred = unet(zt.to(dev), t.to(dev), encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, eps.to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -354,7 +357,8 @@ def stage_clip(work: Path, cfg):
     clip_dir.mkdir(exist_ok=True)
     (clip_dir / "open_clip_config.json").write_text(json.dumps(CLIP_CONFIG, indent=2))
     _seed(SEED + 3)
-    model = open_clip.create_model(f"local-dir:{clip_dir}", load_weights=False)
+    dev = cfg["device"]
+    model = open_clip.create_model(f"local-dir:{clip_dir}", load_weights=False).to(dev)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
     mean = torch.tensor(CLIP_CONFIG["preprocess_cfg"]["mean"]).view(1, 3, 1, 1)
@@ -369,10 +373,10 @@ def stage_clip(work: Path, cfg):
         idx = torch.randint(len(images), (b,), generator=g).numpy()
         x = (torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255 - mean) / std
         text = tokenizer([captions[i] for i in idx])
-        img_f, txt_f, scale = model(x, text)[:3]
+        img_f, txt_f, scale = model(x.to(dev), text.to(dev))[:3]
         logits = scale * img_f @ txt_f.T
         # Captions can repeat within a batch: every identical caption is a positive.
-        same = torch.tensor([[captions[i] == captions[j] for j in idx] for i in idx], dtype=torch.float32)
+        same = torch.tensor([[captions[i] == captions[j] for j in idx] for i in idx], dtype=torch.float32, device=dev)
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.T.log_softmax(1), 1).mean())
         opt.zero_grad(set_to_none=True)
@@ -388,18 +392,23 @@ def stage_clip(work: Path, cfg):
     out = work / "clip"
     out.mkdir(exist_ok=True)
     (out / "open_clip_config.json").write_text(json.dumps(CLIP_CONFIG, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
 
 
 def judge_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Blur, noise and colour jitter, so the judge also reads imperfect, generated images."""
+    """Blur, noise and colour jitter, so the judge also reads imperfect, generated images.
+    The draws come from the CPU generator ``g`` on any device."""
     b = x.shape[0]
-    k = torch.tensor([1.0, 2.0, 1.0]) / 4
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g).to(x.device)
+
+    k = torch.tensor([1.0, 2.0, 1.0], device=x.device) / 4
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), (k[:, None] * k[None]).expand(3, 1, 3, 3), groups=3)
-    w = torch.rand(b, 1, 1, 1, generator=g)
+    w = rand(b, 1, 1, 1)
     x = w * blurred + (1 - w) * x
-    x = x + 0.08 * torch.rand(b, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
-    x = x * (1 + 0.1 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)) + 0.1 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5)
+    x = x + 0.08 * rand(b, 1, 1, 1) * torch.randn(x.shape, generator=g).to(x.device)
+    x = x * (1 + 0.1 * (rand(b, 3, 1, 1) - 0.5)) + 0.1 * (rand(b, 1, 1, 1) - 0.5)
     return x.clamp(-1, 1)
 
 
@@ -424,9 +433,10 @@ def stage_judge(work: Path, cfg):
     # Half of every batch is seen through the toy VAE (a decoded sample of the latent
     # posterior): generated images are drawn by that decoder, and a judge trained on clean
     # renders alone misreads its softer shapes (dogs as cats) far more often.
-    vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False)
+    dev = cfg["device"]
+    vae = AutoencoderKL.from_pretrained(work / "vae").to(dev).eval().requires_grad_(False)
     _seed(SEED + 4)
-    judge = Judge()
+    judge = Judge().to(dev)
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
     b = cfg["judge_batch"]
     style_idx = ATTRIBUTES["style"].index("sketch")
@@ -439,12 +449,12 @@ def stage_judge(work: Path, cfg):
             group["lr"] = lr
         judge.train()
         scenes = [random_scene(rng, every_pair=True) for _ in range(b)]
-        x = _to_tensor(np.stack([render_array(s) for s in scenes]))
-        y = torch.tensor([label_vector(s) for s in scenes])
+        x = _to_tensor(np.stack([render_array(s) for s in scenes])).to(dev)
+        y = torch.tensor([label_vector(s) for s in scenes], device=dev)
         h = b // 2
         with torch.no_grad():
             post = vae.encode(x[:h]).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
             x[:h] = vae.decode(z).sample.clamp(-1, 1)
         x = judge_augment(x, g)
         out = judge(x)
@@ -465,7 +475,7 @@ def stage_judge(work: Path, cfg):
     _loop("judge", work, cfg["judge_steps"], 250, run_step, judge=judge, opt=opt)
     from palp.toyworld.judge import judge_accuracy
 
-    judge.eval()
+    judge.cpu().eval()  # judge_accuracy and predict read on the CPU
     acc = judge_accuracy(judge, n=2000, seed=12345)
     acc_pairs = judge_accuracy(judge, n=1000, seed=54321, held_out_pairs=True)
     _atomic_save(judge.state_dict(), work / "judge.pt")
@@ -517,19 +527,26 @@ def main(argv=None):
     ap.add_argument("--work", required=True, type=Path, help="working folder (data, checkpoints; resumable)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "weights")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="auto", help="auto: cuda where there is a GPU, else cpu; or cpu, cuda, cuda:1...")
     for k, v in DEFAULTS.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = {k: getattr(args, k) for k in DEFAULTS}
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        cfg["device"] = torch.device(device)
+        torch.empty(0, device=cfg["device"])
+    except (RuntimeError, AssertionError) as e:
+        ap.error(f"--device {args.device}: {e}".splitlines()[0])
     args.work.mkdir(parents=True, exist_ok=True)
     stages = STAGES if args.stage == "all" else (args.stage,)
     for s in stages:
         # Each stage records the settings it ran with (a later stage's run leaves them alone).
         settings = {k: v for k, v in cfg.items() if k.startswith(s + "_") or (s == "data" and k == "n_train")}
         if settings:
-            _recipe(args.work, s, settings=settings)
+            _recipe(args.work, s, settings=settings, device=str(cfg["device"]))
         if s == "export":
             stage_export(args.work, args.out)
         else:

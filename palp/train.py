@@ -189,7 +189,7 @@ def setup_model(base, cfg: TrainConfig, device: torch.device, dtype: torch.dtype
     with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from --seed, not global state
         torch.manual_seed(cfg.seed)
         model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                                                               targets=cfg.lora_targets)
+                                                       targets=cfg.lora_targets)
     model.to(device, dtype)
     for p in model.trainable_parameters():  # trainable parameters stay fp32
         p.data = p.data.float()

@@ -165,13 +165,46 @@ def test_judge_schedule_is_the_resumed_run():
     def cosine(step, period):
         return 2e-3 * 0.5 * (1 + math.cos(math.pi * step / period))
 
-    assert (DEFAULTS["judge_steps"], DEFAULTS["judge_first_cycle"]) == (3000, 1500)
+    assert DEFAULTS["judge_first_cycle"] == 1500
     for step in (0, 1, 700, 1499):
         assert judge_lr(step, 3000, 1500) == cosine(step, 1500) == judge_lr(step, 1500, 1500)
     for step in (1500, 2000, 2999):
         assert judge_lr(step, 3000, 1500) == cosine(step, 3000)
     assert [judge_lr(s, 40, 0) for s in range(40)] == [cosine(s, 40) for s in range(40)]
     assert [judge_lr(s, 40, 1500) for s in range(40)] == [cosine(s, 40) for s in range(40)]
+
+
+def test_vae_schedule_restarts_where_the_first_run_ended():
+    """The shipped VAE ran 2000 steps of its schedule, then was resumed to 6000 steps: a warm
+    restart into the 6000-step cosine, which the defaults (6000 steps, first cycle 2000) give."""
+    import math
+
+    from palp.toyworld.pretrain import DEFAULTS, vae_lr
+
+    def lr(step, period):
+        return 1e-3 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / period)))
+
+    assert (DEFAULTS["vae_steps"], DEFAULTS["vae_first_cycle"]) == (6000, 2000)
+    for step in (0, 150, 1999):
+        assert vae_lr(step, 6000, 2000) == lr(step, 2000) == vae_lr(step, 2000, 0)
+    assert abs(vae_lr(1999, 6000, 2000) - 1e-4) < 1e-9  # the first run ends at its floor...
+    for step in (2000, 4000, 5999):
+        assert vae_lr(step, 6000, 2000) == lr(step, 6000)
+    assert abs(vae_lr(2000, 6000, 2000) - 1e-3 * (0.1 + 0.9 * 0.75)) < 1e-12  # ...and restarts at 0.775e-3
+    assert [vae_lr(s, 50, 2000) for s in range(50)] == [lr(s, 50) for s in range(50)]
+
+
+def test_shipped_history_ends_at_the_defaults():
+    """`pretrain all` trains each stage as far as the shipped weights' history went."""
+    from palp.toyworld.pretrain import DEFAULTS, SHIPPED_HISTORY, STAGES
+
+    assert [s for s, _ in SHIPPED_HISTORY if s in ("data", "export")] == ["data", "export"]
+    assert {s for s, _ in SHIPPED_HISTORY} == set(STAGES)
+    last = {}
+    for stage, settings in SHIPPED_HISTORY:
+        last.setdefault(stage, {}).update(settings)
+    for stage, settings in last.items():
+        assert all(DEFAULTS[k] == v for k, v in settings.items()), (stage, settings)
 
 
 def test_toy_sd_loads_through_stock_diffusers():
@@ -311,6 +344,48 @@ def test_pretraining_script_runs_every_stage_and_resumes(tmp_path, capsys):
     pretrain.main(["unet", "--work", str(work), *small])  # finished: resumes at its last step, trains nothing
     assert "resumed unet.ckpt at step 2" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in work.glob("*.ckpt")} == before
+
+
+def test_replay_trains_on_with_a_new_vae_and_reencodes_the_latents(tmp_path, monkeypatch):
+    """`pretrain replay` on a tiny history shaped like the shipped one: every run goes to
+    recipe.json's history with its resume point, and after the VAE trains on, the latents the
+    UNet learns from are the new VAE's encodings (checked against the exported VAE)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from palp.toyworld import pretrain
+
+    history = (("data", {}), ("vae", {"vae_steps": 2, "vae_first_cycle": 0}), ("unet", {"unet_steps": 2}),
+               ("judge", {"judge_steps": 2}), ("clip", {}), ("vae", {"vae_steps": 4, "vae_first_cycle": 2}),
+               ("unet", {"unet_steps": 3}), ("judge", {"judge_steps": 3}), ("export", {}))
+    monkeypatch.setattr(pretrain, "SHIPPED_HISTORY", history)
+    small = ["--n-train", "64", "--vae-batch", "4", "--unet-batch", "4", "--clip-steps", "2", "--clip-batch", "8",
+             "--judge-batch", "4"]
+    work, out = tmp_path / "work", tmp_path / "weights"
+    pretrain.main(["replay", "--work", str(work), "--out", str(out), *small])
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert [(h["stage"], h["from_step"], h["to_step"]) for h in recipe["history"]] == [
+        ("vae", 0, 2), ("unet", 0, 2), ("judge", 0, 2), ("clip", 0, 2), ("vae", 2, 4), ("unet", 2, 3), ("judge", 2, 3)]
+    assert recipe["history"][4]["settings"]["vae_first_cycle"] == 2
+    assert json.loads((work / "latents.json").read_text()) == {"vae_steps": 4}
+    # Stale latents stand in for the VAE's: kept while the VAE has not moved, replaced once it has.
+    stale = torch.load(work / "latents.pt")
+    stale["mean"].zero_()
+    torch.save(stale, work / "latents.pt")
+    pretrain.main(["vae", "--work", str(work), "--vae-steps", "4", "--vae-first-cycle", "2", *small])
+    assert not torch.load(work / "latents.pt")["mean"].any()
+    pretrain.main(["vae", "--work", str(work), "--vae-steps", "5", "--vae-first-cycle", "2", *small])
+    assert json.loads((work / "latents.json").read_text()) == {"vae_steps": 5}
+    latents = torch.load(work / "latents.pt")
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    images = torch.from_numpy(np.load(work / "data.npz")["images"][:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        mean = vae.encode(images).latent_dist.mean
+    assert mean.abs().max() > 0.05
+    torch.testing.assert_close(latents["mean"][:8].float(), mean, rtol=2e-3, atol=1e-3)  # stored in fp16
+    assert abs(latents["scaling_factor"] - vae.config.scaling_factor) < 1e-6
+    assert [(h["stage"], h["from_step"], h["to_step"]) for h in json.loads((work / "recipe.json").read_text())["history"]][-1] == (
+        "vae", 4, 5)
 
 
 def test_pretraining_refuses_a_device_it_cannot_use(tmp_path, capsys):

@@ -1,8 +1,12 @@
 """Pretrain the toy world's models: a small Stable Diffusion, a small CLIP, and the judge.
 
     python -m palp.toyworld.pretrain all --work WORKDIR --out palp/toyworld/weights
+    python -m palp.toyworld.pretrain replay --work WORKDIR --out palp/toyworld/weights
 
-Stages run in order and each one resumes from its last checkpoint in ``--work``:
+Stages run in order and each one resumes from its last checkpoint in ``--work``. ``all`` runs
+each stage once to the DEFAULTS; ``replay`` runs ``SHIPPED_HISTORY``, the runs that made the
+shipped weights, in their order (a first VAE, UNet and judge; the VAE trained on; the UNet and
+the judge trained on with it):
 
 - ``data``: render the pretraining scenes (images, ground-truth labels, captions);
 - ``vae``: an AutoencoderKL, 64x64 RGB <-> 16x16x8 latents (SD's layout, 4x down-sampling);
@@ -46,16 +50,36 @@ STAGES = ("data", "vae", "unet", "judge", "clip", "export")
 
 DEFAULTS = dict(
     n_train=60000,
-    vae_steps=2000,
+    vae_steps=6000,
     vae_batch=16,
-    unet_steps=5500,
+    vae_first_cycle=2000,
+    unet_steps=8000,
     unet_batch=64,
     unet_lr=8e-4,
     clip_steps=1000,
     clip_batch=128,
-    judge_steps=3000,
+    judge_steps=3750,
     judge_batch=64,
     judge_first_cycle=1500,
+)
+
+# How the shipped weights were made, run by run: each entry is one run of a stage with these
+# settings (the rest are DEFAULTS), resuming that stage's checkpoint. A resumed run draws the
+# batches of steps 0, 1, ... again (its generator is seeded when it starts), so the resume
+# points matter. The VAE was trained on after the first UNet and judge: the UNet and the judge
+# then went on from their checkpoints with the new VAE. ``pretrain replay`` runs this list.
+SHIPPED_HISTORY = (
+    ("data", {}),
+    ("vae", {"vae_steps": 2000, "vae_first_cycle": 0}),
+    ("unet", {"unet_steps": 3000}),
+    ("unet", {"unet_steps": 5500}),
+    ("judge", {"judge_steps": 1500}),
+    ("judge", {"judge_steps": 3000}),
+    ("clip", {}),
+    ("vae", {"vae_steps": 6000, "vae_first_cycle": 2000}),
+    ("unet", {"unet_steps": 8000}),
+    ("judge", {"judge_steps": 3750}),
+    ("export", {}),
 )
 
 
@@ -179,7 +203,8 @@ def _recipe(work: Path, stage: str, **info):
 
 
 class _Resumable:
-    """Holds a stage's modules + optimizer; saves and restores them with the RNG state."""
+    """Holds a stage's modules + optimizer; saves and restores them with the global RNG states
+    (not a stage's own batch generator: see ``_loop``)."""
 
     def __init__(self, path: Path, **objects):
         self.path, self.objects, self.step = path, objects, 0
@@ -207,8 +232,13 @@ def _seed(seed: int):
     random.seed(seed)
 
 
-def _loop(stage, work, steps, every, run_step, **objects):
-    """Run ``run_step(step) -> loss`` until ``steps``, checkpointing every ``every`` steps."""
+def _loop(stage, work, cfg, steps, every, run_step, **objects):
+    """Run ``run_step(step) -> loss`` until ``steps``, checkpointing every ``every`` steps.
+
+    Each run that trains goes to recipe.json's ``history`` (stage, from which step to which, the
+    stage's settings, wall time): a stage's batch generator is seeded when the run starts, not
+    checkpointed, so a resumed run draws the batches of steps 0, 1, ... again, and the same
+    weights come only from the same runs in the same order (``SHIPPED_HISTORY``)."""
     state = _Resumable(work / f"{stage}.ckpt", **objects)
     start, t0 = state.step, time.perf_counter()
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, mininterval=10)
@@ -225,8 +255,23 @@ def _loop(stage, work, steps, every, run_step, **objects):
     info = {"steps": steps, "wall_s": round(wall, 1)}
     if avg is not None:  # a resumed, already finished stage keeps the loss it recorded
         info["final_loss"] = avg
+        _history(work, {"stage": stage, "from_step": start, "to_step": steps, "settings": _settings(stage, cfg),
+                        "device": str(cfg["device"]), "wall_s": round(time.perf_counter() - t0, 1)})
     _recipe(work, stage, **info)
     return state
+
+
+def _settings(stage: str, cfg) -> dict:
+    return {k: v for k, v in cfg.items() if k.startswith(stage + "_") or (stage == "data" and k == "n_train")}
+
+
+def _history(work: Path, entry: dict):
+    path = work / "recipe.json"
+    recipe = json.loads(path.read_text()) if path.exists() else {}
+    recipe.setdefault("history", []).append(entry)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(recipe, indent=2))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -243,6 +288,16 @@ def stage_data(work: Path, cfg):
     _recipe(work, "data", n=cfg["n_train"], seed=SEED, wall_s=round(time.perf_counter() - t0, 1))
 
 
+def vae_lr(step: int, steps: int, first_cycle: int) -> float:
+    """The VAE's learning rate: 200 warm-up steps, then a cosine from 1e-3 down to 1e-4 over
+    ``steps``; with ``first_cycle`` (0 < first_cycle < steps), the first ``first_cycle`` steps
+    are a cosine of their own and the rest continue the cosine over all ``steps`` from where it
+    is at ``first_cycle`` (a warm restart: what resuming a finished run with a larger
+    ``--vae-steps`` does)."""
+    period = first_cycle if 0 < first_cycle < steps and step < first_cycle else steps
+    return 1e-3 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / period)))
+
+
 def stage_vae(work: Path, cfg):
     images, _, _ = _load_data(work)
     _seed(SEED + 1)
@@ -252,7 +307,7 @@ def stage_vae(work: Path, cfg):
     g = torch.Generator().manual_seed(SEED + 1)
 
     def run_step(step):
-        lr = 1e-3 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg["vae_steps"])))
+        lr = vae_lr(step, cfg["vae_steps"], cfg["vae_first_cycle"])
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(images), (cfg["vae_batch"],), generator=g)
@@ -267,9 +322,13 @@ def stage_vae(work: Path, cfg):
         opt.step()
         return loss.item()
 
-    _loop("vae", work, cfg["vae_steps"], 250, run_step, vae=vae, opt=opt)
-    # Latents of the whole set (posterior mean and std) and SD's latent scaling factor.
-    if not (work / "latents.pt").exists():
+    state = _loop("vae", work, cfg, cfg["vae_steps"], 250, run_step, vae=vae, opt=opt)
+    # Latents of the whole set (posterior mean and std) and SD's latent scaling factor, encoded
+    # again whenever the VAE has trained on since they were (latents.json says how far it had).
+    # latents.pt without latents.json was written before the record was kept: it is kept.
+    marker = work / "latents.json"
+    encoded = json.loads(marker.read_text())["vae_steps"] if marker.exists() else None
+    if not (work / "latents.pt").exists() or encoded not in (None, state.step):
         vae.eval()
         means, stds = [], []
         with torch.no_grad():
@@ -285,6 +344,8 @@ def stage_vae(work: Path, cfg):
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample
             psnr = float(10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), x)))
         _atomic_save({"mean": mean, "std": std, "scaling_factor": scaling}, work / "latents.pt")
+        marker.with_suffix(".tmp").write_text(json.dumps({"vae_steps": state.step}))
+        os.replace(marker.with_suffix(".tmp"), marker)
         vae.save_pretrained(work / "vae")
         _recipe(work, "vae", scaling_factor=scaling, reconstruction_psnr_db=round(psnr, 2))
 
@@ -344,7 +405,7 @@ def stage_unet(work: Path, cfg):
                 e.lerp_(p, 1 - decay)
         return loss.item()
 
-    _loop("unet", work, cfg["unet_steps"], 250, run_step, unet=unet, te=te, ema_unet=ema_unet, ema_te=ema_te, opt=opt)
+    _loop("unet", work, cfg, cfg["unet_steps"], 250, run_step, unet=unet, te=te, ema_unet=ema_unet, ema_te=ema_te, opt=opt)
     ema_unet.save_pretrained(work / "unet")
     ema_te.save_pretrained(work / "text_encoder")
 
@@ -386,7 +447,7 @@ def stage_clip(work: Path, cfg):
             model.logit_scale.clamp_(0, math.log(100))
         return loss.item()
 
-    _loop("clip", work, cfg["clip_steps"], 250, run_step, model=model, opt=opt)
+    _loop("clip", work, cfg, cfg["clip_steps"], 250, run_step, model=model, opt=opt)
     from safetensors.torch import save_file
 
     out = work / "clip"
@@ -472,7 +533,7 @@ def stage_judge(work: Path, cfg):
         opt.step()
         return loss.item()
 
-    _loop("judge", work, cfg["judge_steps"], 250, run_step, judge=judge, opt=opt)
+    _loop("judge", work, cfg, cfg["judge_steps"], 250, run_step, judge=judge, opt=opt)
     from palp.toyworld.judge import judge_accuracy
 
     judge.cpu().eval()  # judge_accuracy and predict read on the CPU
@@ -523,7 +584,8 @@ def stage_export(work: Path, out: Path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=STAGES + ("all",))
+    ap.add_argument("stage", choices=STAGES + ("all", "replay"),
+                    help="one stage; all: every stage once with the settings given; replay: SHIPPED_HISTORY")
     ap.add_argument("--work", required=True, type=Path, help="working folder (data, checkpoints; resumable)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "weights")
     ap.add_argument("--threads", type=int, default=None)
@@ -541,16 +603,19 @@ def main(argv=None):
     except (RuntimeError, AssertionError) as e:
         ap.error(f"--device {args.device}: {e}".splitlines()[0])
     args.work.mkdir(parents=True, exist_ok=True)
-    stages = STAGES if args.stage == "all" else (args.stage,)
-    for s in stages:
-        # Each stage records the settings it ran with (a later stage's run leaves them alone).
-        settings = {k: v for k, v in cfg.items() if k.startswith(s + "_") or (s == "data" and k == "n_train")}
+    if args.stage == "replay":
+        runs = [(s, {**cfg, **settings}) for s, settings in SHIPPED_HISTORY]
+    else:
+        runs = [(s, cfg) for s in (STAGES if args.stage == "all" else (args.stage,))]
+    for s, run_cfg in runs:
+        # Each stage records the settings it last ran with (a later stage's run leaves them alone).
+        settings = _settings(s, run_cfg)
         if settings:
-            _recipe(args.work, s, settings=settings, device=str(cfg["device"]))
+            _recipe(args.work, s, settings=settings, device=str(run_cfg["device"]))
         if s == "export":
             stage_export(args.work, args.out)
         else:
-            globals()[f"stage_{s}"](args.work, cfg)
+            globals()[f"stage_{s}"](args.work, run_cfg)
 
 
 if __name__ == "__main__":

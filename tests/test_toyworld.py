@@ -337,6 +337,7 @@ def test_pretraining_script_runs_every_stage_and_resumes(tmp_path, capsys):
     pipe = StableDiffusionPipeline.from_pretrained(out / "sd", safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
     assert not DDIMScheduler.from_config(pipe.scheduler.config).config.clip_sample
+    assert not [p for p in (out / "sd").glob("*/config.json") if str(work) in p.read_text()]  # no work paths
     image = pipe("A sketch of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
     before = {p: p.stat().st_mtime_ns for p in work.glob("*.ckpt")}

@@ -570,6 +570,11 @@ def stage_export(work: Path, out: Path):
         # not clip the predicted latents to [-1, 1] (the default for pixel-space models).
         sched = tmp / "scheduler" / "scheduler_config.json"
         sched.write_text(json.dumps({**json.loads(sched.read_text()), "clip_sample": False}, indent=2, sort_keys=True) + "\n")
+        # The models were read from the work folder: its path is not part of the weights.
+        for config in tmp.glob("*/config.json"):
+            values = json.loads(config.read_text())
+            if values.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     with atomic_directory(out / "clip", replace=True) as tmp:
         for f in ("open_clip_config.json", "open_clip_model.safetensors"):
             shutil.copy(work / "clip" / f, tmp / f)

@@ -348,26 +348,25 @@ def test_pretraining_script_runs_every_stage_and_resumes(tmp_path, capsys):
 
 
 def test_replay_trains_on_with_a_new_vae_and_reencodes_the_latents(tmp_path, monkeypatch):
-    """`pretrain replay` on a tiny history shaped like the shipped one: every run goes to
-    recipe.json's history with its resume point, and after the VAE trains on, the latents the
-    UNet learns from are the new VAE's encodings (checked against the exported VAE)."""
+    """`pretrain replay` on a tiny history shaped like the shipped one (a VAE, a UNet, the VAE
+    trained on, the UNet trained on): every run goes to recipe.json's history with its resume
+    point, and once the VAE has trained on, the latents the UNet learns from are the new VAE's
+    encodings (checked against the saved VAE)."""
     import torch
     from diffusers import AutoencoderKL
 
     from palp.toyworld import pretrain
 
     history = (("data", {}), ("vae", {"vae_steps": 2, "vae_first_cycle": 0}), ("unet", {"unet_steps": 2}),
-               ("judge", {"judge_steps": 2}), ("clip", {}), ("vae", {"vae_steps": 4, "vae_first_cycle": 2}),
-               ("unet", {"unet_steps": 3}), ("judge", {"judge_steps": 3}), ("export", {}))
+               ("vae", {"vae_steps": 4, "vae_first_cycle": 2}), ("unet", {"unet_steps": 3}))
     monkeypatch.setattr(pretrain, "SHIPPED_HISTORY", history)
-    small = ["--n-train", "64", "--vae-batch", "4", "--unet-batch", "4", "--clip-steps", "2", "--clip-batch", "8",
-             "--judge-batch", "4"]
-    work, out = tmp_path / "work", tmp_path / "weights"
-    pretrain.main(["replay", "--work", str(work), "--out", str(out), *small])
-    recipe = json.loads((out / "recipe.json").read_text())
+    small = ["--n-train", "64", "--vae-batch", "4", "--unet-batch", "4"]
+    work = tmp_path / "work"
+    pretrain.main(["replay", "--work", str(work), *small])
+    recipe = json.loads((work / "recipe.json").read_text())
     assert [(h["stage"], h["from_step"], h["to_step"]) for h in recipe["history"]] == [
-        ("vae", 0, 2), ("unet", 0, 2), ("judge", 0, 2), ("clip", 0, 2), ("vae", 2, 4), ("unet", 2, 3), ("judge", 2, 3)]
-    assert recipe["history"][4]["settings"]["vae_first_cycle"] == 2
+        ("vae", 0, 2), ("unet", 0, 2), ("vae", 2, 4), ("unet", 2, 3)]
+    assert recipe["history"][2]["settings"]["vae_first_cycle"] == 2
     assert json.loads((work / "latents.json").read_text()) == {"vae_steps": 4}
     # Stale latents stand in for the VAE's: kept while the VAE has not moved, replaced once it has.
     stale = torch.load(work / "latents.pt")

@@ -197,8 +197,12 @@ def _recipe(work: Path, stage: str, **info):
     recipe["hardware"] = f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}" + (
         f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     )
+    _write_json(path, recipe)
+
+
+def _write_json(path: Path, value):
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(recipe, indent=2))
+    tmp.write_text(json.dumps(value, indent=2))
     os.replace(tmp, path)
 
 
@@ -269,9 +273,7 @@ def _history(work: Path, entry: dict):
     path = work / "recipe.json"
     recipe = json.loads(path.read_text()) if path.exists() else {}
     recipe.setdefault("history", []).append(entry)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(recipe, indent=2))
-    os.replace(tmp, path)
+    _write_json(path, recipe)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -294,8 +296,8 @@ def vae_lr(step: int, steps: int, first_cycle: int) -> float:
     are a cosine of their own and the rest continue the cosine over all ``steps`` from where it
     is at ``first_cycle`` (a warm restart: what resuming a finished run with a larger
     ``--vae-steps`` does)."""
-    period = first_cycle if 0 < first_cycle < steps and step < first_cycle else steps
-    return 1e-3 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / period)))
+    cosine = 0.5 * (1 + math.cos(math.pi * step / _period(step, steps, first_cycle)))
+    return 1e-3 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * cosine)
 
 
 def stage_vae(work: Path, cfg):
@@ -344,8 +346,7 @@ def stage_vae(work: Path, cfg):
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample
             psnr = float(10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), x)))
         _atomic_save({"mean": mean, "std": std, "scaling_factor": scaling}, work / "latents.pt")
-        marker.with_suffix(".tmp").write_text(json.dumps({"vae_steps": state.step}))
-        os.replace(marker.with_suffix(".tmp"), marker)
+        _write_json(marker, {"vae_steps": state.step})
         vae.save_pretrained(work / "vae")
         _recipe(work, "vae", scaling_factor=scaling, reconstruction_psnr_db=round(psnr, 2))
 
@@ -478,8 +479,13 @@ def judge_lr(step: int, steps: int, first_cycle: int) -> float:
     then, from the lr a cosine over all ``steps`` has there, the rest of that cosine to 0 (a warm
     restart). This is what a 1500-step run resumed to 3000 steps did, which is how the shipped
     judge was trained; ``first_cycle`` 0 (or >= ``steps``): one cosine over all steps."""
-    period = first_cycle if 0 < first_cycle < steps and step < first_cycle else steps
-    return 2e-3 * 0.5 * (1 + math.cos(math.pi * step / period))
+    return 2e-3 * 0.5 * (1 + math.cos(math.pi * step / _period(step, steps, first_cycle)))
+
+
+def _period(step: int, steps: int, first_cycle: int) -> int:
+    """The cosine period at ``step`` of a schedule over ``steps`` whose first ``first_cycle``
+    steps are a cosine of their own (0, or >= ``steps``: one cosine over all steps)."""
+    return first_cycle if 0 < first_cycle < steps and step < first_cycle else steps
 
 
 def stage_judge(work: Path, cfg):

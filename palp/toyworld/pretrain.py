@@ -296,8 +296,8 @@ def vae_lr(step: int, steps: int, first_cycle: int) -> float:
     are a cosine of their own and the rest continue the cosine over all ``steps`` from where it
     is at ``first_cycle`` (a warm restart: what resuming a finished run with a larger
     ``--vae-steps`` does)."""
-    cosine = 0.5 * (1 + math.cos(math.pi * step / _period(step, steps, first_cycle)))
-    return 1e-3 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * cosine)
+    cos = math.cos(math.pi * step / _period(step, steps, first_cycle))
+    return 1e-3 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + cos))  # the shipped runs' arithmetic
 
 
 def stage_vae(work: Path, cfg):

@@ -11,14 +11,18 @@ from __future__ import annotations
 import glob
 import io
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from palp import storage
+from palp.safecsv import read_csv, to_csv
+from palp.storage import StorageError
 from palp.study import HEADER_ROW, PARTICIPANT_CELL, SHEET, StudyError
 
+KEY_COLUMNS = ("question_id", "kind", "elements", "method", "subject", "prompt", "clean_prompt")
 METRICS = {"text_alignment": "Text alignment", "personalization": "Personalization"}
 
 
@@ -46,7 +50,7 @@ def read_response(uri: str) -> tuple[pd.DataFrame, list[int]]:
         table.insert(0, "participant_id", str(pid).strip())
         lines = [HEADER_ROW + 2 + i for i in range(len(table))]  # spreadsheet row numbers
     else:
-        table = pd.read_csv(io.BytesIO(data), dtype=object, keep_default_na=False)
+        table = read_csv(data, dtype=object)
         lines = [2 + i for i in range(len(table))]  # the header is line 1
     return table.replace({np.nan: ""}).astype(str), lines
 
@@ -66,8 +70,8 @@ def collect(files: list[str], key: pd.DataFrame) -> pd.DataFrame:
         except StudyError as e:
             problems.append(str(e))
             continue
-        except (ValueError, KeyError, OSError) as e:  # not a readable CSV/XLSX form
-            problems.append(f"{uri}: not a readable form ({type(e).__name__}: {e})")
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile, EOFError) as e:  # truncated, not a zip, no sheet
+            problems.append(f"{uri}: not a readable form ({type(e).__name__}: {e}); save the filled form again as .xlsx or .csv")
             continue
         if "question_id" not in table.columns or "participant_id" not in table.columns:
             problems.append(f"{uri}: row 1: columns question_id and participant_id are required")
@@ -110,6 +114,19 @@ def collect(files: list[str], key: pd.DataFrame) -> pd.DataFrame:
         raise StudyError(f"{len(problems)} problem(s) in the responses:\n  " + "\n  ".join(problems))
     df = pd.DataFrame(answers)
     return df.merge(key[["question_id", "method", "subject", "prompt", "clean_prompt"]], on="question_id")
+
+
+def read_key(uri: str) -> pd.DataFrame:
+    """``key/answer_key.csv`` of an export, or a StudyError that says it is not one."""
+    fix = "pass the key/answer_key.csv that `palp study export` wrote"
+    try:
+        key = read_csv(storage.read_bytes(uri), dtype={"question_id": str})
+    except (StorageError, OSError, ValueError) as e:  # missing, a folder, not text, not CSV
+        raise StudyError(f"--key {uri}: cannot read it as an answer key ({e}); {fix}") from e
+    missing = [c for c in KEY_COLUMNS if c not in key.columns]
+    if missing:
+        raise StudyError(f"--key {uri} is not an answer key (no column {', '.join(missing)}); {fix}")
+    return key
 
 
 def ratio_with_ci(cells: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -177,17 +194,17 @@ def bar_chart(t3: pd.DataFrame) -> bytes:
 def analyze(responses: str, key_uri: str, output: str, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     from palp.report import data_uri
 
-    key = pd.read_csv(io.BytesIO(storage.read_bytes(key_uri)), keep_default_na=False, dtype={"question_id": str})
+    key = read_key(key_uri)
     answers = collect(response_files(responses), key)
     t3 = table3(answers, ["method"], n_boot=n_boot, seed=seed)
     by_subject = table3(answers, ["method", "subject"], n_boot=n_boot, seed=seed)
     by_prompt = table3(answers, ["method", "clean_prompt"], n_boot=n_boot, seed=seed)
     chart = bar_chart(t3)
     md = markdown(t3)
-    storage.write_text(storage.join(output, "table3.csv"), t3.to_csv(index=False))
+    storage.write_text(storage.join(output, "table3.csv"), to_csv(t3, index=False))
     storage.write_text(storage.join(output, "table3.md"), md)
-    storage.write_text(storage.join(output, "table3_by_subject.csv"), by_subject.to_csv(index=False))
-    storage.write_text(storage.join(output, "table3_by_prompt.csv"), by_prompt.to_csv(index=False))
+    storage.write_text(storage.join(output, "table3_by_subject.csv"), to_csv(by_subject, index=False))
+    storage.write_text(storage.join(output, "table3_by_prompt.csv"), to_csv(by_prompt, index=False))
     storage.write_bytes(storage.join(output, "table3.png"), chart, content_type="image/png")
     page = "\n".join([
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>User study</title></head><body>",

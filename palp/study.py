@@ -6,9 +6,10 @@ the image: 0/1 per element) and **similarity** (the input subject beside the gen
 rated 1-5). The questions are shuffled, dealt into ``--forms`` forms of balanced size and
 shuffled again within each form.
 
-Blinding: question and image ids are random tokens; images are decoded, resized and
-re-encoded as uncompressed PNG without metadata, so every image file has the same size and
-chunks; nothing in a form names a method, run, seed or source file. Only
+Blinding: question and image ids are random tokens from ``secrets`` (``--seed`` fixes only the
+layout: picks, order, dealing, so replaying it cannot recover them); images are decoded,
+resized and re-encoded as uncompressed PNG without metadata, so every image file has the same
+size and chunks; nothing in a form names a method, run, seed or source file. Only
 ``key/answer_key.csv``, written apart from ``forms/`` and never referenced by it, maps ids
 back.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
 import shutil
 import tempfile
 from datetime import timedelta
@@ -32,6 +34,7 @@ from PIL import Image
 
 from palp import storage
 from palp.prepare import load_manifest
+from palp.safecsv import to_csv
 from palp.score import read_samples
 
 KINDS = ("elements", "similarity")
@@ -62,9 +65,11 @@ def blind_png(data: bytes, size: int) -> bytes:
     return buf.getvalue()
 
 
-def _token(rng: np.random.Generator, used: set[str]) -> str:
+def _token(used: set[str]) -> str:
+    # From the OS's CSPRNG, not the seeded layout RNG: otherwise replaying --seed (or trying
+    # small seeds) would recover every id from the forms alone and un-blind the study.
     while True:
-        t = "".join(rng.choice(list("0123456789abcdef"), 12))
+        t = secrets.token_hex(6)
         if t not in used:
             used.add(t)
             return t
@@ -114,6 +119,10 @@ def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = 
         raise StudyError(f"--links must be embedded or signed, not {links!r}")
     if links == "signed" and not storage.is_gcs(output):
         raise StudyError("--links signed needs a gs:// --output (signed URLs point at objects in a bucket)")
+    if not storage.is_gcs(output):
+        existing = next((p for p in (Path(output), *Path(output).parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise StudyError(f"--output {output}: {existing} is a file, not a folder; choose a new or empty folder")
     if storage.exists(storage.join(output, "key", "answer_key.csv")):
         raise StudyError(f"{output} already holds a study export; choose another --output")
     rng = np.random.default_rng(seed)
@@ -126,9 +135,9 @@ def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = 
     questions = build_questions(pick_samples(samples, rng, methods), prompts, inputs, rng)
     used: set[str] = set()
     for q in questions:
-        q["question_id"] = "Q" + _token(rng, used)
-        q["image_id"] = _token(rng, used)
-        q["reference_id"] = _token(rng, used) if q["kind"] == "similarity" else ""
+        q["question_id"] = "Q" + _token(used)
+        q["image_id"] = _token(used)
+        q["reference_id"] = _token(used) if q["kind"] == "similarity" else ""
     if forms > len(questions):
         raise StudyError(f"{len(questions)} questions cannot fill {forms} forms; use --forms {len(questions)} or fewer")
     dealt = deal_forms(len(questions), forms, rng)
@@ -147,7 +156,7 @@ def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = 
         for f, members in enumerate(dealt, 1):
             rows = [questions[i] for i in members]
             table = form_table(rows, n_el, urls)
-            table.to_csv(staging / "forms" / f"form-{f}.csv", index=False)
+            (staging / "forms" / f"form-{f}.csv").write_text(to_csv(table, index=False), encoding="utf-8")
             write_xlsx(staging / "forms" / f"form-{f}.xlsx", table, images, f)
             for pos, q in enumerate(rows, 1):
                 key_rows.append({"question_id": q["question_id"], "form": f, "position": pos, "kind": q["kind"],
@@ -157,7 +166,7 @@ def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = 
                                  "source": q["source"], "reference_source": q["reference_source"],
                                  "elements": json.dumps(q["elements"])})
         (staging / "key").mkdir()
-        pd.DataFrame(key_rows).to_csv(staging / "key" / "answer_key.csv", index=False)
+        (staging / "key" / "answer_key.csv").write_text(to_csv(pd.DataFrame(key_rows), index=False), encoding="utf-8")
         files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
         if links == "signed":
             files = [f for f in files if f.parts[:2] != ("forms", "images")]  # uploaded already, linked by URL
@@ -193,7 +202,10 @@ def write_xlsx(path: Path, table: pd.DataFrame, images: Path, form: int) -> None
     sheet_table = table.drop(columns=[c for c in table.columns if c == "participant_id" or c.endswith(("_file", "_url"))])
     order = ["question_id", "image_id", "reference_id", "question"]
     sheet_table = sheet_table[order + [c for c in sheet_table.columns if c not in order]]
-    with pd.ExcelWriter(path, engine="xlsxwriter") as writer:
+    # XlsxWriter would store a text starting with "=" as a live formula (and URLs as links):
+    # prompts and elements are user text, so every cell is written as a plain string.
+    with pd.ExcelWriter(path, engine="xlsxwriter",
+                        engine_kwargs={"options": {"strings_to_formulas": False, "strings_to_urls": False}}) as writer:
         sheet_table.to_excel(writer, sheet_name=SHEET, startrow=HEADER_ROW, index=False)
         book, ws = writer.book, writer.sheets[SHEET]
         book.set_properties({"title": f"User study form {form}", "author": "", "company": ""})

@@ -65,12 +65,52 @@ def test_protocol_balance_and_determinism(study_inputs, tmp_path):
     for f in (1, 2, 3):
         form = pd.read_csv(tmp_path / "a" / "forms" / f"form-{f}.csv", keep_default_na=False)
         assert list(form["question_id"]) == list(key[key["form"] == f].sort_values("position")["question_id"])
+    # The same seed gives the same layout; the ids are fresh `secrets` tokens on every export
+    # (so the seed cannot un-blind the forms), hence the layout is compared, not the bytes.
     _export(study_inputs, tmp_path / "b")
-    for rel in ["key/answer_key.csv", *(f"forms/form-{f}.csv" for f in (1, 2, 3))]:
-        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
-    assert sorted(p.name for p in (tmp_path / "a/forms/images").iterdir()) == sorted(p.name for p in (tmp_path / "b/forms/images").iterdir())
+    assert _layout(tmp_path / "a") == _layout(tmp_path / "b")
+    for f in (1, 2, 3):
+        shown = [pd.read_csv(tmp_path / d / "forms" / f"form-{f}.csv", keep_default_na=False).drop(columns=ID_COLUMNS)
+                 for d in ("a", "b")]
+        assert shown[0].equals(shown[1])
     _export(study_inputs, tmp_path / "c", seed=1)
-    assert (tmp_path / "a/key/answer_key.csv").read_bytes() != (tmp_path / "c/key/answer_key.csv").read_bytes()
+    assert _layout(tmp_path / "a") != _layout(tmp_path / "c")
+
+
+ID_COLUMNS = ["question_id", "image_id", "image_file", "reference_id", "reference_file"]
+
+
+def _layout(out: Path) -> list[tuple]:
+    """Each form's questions in order, by what they show (not by id)."""
+    key = pd.read_csv(out / "key" / "answer_key.csv", keep_default_na=False).sort_values(["form", "position"])
+    return list(zip(key["form"], key["subject"], key["prompt"], key["method"], key["kind"], key["run"], key["sample"]))
+
+
+def _ids(out: Path) -> set[str]:
+    key = pd.read_csv(out / "key" / "answer_key.csv", keep_default_na=False)
+    return {i for c in ("question_id", "image_id", "reference_id") for i in key[c] if i}
+
+
+def test_ids_are_secret_tokens_not_replayable_from_the_seed(study_inputs, tmp_path, monkeypatch):
+    import copy
+
+    from palp import study
+
+    real_deal, seeded = study.deal_forms, []
+
+    def deal(n, forms, rng):  # the seeded RNG where the old export drew the ids: after picking, before dealing
+        seeded.append(copy.deepcopy(rng))
+        return real_deal(n, forms, rng)
+
+    monkeypatch.setattr(study, "deal_forms", deal)
+    _export(study_inputs, tmp_path / "a")
+    _export(study_inputs, tmp_path / "b")
+    a, b = _ids(tmp_path / "a"), _ids(tmp_path / "b")
+    assert len(a) == len(b) == 12 * 2 + 6 and not a & b  # same seed, unrelated ids
+    assert {p.stem for p in (tmp_path / "a/forms/images").iterdir()}.isdisjoint(p.stem for p in (tmp_path / "b/forms/images").iterdir())
+    # Replay the seed the old way: hex tokens drawn from that RNG, question by question.
+    replayed = {"".join(seeded[0].choice(list("0123456789abcdef"), 12)) for _ in range(3 * 12)}
+    assert not {i.removeprefix("Q") for i in a} & replayed
 
 
 def _png_chunks(data: bytes) -> list[str]:
@@ -282,3 +322,87 @@ def test_more_forms_than_questions_is_a_clear_error(study_inputs, tmp_path, caps
                  str(tmp_path / "x"), "--forms", "5", "--methods", "palp"])
     assert code == 2 and "4 questions cannot fill 5 forms; use --forms 4 or fewer" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+HYPERLINK = '=HYPERLINK("http://evil","click")'
+
+
+def test_formula_texts_are_plain_text_in_xlsx_and_neutralised_in_csv(study_inputs, tmp_path, monkeypatch):
+    import csv
+
+    from palp import study
+    from palp.safecsv import DANGEROUS, read_csv
+
+    real = study.build_questions
+
+    def hostile(*args, **kw):  # prompt texts as an attacker would write them
+        questions = real(*args, **kw)
+        for q in questions:
+            q["clean_prompt"] = "=1+1"
+            if q["elements"]:
+                q["elements"][:2] = [HYPERLINK, "=1+1"]
+        return questions
+
+    monkeypatch.setattr(study, "build_questions", hostile)
+    _export(study_inputs, tmp_path / "x")
+    ws = openpyxl.load_workbook(tmp_path / "x" / "forms" / "form-1.xlsx")["Form"]
+    cells = [c for row in ws.iter_rows() for c in row if c.value is not None]
+    assert {c.data_type for c in cells if c.value in (HYPERLINK, "=1+1")} == {"s"}
+    assert not [c.coordinate for c in cells if c.data_type == "f"]
+    assert any(c.value == HYPERLINK for c in cells)
+    for rel in ["forms/form-1.csv", "key/answer_key.csv"]:
+        rows = list(csv.reader((tmp_path / "x" / rel).open(newline="")))
+        assert not [c for r in rows for c in r if c.startswith(DANGEROUS)], rel
+        if rel.startswith("forms"):
+            assert "'" + HYPERLINK in [c for r in rows for c in r] and "'=1+1" in [c for r in rows for c in r]
+    # analyze reads the neutralised key back as the original text, and writes it neutralised.
+    key = pd.read_csv(tmp_path / "x" / "key" / "answer_key.csv", keep_default_na=False)
+    (tmp_path / "r").mkdir()
+    for form in (1, 2, 3):
+        _fill(key, form, "P1", _truth).to_csv(tmp_path / "r" / f"{form}.csv", index=False)
+    assert main(["study", "analyze", "--responses", str(tmp_path / "r"), "--key", str(tmp_path / "x/key/answer_key.csv"),
+                 "--output", str(tmp_path / "t3"), "--bootstrap", "50"]) == 0
+    raw = (tmp_path / "t3" / "table3_by_prompt.csv").read_text()
+    assert [r[1] for r in csv.reader(io.StringIO(raw))][1:] == ["'=1+1"] * 3
+    assert set(read_csv(raw)["clean_prompt"]) == {"=1+1"}
+
+
+def _one_error(err: str, *needles: str) -> None:
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+@pytest.mark.parametrize("case", ["truncated", "not-a-zip", "key-is-a-form", "key-missing"])
+def test_bad_study_files_give_one_clear_error(study_inputs, tmp_path, capsys, case):
+    _export(study_inputs, tmp_path / "x")
+    key_path = tmp_path / "x" / "key" / "answer_key.csv"
+    key = pd.read_csv(key_path, keep_default_na=False)
+    responses = tmp_path / "responses"
+    responses.mkdir()
+    filled = responses / "P1.xlsx"
+    _write_xlsx_response(tmp_path / "x" / "forms" / "form-1.xlsx", _fill(key, 1, "P1", _truth), filled)
+    if case == "truncated":
+        filled.write_bytes(filled.read_bytes()[: filled.stat().st_size // 2])
+    elif case == "not-a-zip":
+        filled.write_bytes(b"participant_id,question_id\nP1,Q1\n")
+    elif case == "key-is-a-form":
+        key_path = tmp_path / "x" / "forms" / "form-1.csv"
+    else:
+        key_path = tmp_path / "x" / "key" / "no_such_key.csv"
+    code = main(["study", "analyze", "--responses", str(responses), "--key", str(key_path), "--output", str(tmp_path / "t3")])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "t3").exists()
+    if case in ("truncated", "not-a-zip"):
+        _one_error(err, f"{filled}: not a readable form", "save the filled form again as .xlsx or .csv")
+    else:
+        _one_error(err, f"--key {key_path}", "pass the key/answer_key.csv that `palp study export` wrote")
+        assert ("no column kind" if case == "key-is-a-form" else "does not exist") in err
+
+
+def test_export_into_an_existing_file_is_a_clear_error(study_inputs, tmp_path, capsys):
+    root, samples = study_inputs
+    (tmp_path / "study").write_text("not a folder")
+    code = main(["study", "export", "--samples", samples[0], "--prepared", str(root / "prep"), "--output", str(tmp_path / "study")])
+    _one_error(capsys.readouterr().err, f"--output {tmp_path / 'study'}", "is a file, not a folder")
+    assert code == 2 and (tmp_path / "study").read_text() == "not a folder"

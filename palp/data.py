@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +13,14 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# The most pixels an image may have (8192 x 8192 by default; PALP_MAX_IMAGE_PIXELS overrides):
+# a 109 KB PNG can claim 30000 x 30000 and decode to gigabytes.
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+_OPEN_LOCK = threading.Lock()
 
 
 class SubjectImageError(ValueError):
-    """A subject image folder that cannot be trained on; the message names the file and the fix."""
+    """An image (or a subject image folder) that cannot be used; the message names the file and the fix."""
 
 
 @dataclass
@@ -42,13 +48,38 @@ class ImageRejected(SubjectImageError):
         self.reason = reason
 
 
+def max_image_pixels() -> int:
+    return int(os.environ.get("PALP_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
+
+
+def open_image(source: Path | bytes, *, name: str) -> Image.Image:
+    """``Image.open`` (it reads only the header), refused over the pixel limit before decoding.
+
+    Raises ImageRejected (over the limit), or Pillow's errors for unreadable files.
+    """
+    # Pillow's own check warns above 89 Mpx and fails above 179 Mpx without naming the file;
+    # it is off while opening (the lock: it is a module setting) and palp's limit applies instead.
+    with _OPEN_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    (w, h), limit = im.size, max_image_pixels()
+    if w * h > limit:
+        im.close()
+        raise ImageRejected(name, f"is {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} pixels",
+                            "use a smaller image (or raise PALP_MAX_IMAGE_PIXELS)")
+    return im
+
+
 def decode_rgb(source: Path | bytes, *, name: str, min_size: int) -> Image.Image:
     """Decode fully, apply the EXIF orientation, convert to RGB (CMYK, palette, alpha, 16-bit).
 
-    Raises ImageRejected for non-images, corrupt or truncated files and too-small images.
+    Raises ImageRejected for non-images, corrupt or truncated files, too-large and too-small images.
     """
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        with open_image(source, name=name) as im:
             im.load()  # decode everything now: truncated files fail here, not later
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -59,6 +90,8 @@ def decode_rgb(source: Path | bytes, *, name: str, min_size: int) -> Image.Image
                 arr = np.asarray(im, dtype=np.float64)
                 im = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
             rgb = im.convert("RGB")
+    except ImageRejected:
+        raise
     except UnidentifiedImageError as e:
         raise ImageRejected(name, "is not a readable image (not an image file)", "remove or replace it") from e
     except (OSError, SyntaxError, ValueError) as e:
@@ -76,10 +109,18 @@ def open_rgb(path: Path, *, min_size: int) -> Image.Image:
 
 
 def read_image(uri: str) -> Image.Image:
-    """An image at a local path or gs:// URI, as RGB (no checks: for images palp wrote itself)."""
+    """An image palp wrote itself (a sample, a prepared image) at a local path or gs:// URI, as
+    RGB; one that is unreadable (a truncated write, a replaced file) is an error naming it."""
     from palp import storage
 
-    return Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
+    fix = "delete it and rerun the palp step that wrote it (a sample: `palp sample` into the same --output)"
+    try:
+        with open_image(storage.read_bytes(uri), name=uri) as im:
+            return im.convert("RGB")
+    except ImageRejected:
+        raise  # over the pixel limit: its own fix
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise SubjectImageError(f"{uri} is not a readable image ({type(e).__name__}: {e}); {fix}") from e
 
 
 def center_square(im: Image.Image, size: int) -> Image.Image:

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from palp import __version__, storage
 from palp.data import ImageRejected, center_square, decode_rgb
 from palp.elements import element_list
-from palp.prompts import DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt, clean_prompt, placeholders_in
+from palp.names import check_name
+from palp.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt, check_token_length,
+                          clean_prompt, placeholder_token, placeholders_in)
 
 MANIFEST = "manifest.json"
 
@@ -69,7 +71,10 @@ def load_prompts_file(uri: str) -> list[PromptSpec]:
         unknown = set(e) - {"prompt", "clean_prompt", "elements", "subjects"}
         if "prompt" not in e or unknown:
             raise PrepareError(f"{uri}: entry {i} needs 'prompt' and may have clean_prompt, elements, subjects (got {sorted(e)})")
-        specs.append(PromptSpec(e["prompt"], e.get("clean_prompt", ""), e.get("elements"), e.get("subjects") or {}))
+        subjects = e.get("subjects") or {}
+        for name in subjects.values():
+            check_name(str(name), f"{uri}: entry {i}: subject name", PrepareError)
+        specs.append(PromptSpec(e["prompt"], e.get("clean_prompt", ""), e.get("elements"), subjects))
     return specs
 
 
@@ -114,7 +119,8 @@ def prepare_subject_images(spec: SubjectSpec, *, resolution: int, min_size: int,
             fate.update(status="rejected", reason=e.reason.removeprefix("is "))
         else:
             out = f"subjects/{spec.name}/{len(accepted):03d}.png"
-            storage.write_bytes(staging / out, png_bytes(center_square(im, resolution)))
+            storage.write_bytes(storage.join_under(staging, "subjects", spec.name, f"{len(accepted):03d}.png"),
+                                png_bytes(center_square(im, resolution)))
             fate.update(status="ok", output=out, dhash=f"{h:016x}")
             seen_hash.append((name, h))
             accepted.append(im)
@@ -151,6 +157,8 @@ def build_tasks(subjects: dict[str, SubjectSpec], prompts: list[PromptSpec], cla
             try:
                 check_prompt(p.prompt, words)
                 clean = p.clean_prompt or clean_prompt(p.prompt, words)
+                check_token_length(p.prompt)
+                check_token_length(clean, what="clean prompt")
                 elements = element_list(p.prompt, words, p.elements)
             except PromptError as e:
                 raise PrepareError(str(e)) from e
@@ -184,13 +192,23 @@ def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str,
     """Prepare subjects and prompts into ``output``; returns the manifest."""
     if not subjects:
         raise PrepareError("give at least one --subject NAME=DIR_OR_GS_URI")
+    storage.check_folder_output(output)
     by_name = {}
     for s in subjects:
+        check_name(s.name, "subject name", PrepareError)
         if s.name in by_name:
             raise PrepareError(f"subject {s.name!r} is given twice")
+        if storage.is_under(output, s.source):
+            raise PrepareError(f"--output {output} is (inside) the photo folder of subject {s.name} ({s.source}); "
+                               f"choose an output outside it")
         s.personalization_prompt = s.personalization_prompt or DEFAULT_PERSONALIZATION_PROMPT.replace(DEFAULT_PLACEHOLDER, s.placeholder)
         try:
+            placeholder_token(s.placeholder)
+        except PromptError as e:
+            raise PrepareError(f"--placeholder of subject {s.name}: {e}") from e
+        try:
             check_prompt(s.personalization_prompt, {s.placeholder: s.class_word or "thing"}, what=f"personalization prompt of {s.name}")
+            check_token_length(s.personalization_prompt, what=f"personalization prompt of {s.name}")
         except PromptError as e:
             raise PrepareError(str(e)) from e
         by_name[s.name] = s
@@ -239,7 +257,7 @@ def _move_into(staging: Path, out: Path) -> None:
     files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
     files.sort(key=lambda p: str(p) == MANIFEST)
     for rel in files:
-        storage.write_bytes(out / rel, (staging / rel).read_bytes())
+        storage.write_bytes(storage.join_under(out, str(rel)), (staging / rel).read_bytes())
 
 
 def derive_class_words(subjects, images, *, clip_model, clip_weights, vocabulary, min_confidence) -> dict[str, dict]:

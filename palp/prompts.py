@@ -14,6 +14,7 @@ written for palp is also a prompt a stock diffusers pipeline understands after
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 
@@ -166,6 +167,33 @@ def clean_prompt(prompt: str, class_words: Mapping[str, str]) -> str:
 def to_token_prompt(prompt: str) -> str:
     """The text the tokenizer sees: each placeholder becomes its token ("[V]" -> "<v>")."""
     return PLACEHOLDER_RE.sub(lambda m: placeholder_token(m.group(0)), prompt)
+
+
+# SD's CLIP text encoder reads 77 tokens, start and end of text included; the tokenizer cuts
+# anything longer without a word, so the end of a long prompt would silently not be trained on.
+MAX_PROMPT_TOKENS = 77
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_bpe():
+    from open_clip.tokenizer import SimpleTokenizer  # CLIP's BPE: the tokenizer of SD-1.x and 2.x
+
+    return SimpleTokenizer()
+
+
+def token_count(prompt: str) -> int:
+    """Tokens the text encoder sees for ``prompt``: start and end included, a placeholder one
+    token (its learned token), counted offline with CLIP's BPE."""
+    return len(_clip_bpe().encode(PLACEHOLDER_RE.sub(" ", prompt))) + len(PLACEHOLDER_RE.findall(prompt)) + 2
+
+
+def check_token_length(prompt: str, *, what: str = "target prompt") -> None:
+    """Raise PromptError, with the count and the limit, for a prompt the text encoder would cut."""
+    n = token_count(prompt)
+    if n > MAX_PROMPT_TOKENS:
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        raise PromptError(f"the {what} {shown!r} is {n} tokens long, over the text encoder's limit of "
+                          f"{MAX_PROMPT_TOKENS} (start and end included); shorten it")
 
 
 def parse_keyed(values: Iterable[str] | None, *, flag: str, default_key: str = DEFAULT_PLACEHOLDER) -> dict[str, str]:

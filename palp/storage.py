@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -53,6 +54,33 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return str(Path(base).joinpath(*parts))
 
 
+def is_under(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``root`` or inside it (local paths resolved; gs:// by prefix)."""
+    if is_gcs(path) or is_gcs(root):
+        p, r = str(path).rstrip("/"), str(root).rstrip("/")
+        return is_gcs(path) and is_gcs(root) and (p == r or p.startswith(r + "/"))
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
+
+
+def join_under(root: str | os.PathLike, *parts: str) -> str:
+    """``join(root, *parts)``, refused with a StorageError when it would leave ``root``
+    (``..``, an absolute part, a link out): names from users must not write elsewhere."""
+    path = join(root, *parts)
+    if is_gcs(root):
+        escapes = any(seg in ("", ".", "..") for part in parts for seg in part.strip("/").split("/"))
+    else:
+        escapes = not is_under(path, root)
+    if escapes:
+        raise StorageError(f"{'/'.join(parts)} would be written outside {root}; refused")
+    return path
+
+
+def check_folder_output(uri: str | os.PathLike, flag: str = "--output") -> None:
+    """Refuse an output that is an existing local file (every write under it would fail late)."""
+    if not is_gcs(uri) and Path(uri).exists() and not Path(uri).is_dir():
+        raise StorageError(f"{flag} {uri} is a file; give a folder (new or existing)")
+
+
 # -- retries -------------------------------------------------------------------------------
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
@@ -69,20 +97,41 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _exhausted_errors() -> tuple[type[BaseException], ...]:
+    """The GCS client's own "gave up retrying" error: retrying it again would only wait longer."""
+    try:
+        from google.api_core.exceptions import RetryError
+    except ImportError:
+        return ()
+    return (RetryError,)
+
+
+def _gcs_retry():
+    """The client's retry policy with a deadline of PALP_STORAGE_DEADLINE seconds (default 120)
+    per call, so an outage ends in a StorageError instead of the client's own long wait."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_timeout(float(os.environ.get("PALP_STORAGE_DEADLINE", "120")))
+
+
 def with_retries(fn: Callable[..., T]) -> Callable[..., T]:
     """Retry ``fn`` on transient errors: PALP_STORAGE_RETRIES attempts (default 8), backoff
-    0.25 s doubling to 8 s with jitter. Permanent errors (404, 403, bad URIs) raise at once."""
+    0.25 s doubling to 8 s with jitter. Permanent errors (404, 403, bad URIs) raise at once.
+    A StorageError from here names the operation and its URI."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         attempts = int(os.environ.get("PALP_STORAGE_RETRIES", "8"))
-        transient = _transient_errors()
+        transient, exhausted = _transient_errors(), _exhausted_errors()
+        what = f"{fn.__name__} {args[0]}" if args else fn.__name__
         for attempt in range(1, attempts + 1):
             try:
                 return fn(*args, **kwargs)
+            except exhausted as e:
+                raise StorageError(f"{what}: storage unreachable, the client gave up retrying: {e}") from e
             except transient as e:
                 if attempt == attempts:
-                    raise StorageError(f"{fn.__name__}: still failing after {attempts} attempts: {type(e).__name__}: {e}") from e
+                    raise StorageError(f"{what}: still failing after {attempts} attempts: {type(e).__name__}: {e}") from e
                 delay = min(8.0, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
                 log.warning("%s: transient %s, retry %d/%d in %.1fs", fn.__name__, type(e).__name__, attempt, attempts - 1, delay)
                 time.sleep(delay)
@@ -132,7 +181,7 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
     from google.api_core.exceptions import NotFound
 
     try:
-        return _blob(str(uri)).download_as_bytes()
+        return _blob(str(uri)).download_as_bytes(retry=_gcs_retry())
     except NotFound as e:
         raise _not_found(str(uri), e) from e
 
@@ -145,10 +194,8 @@ def read_text(uri: str | os.PathLike) -> str:
 def write_bytes(uri: str | os.PathLike, data: bytes, *, content_type: str | None = None) -> None:
     """Write a whole file: atomically on disk; as one upload (visible only when complete) on GCS."""
     if is_gcs(uri):
-        from google.cloud.storage.retry import DEFAULT_RETRY
-
         # Re-uploading the same bytes is harmless, so uploads are retried like reads.
-        _blob(str(uri)).upload_from_string(data, content_type=content_type, retry=DEFAULT_RETRY)
+        _blob(str(uri)).upload_from_string(data, content_type=content_type, retry=_gcs_retry())
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +216,7 @@ def write_text(uri: str | os.PathLike, text: str) -> None:
 @with_retries
 def exists(uri: str | os.PathLike) -> bool:
     if is_gcs(uri):
-        return _blob(str(uri)).exists()
+        return _blob(str(uri)).exists(retry=_gcs_retry())
     return Path(uri).exists()
 
 
@@ -179,7 +226,7 @@ def list_files(uri: str | os.PathLike, *, recursive: bool = False) -> list[str]:
     if is_gcs(uri):
         bucket, prefix = split_gcs(str(uri))
         prefix = prefix.rstrip("/") + "/" if prefix else ""
-        blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter=None if recursive else "/")
+        blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter=None if recursive else "/", retry=_gcs_retry())
         names = [b.name[len(prefix) :] for b in blobs if not b.name.endswith("/")]
     else:
         root = Path(uri)
@@ -188,6 +235,51 @@ def list_files(uri: str | os.PathLike, *, recursive: bool = False) -> list[str]:
         found = root.rglob("*") if recursive else root.iterdir()
         names = [str(p.relative_to(root)) for p in found if p.is_file()]
     return sorted(n for n in names if not any(part.startswith(".") for part in Path(n).parts))
+
+
+@with_retries
+def remove_tree(uri: str | os.PathLike, *, first: Iterable[str] = ()) -> None:
+    """Delete a folder or every object under a prefix; the names in ``first`` (a marker such as
+    ``state.json``) go first, so a half-deleted folder never looks complete."""
+    if not is_gcs(uri):
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    from google.api_core.exceptions import NotFound
+
+    bucket, prefix = split_gcs(str(uri))
+    prefix = prefix.rstrip("/") + "/"
+    blobs = list(gcs_client().list_blobs(bucket, prefix=prefix, retry=_gcs_retry()))
+    blobs.sort(key=lambda b: b.name[len(prefix) :] not in set(first))
+    for b in blobs:
+        with contextlib.suppress(NotFound):  # deleted by an earlier attempt
+            b.delete(retry=_gcs_retry())
+
+
+# Names of palp's own temporaries: tempfile's ``.<name>.<8 random chars>`` (write_bytes,
+# atomic_directory) and export_weights' ``.export.<8 random chars>``.
+_TEMP_RE = re.compile(r"\..+\.[a-z0-9_]{8}")
+
+
+def remove_stale_temporaries(out: str | os.PathLike) -> list[str]:
+    """Delete the temporaries a killed run left in a local run folder: in it, its checkpoints/,
+    snapshots/ and each snapshot (export_weights writes into those).
+
+    Call only while holding the output (at the start of a run): a live writer's temporaries
+    match too. Returns what was removed.
+    """
+    out, removed = Path(out), []
+    snapshots = sorted(p for p in (out / "snapshots").glob("step-*") if p.is_dir())
+    for folder in [out, out / "checkpoints", out / "snapshots", *snapshots]:
+        for p in folder.iterdir() if folder.is_dir() else []:
+            if _TEMP_RE.fullmatch(p.name):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(str(p))
+    if removed:
+        log.info("removed %d stale temporaries of an interrupted run: %s", len(removed), ", ".join(removed))
+    return removed
 
 
 @contextlib.contextmanager

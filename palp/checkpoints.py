@@ -3,6 +3,11 @@
 Layout under ``OUTPUT/checkpoints/``: ``config.json`` (the run's resolved settings) and one
 ``step-NNNNNN/`` folder per checkpoint, which appears only once complete (temp dir + rename).
 Only the trainable parameters are stored (LoRA + placeholder rows), never the base model.
+
+A checkpoint is tensors (safetensors) and JSON only, never a pickle: a ``--resume`` from a
+folder someone else can write (a shared bucket) must not be able to run code. The optimizer
+state is split into its tensors (``optimizer.safetensors``) and its hyperparameters
+(``optimizer.json``); the RNG states likewise (``rng.safetensors``, ``rng.json``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ DIR = "checkpoints"
 # options, which change how a step runs but not what it computes.
 RESUMABLE_CHANGES = {"steps", "save_steps", "checkpoint_every", "checkpoints_total_limit", "output",
                      "lr", "max_grad_norm", "mixed_precision", "fused_guidance", "compile", "compile_mode",
-                     "compile_cache", "channels_last", "attention", "gradient_checkpointing"}
+                     "compile_cache", "channels_last", "attention", "gradient_checkpointing",
+                     # another thread count is allowed, though the result is then no longer the
+                     # bit-identical continuation (CPU reductions are split by thread)
+                     "threads", "num_threads"}
 
 
 def _step_dirs(out: Path) -> list[Path]:
@@ -50,6 +58,12 @@ def check_output(out: Path, *, resume: bool) -> None:
         raise ConfigError(f"--output {out} already holds a finished run; choose another folder (or --resume to extend it)")
     if _step_dirs(out):
         raise ConfigError(f"--output {out} holds checkpoints of an unfinished run; pass --resume to continue it")
+
+
+def recorded_setting(out: Path, key: str):
+    """A setting of the run whose checkpoints are in ``out`` (None if there are none)."""
+    path = out / DIR / "config.json"
+    return json.loads(path.read_text()).get(key) if path.is_file() else None
 
 
 def record_config(out: Path, config: dict, *, resume: bool) -> None:
@@ -75,8 +89,8 @@ def save(out: Path, step: int, model, optimizer, rows: list[dict], *, keep: int)
     final = out / DIR / f"step-{step:06d}"
     with atomic_directory(final, replace=True) as tmp:
         save_file({n: p.detach().float().cpu().contiguous() for n, p in _named_trainable(model).items()}, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        _save_split(tmp / "optimizer", *_optimizer_parts(optimizer.state_dict()))
+        _save_split(tmp / "rng", *_rng_parts())
         write_metrics_csv(tmp / "metrics.csv", rows)
         atomic_write_json(tmp / "state.json", {"step": step})
     for old in _step_dirs(out)[:-keep] if keep > 0 else []:
@@ -97,27 +111,69 @@ def load_latest(out: Path, model, optimizer) -> tuple[int, list[dict]]:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    if not (ckpt / "optimizer.json").is_file() or not (ckpt / "rng.json").is_file():
+        raise ConfigError(f"checkpoint {ckpt} was written by an older palp (pickled optimizer/RNG state, which palp no longer "
+                          f"loads: a pickle can run code); resume it with that palp version, or train into a new --output")
+    optimizer.load_state_dict(_optimizer_state(*_load_split(ckpt / "optimizer")))
+    _set_rng_state(*_load_split(ckpt / "rng"))
     step = json.loads((ckpt / "state.json").read_text())["step"]
     return step, read_metrics_csv(ckpt / "metrics.csv")
 
 
-def _rng_state() -> dict:
+def _save_split(stem: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(stem.with_suffix(".safetensors")))
+    atomic_write_json(stem.with_suffix(".json"), meta)
+
+
+def _load_split(stem: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    return load_file(str(stem.with_suffix(".safetensors"))), json.loads(stem.with_suffix(".json").read_text())
+
+
+def _optimizer_parts(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch's optimizer state dict as tensors (``state.<param>.<name>``) + JSON (the rest)."""
+    tensors, scalars = {}, {}
+    for param, entries in state_dict["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param}.{name}"] = value
+            else:
+                scalars.setdefault(str(param), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, param, name = key.split(".", 2)
+        state.setdefault(int(param), {})[name] = value
+    for param, entries in meta["scalars"].items():
+        state.setdefault(int(param), {}).update(entries)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_parts() -> tuple[dict[str, torch.Tensor], dict]:
     # The step's own draws come from a generator seeded by (seed, step, rank) and need no
     # saving; the global states cover anything else that draws (dropout, augmentation).
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, meta
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def local_mirror(remote: str) -> Path:
@@ -148,7 +204,16 @@ def pull(remote: str, *, resume: bool) -> Path:
     return local
 
 
-def push(checkpoint: Path, remote: str) -> None:
-    """Upload one checkpoint folder (and the run's config.json); its state.json goes last."""
+def push(checkpoint: Path, remote: str, *, keep: int = 0) -> None:
+    """Upload one checkpoint folder (and the run's config.json); its state.json goes last.
+
+    Then the bucket keeps the newest ``keep`` checkpoints, as ``save`` does locally (0: all);
+    an old one loses its state.json first, so a half-deleted one never counts as complete.
+    """
     storage.write_bytes(storage.join(remote, DIR, "config.json"), (checkpoint.parent / "config.json").read_bytes())
     storage.upload_dir(checkpoint, storage.join(remote, DIR, checkpoint.name), last=["state.json"])
+    if keep > 0:
+        steps = sorted({n.split("/")[0] for n in storage.list_files(storage.join(remote, DIR), recursive=True)
+                        if n.startswith("step-") and "/" in n})
+        for old in steps[:-keep]:
+            storage.remove_tree(storage.join(remote, DIR, old), first=["state.json"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from palp import __version__
@@ -13,6 +14,17 @@ def _on_off(value: str) -> bool:
     if value not in ("on", "off"):
         raise argparse.ArgumentTypeError("use on or off")
     return value == "on"
+
+
+def finite_float(value: str) -> float:
+    """A float flag: nan and inf are refused here (they would train or sample garbage silently)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
+    return x
 
 
 def _steps_list(value: str) -> list[int]:
@@ -51,27 +63,32 @@ def add_train_parser(sub) -> None:
     m.add_argument("--noise", choices=("same", "iid"), default=C.noise, help="eps' of the re-noised estimate")
     m.add_argument("--align-timestep", choices=("resample", "same"), default=C.align_timestep)
     m.add_argument("--rescale", type=_on_off, default=C.rescale, metavar="on|off")
-    m.add_argument("--alpha", type=float, default=C.alpha, help="CFG scale, pretrained clean branch")
-    m.add_argument("--beta", type=float, default=C.beta, help="CFG scale, personalized branch")
-    m.add_argument("--lambda", dest="lam", type=float, default=C.lam, help="weight of the alignment term")
+    m.add_argument("--alpha", type=finite_float, default=C.alpha, help="CFG scale, pretrained clean branch")
+    m.add_argument("--beta", type=finite_float, default=C.beta, help="CFG scale, personalized branch")
+    m.add_argument("--lambda", dest="lam", type=finite_float, default=C.lam, help="weight of the alignment term")
     m.add_argument("--align-t-min", type=int, default=C.align_t_min)
     m.add_argument("--align-t-max", type=int, default=C.align_t_max)
     m.add_argument("--negative-prompt", default=C.negative_prompt, help="NFSD's negative prompt")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=C.steps)
-    o.add_argument("--lr", type=float, default=C.lr)
+    o.add_argument("--lr", type=finite_float, default=C.lr)
     o.add_argument("--batch-size", type=int, default=C.batch_size, help="global batch")
     o.add_argument("--micro-batch-size", type=int, default=None, help="per-process batch per forward (default: all of it)")
     o.add_argument("--lora-rank", type=int, default=C.lora_rank)
-    o.add_argument("--lora-alpha", type=float, default=None, help="default: = rank")
+    o.add_argument("--lora-alpha", type=finite_float, default=None, help="default: = rank")
     o.add_argument("--lora-targets", choices=LORA_TARGET_SETS, default=C.lora_targets,
                    help="attention: the attention projections (the paper's); attention+resnets: also the "
                         "ResNet blocks' convolutions, for UNets with attention-free levels")
-    o.add_argument("--max-grad-norm", type=float, default=C.max_grad_norm, help="0 turns clipping off")
-    o.add_argument("--weight-decay", type=float, default=C.weight_decay)
+    o.add_argument("--max-grad-norm", type=finite_float, default=C.max_grad_norm, help="0 turns clipping off")
+    o.add_argument("--weight-decay", type=finite_float, default=C.weight_decay)
     o.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=C.mixed_precision)
     o.add_argument("--seed", type=int, default=C.seed)
+    o.add_argument("--deterministic", type=_on_off, default=C.deterministic, metavar="on|off",
+                   help="deterministic kernels (torch.use_deterministic_algorithms): two runs and a resumed run are "
+                        "bit-identical; off: PyTorch's fastest kernels")
+    o.add_argument("--threads", type=int, default=C.threads,
+                   help="CPU threads (0: torch's default, recorded in training_config.json; --resume keeps the run's)")
 
     s = p.add_argument_group("speed and memory (none changes what a step computes)")
     s.add_argument("--fused-guidance", type=_on_off, default=C.fused_guidance, metavar="on|off",
@@ -150,7 +167,8 @@ def _train_config(args, subjects, prompt: str, clean: str, **task):
         align_t_max=args.align_t_max, negative_prompt=args.negative_prompt, lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         steps=args.steps, max_grad_norm=args.max_grad_norm or None, weight_decay=args.weight_decay,
-        mixed_precision=args.mixed_precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        mixed_precision=args.mixed_precision, seed=args.seed, deterministic=args.deterministic, threads=args.threads,
+        checkpoint_every=args.checkpoint_every,
         checkpoints_total_limit=args.checkpoints_total_limit, save_steps=args.save_steps,
         min_image_size=args.min_image_size, fused_guidance=args.fused_guidance, compile=args.compile,
         compile_mode=args.compile_mode, compile_cache=args.compile_cache, channels_last=args.channels_last,
@@ -202,7 +220,7 @@ def add_prepare_parser(sub) -> None:
     p.add_argument("--clip", default="ViT-B-32", help="open_clip model for class words (or 'tiny', 'toyworld')")
     p.add_argument("--clip-weights", default="openai", help="open_clip pretrained tag or checkpoint path")
     p.add_argument("--class-vocabulary", help="vocabulary YAML (default evaluation/classes/vocabulary.yaml)")
-    p.add_argument("--min-confidence", type=float, default=0.3, help="flag a zero-shot winner below this")
+    p.add_argument("--min-confidence", type=finite_float, default=0.3, help="flag a zero-shot winner below this")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_prepare)
 
@@ -246,7 +264,7 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=finite_float, default=7.5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--checkpoints", choices=("all", "final"), default="final", help="all: every saved snapshot too")
     p.add_argument("--reference", action="store_true", help="sample the base model on the clean prompt (Fig. 6's reference)")
@@ -266,8 +284,10 @@ def add_sample_parser(sub) -> None:
 
 
 def run_sample(args) -> int:
+    from palp import storage
     from palp.sample import sample
 
+    storage.check_folder_output(args.output)
     rows = sample(args.model, args.output, prompts=args.prompts, num_samples=args.num_samples, seed=args.seed,
                   steps=args.steps, scheduler=args.scheduler, guidance=args.guidance, batch_size=args.batch_size,
                   checkpoints=args.checkpoints, reference=args.reference, precision=args.precision,
@@ -292,8 +312,10 @@ def add_score_parser(sub) -> None:
 
 
 def run_score(args) -> int:
+    from palp import storage
     from palp.score import score
 
+    storage.check_folder_output(args.output)
     scores = score(args.samples, args.prepared, args.output, clip_model=args.clip, clip_weights=args.clip_weights,
                    judge=args.judge, batch_size=args.batch_size, progress=not args.quiet)
     print(storage_text(args.output, "table2.md"))
@@ -478,9 +500,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from palp.study import StudyError
     from palp.image import ImageError
     from palp.train import TrainingError
+    from palp.locks import LockError
 
     errors = (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError, PrepareError, ClipError,
-              SampleError, ScoreError, StudyError, ImageError)
+              SampleError, ScoreError, StudyError, ImageError, LockError)
     if "pipelines.palp_pipeline" in sys.modules:  # only once a pipeline command ran: palp never imports kfp
         errors += (sys.modules["pipelines.palp_pipeline"].PipelineError,)
     return errors

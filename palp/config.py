@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from palp.elements import element_list
 from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES, COMPILE_MODES
+from palp import storage
 from palp.guidance import METHODS, NFSD_NEGATIVE_PROMPT
+from palp.names import check_name
 from palp.personalize import LORA_TARGET_SETS
-from palp.prompts import DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt, clean_prompt
+from palp.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt,
+                          check_token_length, clean_prompt)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -33,8 +37,10 @@ def split_method(variant: str) -> tuple[str, str]:
 
 
 def method_label(method: str, noise: str = "same") -> str:
-    """The name a run's samples and scores carry: the method, with -iid for i.i.d. noise."""
-    return method + NOISE_SUFFIX if noise == "iid" and method != "ti-db" else method
+    """The name a run's samples and scores carry: the method, with -iid for i.i.d. noise.
+    It becomes a folder name (read from a run's config, which may have been edited): checked."""
+    label = method + NOISE_SUFFIX if noise == "iid" and method != "ti-db" else method
+    return check_name(label, "method", ConfigError)
 
 
 @dataclass
@@ -46,7 +52,11 @@ class Subject:
     name: str = ""  # the subject's id in reports (default: the image folder's name)
 
     def __post_init__(self):
-        self.name = self.name or Path(str(self.images).rstrip("/")).name or self.placeholder
+        if self.name:
+            check_name(self.name, "subject name", ConfigError)
+        else:  # the image folder's name, made safe as a folder name (the subject's samples go under it)
+            folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(self.images).rstrip("/")).name).strip("._")
+            self.name = folder or self.placeholder.strip("[]")
         if not self.personalization_prompt:
             self.personalization_prompt = DEFAULT_PERSONALIZATION_PROMPT.replace(DEFAULT_PLACEHOLDER, self.placeholder)
 
@@ -79,6 +89,10 @@ class TrainConfig:
     weight_decay: float = 1e-2
     mixed_precision: str = "no"
     seed: int = 0
+    # Reproducibility: deterministic kernels and reductions, and a fixed CPU thread count (CPU
+    # reductions are split by thread; 0: torch's default, resolved and recorded at the start).
+    deterministic: bool = True
+    threads: int = 0
     checkpoint_every: int = 100
     checkpoints_total_limit: int = 2
     save_steps: list[int] = field(default_factory=lambda: [100, 200, 300, 400, 500])
@@ -113,11 +127,18 @@ class TrainConfig:
         need(self.batch_size >= 1, "--batch-size must be >= 1")
         need(self.micro_batch_size is None or self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
         need(self.checkpoint_every >= 1, "--checkpoint-every must be >= 1")
+        need(self.threads >= 0, "--threads must be >= 0 (0: torch's default)")
         need(self.compile in ("auto", *COMPILE_CHOICES), f"--compile must be auto or one of {', '.join(COMPILE_CHOICES)}, not {self.compile!r}")
         need(self.attention in ATTENTION_BACKENDS, f"--attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {self.attention!r}")
         need(self.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
         need(all(s >= 1 for s in self.save_steps), "--save-steps must be positive step numbers")
         self.save_steps = sorted(set(self.save_steps))
+        if self.task_id:
+            check_name(self.task_id, "task id", ConfigError, joined=True)
+        for s in self.subjects:  # (an image folder that does not exist fails later, naming it)
+            need(not (Path(s.images).is_dir() and storage.is_under(self.output, s.images)),
+                 f"--output {self.output} is (inside) the image folder {s.images} of {s.placeholder}; choose an output "
+                 f"outside it (the run's files would be read as photos next time)")
         placeholders = [s.placeholder for s in self.subjects]
         need(len(set(placeholders)) == len(placeholders), f"each placeholder may have one subject; got {placeholders}")
         try:
@@ -128,6 +149,12 @@ class TrainConfig:
                 self.clean_prompt = clean_prompt(self.target_prompt, self.class_words)
             if self.elements is None:
                 self.elements = element_list(self.target_prompt, self.class_words)
+            check_token_length(self.target_prompt)
+            check_token_length(self.clean_prompt, what="clean prompt")
+            for s in self.subjects:
+                check_token_length(s.personalization_prompt, what=f"personalization prompt of {s.placeholder}")
+            if self.method == "nfsd":
+                check_token_length(self.negative_prompt, what="negative prompt")
         except PromptError as e:
             raise ConfigError(str(e)) from e
 

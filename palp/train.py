@@ -23,10 +23,12 @@ from palp import __version__, checkpoints, fast, guidance, storage
 from palp.config import TrainConfig
 from palp.data import load_subject_images
 from palp.fast import row_flags
+from palp.locks import output_lock
 from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE, METRICS_FILE, atomic_write_json, export_weights, write_metrics_csv
 from palp.models import load_base_model
 from palp.personalize import PersonalizedModel, build_personalized_model
 from palp.prompts import placeholder_token, to_token_prompt
+from palp.reproducible import reproducible, resolve_threads
 
 log = logging.getLogger(__name__)
 
@@ -274,14 +276,25 @@ def train_step(ctx: StepContext, cfg: TrainConfig, full: Draws, *, micro: int) -
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Fine-tune LoRA + [V] tokens with the configured method; write a loadable result."""
+    # A gs:// output trains in a local working folder mirrored to the bucket: checkpoints are
+    # pushed as they are written and pulled back on --resume (a preempted job on a new machine).
+    # One writer per output (locks.py); a --resume waits out a lost machine's lease on gs://.
+    remote = cfg.output if storage.is_gcs(cfg.output) else None
+    with output_lock(cfg.output, "palp train", wait=resume):
+        out = checkpoints.pull(remote, resume=resume) if remote else Path(cfg.output)
+        checkpoints.check_output(out, resume=resume)
+        # The thread count is part of the result (CPU reductions are split by thread): a resumed
+        # run keeps the one its checkpoints were made with unless --threads says otherwise.
+        threads = resolve_threads(cfg.threads, checkpoints.recorded_setting(out, "num_threads") if resume else None)
+        with reproducible(deterministic=cfg.deterministic, threads=threads):
+            return _train(cfg, out, remote, resume=resume, progress=progress, threads=threads)
+
+
+def _train(cfg: TrainConfig, out: Path, remote: str | None, *, resume: bool, progress: bool, threads: int) -> TrainResult:
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState, GradientState
 
-    # A gs:// output trains in a local working folder mirrored to the bucket: checkpoints are
-    # pushed as they are written and pulled back on --resume (a preempted job on a new machine).
-    remote = cfg.output if storage.is_gcs(cfg.output) else None
-    out = checkpoints.pull(remote, resume=resume) if remote else Path(cfg.output)
-    checkpoints.check_output(out, resume=resume)
+    storage.remove_stale_temporaries(out)  # a killed run's temp folders and files (we hold the output now)
     # Everything that can fail on bad input fails here, before anything is written.
     base = load_base_model(cfg.pretrained_model)
     images = [load_subject_images(s.placeholder, s.images, resolution=base.resolution, min_size=cfg.min_image_size) for s in cfg.subjects]
@@ -310,6 +323,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         **cfg.to_dict(), "palp_version": __version__, "base_model_path": str(base.path), "resolution": base.resolution,
         "placeholder_tokens": dict(zip(token_ids, tokens)), "class_words": cfg.class_words,
         "micro_batch_size": micro, "gradient_accumulation_steps": accum, "num_processes": accelerator.num_processes,
+        "num_threads": threads,
         "training_images": {im.placeholder: [str(p) for p in im.paths] for im in images},
     }
     start, rows = 0, []
@@ -368,7 +382,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                         saved = checkpoints.save(out, step, model, ctx.optimizer, rows, keep=cfg.checkpoints_total_limit)
                         if remote:
-                            checkpoints.push(saved, remote)
+                            checkpoints.push(saved, remote, keep=cfg.checkpoints_total_limit)
                 accelerator.wait_for_everyone()
     finally:
         ahead.shutdown(cancel_futures=True)

@@ -125,7 +125,9 @@ def test_channels_last_gives_the_same_gradient(tiny32):
     plain = _step_grads(base, model, cfg)
     fast.set_channels_last(model.unet, True)
     assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    _assert_same(_step_grads(base, model, cfg), plain)
+    # Channels-last convolutions run other oneDNN kernels: fp32 sums in another order. Seen on
+    # torch 2.14.1 / diffusers 0.42.1: one of 128 elements 1.6e-5 of the gradient's maximum off.
+    _assert_same(_step_grads(base, model, cfg), plain, rtol=1e-4)
 
 
 def test_compiled_step_gives_the_same_gradient(tiny32):

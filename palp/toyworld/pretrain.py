@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -214,19 +215,29 @@ class _Resumable:
         self.path, self.objects, self.step = path, objects, 0
         self.elapsed = 0.0
         if path.exists():
-            state = torch.load(path, weights_only=False, map_location="cpu")
+            # weights_only: tensors, numbers, strings and lists only; loading cannot run code.
+            try:
+                state = torch.load(path, weights_only=True, map_location="cpu")
+            except pickle.UnpicklingError as e:
+                raise SystemExit(f"{path}: not a checkpoint this version can load safely (older ones pickled numpy "
+                                 f"state): {str(e).splitlines()[0]}; start the stage in a new --work folder") from None
             for k, obj in objects.items():
                 obj.load_state_dict(state[k])
             self.step, self.elapsed = state["step"], state["elapsed"]
             torch.set_rng_state(state["torch_rng"])
-            np.random.set_state(state["np_rng"])
-            random.setstate(state["py_rng"])
+            kind, keys, pos, has_gauss, cached = state["np_rng"]
+            np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+            version, internal, gauss = state["py_rng"]
+            random.setstate((version, tuple(internal), gauss))
             print(f"resumed {path.name} at step {self.step}")
 
     def save(self, elapsed: float):
         state = {k: obj.state_dict() for k, obj in self.objects.items()}
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        version, internal, gauss = random.getstate()
         state.update(step=self.step, elapsed=elapsed, torch_rng=torch.get_rng_state(),
-                     np_rng=np.random.get_state(), py_rng=random.getstate())
+                     np_rng=[kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                     py_rng=[version, list(internal), gauss])
         _atomic_save(state, self.path)
 
 

@@ -1,0 +1,108 @@
+"""Training at the default thread count is bit-reproducible: two runs, and a run killed with
+SIGKILL and resumed; and a checkpoint is loaded without unpickling anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, train_args
+from palp.cli import main
+from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE
+
+STEPS = 6
+ARGS = ("--batch-size", "16", "--lr", "1e-3", "--checkpoint-every", "2", "--save-steps", "6")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)  # torch's default: one thread per core
+    return env
+
+
+def _cmd(images, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "palp", *train_args(images, out, *ARGS, *extra, steps=STEPS)]
+
+
+def _weights(out):
+    return {**load_file(out / LORA_FILE), **load_file(out / EMBEDS_FILE)}
+
+
+def _assert_identical(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    from conftest import EXAMPLE_CAT
+
+    root = tmp_path_factory.mktemp("repro")
+    subprocess.run(_cmd(EXAMPLE_CAT, root / "a"), check=True, cwd=REPO, env=_env())
+    return root / "a"
+
+
+def test_two_runs_at_the_default_thread_count_are_bit_identical(straight, tmp_path):
+    from conftest import EXAMPLE_CAT
+
+    subprocess.run(_cmd(EXAMPLE_CAT, tmp_path / "b"), check=True, cwd=REPO, env=_env())
+    _assert_identical(straight, tmp_path / "b")
+    config = json.loads((straight / CONFIG_FILE).read_text())
+    assert config["deterministic"] is True and config["num_threads"] == torch.get_num_threads()
+
+
+def test_killed_and_resumed_run_is_bit_identical(straight, tmp_path):
+    from conftest import EXAMPLE_CAT
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(EXAMPLE_CAT, out), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000002" / "state.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / CONFIG_FILE).exists(), "the kill should land mid-run"
+    subprocess.run(_cmd(EXAMPLE_CAT, out, "--resume"), check=True, cwd=REPO, env=_env())
+    _assert_identical(straight, out)
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that a load ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_pickle_in_a_checkpoint_executes_nothing(cat_images, tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "PWNED"
+    assert main(train_args(cat_images, out, "--checkpoint-every", "1", steps=2)) == 0
+    ckpt = out / "checkpoints" / "step-000002"
+    assert {p.name for p in ckpt.iterdir()} >= {"trainable.safetensors", "optimizer.safetensors", "optimizer.json",
+                                                 "rng.safetensors", "rng.json"}
+    assert not list(ckpt.glob("*.pt"))  # nothing pickled is written
+    for name in ("rng.pt", "optimizer.pt"):  # what older checkpoints held, crafted
+        (ckpt / name).write_bytes(pickle.dumps(_Payload(marker)))
+    assert main(train_args(cat_images, out, "--checkpoint-every", "1", "--resume", steps=3)) == 0
+    assert not marker.exists()
+    # An old-style checkpoint (pickles only) is refused with a message, and still runs nothing.
+    latest = ckpt.parent / "step-000003"
+    for name in ("rng", "optimizer"):
+        (latest / f"{name}.json").unlink()
+        (latest / f"{name}.pt").write_bytes(pickle.dumps(_Payload(marker)))
+    assert main(train_args(cat_images, out, "--checkpoint-every", "1", "--resume", steps=4)) == 2
+    assert "written by an older palp" in capsys.readouterr().err
+    assert not marker.exists()

@@ -8,10 +8,15 @@ sync inside the loop (``--sampler stock`` calls the pipeline itself instead).
 
 Sample *i* of prompt *p* starts from latents drawn from its own seed,
 ``hash(seed, p, i)``, so it is the same image whatever the batch size or however the work is
-split; finished files are skipped, so a preempted job picks up where it stopped.
+split; finished files are skipped, so a preempted job picks up where it stopped. A file's
+path holds a hash of every setting that changes its pixels (seed, steps, guidance, scheduler,
+precisions: ``settings_key``), so a rerun with other settings never reuses an image.
 
-Layout: ``OUTPUT/<task>/<method>-<run hash>/step-NNNNNN/<prompt hash>-sNN.png`` (the base
-model's reference samples: ``<task>/base/step-000000/``), ``samples.csv``, ``prompts.json``.
+Layout: ``OUTPUT/<task>/<method>-<run hash>/<settings hash>/step-NNNNNN/<prompt hash>-sNN.png``
+(the base model's reference samples: ``<task>/base/<settings hash>/step-000000/``), each
+settings folder with its ``settings.json``; ``samples.csv`` (one row per image, with the
+image's own clean prompt and prompt elements, so subjects that share a prompt never share
+texts), ``prompts.json`` (the same texts per task, for people to read).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from tqdm.auto import tqdm
 
 from palp import storage
 from palp.elements import element_list
+from palp.locks import output_lock
 from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE
 from palp.config import method_label
 from palp.prompts import check_prompt, clean_prompt, to_token_prompt
@@ -42,7 +48,9 @@ SCHEDULERS = ("ddim", "dpm++")
 SAMPLERS = ("palp", "stock")
 PRECISIONS = ("auto", "fp64", "fp32", "fp16", "bf16")
 REFERENCE_METHOD = "base"
-CSV_COLUMNS = ["task", "subject", "method", "step", "prompt", "clean_prompt", "sample", "seed", "file", "run"]
+CSV_COLUMNS = ["task", "subject", "method", "step", "prompt", "clean_prompt", "elements", "sample", "seed", "settings",
+               "file", "run"]
+SETTINGS_FILE = "settings.json"
 
 
 class SampleError(ValueError):
@@ -69,6 +77,13 @@ def initial_latents(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 
 def prompt_key(prompt: str) -> str:
     return f"{zlib.crc32(prompt.encode()):08x}"
+
+
+def settings_key(settings: dict) -> str:
+    """A short hash of the settings that decide a sample's pixels (its folder's name)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def fetch_run(model: str, *, cache: Path) -> Path:
@@ -218,76 +233,87 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
     # Every (weights, prompt, sample) job; the finished ones are skipped. Several runs may share
     # one output folder: each writes under its own tag (the base model's samples depend only on
     # the task, so runs of one task share them).
-    task = config.get("task_id") or subject
+    from palp.names import check_name  # the task id (from the run's config) becomes a folder name
+
+    task = check_name(config.get("task_id") or subject, "task id", SampleError, joined=True)
+    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = default_dtype(device_, precision)
+    vae_dtype = dtype if vae_precision == "auto" else default_dtype(device_, vae_precision)
+    # What decides the pixels; not --sampler (both samplers make the same images, tested) nor
+    # the speed options (compile, attention kernel, batch size).
+    settings = {"seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,
+                "dtype": str(dtype), "vae_dtype": str(vae_dtype)}
+    key = settings_key(settings)
     tag = f"{task}/{method}" if reference else f"{task}/{method}-{prompt_key(str(model).rstrip('/'))[:6]}"
     jobs = []
     for w in weights:
         for p in prompts:
             for i in range(num_samples):
                 s = sample_seed(seed, p, i)
-                rel = f"{tag}/step-{w.step:06d}/{prompt_key(p)}-s{i:02d}.png"
+                rel = f"{tag}/{key}/step-{w.step:06d}/{prompt_key(p)}-s{i:02d}.png"
                 jobs.append({"task": config.get("task_id", ""), "subject": subject, "method": method, "step": w.step,
-                             "prompt": p, "clean_prompt": table[p]["clean_prompt"], "sample": i, "seed": s,
+                             "prompt": p, "clean_prompt": table[p]["clean_prompt"],
+                             "elements": json.dumps(table[p]["elements"]), "sample": i, "seed": s, "settings": key,
                              "file": rel, "run": model, "_weights": w})
     # Batches are fixed chunks of the full job list: a resumed run recomputes an unfinished
     # batch with exactly the same members, so its images are bit-identical to an unbroken run.
-    done = _finished(output)
-    batches = [b for w in weights for b in _chunks([j for j in jobs if j["_weights"] is w], batch_size)]
-    todo = [b for b in batches if not all(j["file"] in done for j in b)]
+    # One writer per output (locks.py); the table merge below reads and rewrites samples.csv.
+    with output_lock(output, "palp sample", wait=True):
+        done = _finished(output)
+        batches = [b for w in weights for b in _chunks([j for j in jobs if j["_weights"] is w], batch_size)]
+        todo = [b for b in batches if not all(j["file"] in done for j in b)]
 
-    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    remaining = sum(len(b) for b in todo)
-    bar = tqdm(total=len(jobs), initial=len(jobs) - remaining, desc=f"palp sample ({method})", unit="img", disable=not progress)
-    if todo:
-        dtype = default_dtype(device_, precision)
-        pipe = build_pipeline(config.get("base_model_path") or resolve_model_dir(config["pretrained_model"]),
-                              scheduler=scheduler, device=device_, dtype=dtype,
-                              vae_dtype=None if vae_precision == "auto" else default_dtype(device_, vae_precision))
-        how = fast.resolve_compile(compile, device_) if sampler == "palp" else "none"
-        cache = fast.compile_cache_file(compile_cache, how, device_) if compile_cache and how != "none" else ""
-        if cache:
-            fast.load_compile_cache(cache)
-        fast.compile_unet(pipe.unet, how)
-        latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-        loaded, writes = None, []
-        # PNG encoding and writing (slow on gs://) run beside the device's work on the next batch.
-        with ThreadPoolExecutor(max_workers=4) as writer, fast.attention_backend(attention):
-            for n, batch in enumerate(todo):
-                w = batch[0]["_weights"]
-                if w is not loaded and w.folder is not None:
-                    load_weights(pipe, w.folder)
-                loaded = w
-                text = [to_token_prompt(j["clean_prompt"] if reference else j["prompt"]) for j in batch]
-                latents = initial_latents([j["seed"] for j in batch], latent_shape)
-                if sampler == "stock":
-                    images = pipe(text, num_inference_steps=steps, guidance_scale=guidance, latents=latents.to(device_, dtype),
-                                  output_type="np").images
-                    images = (images * 255).round().astype(np.uint8)  # as the pipeline's own PIL output
-                else:
-                    pad = batch_size - len(batch) if how != "none" else 0  # compiled: one batch shape for every batch
-                    rows = (text + text[-1:] * pad, torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)]))
-                    try:
-                        images = generate(pipe, *rows, steps=steps, guidance=guidance)[: len(batch)]
-                    except Exception as e:
-                        if how == "none" or not fast.is_compile_error(e):
-                            raise
-                        log.warning("torch.compile failed (%s); sampling without compiling", type(e).__name__)
-                        fast.uncompile_unet(pipe.unet)
-                        how, cache = "none", ""
-                        images = generate(pipe, *rows, steps=steps, guidance=guidance)[: len(batch)]
-                if cache and n == 0:
-                    fast.save_compile_cache(cache)
-                for j, im in zip(batch, images):
-                    writes.append(writer.submit(_write_png, storage.join(output, j["file"]), im))
-                for f in [f for f in writes if f.done()]:
-                    f.result()  # a failed write stops the run
-                bar.update(sum(j["file"] not in done for j in batch))
-            for f in writes:
-                f.result()
-    bar.close()
-    rows = [{k: v for k, v in j.items() if not k.startswith("_")} for j in jobs]
-    _merge_tables(output, rows, {p: table[p] for p in prompts})
-    return rows
+        remaining = sum(len(b) for b in todo)
+        bar = tqdm(total=len(jobs), initial=len(jobs) - remaining, desc=f"palp sample ({method})", unit="img", disable=not progress)
+        if todo:
+            storage.write_text(storage.join(output, tag, key, SETTINGS_FILE), json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            pipe = build_pipeline(config.get("base_model_path") or resolve_model_dir(config["pretrained_model"]),
+                                  scheduler=scheduler, device=device_, dtype=dtype, vae_dtype=vae_dtype)
+            how = fast.resolve_compile(compile, device_) if sampler == "palp" else "none"
+            cache = fast.compile_cache_file(compile_cache, how, device_) if compile_cache and how != "none" else ""
+            if cache:
+                fast.load_compile_cache(cache)
+            fast.compile_unet(pipe.unet, how)
+            latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+            loaded, writes = None, []
+            # PNG encoding and writing (slow on gs://) run beside the device's work on the next batch.
+            with ThreadPoolExecutor(max_workers=4) as writer, fast.attention_backend(attention):
+                for n, batch in enumerate(todo):
+                    w = batch[0]["_weights"]
+                    if w is not loaded and w.folder is not None:
+                        load_weights(pipe, w.folder)
+                    loaded = w
+                    text = [to_token_prompt(j["clean_prompt"] if reference else j["prompt"]) for j in batch]
+                    latents = initial_latents([j["seed"] for j in batch], latent_shape)
+                    if sampler == "stock":
+                        images = pipe(text, num_inference_steps=steps, guidance_scale=guidance, latents=latents.to(device_, dtype),
+                                      output_type="np").images
+                        images = (images * 255).round().astype(np.uint8)  # as the pipeline's own PIL output
+                    else:
+                        pad = batch_size - len(batch) if how != "none" else 0  # compiled: one batch shape for every batch
+                        rows = (text + text[-1:] * pad, torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)]))
+                        try:
+                            images = generate(pipe, *rows, steps=steps, guidance=guidance)[: len(batch)]
+                        except Exception as e:
+                            if how == "none" or not fast.is_compile_error(e):
+                                raise
+                            log.warning("torch.compile failed (%s); sampling without compiling", type(e).__name__)
+                            fast.uncompile_unet(pipe.unet)
+                            how, cache = "none", ""
+                            images = generate(pipe, *rows, steps=steps, guidance=guidance)[: len(batch)]
+                    if cache and n == 0:
+                        fast.save_compile_cache(cache)
+                    for j, im in zip(batch, images):
+                        writes.append(writer.submit(_write_png, storage.join(output, j["file"]), im))
+                    for f in [f for f in writes if f.done()]:
+                        f.result()  # a failed write stops the run
+                    bar.update(sum(j["file"] not in done for j in batch))
+                for f in writes:
+                    f.result()
+        bar.close()
+        rows = [{k: v for k, v in j.items() if not k.startswith("_")} for j in jobs]
+        _merge_tables(output, rows, {task: {p: table[p] for p in prompts}})
+        return rows
 
 
 def _write_png(uri: str, pixels: np.ndarray) -> None:
@@ -310,17 +336,27 @@ def _finished(output: str) -> set[str]:
         return set()
 
 
-def _merge_tables(output: str, rows: list[dict], prompts: dict) -> None:
-    """Add this call's rows to samples.csv and prompts to prompts.json (other calls' rows are kept)."""
+def _merge_tables(output: str, rows: list[dict], prompts: dict[str, dict]) -> None:
+    """Add this call's rows to samples.csv and its task's texts to prompts.json.
+
+    Other runs' rows are kept (several runs may share a folder); this run's rows from an
+    earlier call with other settings are replaced, so the table lists what this call made.
+    """
     import pandas as pd
+
+    from palp import safecsv
 
     csv_uri, json_uri = storage.join(output, SAMPLES_CSV), storage.join(output, PROMPTS_JSON)
     new = pd.DataFrame(rows, columns=CSV_COLUMNS)
     if storage.exists(csv_uri):
-        old = pd.read_csv(io.BytesIO(storage.read_bytes(csv_uri)), keep_default_na=False)
-        old = old[~old["file"].isin(set(new["file"]))]
+        old = safecsv.read_csv(storage.read_bytes(csv_uri))
+        if "elements" not in old.columns or "settings" not in old.columns:
+            raise SampleError(f"{csv_uri} was written by an older palp (no per-sample texts); sample into a new --output")
+        keys = ["task", "method", "run"]
+        same_run = old.set_index(keys).index.isin(new.set_index(keys).index)
+        old = old[~old["file"].isin(set(new["file"])) & ~same_run]
         new = pd.concat([old, new], ignore_index=True)
-    new = new.sort_values(["method", "step", "prompt", "sample"], kind="stable")
-    storage.write_text(csv_uri, new.to_csv(index=False))
+    new = new.sort_values(["task", "method", "step", "prompt", "sample"], kind="stable")
+    storage.write_text(csv_uri, safecsv.to_csv(new, index=False))
     known = json.loads(storage.read_text(json_uri)) if storage.exists(json_uri) else {}
     storage.write_text(json_uri, json.dumps({**known, **prompts}, indent=2) + "\n")

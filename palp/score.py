@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from palp import storage
 from palp.data import read_image
 from palp.prepare import load_manifest
-from palp.sample import PROMPTS_JSON, SAMPLES_CSV
+from palp.sample import SAMPLES_CSV
 
 TARGET = "Target prompt"
 IMAGE = "Image alignment"
@@ -31,25 +31,32 @@ class ScoreError(ValueError):
     """Inputs that cannot be scored; the message says what to fix."""
 
 
-def read_samples(dirs: list[str]) -> tuple[pd.DataFrame, dict]:
-    frames, prompts = [], {}
+def read_samples(dirs: list[str]) -> pd.DataFrame:
+    """Every sample row of ``dirs``' samples.csv, with its ``path`` and its own texts: ``clean_prompt``
+    and ``elements`` (a list of {name, kind, text}) travel with each row, never looked up by
+    prompt, so subjects that share a prompt keep their own class words."""
+    from palp import safecsv
+
+    frames = []
     for d in dirs:
         csv_uri = storage.join(d, SAMPLES_CSV)
         if not storage.exists(csv_uri):
             raise ScoreError(f"{d} holds no {SAMPLES_CSV}; run `palp sample` into it first")
-        df = pd.read_csv(io.BytesIO(storage.read_bytes(csv_uri)), keep_default_na=False)
+        df = safecsv.read_csv(storage.read_bytes(csv_uri))
+        if "elements" not in df.columns:
+            raise ScoreError(f"{csv_uri} was written by an older palp (no per-sample prompt elements); rerun `palp sample`")
         df["path"] = [storage.join(d, f) for f in df["file"]]
         frames.append(df)
-        prompts.update(json.loads(storage.read_text(storage.join(d, PROMPTS_JSON))))
     samples = pd.concat(frames, ignore_index=True)
     # The base model's reference samples depend only on the task: runs of one task each make
     # the same ones, which count once.
     base = samples["method"] == "base"
-    samples = pd.concat([samples[~base], samples[base].drop_duplicates(["task", "subject", "prompt", "sample", "seed"])],
+    samples = pd.concat([samples[~base], samples[base].drop_duplicates(["task", "subject", "prompt", "sample", "seed", "settings"])],
                         ignore_index=True)
     if samples.empty:
         raise ScoreError("no samples to score")
-    return samples, prompts
+    samples["elements"] = [json.loads(e) for e in samples["elements"]]
+    return samples
 
 
 def encode_images(clip, uris: list[str], *, batch_size: int, desc: str, progress: bool) -> torch.Tensor:
@@ -72,7 +79,7 @@ def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: st
     """
     from palp.clip import load_clip
 
-    samples, prompts = read_samples(samples_dirs)
+    samples = read_samples(samples_dirs)
     manifest = load_manifest(prepared)
     subjects = {n: [storage.join(prepared, p) for p in s["images"]] for n, s in manifest["subjects"].items()}
     needed = {n for names in samples["subject"] for n in names.split("+")}
@@ -84,17 +91,17 @@ def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: st
     gen = encode_images(clip, list(samples["path"]), batch_size=batch_size, desc="palp score: samples", progress=progress)
     inputs = {n: encode_images(clip, subjects[n], batch_size=batch_size, desc=f"palp score: inputs {n}", progress=False)
               for n in sorted(needed)}
-    texts = sorted({t for p in samples["prompt"].unique() for t in [prompts[p]["clean_prompt"], *(e["text"] for e in prompts[p]["elements"])]})
+    texts = sorted({t for clean, elements in zip(samples["clean_prompt"], samples["elements"])
+                    for t in [clean, *(e["text"] for e in elements)]})
     text_feats = dict(zip(texts, clip.encode_texts(texts)))
 
-    element_names = _element_columns(prompts, samples["prompt"].unique())
+    element_names = _element_columns(samples["elements"])
     rows = []
     for k, (_, r) in enumerate(samples.iterrows()):
         g = gen[k]
-        p = prompts[r["prompt"]]
-        row = {c: r[c] for c in samples.columns}
-        row[TARGET] = float(g @ text_feats[p["clean_prompt"]])
-        for e in p["elements"]:
+        row = {c: r[c] for c in samples.columns if c != "elements"}
+        row[TARGET] = float(g @ text_feats[r["clean_prompt"]])
+        for e in r["elements"]:
             row[e["name"]] = float(g @ text_feats[e["text"]])
         ref = torch.cat([inputs[n] for n in r["subject"].split("+")])
         row[IMAGE] = float((ref @ g).mean())  # mean over every (generated, input) pair
@@ -102,14 +109,14 @@ def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: st
     scores = pd.DataFrame(rows)
     metric_cols = [*element_names, TARGET, IMAGE]
     if judge:
-        judge_cols = judge_columns(scores, prompts, subjects, judge, progress=progress)
+        judge_cols = judge_columns(scores, subjects, judge, progress=progress)
         scores = pd.concat([scores, judge_cols], axis=1)
         metric_cols += list(judge_cols.columns)
     write_outputs(scores, metric_cols, output, manifest, subjects)
     return scores
 
 
-def judge_columns(scores: pd.DataFrame, prompts: dict, subjects: dict, spec: str, *, progress: bool) -> pd.DataFrame:
+def judge_columns(scores: pd.DataFrame, subjects: dict, spec: str, *, progress: bool) -> pd.DataFrame:
     """The toy-world judge's per-element correctness of every sample (NaN for multi-subject)."""
     from palp.toyworld.judge import JUDGE_COLUMNS, judge_row, predict, reference_identity, resolve_judge
     from palp.toyworld.render import SIZE, parse_caption
@@ -132,12 +139,12 @@ def judge_columns(scores: pd.DataFrame, prompts: dict, subjects: dict, spec: str
         if "+" in r["subject"]:
             rows.append({c: math.nan for c in JUDGE_COLUMNS.values()})
             continue
-        rows.append(judge_row(reading, parse_caption(prompts[r["prompt"]]["clean_prompt"]), identity[r["subject"]]))
+        rows.append(judge_row(reading, parse_caption(r["clean_prompt"]), identity[r["subject"]]))
     return pd.DataFrame(rows, index=scores.index, columns=list(JUDGE_COLUMNS.values()))
 
 
-def _element_columns(prompts: dict, used) -> list[str]:
-    names = {e["name"] for p in used for e in prompts[p]["elements"]}
+def _element_columns(element_lists) -> list[str]:
+    names = {e["name"] for elements in element_lists for e in elements}
     order = lambda n: ({"Style": 0}.get(n, 1 if n.startswith("Class") else 2), n)  # noqa: E731
     return sorted(names, key=order)
 
@@ -163,11 +170,12 @@ def _slug(name: str) -> str:
 
 def write_outputs(scores: pd.DataFrame, metric_cols: list[str], output: str, manifest: dict, subjects: dict) -> None:
     from palp.report import html_report, steps_plot
+    from palp.safecsv import to_csv  # prompts and names as text, never as spreadsheet formulas
 
     t2 = table2(scores, metric_cols)
-    storage.write_text(storage.join(output, "scores.csv"), scores.to_csv(index=False))
-    storage.write_text(storage.join(output, "summary.csv"), summary_table(scores, metric_cols).to_csv(index=False))
-    storage.write_text(storage.join(output, "table2.csv"), t2.to_csv())
+    storage.write_text(storage.join(output, "scores.csv"), to_csv(scores, index=False))
+    storage.write_text(storage.join(output, "summary.csv"), to_csv(summary_table(scores, metric_cols), index=False))
+    storage.write_text(storage.join(output, "table2.csv"), to_csv(t2))
     storage.write_text(storage.join(output, "table2.md"), t2.to_markdown(floatfmt=".3f") + "\n")
     metrics = {f"{_slug(m)}/{_slug(c)}": round(float(v), 6) for m, row in t2.iterrows() for c, v in row.items() if not math.isnan(v)}
     metrics["num_images"] = int(len(scores))

@@ -89,10 +89,10 @@ def pick_samples(samples: pd.DataFrame, rng: np.random.Generator, methods: list[
     return pd.DataFrame(picks).reset_index(drop=True)
 
 
-def build_questions(picks: pd.DataFrame, prompts: dict, inputs: dict[str, list[str]], rng: np.random.Generator) -> list[dict]:
+def build_questions(picks: pd.DataFrame, inputs: dict[str, list[str]], rng: np.random.Generator) -> list[dict]:
     questions = []
     for _, p in picks.iterrows():
-        elements = [e["text"] for e in prompts[p["prompt"]]["elements"]]
+        elements = [e["text"] for e in p["elements"]]  # the sample's own: subjects sharing a prompt differ
         subject_inputs = [u for n in p["subject"].split("+") for u in inputs[n]]
         for kind in KINDS:
             questions.append({
@@ -126,13 +126,13 @@ def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = 
     if storage.exists(storage.join(output, "key", "answer_key.csv")):
         raise StudyError(f"{output} already holds a study export; choose another --output")
     rng = np.random.default_rng(seed)
-    samples, prompts = read_samples(samples_dirs)
+    samples = read_samples(samples_dirs)
     manifest = load_manifest(prepared)
     inputs = {n: [storage.join(prepared, p) for p in s["images"]] for n, s in manifest["subjects"].items()}
     missing = sorted({n for s in samples["subject"] for n in s.split("+")} - set(inputs))
     if missing:
         raise StudyError(f"subject(s) {', '.join(missing)} of the samples are not in {prepared}")
-    questions = build_questions(pick_samples(samples, rng, methods), prompts, inputs, rng)
+    questions = build_questions(pick_samples(samples, rng, methods), inputs, rng)
     used: set[str] = set()
     for q in questions:
         q["question_id"] = "Q" + _token(used)

@@ -344,6 +344,8 @@ def add_study_parser(sub) -> None:
                    help="signed: gs:// output, V4 signed image URLs in the CSV forms")
     e.add_argument("--expiry-hours", type=int, default=168, help="lifetime of signed URLs")
     e.add_argument("--methods", nargs="+", help="only these methods (default: all in the samples)")
+    e.add_argument("--salt", default="", help="key/layout.json's salt of an earlier export: with its --seed, the same "
+                                               "layout again (default: a fresh secret salt, kept in key/)")
     e.set_defaults(func=run_study_export)
     a = ssub.add_parser("analyze", help="Table 3 from filled forms", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a.add_argument("--responses", required=True, help="a filled form, a folder of them, or a glob (XLSX or CSV)")
@@ -358,7 +360,7 @@ def run_study_export(args) -> int:
     from palp.study import export
 
     summary = export(args.samples, args.prepared, args.output, forms=args.forms, seed=args.seed, image_size=args.image_size,
-                     links=args.links, expiry_hours=args.expiry_hours, methods=args.methods)
+                     links=args.links, expiry_hours=args.expiry_hours, methods=args.methods, salt=args.salt)
     print(f"{summary['questions']} questions ({', '.join(summary['methods'])}) in forms of {summary['forms']} -> {args.output}")
     return 0
 

@@ -55,8 +55,8 @@ class Subject:
         if self.name:
             check_name(self.name, "subject name", ConfigError)
         else:  # the image folder's name, made safe as a folder name (the subject's samples go under it)
-            folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(self.images).rstrip("/")).name).strip("._")
-            self.name = folder or self.placeholder.strip("[]")
+            folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(self.images).rstrip("/")).name)
+            self.name = folder if folder.strip(".") else self.placeholder.strip("[]")  # never "", "." or ".."
         if not self.personalization_prompt:
             self.personalization_prompt = DEFAULT_PERSONALIZATION_PROMPT.replace(DEFAULT_PLACEHOLDER, self.placeholder)
 

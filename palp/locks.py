@@ -50,15 +50,28 @@ def _describe(info: dict) -> str:
     return f"{info.get('what', 'palp')} (pid {info.get('pid', '?')} on {info.get('host', '?')})"
 
 
+class Held:
+    """What ``output_lock`` yields. ``check()`` raises LockError once the lock is lost (a gs://
+    lease that could not be renewed and was taken over): call it before writing results."""
+
+    def __init__(self, output: str, lost: threading.Event | None = None):
+        self.output, self.lost, self.taker = output, lost or threading.Event(), ""
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LockError(f"lost the lock of {self.output} to {self.taker or 'another palp process'} (its lease could "
+                            f"not be renewed in time); stopped so that two writers never mix; rerun with --resume")
+
+
 @contextlib.contextmanager
 def output_lock(output: str | os.PathLike, what: str, *, wait: bool = False):
-    """Hold the exclusive lock of ``output`` for the duration of the block."""
+    """Hold the exclusive lock of ``output`` for the duration of the block; yields a ``Held``."""
     if storage.is_gcs(output):
-        with _gcs_lock(str(output), what, wait=wait):
-            yield
+        with _gcs_lock(str(output), what, wait=wait) as held:
+            yield held
     else:
         with _local_lock(Path(output), what):
-            yield
+            yield Held(str(output))
 
 
 @contextlib.contextmanager
@@ -105,77 +118,119 @@ def _read_local(fd: int) -> dict:
         return {}
 
 
+class _Lease:
+    """The lock object of one gs:// output: read, written and deleted with generation preconditions."""
+
+    def __init__(self, output: str, what: str):
+        bucket, prefix = storage.split_gcs(storage.join(output, LOCK_FILE))
+        self.output, self.bucket, self.name = output, storage.gcs_client().bucket(bucket), prefix
+        self.me, self.lease = _holder(what), lease_seconds()
+
+    def read(self) -> tuple[dict, int] | None:
+        """(holder, generation) as they are now, or None if there is no lock object."""
+        from google.api_core.exceptions import NotFound
+
+        blob = self.bucket.get_blob(self.name)  # fresh metadata: a reused Blob would pin an old generation
+        if blob is None:
+            return None
+        try:
+            data = blob.download_as_bytes()
+        except NotFound:  # replaced or deleted since
+            return None
+        try:
+            info = json.loads(data)
+        except ValueError:  # not palp's: treat as expired
+            info = {}
+        return (info if isinstance(info, dict) else {}), int(blob.generation or 0)
+
+    def write(self, generation: int) -> int:
+        """Write our lease; 0: only if there is none, else only if it is still ``generation``."""
+        blob = self.bucket.blob(self.name)
+        blob.upload_from_string(json.dumps({**self.me, "expires": time.time() + self.lease}),
+                                content_type="application/json", if_generation_match=generation)
+        return int(blob.generation or 0)
+
+    def ours(self, found) -> bool:
+        return found is not None and found[0].get("token") == self.me["token"]
+
+    def acquire(self, *, wait: bool) -> int:
+        from google.api_core.exceptions import PreconditionFailed
+
+        busy = f"{self.output} is being written by {{}}; wait for it to finish, or use another output"
+        for _ in range(5):
+            found = self.read()
+            if found is None:
+                try:
+                    self.write(0)
+                except PreconditionFailed:  # created since: look again
+                    continue
+            else:
+                info, generation = found
+                if info.get("expires", 0) > time.time():
+                    if not wait:
+                        raise LockError(busy.format(_describe(info)))
+                    time.sleep(max(0.0, info["expires"] - time.time()) + min(1.0, self.lease / 10))
+                    again = self.read()
+                    if again is None:  # released meanwhile
+                        continue
+                    if (again[1], again[0].get("expires")) != (generation, info.get("expires")):
+                        raise LockError(busy.format(_describe(again[0])) + " (its lock was renewed while waiting)")
+                log.warning("%s: taking over the expired lock of %s", self.output, _describe(info))
+                try:
+                    self.write(generation)
+                except PreconditionFailed:
+                    continue
+            held = self.read()
+            if self.ours(held):  # (also catches servers that ignore preconditions, such as emulators)
+                return held[1]
+            raise LockError(busy.format(_describe(held[0]) if held else "another palp process"))
+        raise LockError(busy.format("another palp process") + " (the lock kept changing hands)")
+
+    def renew(self, stop: threading.Event, held: Held) -> None:
+        from google.api_core.exceptions import PreconditionFailed
+
+        def lost(found) -> None:
+            held.taker = _describe(found[0]) if found else "nobody (the lock object is gone)"
+            held.lost.set()
+            log.error("%s: lost the lock to %s", self.output, held.taker)
+
+        while not stop.wait(self.lease / 3):
+            try:
+                found = self.read()  # (the precondition below decides; this also serves servers that ignore it)
+                if not self.ours(found):
+                    return lost(found)
+                self.write(found[1])
+            except PreconditionFailed:  # our own write whose reply was lost, or someone took the lease over
+                found = self.read()
+                if not self.ours(found):
+                    return lost(found)
+            except Exception as e:  # the next renewal tries again; the lease covers two misses
+                log.warning("%s: could not renew the lock (%s)", self.output, e)
+
+    def release(self) -> None:
+        found = self.read()
+        if self.ours(found):  # an expired lease someone took over is theirs now
+            self.bucket.blob(self.name).delete(if_generation_match=found[1] or None)
+
+
 @contextlib.contextmanager
 def _gcs_lock(output: str, what: str, *, wait: bool):
-    from google.api_core.exceptions import NotFound, PreconditionFailed
+    from google.api_core.exceptions import GoogleAPIError
 
-    blob = storage._blob(storage.join(output, LOCK_FILE))
-    lease = lease_seconds()
-    me = _holder(what)
-
-    def write(generation: int) -> None:  # 0: only if absent; else: only if still that generation
-        body = json.dumps({**me, "expires": time.time() + lease})
-        blob.upload_from_string(body, content_type="application/json", if_generation_match=generation)
-
-    def current() -> tuple[dict, int] | None:
-        try:
-            return json.loads(blob.download_as_bytes()), int(blob.generation or 0)
-        except NotFound:
-            return None
-
-    if current() is not None:  # (servers that ignore preconditions, such as emulators, stop here too)
-        _take_over(output, current, write, wait=wait, lease=lease)
-    else:
-        try:
-            write(0)
-        except PreconditionFailed:  # another writer created it since
-            _take_over(output, current, write, wait=wait, lease=lease)
-    held = current()
-    if held is None or held[0].get("token") != me["token"]:  # a precondition the server does not enforce
-        raise LockError(f"{output} is being written by {_describe(held[0]) if held else 'another palp process'}; "
-                        f"wait for it to finish, or use another output")
-
-    stop = threading.Event()
-
-    def renew():
-        generation = held[1]
-        while not stop.wait(lease / 3):
-            try:
-                write(generation)
-                generation = int(blob.generation or 0)
-            except Exception as e:  # the next renewal tries again; the lease covers two misses
-                log.warning("%s: could not renew the lock (%s)", output, e)
-
-    thread = threading.Thread(target=renew, name="palp-lock", daemon=True)
+    lease = _Lease(output, what)
+    try:
+        lease.acquire(wait=wait)
+    except GoogleAPIError as e:  # 403, an outage that outlasted the client's retries, ...
+        raise storage.StorageError(f"cannot take the lock {storage.join(output, LOCK_FILE)}: {type(e).__name__}: {e}") from e
+    held, stop = Held(output), threading.Event()
+    thread = threading.Thread(target=lease.renew, args=(stop, held), name="palp-lock", daemon=True)
     thread.start()
     try:
-        yield
+        yield held
     finally:
         stop.set()
         thread.join()
-        with contextlib.suppress(Exception):  # an expired lease someone took over is theirs now
-            now = current()
-            if now and now[0].get("token") == me["token"]:
-                blob.delete(if_generation_match=now[1] or None)
-
-
-def _take_over(output: str, current, write, *, wait: bool, lease: float) -> None:
-    from google.api_core.exceptions import PreconditionFailed
-
-    found = current()
-    if found is None:
-        return write(0)
-    info, generation = found
-    if info.get("expires", 0) > time.time():
-        if not wait:
-            raise LockError(f"{output} is being written by {_describe(info)}; wait for it to finish, or use another output")
-        time.sleep(max(0.0, info["expires"] - time.time()) + min(1.0, lease / 10))
-        again = current()
-        if again is not None and (again[1], again[0].get("expires")) != (generation, info.get("expires")):
-            raise LockError(f"{output} is being written by {_describe(again[0])} (its lock was renewed while waiting); "
-                            f"wait for it to finish, or use another output")
-    log.warning("%s: taking over the expired lock of %s", output, _describe(info))
-    try:
-        write(generation)
-    except PreconditionFailed:
-        raise LockError(f"{output}: another palp process took the expired lock first; use another output") from None
+        try:
+            lease.release()
+        except Exception as e:  # it expires by itself
+            log.warning("%s: could not release the lock (%s); it expires in %.0f s", output, e, lease.lease)

@@ -51,6 +51,8 @@ REFERENCE_METHOD = "base"
 CSV_COLUMNS = ["task", "subject", "method", "step", "prompt", "clean_prompt", "elements", "sample", "seed", "settings",
                "file", "run"]
 SETTINGS_FILE = "settings.json"
+# Read as text whatever they look like (a settings hash of digits, a subject folder named 2024).
+TEXT_COLUMNS = ("task", "subject", "method", "prompt", "clean_prompt", "elements", "settings", "file", "run")
 
 
 class SampleError(ValueError):
@@ -258,7 +260,7 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
     # Batches are fixed chunks of the full job list: a resumed run recomputes an unfinished
     # batch with exactly the same members, so its images are bit-identical to an unbroken run.
     # One writer per output (locks.py); the table merge below reads and rewrites samples.csv.
-    with output_lock(output, "palp sample", wait=True):
+    with output_lock(output, "palp sample", wait=True) as held:
         done = _finished(output)
         batches = [b for w in weights for b in _chunks([j for j in jobs if j["_weights"] is w], batch_size)]
         todo = [b for b in batches if not all(j["file"] in done for j in b)]
@@ -312,6 +314,7 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
                     f.result()
         bar.close()
         rows = [{k: v for k, v in j.items() if not k.startswith("_")} for j in jobs]
+        held.check()
         _merge_tables(output, rows, {task: {p: table[p] for p in prompts}})
         return rows
 
@@ -339,8 +342,9 @@ def _finished(output: str) -> set[str]:
 def _merge_tables(output: str, rows: list[dict], prompts: dict[str, dict]) -> None:
     """Add this call's rows to samples.csv and its task's texts to prompts.json.
 
-    Other runs' rows are kept (several runs may share a folder); this run's rows from an
-    earlier call with other settings are replaced, so the table lists what this call made.
+    Other runs' rows are kept (several runs may share a folder), and so are this run's rows of
+    other prompts or snapshots made with the same settings; this run's rows made with other
+    settings are replaced, so the table never mixes one run's images of two settings.
     """
     import pandas as pd
 
@@ -349,12 +353,12 @@ def _merge_tables(output: str, rows: list[dict], prompts: dict[str, dict]) -> No
     csv_uri, json_uri = storage.join(output, SAMPLES_CSV), storage.join(output, PROMPTS_JSON)
     new = pd.DataFrame(rows, columns=CSV_COLUMNS)
     if storage.exists(csv_uri):
-        old = safecsv.read_csv(storage.read_bytes(csv_uri))
+        old = safecsv.read_csv(storage.read_bytes(csv_uri), dtype={c: str for c in TEXT_COLUMNS})
         if "elements" not in old.columns or "settings" not in old.columns:
             raise SampleError(f"{csv_uri} was written by an older palp (no per-sample texts); sample into a new --output")
         keys = ["task", "method", "run"]
         same_run = old.set_index(keys).index.isin(new.set_index(keys).index)
-        old = old[~old["file"].isin(set(new["file"])) & ~same_run]
+        old = old[~old["file"].isin(set(new["file"])) & ~(same_run & old["settings"].ne(new["settings"].iloc[0]))]
         new = pd.concat([old, new], ignore_index=True)
     new = new.sort_values(["task", "method", "step", "prompt", "sample"], kind="stable")
     storage.write_text(csv_uri, safecsv.to_csv(new, index=False))

@@ -8,7 +8,6 @@ the mean cosine over all (generated image, input image) pairs of its subject(s).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from palp import storage
 from palp.data import read_image
 from palp.prepare import load_manifest
-from palp.sample import SAMPLES_CSV
+from palp.sample import SAMPLES_CSV, TEXT_COLUMNS
 
 TARGET = "Target prompt"
 IMAGE = "Image alignment"
@@ -42,7 +41,7 @@ def read_samples(dirs: list[str]) -> pd.DataFrame:
         csv_uri = storage.join(d, SAMPLES_CSV)
         if not storage.exists(csv_uri):
             raise ScoreError(f"{d} holds no {SAMPLES_CSV}; run `palp sample` into it first")
-        df = safecsv.read_csv(storage.read_bytes(csv_uri))
+        df = safecsv.read_csv(storage.read_bytes(csv_uri), dtype={c: str for c in TEXT_COLUMNS})
         if "elements" not in df.columns:
             raise ScoreError(f"{csv_uri} was written by an older palp (no per-sample prompt elements); rerun `palp sample`")
         df["path"] = [storage.join(d, f) for f in df["file"]]

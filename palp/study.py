@@ -111,8 +111,14 @@ def deal_forms(n_questions: int, forms: int, rng: np.random.Generator) -> list[l
 
 
 def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = 3, seed: int = 0, image_size: int = 512,
-           links: str = "embedded", expiry_hours: int = 168, methods: list[str] | None = None) -> dict:
-    """Write the forms and the answer key; returns a summary."""
+           links: str = "embedded", expiry_hours: int = 168, methods: list[str] | None = None, salt: str = "") -> dict:
+    """Write the forms and the answer key; returns a summary.
+
+    The layout (picks, order, dealing) comes from an RNG seeded by ``seed`` and a secret
+    ``salt`` (fresh unless given) that only ``key/layout.json`` holds: the seed alone, which
+    a participant may guess, does not reveal which position holds which method; the seed and
+    the key's salt give the same layout again.
+    """
     if forms < 1 or image_size < 16:
         raise StudyError("--forms must be >= 1 and --image-size >= 16")
     if links not in ("embedded", "signed"):
@@ -125,7 +131,11 @@ def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = 
             raise StudyError(f"--output {output}: {existing} is a file, not a folder; choose a new or empty folder")
     if storage.exists(storage.join(output, "key", "answer_key.csv")):
         raise StudyError(f"{output} already holds a study export; choose another --output")
-    rng = np.random.default_rng(seed)
+    try:
+        salt = salt or secrets.token_hex(16)
+        rng = np.random.default_rng([seed, int(salt, 16)])
+    except ValueError:
+        raise StudyError(f"--salt must be the hex string of an earlier export's key/layout.json, not {salt!r}") from None
     samples = read_samples(samples_dirs)
     manifest = load_manifest(prepared)
     inputs = {n: [storage.join(prepared, p) for p in s["images"]] for n, s in manifest["subjects"].items()}
@@ -166,6 +176,7 @@ def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = 
                                  "source": q["source"], "reference_source": q["reference_source"],
                                  "elements": json.dumps(q["elements"])})
         (staging / "key").mkdir()
+        (staging / "key" / "layout.json").write_text(json.dumps({"seed": seed, "salt": salt}, indent=2) + "\n")
         (staging / "key" / "answer_key.csv").write_text(to_csv(pd.DataFrame(key_rows), index=False), encoding="utf-8")
         files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
         if links == "signed":

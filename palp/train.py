@@ -7,6 +7,7 @@ that flows into the parameters through the same graph (Eq. 7): one backward per 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -23,7 +24,7 @@ from palp import __version__, checkpoints, fast, guidance, storage
 from palp.config import TrainConfig
 from palp.data import load_subject_images
 from palp.fast import row_flags
-from palp.locks import output_lock
+from palp.locks import Held, output_lock
 from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE, METRICS_FILE, atomic_write_json, export_weights, write_metrics_csv
 from palp.models import load_base_model
 from palp.personalize import PersonalizedModel, build_personalized_model
@@ -278,23 +279,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     """Fine-tune LoRA + [V] tokens with the configured method; write a loadable result."""
     # A gs:// output trains in a local working folder mirrored to the bucket: checkpoints are
     # pushed as they are written and pulled back on --resume (a preempted job on a new machine).
-    # One writer per output (locks.py); a --resume waits out a lost machine's lease on gs://.
+    # One writer per output (locks.py), taken by the main process of a multi-process run, which
+    # also prepares the folder while the others wait; a --resume waits out a lost machine's
+    # lease on gs://.
+    from accelerate import PartialState
+
+    state = PartialState()
     remote = cfg.output if storage.is_gcs(cfg.output) else None
-    with output_lock(cfg.output, "palp train", wait=resume):
-        out = checkpoints.pull(remote, resume=resume) if remote else Path(cfg.output)
-        checkpoints.check_output(out, resume=resume)
+    with output_lock(cfg.output, "palp train", wait=resume) if state.is_main_process else contextlib.nullcontext(Held(cfg.output)) as held:
+        if state.is_main_process:
+            out = checkpoints.pull(remote, resume=resume) if remote else Path(cfg.output)
+            checkpoints.check_output(out, resume=resume)
+            storage.remove_stale_temporaries(out)  # a killed run's temp folders and files (we hold the output now)
+        state.wait_for_everyone()
+        out = checkpoints.local_mirror(remote) if remote else Path(cfg.output)
         # The thread count is part of the result (CPU reductions are split by thread): a resumed
         # run keeps the one its checkpoints were made with unless --threads says otherwise.
         threads = resolve_threads(cfg.threads, checkpoints.recorded_setting(out, "num_threads") if resume else None)
         with reproducible(deterministic=cfg.deterministic, threads=threads):
-            return _train(cfg, out, remote, resume=resume, progress=progress, threads=threads)
+            return _train(cfg, out, remote, resume=resume, progress=progress, threads=threads, held=held)
 
 
-def _train(cfg: TrainConfig, out: Path, remote: str | None, *, resume: bool, progress: bool, threads: int) -> TrainResult:
+def _train(cfg: TrainConfig, out: Path, remote: str | None, *, resume: bool, progress: bool, threads: int,
+           held: Held) -> TrainResult:
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState, GradientState
 
-    storage.remove_stale_temporaries(out)  # a killed run's temp folders and files (we hold the output now)
     # Everything that can fail on bad input fails here, before anything is written.
     base = load_base_model(cfg.pretrained_model)
     images = [load_subject_images(s.placeholder, s.images, resolution=base.resolution, min_size=cfg.min_image_size) for s in cfg.subjects]
@@ -380,6 +390,7 @@ def _train(cfg: TrainConfig, out: Path, remote: str | None, *, resume: bool, pro
                         if remote:
                             storage.upload_dir(snapshot, storage.join(remote, "snapshots", snapshot.name))
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                        held.check()  # a lost gs:// lease: stop before writing over the new holder's run
                         saved = checkpoints.save(out, step, model, ctx.optimizer, rows, keep=cfg.checkpoints_total_limit)
                         if remote:
                             checkpoints.push(saved, remote, keep=cfg.checkpoints_total_limit)
@@ -388,6 +399,7 @@ def _train(cfg: TrainConfig, out: Path, remote: str | None, *, resume: bool, pro
         ahead.shutdown(cancel_futures=True)
 
     if accelerator.is_main_process:
+        held.check()
         export_weights(model, tokens, out)
         write_metrics_csv(out / METRICS_FILE, rows)
         atomic_write_json(out / CONFIG_FILE, {**run_config, "completed_steps": cfg.steps})  # written last: the run is done

@@ -81,3 +81,22 @@ def test_gcs_lock_is_exclusive_renewed_and_taken_over_when_expired(gcs_emulator,
     with output_lock(out, "palp train"):
         assert json.loads(bucket.blob(f"run/{LOCK_FILE}").download_as_bytes())["pid"] == os.getpid()
     assert not bucket.blob(f"run/{LOCK_FILE}").exists()
+
+
+def test_a_holder_whose_gcs_lease_was_taken_over_stops_before_writing(gcs_emulator, monkeypatch):
+    """A holder that could not renew in time (a network stall) and was taken over learns it at its
+    next renewal, and ``check()`` stops it before it writes over the new holder's run."""
+    from palp.storage import gcs_client
+
+    monkeypatch.setenv("PALP_LOCK_LEASE_S", "0.9")
+    bucket = gcs_client().lookup_bucket("locks") or gcs_client().create_bucket("locks")
+    with output_lock("gs://locks/stalled", "palp train") as held:
+        held.check()
+        taker = {"what": "palp train", "host": "other", "pid": 7, "token": "theirs", "expires": time.time() + 60}
+        bucket.blob(f"stalled/{LOCK_FILE}").upload_from_string(json.dumps(taker))
+        deadline = time.time() + 10
+        while not held.lost.is_set() and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(LockError, match=r"lost the lock of gs://locks/stalled to palp train \(pid 7 on other\)"):
+            held.check()
+    assert json.loads(bucket.blob(f"stalled/{LOCK_FILE}").download_as_bytes())["token"] == "theirs"  # theirs is kept

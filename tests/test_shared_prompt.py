@@ -109,3 +109,15 @@ def test_a_rerun_with_another_seed_regenerates(shared, tmp_path):
     assert settings["seed"] == 1 and settings["steps"] == 3
     # The other settings' table rows are gone, so scoring the folder sees only this call's images.
     assert len(pd.unique(second["settings"])) == 1
+
+
+def test_a_run_sampled_again_with_other_prompts_keeps_its_first_rows(shared, tmp_path):
+    """Same settings, another prompt into the same output: both calls' rows stay listed."""
+    run = next((shared / "runs").iterdir())
+    out = tmp_path / "out"
+    args = ["sample", "--model", str(run), "--output", str(out), "--num-samples", "1", "--steps", "3", "--quiet"]
+    assert main(args) == 0
+    assert main([*args, "--prompts", "A sketch of [V] in the snow at night"]) == 0
+    rows = read_csv((out / "samples.csv").read_bytes())
+    assert sorted(rows["prompt"]) == ["A sketch of [V] in the snow at night", PROMPT]
+    assert all((out / f).is_file() for f in rows["file"])

@@ -47,9 +47,9 @@ def study_inputs(tmp_path_factory):
     return root, [str(root / f"samples-{m}") for m in (*METHODS, "base")]
 
 
-def _export(study_inputs, out: Path, seed=0, forms=3):
+def _export(study_inputs, out: Path, seed=0, forms=3, salt=""):
     root, samples = study_inputs
-    return export(samples, str(root / "prep"), str(out), forms=forms, seed=seed, image_size=64)
+    return export(samples, str(root / "prep"), str(out), forms=forms, seed=seed, image_size=64, salt=salt)
 
 
 def test_protocol_balance_and_determinism(study_inputs, tmp_path):
@@ -65,15 +65,20 @@ def test_protocol_balance_and_determinism(study_inputs, tmp_path):
     for f in (1, 2, 3):
         form = pd.read_csv(tmp_path / "a" / "forms" / f"form-{f}.csv", keep_default_na=False)
         assert list(form["question_id"]) == list(key[key["form"] == f].sort_values("position")["question_id"])
-    # The same seed gives the same layout; the ids are fresh `secrets` tokens on every export
-    # (so the seed cannot un-blind the forms), hence the layout is compared, not the bytes.
-    _export(study_inputs, tmp_path / "b")
+    # The seed and the key's salt give the same layout; the ids are fresh `secrets` tokens on
+    # every export (so nothing in the forms un-blinds them), hence the layout is compared, not the bytes.
+    salt = json.loads((tmp_path / "a" / "key" / "layout.json").read_text())["salt"]
+    _export(study_inputs, tmp_path / "b", salt=salt)
     assert _layout(tmp_path / "a") == _layout(tmp_path / "b")
+    # The seed alone (which a participant may guess) does not: a fresh secret salt each time.
+    _export(study_inputs, tmp_path / "unsalted")
+    assert _layout(tmp_path / "a") != _layout(tmp_path / "unsalted")
+    assert not list((tmp_path / "a" / "forms").rglob("layout.json"))
     for f in (1, 2, 3):
         shown = [pd.read_csv(tmp_path / d / "forms" / f"form-{f}.csv", keep_default_na=False).drop(columns=ID_COLUMNS)
                  for d in ("a", "b")]
         assert shown[0].equals(shown[1])
-    _export(study_inputs, tmp_path / "c", seed=1)
+    _export(study_inputs, tmp_path / "c", seed=1, salt=salt)
     assert _layout(tmp_path / "a") != _layout(tmp_path / "c")
 
 
@@ -249,7 +254,7 @@ def test_analysis_recovers_known_percentages(study_inputs, tmp_path):
         assert t3.loc[m, "personalization"] == pytest.approx(pers, abs=1e-9)
         for metric, v in (("text_alignment", text), ("personalization", pers)):
             assert t3.loc[m, f"{metric}_ci_low"] <= v <= t3.loc[m, f"{metric}_ci_high"]
-        assert t3.loc[m, "participants"] == 6
+        assert t3.loc[m, "participants"] == 2 * key[key["method"] == m]["form"].nunique()  # 2 per form that shows m
     assert t3.loc["palp", "text_alignment"] == 100 and t3.loc["base", "text_alignment"] == 0
     assert t3.loc["palp", "personalization_ci_high"] - t3.loc["palp", "personalization_ci_low"] > 0  # varied answers
     for name in ("table3.md", "table3.png", "summary.html", "table3_by_subject.csv", "table3_by_prompt.csv"):

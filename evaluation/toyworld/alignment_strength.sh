@@ -27,8 +27,10 @@ for v in "lam03 --lambda 0.3" "alpha75 --alpha 7.5"; do
 done
 palp score $(for f in $D/samples-*; do echo --samples $f; done) --prepared $D/prep --output $D/scores --clip toyworld --judge toyworld --quiet
 python - "$D" <<'PY'
-import sys, pandas as pd
-d = pd.read_csv(f"{sys.argv[1]}/scores/scores.csv", keep_default_na=False)
+import sys
+from pathlib import Path
+from palp.safecsv import read_csv
+d = read_csv(Path(f"{sys.argv[1]}/scores/scores.csv").read_bytes())
 d["variant"] = d["run"].str.extract(r"/(lam03|alpha75)-")[0]
 cols = ["Judge: style", "Judge: place", "Judge: time", "Judge: class", "Judge: identity", "Target prompt"]
 print(d.groupby(["variant", "subject"])[cols].mean().round(3).to_markdown())

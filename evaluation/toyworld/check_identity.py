@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import yaml
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from palp import safecsv
 from palp.cli import main as palp
 from palp.data import read_image, to_tensor
 from palp.models import resolve_model_dir
@@ -93,7 +93,7 @@ def main(argv=None):
         palp(["sample", "--model", str(run), "--output", str(samples), "--prompts", PROMPT, "--num-samples",
               str(args.num_samples), "--steps", str(args.sample_steps), "--guidance", str(args.guidance),
               "--quiet"], raise_errors=True)
-        table = pd.read_csv(samples / "samples.csv", keep_default_na=False)
+        table = safecsv.read_csv((samples / "samples.csv").read_bytes())
         images = [read_image(str(samples / f)) for f in table["file"]]
         readings = predict(judge, images)
         kept = {k: float(np.mean([r[k] == truth[k] for r in readings])) for k in truth}

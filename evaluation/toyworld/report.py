@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from palp import safecsv
 from palp.storage import write_bytes, write_text
 
 ELEMENTS = ["Judge: style", "Judge: place", "Judge: time"]
@@ -47,7 +50,8 @@ def find_scores(root: str) -> str:
 
 
 def load(path: str) -> pd.DataFrame:
-    df = pd.read_csv(path, keep_default_na=False)
+    data = Path(path).read_bytes()
+    df = safecsv.read_csv(gzip.decompress(data) if path.endswith(".gz") else data)  # palp's spreadsheet-safe cells
     missing = [c for c in ELEMENTS + [IDENTITY] if c not in df.columns]
     if missing:
         raise SystemExit(f"{path} has no judge columns ({', '.join(missing)}); score with --judge toyworld")

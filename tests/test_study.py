@@ -47,7 +47,10 @@ def study_inputs(tmp_path_factory):
     return root, [str(root / f"samples-{m}") for m in (*METHODS, "base")]
 
 
-def _export(study_inputs, out: Path, seed=0, forms=3, salt=""):
+FIXED_SALT = "5a17"  # a known layout for the tests that look at one form; "" draws a secret one, as users get
+
+
+def _export(study_inputs, out: Path, seed=0, forms=3, salt=FIXED_SALT):
     root, samples = study_inputs
     return export(samples, str(root / "prep"), str(out), forms=forms, seed=seed, image_size=64, salt=salt)
 
@@ -71,8 +74,9 @@ def test_protocol_balance_and_determinism(study_inputs, tmp_path):
     _export(study_inputs, tmp_path / "b", salt=salt)
     assert _layout(tmp_path / "a") == _layout(tmp_path / "b")
     # The seed alone (which a participant may guess) does not: a fresh secret salt each time.
-    _export(study_inputs, tmp_path / "unsalted")
-    assert _layout(tmp_path / "a") != _layout(tmp_path / "unsalted")
+    _export(study_inputs, tmp_path / "unsalted", salt="")
+    _export(study_inputs, tmp_path / "unsalted-2", salt="")
+    assert _layout(tmp_path / "unsalted") != _layout(tmp_path / "unsalted-2")
     assert not list((tmp_path / "a" / "forms").rglob("layout.json"))
     for f in (1, 2, 3):
         shown = [pd.read_csv(tmp_path / d / "forms" / f"form-{f}.csv", keep_default_na=False).drop(columns=ID_COLUMNS)
@@ -175,7 +179,9 @@ def test_workbook_cells_validation_and_images(study_inputs, tmp_path):
     header = [c.value for c in ws[HEADER_ROW + 1]]
     assert header[:4] == ["question_id", "image_id", "reference_id", "question"] and header[-1] == "rating"
     sources = {str(v.formula1) for v in ws.data_validations.dataValidation}
-    assert '"0,1"' in sources and '"1,2,3,4,5"' in sources
+    key = pd.read_csv(tmp_path / "x" / "key" / "answer_key.csv", keep_default_na=False)
+    kinds = set(key[key["form"] == 1]["kind"])  # the layout is drawn afresh (secret salt): see which kinds form 1 got
+    assert sources == {{"elements": '"0,1"', "similarity": '"1,2,3,4,5"'}[k] for k in kinds}
     csv = pd.read_csv(tmp_path / "x" / "forms" / "form-1.csv", keep_default_na=False)
     with zipfile.ZipFile(path) as z:
         media = {z.read(n) for n in z.namelist() if n.startswith("xl/media/")}  # the writer stores identical pictures once

@@ -78,8 +78,7 @@ def output_lock(output: str | os.PathLike, what: str, *, wait: bool = False):
 def _local_lock(folder: Path, what: str):
     import fcntl
 
-    if folder.exists() and not folder.is_dir():
-        raise LockError(f"--output {folder} is a file; give a folder")
+    storage.check_folder_output(folder)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE

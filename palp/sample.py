@@ -339,6 +339,16 @@ def _finished(output: str) -> set[str]:
         return set()
 
 
+def read_table(csv_uri: str):
+    """A samples.csv as a DataFrame, its text columns as text and its cells as palp wrote them."""
+    from palp import safecsv
+
+    table = safecsv.read_csv(storage.read_bytes(csv_uri), dtype={c: str for c in TEXT_COLUMNS})
+    if "elements" not in table.columns or "settings" not in table.columns:
+        raise SampleError(f"{csv_uri} was written by an older palp (no per-sample texts); sample into a new --output")
+    return table
+
+
 def _merge_tables(output: str, rows: list[dict], prompts: dict[str, dict]) -> None:
     """Add this call's rows to samples.csv and its task's texts to prompts.json.
 
@@ -353,9 +363,7 @@ def _merge_tables(output: str, rows: list[dict], prompts: dict[str, dict]) -> No
     csv_uri, json_uri = storage.join(output, SAMPLES_CSV), storage.join(output, PROMPTS_JSON)
     new = pd.DataFrame(rows, columns=CSV_COLUMNS)
     if storage.exists(csv_uri):
-        old = safecsv.read_csv(storage.read_bytes(csv_uri), dtype={c: str for c in TEXT_COLUMNS})
-        if "elements" not in old.columns or "settings" not in old.columns:
-            raise SampleError(f"{csv_uri} was written by an older palp (no per-sample texts); sample into a new --output")
+        old = read_table(csv_uri)
         keys = ["task", "method", "run"]
         same_run = old.set_index(keys).index.isin(new.set_index(keys).index)
         old = old[~old["file"].isin(set(new["file"])) & ~(same_run & old["settings"].ne(new["settings"].iloc[0]))]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from palp import storage
 from palp.data import read_image
 from palp.prepare import load_manifest
-from palp.sample import SAMPLES_CSV, TEXT_COLUMNS
+from palp.sample import SAMPLES_CSV, read_table
 
 TARGET = "Target prompt"
 IMAGE = "Image alignment"
@@ -34,16 +34,12 @@ def read_samples(dirs: list[str]) -> pd.DataFrame:
     """Every sample row of ``dirs``' samples.csv, with its ``path`` and its own texts: ``clean_prompt``
     and ``elements`` (a list of {name, kind, text}) travel with each row, never looked up by
     prompt, so subjects that share a prompt keep their own class words."""
-    from palp import safecsv
-
     frames = []
     for d in dirs:
         csv_uri = storage.join(d, SAMPLES_CSV)
         if not storage.exists(csv_uri):
             raise ScoreError(f"{d} holds no {SAMPLES_CSV}; run `palp sample` into it first")
-        df = safecsv.read_csv(storage.read_bytes(csv_uri), dtype={c: str for c in TEXT_COLUMNS})
-        if "elements" not in df.columns:
-            raise ScoreError(f"{csv_uri} was written by an older palp (no per-sample prompt elements); rerun `palp sample`")
+        df = read_table(csv_uri)
         df["path"] = [storage.join(d, f) for f in df["file"]]
         frames.append(df)
     samples = pd.concat(frames, ignore_index=True)

@@ -397,10 +397,13 @@ def add_pipeline_parser(sub) -> None:
     s.add_argument("--accelerator")
     s.add_argument("--project", help="Vertex: GCP project")
     s.add_argument("--region", help="Vertex: region, e.g. us-central1")
-    s.add_argument("--pipeline-root", help="Vertex: gs:// root for artifacts")
+    s.add_argument("--pipeline-root", help="gs:// root for artifacts (Vertex: required; Kubeflow: default the cluster's); "
+                                         "local inputs are uploaded under it, to inputs/<content hash>/")
     s.add_argument("--service-account", help="Vertex: service account the run uses")
     s.add_argument("--host", help="Kubeflow: the KFP API endpoint")
     s.add_argument("--experiment", help="Vertex Experiments / KFP experiment name")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the parameter values the cluster would receive (JSON) and stop: nothing uploaded or submitted")
     s.set_defaults(func=run_pipeline_submit)
 
 
@@ -427,19 +430,30 @@ def run_pipeline_local(args) -> int:
 
 
 def run_pipeline_submit(args) -> int:
+    import json
+
     from palp.config import ConfigError
-    from pipelines.run import load_experiment, submit_kubeflow, submit_vertex
+    from pipelines.run import load_experiment, portable_inputs, submit_kubeflow, submit_vertex
 
     params = load_experiment(args.config)
-    if args.backend == "kubeflow":
-        if not args.host:
+    if not args.dry_run:  # checked before anything is uploaded
+        if args.backend == "kubeflow" and not args.host:
             raise ConfigError("--backend kubeflow needs --host")
-        run = submit_kubeflow(params, host=args.host, experiment=args.experiment, accelerator=args.accelerator)
+        missing = [f for f, v in (("--project", args.project), ("--region", args.region), ("--pipeline-root", args.pipeline_root))
+                   if not v]
+        if args.backend != "kubeflow" and missing:
+            raise ConfigError(f"--backend {args.backend} needs {', '.join(missing)}")
+    # Nothing of this machine travels: local inputs become content-addressed gs:// copies.
+    params = portable_inputs(params, args.pipeline_root, upload=not args.dry_run, say=lambda line: print(line, file=sys.stderr))
+    if args.dry_run:
+        print(json.dumps(params, indent=2, sort_keys=True))
+        print("dry run: nothing uploaded, nothing submitted", file=sys.stderr)
+        return 0
+    if args.backend == "kubeflow":
+        run = submit_kubeflow(params, host=args.host, experiment=args.experiment, accelerator=args.accelerator,
+                              pipeline_root=args.pipeline_root)
         print(f"submitted: run {getattr(run, 'run_id', run)}")
         return 0
-    missing = [f for f, v in (("--project", args.project), ("--region", args.region), ("--pipeline-root", args.pipeline_root)) if not v]
-    if missing:
-        raise ConfigError(f"--backend {args.backend} needs {', '.join(missing)}")
     job = submit_vertex(params, project=args.project, region=args.region, pipeline_root=args.pipeline_root,
                         experiment=args.experiment, service_account=args.service_account, accelerator=args.accelerator,
                         backend=args.backend)

@@ -147,7 +147,243 @@ def test_kubeflow_run_arguments(tmp_path):
     params = load_experiment(None)
     args = kubeflow_run_args(str(tmp_path / "p.yaml"), params, experiment="palp-demo")
     assert args["arguments"] is params and args["experiment_name"] == "palp-demo" and args["enable_caching"]
-    assert set(args) == {"pipeline_file", "arguments", "run_name", "experiment_name", "enable_caching"}
+    assert set(args) == {"pipeline_file", "arguments", "run_name", "experiment_name", "enable_caching", "pipeline_root"}
+    assert args["pipeline_root"] is None  # the cluster's default
+    assert kubeflow_run_args("p.yaml", params, pipeline_root="gs://bucket/palp")["pipeline_root"] == "gs://bucket/palp"
+
+
+# -- submit: nothing of this machine travels ------------------------------------------------
+
+@pytest.fixture()
+def emulator_only(gcs_emulator, monkeypatch):
+    """Connections to anything but the storage emulator fail the test (Vertex, Kubeflow, the hub)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(gcs_emulator)
+    allowed = {(url.hostname, url.port), ("localhost", url.port)}
+    connect = socket.socket.connect
+
+    def guarded(sock, address):
+        if tuple(address[:2]) not in allowed:
+            raise AssertionError(f"network call attempted: {address}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    return gcs_emulator
+
+
+def _bucket(name: str):
+    """A fresh, empty bucket on the emulator, through the stock client."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs
+
+    client = gcs.Client(project="palp-test", credentials=AnonymousCredentials())
+    bucket = client.lookup_bucket(name) or client.create_bucket(name)
+    for blob in client.list_blobs(name):
+        blob.delete()
+    return bucket
+
+
+def _objects(bucket) -> dict[str, int]:
+    return {b.name: b.generation for b in bucket.client.list_blobs(bucket.name)}
+
+
+SD_FOLDER = {  # what a diffusers SD folder holds; the last three are not uploaded
+    "model_index.json": b"{}", "scheduler/scheduler_config.json": b"{}", "tokenizer/vocab.json": b"{}",
+    "tokenizer/merges.txt": b"#", "unet/config.json": b"{}", "unet/diffusion_pytorch_model.safetensors": b"unet",
+    "vae/config.json": b"{}", "vae/diffusion_pytorch_model.safetensors": b"vae", "text_encoder/config.json": b"{}",
+    "text_encoder/model.safetensors": b"te", "unet/diffusion_pytorch_model.fp16.safetensors": b"half",
+    "safety_checker/model.safetensors": b"sc", "feature_extractor/preprocessor_config.json": b"{}",
+}
+
+
+@pytest.fixture()
+def local_experiment(tmp_path, monkeypatch):
+    """An experiment whose every input is on this machine (two subjects' photos, a prompts file,
+    a model folder, a CLIP checkpoint), named by paths relative to the working directory."""
+    import shutil
+
+    from conftest import EXAMPLE_CAT
+
+    for name in ("cat", "cup"):
+        shutil.copytree(EXAMPLE_CAT.parent / name, tmp_path / "photos" / name)
+    (tmp_path / "photos" / "cat" / ".DS_Store").write_bytes(b"hidden")  # hidden: neither read by prepare nor uploaded
+    (tmp_path / "prompts.yaml").write_text("prompts:\n  - A sketch of [V] in Paris at night\n")
+    for name, data in SD_FOLDER.items():
+        (tmp_path / "sd" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sd" / name).write_bytes(data)
+    (tmp_path / "clip.pt").write_bytes(b"clip weights")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    config = work / "experiment.yaml"
+    config.write_text(yaml.safe_dump({
+        "subjects": [{"name": "cat", "images": "../photos/cat", "class_word": "cat"},
+                     {"name": "cup", "images": "../photos/cup", "class_word": "cup"}],
+        "prompts_file": "../prompts.yaml", "pretrained_model": "../sd", "clip_weights": "../clip.pt", "train_steps": 3,
+    }))
+    return config
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _machine_paths(values, tmp_path) -> list[str]:
+    return [s for s in _strings(values)
+            if s.startswith(("/", "~", ".")) or str(tmp_path) in s or str(Path.cwd()) in s or str(REPO) in s
+            or (not s.startswith("gs://") and Path(s).exists())]
+
+
+def test_vertex_job_sends_nothing_of_this_machine(local_experiment, emulator_only, tmp_path):
+    """Local photos, prompts file, model folder and CLIP checkpoint are uploaded content-addressed;
+    the PipelineJob built up to the network boundary names only gs:// copies of them."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.protobuf import json_format
+
+    from palp import storage
+    from pipelines.palp_pipeline import compile_pipeline
+    from pipelines.run import inputs_fingerprint, load_experiment, portable_inputs, vertex_job
+
+    bucket = _bucket("palp-submit")
+    root = "gs://palp-submit/palp"
+    params = load_experiment(str(local_experiment))
+    sent = portable_inputs(params, root)
+    assert sent["inputs_fingerprint"] == inputs_fingerprint(params) and len(sent["inputs_fingerprint"]) == 64
+    assert sent["train_steps"] == 3 and params["subjects"][0]["images"] == str(tmp_path / "photos" / "cat")  # params untouched
+
+    # content-addressed: <root>/inputs/<digest of the files' names and bytes>/, the bytes read back with the stock client
+    local = {"cat": tmp_path / "photos" / "cat", "cup": tmp_path / "photos" / "cup"}
+    for s in sent["subjects"]:
+        assert s["images"] == f"{root}/inputs/{storage.folder_digest(local[s['name']])}"
+        prefix = s["images"].removeprefix("gs://palp-submit/") + "/"
+        blobs = {b.name.removeprefix(prefix): b for b in bucket.client.list_blobs("palp-submit", prefix=prefix)}
+        assert sorted(blobs) == sorted(p.name for p in local[s["name"]].iterdir() if not p.name.startswith("."))
+        for name, blob in blobs.items():
+            assert blob.download_as_bytes() == (local[s["name"]] / name).read_bytes()
+    assert sent["prompts_file"].startswith(f"{root}/inputs/") and sent["prompts_file"].endswith("/prompts.yaml")
+    assert bucket.blob(sent["prompts_file"].removeprefix("gs://palp-submit/")).download_as_bytes() == \
+        (tmp_path / "prompts.yaml").read_bytes()
+    model_prefix = sent["pretrained_model"].removeprefix("gs://palp-submit/") + "/"
+    uploaded = {b.name.removeprefix(model_prefix): b.download_as_bytes()
+                for b in bucket.client.list_blobs("palp-submit", prefix=model_prefix)}
+    assert uploaded == {k: v for k, v in SD_FOLDER.items()
+                        if k not in ("unet/diffusion_pytorch_model.fp16.safetensors", "safety_checker/model.safetensors",
+                                     "feature_extractor/preprocessor_config.json")}
+    assert sent["clip_weights"].endswith("/clip.pt")
+    assert bucket.blob(sent["clip_weights"].removeprefix("gs://palp-submit/")).download_as_bytes() == b"clip weights"
+
+    # the job up to the network boundary: no parameter value is a path of this machine
+    package = compile_pipeline("vertex", str(tmp_path / "p.yaml"))
+    job = vertex_job(package, sent, project="my-project", region="us-central1", pipeline_root=root,
+                     credentials=AnonymousCredentials())
+    values = json_format.MessageToDict(type(job._gca_resource).pb(job._gca_resource))["runtimeConfig"]["parameterValues"]
+    assert values["inputs_fingerprint"] == sent["inputs_fingerprint"] and values["subjects"] == sent["subjects"]
+    assert _machine_paths(values, tmp_path) == []
+    assert _machine_paths(params, tmp_path)  # the scan does find the local paths it is meant to find
+
+    # the same photos again (here, or copied to another machine): the same URIs, nothing re-uploaded
+    generations = _objects(bucket)
+    assert portable_inputs(params, root) == sent
+    import shutil
+
+    shutil.copytree(tmp_path / "photos", tmp_path / "elsewhere")
+    moved = dict(params, subjects=[dict(s, images=str(tmp_path / "elsewhere" / s["name"])) for s in params["subjects"]])
+    assert portable_inputs(moved, root) == sent and _objects(bucket) == generations
+
+    # an interrupted upload is completed: the missing file only
+    first = sorted(n for n in generations if n.startswith(sent["subjects"][0]["images"].removeprefix("gs://palp-submit/")))
+    bucket.blob(first[0]).delete()
+    assert portable_inputs(params, root) == sent
+    after = _objects(bucket)
+    assert set(after) == set(generations) and [n for n in after if after[n] != generations[n]] == [first[0]]
+
+    # changed photos: a new URI and a new fingerprint (the old copy stays where it was)
+    photo = sorted((tmp_path / "photos" / "cat").glob("[!.]*"))[0]
+    photo.write_bytes(photo.read_bytes() + b"\0")
+    changed = portable_inputs(params, root)
+    assert changed["subjects"][0]["images"] != sent["subjects"][0]["images"]
+    assert changed["subjects"][1] == sent["subjects"][1] and changed["inputs_fingerprint"] != sent["inputs_fingerprint"]
+
+
+def test_photos_replaced_under_the_same_gs_prefix_change_the_fingerprint(emulator_only, cat_images, tmp_path):
+    """gs:// inputs stay as they are (so do hub ids and open_clip tags); their generations and
+    the prompts' text decide the fingerprint."""
+    from palp import storage
+    from pipelines.run import inputs_fingerprint, portable_inputs
+
+    bucket = _bucket("palp-replaced")
+    for p in sorted(cat_images.iterdir()):
+        bucket.blob(f"subjects/cat/{p.name}").upload_from_filename(str(p))
+    bucket.blob("subjects/cat/notes/unread.txt").upload_from_string(b"prepare reads only the folder's own files")
+    bucket.blob("prompts.yaml").upload_from_string(b"prompts: [A sketch of [V] in Paris at night]\n")
+    params = {"subjects": [{"name": "cat", "images": "gs://palp-replaced/subjects/cat", "class_word": "cat"}],
+              "prompts_file": "gs://palp-replaced/prompts.yaml", "prompts": ["A photo of [V]"],
+              "pretrained_model": "CompVis/stable-diffusion-v1-4", "clip_model": "ViT-B-32", "clip_weights": "openai"}
+    fingerprint = inputs_fingerprint(params)
+    assert inputs_fingerprint(params) == fingerprint  # stable
+    assert portable_inputs(params, None) == dict(params, inputs_fingerprint=fingerprint)  # nothing local: nothing to upload
+
+    bucket.blob("subjects/cat/notes/unread.txt").upload_from_string(b"changed")
+    assert inputs_fingerprint(params) == fingerprint
+    first = sorted(cat_images.iterdir())[0]
+    bucket.blob(f"subjects/cat/{first.name}").upload_from_filename(str(first))  # the same name, replaced
+    replaced = inputs_fingerprint(params)
+    assert replaced != fingerprint
+    bucket.blob("prompts.yaml").upload_from_string(b"prompts: [A watercolour of [V]]\n")
+    assert inputs_fingerprint(params) != replaced
+    changes = [dict(params, prompts=["A photo of [V] at night"]),
+               dict(params, subjects=[dict(params["subjects"][0], class_word="kitten")])]
+    assert len({inputs_fingerprint(p) for p in changes} | {inputs_fingerprint(params)}) == 3
+    assert storage.list_files("gs://palp-replaced/palp", recursive=True) == []
+
+
+def test_local_inputs_need_a_gs_pipeline_root(local_experiment, tmp_path, capsys):
+    from palp.cli import main
+    from pipelines.run import ExperimentError, load_experiment, portable_inputs
+
+    params = load_experiment(str(local_experiment))
+    with pytest.raises(ExperimentError) as e:
+        portable_inputs(params, "/data/palp-root")
+    message = str(e.value)
+    assert "subject cat's images" in message and "prompts_file" in message and "pretrained_model" in message
+    assert "the pipeline root /data/palp-root is not gs://" in message and "give a gs:// --pipeline-root" in message
+    assert main(["pipeline", "submit", "--backend", "kubeflow", "--host", "http://127.0.0.1:9", "--config",
+                 str(local_experiment)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "no --pipeline-root was given" in err and "put them on gs://" in err
+    one = dict(params, subjects=params["subjects"][:1], prompts_file="", pretrained_model="tiny", clip_weights="")
+    with pytest.raises(ExperimentError, match=r"^subject cat's images \(.*/photos/cat\) is a path on this machine.*"
+                                              r"put it on gs:// and name the gs:// URI"):
+        portable_inputs(one, "minio://mlpipeline/v2")
+    (tmp_path / "sd" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ExperimentError, match=r"sd is not a Stable Diffusion model folder: missing vae/diffusion_pytorch_model.safetensors \("):
+        portable_inputs(params, "gs://b/r")
+
+
+def test_dry_run_prints_the_parameters_and_uploads_nothing(local_experiment, emulator_only, capsys):
+    from palp.cli import main
+    from pipelines.run import load_experiment, portable_inputs
+
+    bucket = _bucket("palp-dry-run")
+    assert main(["pipeline", "submit", "--backend", "vertex", "--config", str(local_experiment),
+                 "--pipeline-root", "gs://palp-dry-run/palp", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    printed = json.loads(out.out)
+    assert "nothing uploaded" in out.err and "would upload 3 file(s)" in out.err
+    assert _objects(bucket) == {}
+    assert printed["subjects"][0]["images"].startswith("gs://palp-dry-run/palp/inputs/") and printed["train_steps"] == 3
+    # the real submit sends exactly that: the same URIs, the same fingerprint once uploaded
+    assert portable_inputs(load_experiment(str(local_experiment)), "gs://palp-dry-run/palp") == printed
+    assert _objects(bucket)
 
 
 def test_bad_experiment_and_submit_arguments(tmp_path, capsys):

@@ -221,6 +221,8 @@ def add_prepare_parser(sub) -> None:
     p.add_argument("--clip-weights", default="openai", help="open_clip pretrained tag or checkpoint path")
     p.add_argument("--class-vocabulary", help="vocabulary YAML (default evaluation/classes/vocabulary.yaml)")
     p.add_argument("--min-confidence", type=finite_float, default=0.3, help="flag a zero-shot winner below this")
+    p.add_argument("--pin-clip", action="store_true",
+                   help="record the --clip weights' pin even when no class word is derived (score checks it)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_prepare)
 
@@ -245,7 +247,7 @@ def run_prepare(args) -> int:
     manifest = prepare(subjects, prompts, args.output, pretrained_model=args.pretrained_model, resolution=args.resolution,
                        min_size=args.min_image_size, near_duplicate=args.near_duplicate_distance, clip_model=args.clip,
                        clip_weights=args.clip_weights, vocabulary=args.class_vocabulary, min_confidence=args.min_confidence,
-                       progress=not args.quiet)
+                       pin_clip=args.pin_clip, progress=not args.quiet)
     print(summary_table(manifest))
     print(f"\nprepared {len(manifest['subjects'])} subject(s), {len(manifest['tasks'])} task(s) -> {args.output}")
     return 0

@@ -4,6 +4,12 @@
 takes any local checkpoint; ``load_clip("tiny")`` is a seeded toy CLIP that palp builds in
 code and saves in open_clip's own folder layout (``open_clip_config.json`` +
 ``open_clip_model.safetensors``, loaded with ``local-dir:``), for tests and offline demos.
+
+``resolve_clip`` also pins the exact weights, so that the CLIP that scores a dataset can be
+checked to be the one that prepared it: ``sha256:<digest>`` of the files open_clip loads
+(``tiny``, ``toyworld``, ``local-dir:``, a checkpoint file, the file an open_clip tag such as
+``openai`` downloads), ``gcs:<generation>`` of a ``gs://`` checkpoint, ``hub:<commit>`` of
+an ``hf-hub:`` model.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from palp import storage
 from palp.tiny import cache_root
 from palp.toyworld import TOYWORLD_NAME, weights_dir
 
@@ -38,12 +45,28 @@ class ClipError(ValueError):
     """A CLIP model that cannot be loaded; the message says what to pass instead."""
 
 
+@dataclass(frozen=True)
+class ResolvedClip:
+    """A CLIP as open_clip loads it, and the pin of its exact weights."""
+
+    name: str  # as given: ViT-B-32, tiny, toyworld, local-dir:PATH, hf-hub:ORG/NAME
+    weights: str | None  # as given; None where the name carries its weights (tiny, local-dir:, ...)
+    model: str  # the name open_clip gets
+    pretrained: str | None  # the tag or local checkpoint file open_clip gets
+    pin: str
+
+    def record(self) -> dict:
+        """What a prepared dataset's manifest keeps of it (``manifest["clip"]``)."""
+        return {"model": self.name, "weights": self.weights, "pin": self.pin}
+
+
 @dataclass
 class Clip:
     model: torch.nn.Module
     preprocess: object  # PIL image -> (3, S, S) tensor
     tokenizer: object  # list[str] -> (N, 77) ids
     name: str
+    pin: str = ""  # the exact weights (see resolve_clip)
 
     @torch.no_grad()
     def encode_images(self, images, batch_size: int = 64) -> torch.Tensor:
@@ -89,29 +112,125 @@ def tiny_clip_dir() -> Path:
     return path
 
 
-def load_clip(name: str = "ViT-B-32", weights: str = "openai", *, device: str | torch.device = "cpu") -> Clip:
-    """open_clip model + preprocessing + tokenizer, in eval mode.
+# What open_clip reads from a local-dir: folder (its config, checkpoints and tokenizer files).
+_LOCAL_DIR_FILES = ("open_clip_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                    "special_tokens_map.json", "spiece.model")
+_CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth")
 
-    ``name``: an open_clip architecture (``ViT-B-32``), ``local-dir:PATH``/``hf-hub:ORG/NAME``,
-    ``tiny`` or ``toyworld``. ``weights``: an open_clip pretrained tag (``openai``) or a checkpoint path.
+
+def _dir_pin(path: Path) -> str:
+    names = [p.name for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")
+             and (p.name in _LOCAL_DIR_FILES or p.suffix in _CHECKPOINT_SUFFIXES)]
+    return "sha256:" + storage.folder_digest(path, names)
+
+
+def _load_failed(name: str, weights, e: Exception) -> ClipError:
+    return ClipError(
+        f"could not load CLIP {name} with weights {weights!r} ({type(e).__name__}: {e}); "
+        f"pass --clip-weights PATH to a local checkpoint where the weights cannot be downloaded"
+    )
+
+
+def resolve_clip(name: str = "ViT-B-32", weights: str | None = "openai") -> ResolvedClip:
+    """Where a CLIP's weights are, and their pin (a gs:// checkpoint is fetched into the cache).
+
+    ``name``: an open_clip architecture (``ViT-B-32``), ``local-dir:PATH``, ``hf-hub:ORG/NAME``,
+    ``tiny`` or ``toyworld``. ``weights`` (architectures only): an open_clip pretrained tag
+    (``openai``), a checkpoint file or a ``gs://`` checkpoint.
     """
     import open_clip
 
-    display = name
-    if name == TINY_CLIP:
-        name, weights = f"local-dir:{tiny_clip_dir()}", None
-    elif name == TOYWORLD_NAME:
-        name, weights = f"local-dir:{weights_dir('clip')}", None
-    elif name.startswith(("local-dir:", "hf-hub:")):
-        weights = None
-    elif name not in open_clip.list_models():
+    if name in (TINY_CLIP, TOYWORLD_NAME) or name.startswith("local-dir:"):
+        folder = tiny_clip_dir() if name == TINY_CLIP else weights_dir("clip") if name == TOYWORLD_NAME else Path(name[len("local-dir:"):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise ClipError(f"CLIP {name}: {folder} holds no open_clip_config.json (an open_clip local-dir: folder)")
+        return ResolvedClip(name, None, f"local-dir:{folder}", None, _dir_pin(folder))
+    if name.startswith("hf-hub:"):
+        return ResolvedClip(name, None, name, None, _hf_hub_pin(name[len("hf-hub:"):]))
+    if name not in open_clip.list_models():
         raise ClipError(f"unknown CLIP model {name!r}; use an open_clip name such as ViT-B-32, local-dir:PATH, tiny or toyworld")
+    if not weights:
+        raise ClipError(f"CLIP {name} needs weights: an open_clip pretrained tag such as openai, or a checkpoint (--clip-weights)")
+    weights = str(weights)
+    tag = open_clip.pretrained.get_pretrained_cfg(name.replace("/", "-"), weights)
+    if tag:  # open_clip's own order: a known tag first, then a file
+        try:
+            path = open_clip.pretrained.download_pretrained(tag)
+        except Exception as e:  # noqa: BLE001 - open_clip reports a missing download in many ways
+            raise _load_failed(name, weights, e) from e
+        return ResolvedClip(name, weights, name, weights, "sha256:" + storage.file_digest(path))
+    if storage.is_gcs(weights):
+        path, pin = _fetch_gcs_checkpoint(weights)
+        return ResolvedClip(name, weights, name, str(path), pin)
+    if Path(weights).is_file():
+        return ResolvedClip(name, weights, name, weights, "sha256:" + storage.file_digest(weights))
+    raise ClipError(f"CLIP {name}: weights {weights!r} are neither an open_clip pretrained tag of {name} nor a checkpoint file "
+                    f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})")
+
+
+def clip_pin(name: str = "ViT-B-32", weights: str | None = "openai") -> str:
+    """The pin of a CLIP's exact weights (see resolve_clip)."""
+    return resolve_clip(name, weights).pin
+
+
+def _hf_hub_pin(repo_id: str) -> str:
+    """``hub:<commit>`` of an open_clip model on the Hugging Face hub (its config's snapshot)."""
+    from huggingface_hub import hf_hub_download
+
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+        config = Path(hf_hub_download(repo_id, "open_clip_config.json"))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, ...
+        raise _load_failed(f"hf-hub:{repo_id}", None, e) from e
+    return "hub:" + config.parent.name
+
+
+def _fetch_gcs_checkpoint(uri: str) -> tuple[Path, str]:
+    """A gs:// checkpoint in the cache, keyed by the URI and its generation: (local file, pin)."""
+    generation = _generation(uri)
+    pin = f"gcs:{generation}"
+    dest = storage.cache_dir(f"{uri}@{pin}", cache=cache_root(), kind="clip") / Path(storage.split_gcs(uri)[1]).name
+    if not dest.is_file():
+        data = _read_generation(uri, generation)
+        if _generation(uri) != generation:
+            raise ClipError(f"{uri} was replaced while it was being downloaded; run again")
+        storage.write_bytes(dest, data)  # atomic: a file in the cache is whole
+    return dest, pin
+
+
+@storage.with_retries
+def _generation(uri: str) -> int:
+    bucket, name = storage.split_gcs(uri)
+    blob = storage.gcs_client().bucket(bucket).get_blob(name) if name else None
+    if blob is None:
+        raise ClipError(f"CLIP weights {uri} do not exist")
+    return int(blob.generation)
+
+
+@storage.with_retries
+def _read_generation(uri: str, generation: int) -> bytes:
+    from google.api_core.exceptions import NotFound
+
+    bucket, name = storage.split_gcs(uri)
+    try:
+        return storage.gcs_client().bucket(bucket).blob(name, generation=generation).download_as_bytes()
+    except NotFound as e:
+        raise ClipError(f"{uri} was replaced while it was being downloaded (generation {generation} is gone); run again") from e
+
+
+def load_clip(name: str = "ViT-B-32", weights: str | None = "openai", *, device: str | torch.device = "cpu",
+              resolved: ResolvedClip | None = None) -> Clip:
+    """open_clip model + preprocessing + tokenizer, in eval mode, with the pin of its weights.
+
+    ``name``: an open_clip architecture (``ViT-B-32``), ``local-dir:PATH``/``hf-hub:ORG/NAME``,
+    ``tiny`` or ``toyworld``. ``weights``: an open_clip pretrained tag (``openai``), a checkpoint
+    path or a ``gs://`` checkpoint. ``resolved``: ``resolve_clip(name, weights)``, when known.
+    """
+    import open_clip
+
+    r = resolved or resolve_clip(name, weights)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(r.model, pretrained=r.pretrained, device=device)
     except Exception as e:  # open_clip reports a missing download or file in many ways
-        raise ClipError(
-            f"could not load CLIP {name} with weights {weights!r} ({type(e).__name__}: {e}); "
-            f"pass --clip-weights PATH to a local checkpoint where the weights cannot be downloaded"
-        ) from e
+        raise _load_failed(r.model, r.weights, e) from e
     model.eval()
-    return Clip(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=display)
+    return Clip(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(r.model), name=name, pin=r.pin)

@@ -188,7 +188,7 @@ def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str,
             pretrained_model: str = "CompVis/stable-diffusion-v1-4", resolution: int | None = None,
             min_size: int | None = None, near_duplicate: int = 4, clip_model: str = "ViT-B-32",
             clip_weights: str = "openai", vocabulary: str | None = None, min_confidence: float = 0.3,
-            progress: bool = True) -> dict:
+            pin_clip: bool = False, progress: bool = True) -> dict:
     """Prepare subjects and prompts into ``output``; returns the manifest."""
     if not subjects:
         raise PrepareError("give at least one --subject NAME=DIR_OR_GS_URI")
@@ -220,6 +220,11 @@ def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str,
     build_tasks(by_name, prompts, {n: s.class_word or "thing" for n, s in by_name.items()})
     resolution = resolution or model_resolution(pretrained_model)
     min_size = resolution // 2 if min_size is None else min_size
+    # The CLIP that derives class words, or with pin_clip the one the scores will use: its pin is
+    # recorded, and `palp score` checks it scores with the same weights.
+    from palp.clip import resolve_clip
+
+    clip = resolve_clip(clip_model, clip_weights) if pin_clip or any(not s.class_word for s in subjects) else None
 
     staging = Path(tempfile.mkdtemp(prefix="palp-prepare-"))
     try:
@@ -229,7 +234,7 @@ def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str,
                 fates[s.name], images[s.name] = prepare_subject_images(
                     s, resolution=resolution, min_size=min_size, near_duplicate=near_duplicate, staging=staging, bar=bar)
         class_info = derive_class_words(subjects, images, clip_model=clip_model, clip_weights=clip_weights,
-                                        vocabulary=vocabulary, min_confidence=min_confidence)
+                                        vocabulary=vocabulary, min_confidence=min_confidence, resolved=clip)
         class_words = {n: info["class_word"] for n, info in class_info.items()}
         manifest = {
             "palp_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -242,6 +247,8 @@ def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str,
             },
             "tasks": build_tasks(by_name, prompts, class_words),
         }
+        if clip is not None:
+            manifest["clip"] = clip.record()  # {model, weights, pin}
         storage.write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         if storage.is_gcs(output):
             storage.upload_dir(staging, output, last=[MANIFEST])
@@ -260,7 +267,8 @@ def _move_into(staging: Path, out: Path) -> None:
         storage.write_bytes(storage.join_under(out, str(rel)), (staging / rel).read_bytes())
 
 
-def derive_class_words(subjects, images, *, clip_model, clip_weights, vocabulary, min_confidence) -> dict[str, dict]:
+def derive_class_words(subjects, images, *, clip_model, clip_weights, vocabulary, min_confidence,
+                       resolved=None) -> dict[str, dict]:
     """The user's class word wins; otherwise CLIP zero-shot over the vocabulary (top 5 kept)."""
     info = {s.name: {"class_word": s.class_word, "class_word_source": "user"} for s in subjects if s.class_word}
     todo = [s for s in subjects if not s.class_word]
@@ -269,7 +277,7 @@ def derive_class_words(subjects, images, *, clip_model, clip_weights, vocabulary
         from palp.clip import load_clip
 
         words, templates = load_vocabulary(vocabulary)
-        clip = load_clip(clip_model, clip_weights)
+        clip = load_clip(clip_model, clip_weights, resolved=resolved)
         for s in todo:
             result = classify_images(clip, images[s.name], words, templates, min_confidence=min_confidence)
             info[s.name] = {

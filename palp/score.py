@@ -72,7 +72,7 @@ def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: st
     ``judge`` (``toyworld`` or a judge.safetensors): also read style, place, time, class and
     identity off every toy-world image and score each against the prompt and the subject.
     """
-    from palp.clip import load_clip
+    from palp.clip import load_clip, resolve_clip
 
     samples = read_samples(samples_dirs)
     manifest = load_manifest(prepared)
@@ -81,7 +81,9 @@ def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: st
     unknown = sorted(needed - set(subjects))
     if unknown:
         raise ScoreError(f"subject(s) {', '.join(unknown)} of the samples are not in {prepared}; pass the dataset they were trained on")
-    clip = load_clip(clip_model, clip_weights)
+    resolved = resolve_clip(clip_model, clip_weights)
+    check_clip_pin(manifest.get("clip"), resolved, prepared)
+    clip = load_clip(clip_model, clip_weights, resolved=resolved)
 
     gen = encode_images(clip, list(samples["path"]), batch_size=batch_size, desc="palp score: samples", progress=progress)
     inputs = {n: encode_images(clip, subjects[n], batch_size=batch_size, desc=f"palp score: inputs {n}", progress=False)
@@ -109,6 +111,20 @@ def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: st
         metric_cols += list(judge_cols.columns)
     write_outputs(scores, metric_cols, output, manifest, subjects)
     return scores
+
+
+def check_clip_pin(recorded: dict | None, resolved, prepared: str) -> None:
+    """The CLIP that prepared the dataset (its manifest's ``clip`` record), when it is the one
+    named now, must still have the same weights: a ScoreError naming both pins otherwise."""
+    if not recorded or (recorded.get("model"), recorded.get("weights")) != (resolved.name, resolved.weights):
+        return
+    if recorded.get("pin") != resolved.pin:
+        weights = f" with weights {resolved.weights}" if resolved.weights else ""
+        raise ScoreError(
+            f"CLIP {resolved.name}{weights} is not the one {prepared} was prepared with: the dataset records pin "
+            f"{recorded.get('pin')}, CLIP {resolved.name}{weights} now has pin {resolved.pin}; score with those exact "
+            f"CLIP weights (restore them), or prepare the dataset again"
+        )
 
 
 def judge_columns(scores: pd.DataFrame, subjects: dict, spec: str, *, progress: bool) -> pd.DataFrame:

@@ -238,6 +238,52 @@ def list_files(uri: str | os.PathLike, *, recursive: bool = False) -> list[str]:
 
 
 @with_retries
+def object_generations(uri: str) -> dict[str, int]:
+    """Every object under a gs:// prefix (relative name -> generation), hidden names skipped.
+
+    A generation changes whenever an object is replaced, so this identifies the exact
+    contents without reading them."""
+    bucket, prefix = split_gcs(str(uri))
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    blobs = gcs_client().list_blobs(bucket, prefix=prefix, retry=_gcs_retry())
+    found = {b.name[len(prefix) :]: int(b.generation) for b in blobs if not b.name.endswith("/")}
+    return {n: g for n, g in sorted(found.items()) if not any(part.startswith(".") for part in Path(n).parts)}
+
+
+def file_digest(path: str | Path) -> str:
+    """The sha256 (hex) of a local file's bytes, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_digest(path: str | Path, names: Iterable[str] | None = None) -> str:
+    """The sha256 (hex) of a local folder's contents: every file's relative name and bytes
+    (``names``: only those files; default: every file, hidden names skipped). The same files
+    give the same digest on any machine, whatever their timestamps or the folder's path."""
+    import hashlib
+
+    root = Path(path)
+    names = sorted(names) if names is not None else list_files(root, recursive=True)
+    h = hashlib.sha256()
+    for name in names:
+        h.update(f"{name}\0{file_digest(root / name)}\n".encode())
+    return h.hexdigest()
+
+
+def versions_digest(versions: dict[str, int | str]) -> str:
+    """The sha256 (hex) of a {name: generation or digest} listing."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()
+
+
+@with_retries
 def remove_tree(uri: str | os.PathLike, *, first: Iterable[str] = ()) -> None:
     """Delete a folder or every object under a prefix; the names in ``first`` (a marker such as
     ``state.json``) go first, so a half-deleted folder never looks complete."""

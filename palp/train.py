@@ -26,7 +26,7 @@ from palp.data import load_subject_images
 from palp.fast import row_flags
 from palp.locks import Held, output_lock
 from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE, METRICS_FILE, atomic_write_json, export_weights, write_metrics_csv
-from palp.models import load_base_model
+from palp.models import load_base_model, portable_reference
 from palp.personalize import PersonalizedModel, build_personalized_model
 from palp.prompts import placeholder_token, to_token_prompt
 from palp.reproducible import reproducible, resolve_threads
@@ -330,7 +330,8 @@ def _train(cfg: TrainConfig, out: Path, remote: str | None, *, resume: bool, pro
                        alphas_cumprod=base.noise_scheduler.alphas_cumprod.to(device), dtype=dtype)
 
     run_config = {
-        **cfg.to_dict(), "palp_version": __version__, "base_model_path": str(base.path), "resolution": base.resolution,
+        **cfg.to_dict(), "palp_version": __version__, "pretrained_model": portable_reference(cfg.pretrained_model),
+        "base_model_pin": base.pin, "resolution": base.resolution,
         "placeholder_tokens": dict(zip(token_ids, tokens)), "class_words": cfg.class_words,
         "micro_batch_size": micro, "gradient_accumulation_steps": accum, "num_processes": accelerator.num_processes,
         "num_threads": threads,

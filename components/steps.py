@@ -11,18 +11,20 @@ from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 
 def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pretrained_model: str, clip_model: str,
-            clip_weights: str, prepared: Output[Dataset]) -> list:
-    """palp prepare; returns the runs to fan out: one {task_id, method} per task x method."""
-    import json
-    import os
+            clip_weights: str, prepared: Output[Dataset], inputs_fingerprint: str = "") -> list:
+    """palp prepare; returns the trainings to fan out, ``{task_id, method, tasks}`` each
+    (palp.prepare.fan_out: TI+DB once per subject, sampled on each of its tasks).
 
+    ``inputs_fingerprint`` (a digest of the photos and prompts) only enters KFP's cache key,
+    so that replaced photos under the same gs:// prefix give a fresh prepare."""
     from palp.cli import main
     from palp.config import split_method
+    from palp.prepare import fan_out, load_manifest
 
     for m in methods:  # fail before any branch starts
         split_method(m)
     argv = ["prepare", "--output", prepared.path, "--pretrained-model", pretrained_model, "--clip", clip_model,
-            "--clip-weights", clip_weights, "--quiet"]
+            "--clip-weights", clip_weights, "--inputs-fingerprint", inputs_fingerprint, "--pin-clip", "--quiet"]
     for s in subjects:
         argv += ["--subject", f"{s['name']}={s['images']}"]
         for key, flag in (("class_word", "--class-word"), ("placeholder", "--placeholder"),
@@ -34,10 +36,9 @@ def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pre
     if prompts_file:
         argv += ["--prompts-file", prompts_file]
     main(argv, raise_errors=True)
-    with open(os.path.join(prepared.path, "manifest.json")) as f:
-        tasks = [t["id"] for t in json.load(f)["tasks"]]
-    prepared.metadata.update({"tasks": tasks, "subjects": [s["name"] for s in subjects]})
-    return [{"task_id": t, "method": m} for t in tasks for m in methods]
+    manifest = load_manifest(prepared.path)
+    prepared.metadata.update({"tasks": [t["id"] for t in manifest["tasks"]], "subjects": [s["name"] for s in subjects]})
+    return fan_out(manifest, methods)
 
 
 def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: str, steps: int, batch_size: int,
@@ -60,18 +61,21 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
     model.metadata.update({"task": task, "method": method, "steps": steps, "framework": "diffusers-lora"})
 
 
-def sample(model: Input[Model], num_samples: int, steps: int, batch_size: int, scheduler: str, guidance: float,
-           checkpoints: str, reference: bool, seed: int, samples: Output[Dataset]):
-    """palp sample of the trained run (and, with ``reference``, of its base model on the clean prompt)."""
+def sample(model: Input[Model], prepared: Input[Dataset], tasks: list, num_samples: int, steps: int, batch_size: int,
+           scheduler: str, guidance: float, checkpoints: str, reference: bool, seed: int, samples: Output[Dataset]):
+    """palp sample of the trained run on each of its ``tasks`` (and, with ``reference``, of its
+    base model on their clean prompts)."""
     from palp.cli import main
 
-    argv = ["sample", "--model", model.path, "--output", samples.path, "--num-samples", str(num_samples), "--steps",
-            str(steps), "--batch-size", str(batch_size), "--scheduler", scheduler, "--guidance", str(guidance),
-            "--seed", str(seed), "--quiet"]
+    argv = ["sample", "--model", model.path, "--prepared", prepared.path, "--output", samples.path, "--num-samples",
+            str(num_samples), "--steps", str(steps), "--batch-size", str(batch_size), "--scheduler", scheduler,
+            "--guidance", str(guidance), "--seed", str(seed), "--quiet"]
+    for t in tasks:
+        argv += ["--task", t]
     main(argv + ["--checkpoints", checkpoints], raise_errors=True)
     if reference:
         main(argv + ["--reference"], raise_errors=True)
-    samples.metadata.update({"num_samples": num_samples, "steps": steps, "scheduler": scheduler})
+    samples.metadata.update({"tasks": tasks, "num_samples": num_samples, "steps": steps, "scheduler": scheduler})
 
 
 def score(samples: Input[Dataset], prepared: Input[Dataset], clip_model: str, clip_weights: str, judge: str,

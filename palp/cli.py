@@ -223,6 +223,8 @@ def add_prepare_parser(sub) -> None:
     p.add_argument("--min-confidence", type=finite_float, default=0.3, help="flag a zero-shot winner below this")
     p.add_argument("--pin-clip", action="store_true",
                    help="record the --clip weights' pin even when no class word is derived (score checks it)")
+    p.add_argument("--inputs-fingerprint", default="",
+                   help="recorded in the manifest (a pipeline's digest of its inputs: its cache key follows the data)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_prepare)
 
@@ -247,7 +249,7 @@ def run_prepare(args) -> int:
     manifest = prepare(subjects, prompts, args.output, pretrained_model=args.pretrained_model, resolution=args.resolution,
                        min_size=args.min_image_size, near_duplicate=args.near_duplicate_distance, clip_model=args.clip,
                        clip_weights=args.clip_weights, vocabulary=args.class_vocabulary, min_confidence=args.min_confidence,
-                       pin_clip=args.pin_clip, progress=not args.quiet)
+                       inputs_fingerprint=args.inputs_fingerprint, pin_clip=args.pin_clip, progress=not args.quiet)
     print(summary_table(manifest))
     print(f"\nprepared {len(manifest['subjects'])} subject(s), {len(manifest['tasks'])} task(s) -> {args.output}")
     return 0
@@ -262,6 +264,10 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--model", required=True, help="a finished `palp train` output (folder or gs://)")
     p.add_argument("--output", required=True, help="samples folder or gs:// prefix (several runs may share it)")
     p.add_argument("--prompts", nargs="+", help="prompts with placeholders (default: the run's target prompt)")
+    p.add_argument("--task", action="append", metavar="TASK",
+                   help="sample this task's target prompt (repeatable; needs --prepared): a TI+DB run serves every "
+                        "task of its subjects")
+    p.add_argument("--prepared", help="the prepared dataset holding the --task ids")
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
@@ -290,7 +296,8 @@ def run_sample(args) -> int:
     from palp.sample import sample
 
     storage.check_folder_output(args.output)
-    rows = sample(args.model, args.output, prompts=args.prompts, num_samples=args.num_samples, seed=args.seed,
+    rows = sample(args.model, args.output, prompts=args.prompts, tasks=args.task, prepared=args.prepared,
+                  num_samples=args.num_samples, seed=args.seed,
                   steps=args.steps, scheduler=args.scheduler, guidance=args.guidance, batch_size=args.batch_size,
                   checkpoints=args.checkpoints, reference=args.reference, precision=args.precision,
                   device=args.device, progress=not args.quiet, sampler=args.sampler, vae_precision=args.vae_precision,
@@ -391,6 +398,8 @@ def add_pipeline_parser(sub) -> None:
     r.add_argument("--pipeline-root", help="where artifacts go (default: a new temporary folder)")
     r.add_argument("--image", help="with --runner docker: the step image (default: palp-cpu:<version>, built locally)")
     r.add_argument("--gpus", action="store_true", help="with --runner docker: pass the host's GPUs to the steps")
+    r.add_argument("--share-cache", action="store_true",
+                   help="speed option: steps share one model cache (default: each starts empty, as on a cluster)")
     r.set_defaults(func=run_pipeline_local)
     s = psub.add_parser("submit", help="submit to Vertex AI Pipelines or Kubeflow Pipelines",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -419,7 +428,8 @@ def run_pipeline_compile(args) -> int:
 def run_pipeline_local(args) -> int:
     from pipelines.run import find_outputs, run_local
 
-    root = run_local(args.config, runner=args.runner, pipeline_root=args.pipeline_root, image=args.image, gpus=args.gpus)
+    root = run_local(args.config, runner=args.runner, pipeline_root=args.pipeline_root, image=args.image, gpus=args.gpus,
+                     share_cache=args.share_cache)
     print(f"\nartifacts under {root}:")
     outputs = find_outputs(root)
     for task, paths in outputs.items():

@@ -36,6 +36,16 @@ def split_method(variant: str) -> tuple[str, str]:
     return base, noise
 
 
+# Methods whose training never reads the target prompt (TI+DB: Eq. 1 alone): one run per
+# subject serves every prompt of that subject (tests/test_pipeline.py checks the weights match).
+PROMPT_FREE_METHODS = ("ti-db",)
+
+
+def trains_per_subject(variant: str) -> bool:
+    """Whether a method variant's training is the same for every target prompt of a subject."""
+    return split_method(variant)[0] in PROMPT_FREE_METHODS
+
+
 def method_label(method: str, noise: str = "same") -> str:
     """The name a run's samples and scores carry: the method, with -iid for i.i.d. noise.
     It becomes a folder name (read from a run's config, which may have been edited): checked."""

@@ -188,8 +188,12 @@ def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str,
             pretrained_model: str = "CompVis/stable-diffusion-v1-4", resolution: int | None = None,
             min_size: int | None = None, near_duplicate: int = 4, clip_model: str = "ViT-B-32",
             clip_weights: str = "openai", vocabulary: str | None = None, min_confidence: float = 0.3,
-            pin_clip: bool = False, progress: bool = True) -> dict:
-    """Prepare subjects and prompts into ``output``; returns the manifest."""
+            pin_clip: bool = False, inputs_fingerprint: str = "", progress: bool = True) -> dict:
+    """Prepare subjects and prompts into ``output``; returns the manifest.
+
+    ``inputs_fingerprint`` is only recorded: a pipeline passes a digest of its inputs (the
+    photos' generations or contents, the prompts' text), so that KFP's cache key for this
+    step changes exactly when the inputs do."""
     if not subjects:
         raise PrepareError("give at least one --subject NAME=DIR_OR_GS_URI")
     storage.check_folder_output(output)
@@ -239,6 +243,7 @@ def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str,
         manifest = {
             "palp_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "pretrained_model": pretrained_model, "resolution": resolution, "min_image_size": min_size,
+            "inputs_fingerprint": inputs_fingerprint,
             "subjects": {
                 s.name: {"source": s.source, "placeholder": s.placeholder, "personalization_prompt": s.personalization_prompt,
                          **class_info[s.name], "images": [f["output"] for f in fates[s.name] if f["status"] == "ok"],
@@ -304,6 +309,32 @@ def load_manifest(prepared: str) -> dict:
     if not storage.exists(path):
         raise PrepareError(f"{prepared} is not a prepared dataset (no {MANIFEST}); run `palp prepare` first")
     return json.loads(storage.read_text(path))
+
+
+def subject_key(task: dict) -> str:
+    """What a task's prompt-free training depends on: its subjects, placeholders, class words
+    and personalization prompts (two tasks with the same key train the same TI+DB run)."""
+    return json.dumps([task["subjects"], task["class_words"], task["personalization_prompts"]], sort_keys=True)
+
+
+def fan_out(manifest: dict, methods: list[str]) -> list[dict]:
+    """The trainings of a prepared dataset: ``{task_id, method, tasks}`` per run, where
+    ``task_id`` is the task it trains and ``tasks`` the tasks sampled from it.
+
+    A method whose training ignores the target prompt (TI+DB) trains once per subject set and
+    samples each of its prompts; the others train once per task."""
+    from palp.config import trains_per_subject
+
+    runs = []
+    for m in methods:
+        if trains_per_subject(m):
+            groups: dict[str, list[str]] = {}
+            for t in manifest["tasks"]:
+                groups.setdefault(subject_key(t), []).append(t["id"])
+            runs += [{"task_id": ids[0], "method": m, "tasks": ids} for ids in groups.values()]
+        else:
+            runs += [{"task_id": t["id"], "method": m, "tasks": [t["id"]]} for t in manifest["tasks"]]
+    return runs
 
 
 def load_task(prepared: str, task_id: str | None) -> tuple[Path, dict]:

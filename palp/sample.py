@@ -191,12 +191,64 @@ def default_dtype(device: torch.device, precision: str) -> torch.dtype:
     return {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def sample(model: str, output: str, *, prompts: list[str] | None = None, num_samples: int = 8, seed: int = 0,
+def texts_to_sample(config: dict, *, prompts: list[str] | None, tasks: list[str] | None, prepared: str | None) -> list[dict]:
+    """What to sample, ``{task, prompt, clean_prompt, elements}`` each: the run's target prompt,
+    other ``prompts`` of its task, or the target prompts of prepared ``tasks``.
+
+    A task other than the run's own must have the run's subjects (same placeholders, class
+    words and personalization prompts), and the run's training must not have read its target
+    prompt (TI+DB), so that the weights are the ones a run for that task would have learned."""
+    from palp.config import PROMPT_FREE_METHODS
+    from palp.prepare import PrepareError, load_manifest, subject_key
+
+    own = config.get("task_id", "")
+    words = config["class_words"]
+    if tasks:
+        if prompts:
+            raise SampleError("give --prompts or --task, not both")
+        if not prepared:
+            raise SampleError("--task needs --prepared: the prepared dataset that holds the tasks")
+        try:
+            manifest = load_manifest(prepared)
+        except PrepareError as e:
+            raise SampleError(str(e)) from e
+        by_id = {t["id"]: t for t in manifest["tasks"]}
+        unknown = [t for t in tasks if t not in by_id]
+        if unknown:
+            raise SampleError(f"no task {unknown[0]!r} in {prepared}; tasks: {', '.join(by_id)}")
+        mine = by_id.get(own)
+        out = []
+        for t in dict.fromkeys(tasks):
+            task = by_id[t]
+            if t != own:
+                if config["method"] not in PROMPT_FREE_METHODS:
+                    raise SampleError(
+                        f"the run trained {config['method']} for task {own or '(none)'}, whose training depends on its "
+                        f"target prompt: it cannot stand in for task {t}; train that task, or sample the run's own task")
+                if mine is None or subject_key(mine) != subject_key(task):
+                    raise SampleError(f"task {t} has other subjects than the run (trained for task {own or '(none)'}): "
+                                      f"sample only tasks of the run's own subjects")
+            out.append({"task": t, "prompt": task["prompt"], "clean_prompt": task["clean_prompt"],
+                        "elements": task["elements"]})
+        return out
+    out = []
+    for p in dict.fromkeys(prompts or [config["target_prompt"]]):
+        check_prompt(p, words)
+        explicit = p == config["target_prompt"]
+        out.append({"task": own, "prompt": p, "clean_prompt": config["clean_prompt"] if explicit else clean_prompt(p, words),
+                    "elements": (config.get("elements") if explicit else None) or element_list(p, words)})
+    return out
+
+
+def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: list[str] | None = None,
+           prepared: str | None = None, num_samples: int = 8, seed: int = 0,
            steps: int = 50, scheduler: str = "ddim", guidance: float = 7.5, batch_size: int = 8,
            checkpoints: str = "final", reference: bool = False, precision: str = "auto",
            device: str | None = None, progress: bool = True, sampler: str = "palp", vae_precision: str = "auto",
            compile: str = "auto", compile_cache: str = "", attention: str = "auto") -> list[dict]:
-    """Sample a trained run (or, with ``reference``, its base model on the clean prompts).
+    """Sample a trained run (or, with ``reference``, its base model on the clean prompts):
+    its target prompt, other ``prompts``, or the target prompts of ``tasks`` of the
+    ``prepared`` dataset (``texts_to_sample``).
 
     ``sampler``: ``palp`` (``generate``: the stock pipeline's steps without its per-step host
     syncs) or ``stock`` (the pipeline's ``__call__``). ``vae_precision``: the decoder's dtype
@@ -204,7 +256,7 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
     ``attention``: the SDPA kernel (fast.attention_backend).
     """
     from palp import fast
-    from palp.models import resolve_model_dir
+    from palp.models import resolve_model
     from palp.tiny import cache_root
 
     if num_samples < 1 or batch_size < 1 or steps < 1:
@@ -220,14 +272,7 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
             raise SampleError(f"{flag} must be one of {', '.join(PRECISIONS)}, not {value!r}")
     run = fetch_run(model, cache=cache_root())
     config = json.loads((run / CONFIG_FILE).read_text())
-    words = config["class_words"]
-    prompts = prompts or [config["target_prompt"]]
-    table = {}
-    for p in prompts:
-        check_prompt(p, words)
-        explicit = p == config["target_prompt"]
-        table[p] = {"clean_prompt": config["clean_prompt"] if explicit else clean_prompt(p, words),
-                    "elements": (config.get("elements") if explicit else None) or element_list(p, words)}
+    texts = texts_to_sample(config, prompts=prompts, tasks=tasks, prepared=prepared)
     weights = weights_to_sample(run, checkpoints, reference)
     method = REFERENCE_METHOD if reference else method_label(config["method"], config.get("noise", "same"))
     subject = "+".join(s["name"] for s in config["subjects"])
@@ -237,7 +282,8 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
     # the task, so runs of one task share them).
     from palp.names import check_name  # the task id (from the run's config) becomes a folder name
 
-    task = check_name(config.get("task_id") or subject, "task id", SampleError, joined=True)
+    for entry in texts:  # a task id (from the run's config or the manifest) becomes a folder name
+        entry["folder"] = check_name(entry["task"] or subject, "task id", SampleError, joined=True)
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = default_dtype(device_, precision)
     vae_dtype = dtype if vae_precision == "auto" else default_dtype(device_, vae_precision)
@@ -246,16 +292,18 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
     settings = {"seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,
                 "dtype": str(dtype), "vae_dtype": str(vae_dtype)}
     key = settings_key(settings)
-    tag = f"{task}/{method}" if reference else f"{task}/{method}-{prompt_key(str(model).rstrip('/'))[:6]}"
+    run_tag = method if reference else f"{method}-{prompt_key(str(model).rstrip('/'))[:6]}"
+    tags = list(dict.fromkeys(f"{e['folder']}/{run_tag}" for e in texts))
     jobs = []
     for w in weights:
-        for p in prompts:
+        for e in texts:
+            p = e["prompt"]
             for i in range(num_samples):
                 s = sample_seed(seed, p, i)
-                rel = f"{tag}/{key}/step-{w.step:06d}/{prompt_key(p)}-s{i:02d}.png"
-                jobs.append({"task": config.get("task_id", ""), "subject": subject, "method": method, "step": w.step,
-                             "prompt": p, "clean_prompt": table[p]["clean_prompt"],
-                             "elements": json.dumps(table[p]["elements"]), "sample": i, "seed": s, "settings": key,
+                rel = f"{e['folder']}/{run_tag}/{key}/step-{w.step:06d}/{prompt_key(p)}-s{i:02d}.png"
+                jobs.append({"task": e["task"], "subject": subject, "method": method, "step": w.step,
+                             "prompt": p, "clean_prompt": e["clean_prompt"],
+                             "elements": json.dumps(e["elements"]), "sample": i, "seed": s, "settings": key,
                              "file": rel, "run": model, "_weights": w})
     # Batches are fixed chunks of the full job list: a resumed run recomputes an unfinished
     # batch with exactly the same members, so its images are bit-identical to an unbroken run.
@@ -268,9 +316,12 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
         remaining = sum(len(b) for b in todo)
         bar = tqdm(total=len(jobs), initial=len(jobs) - remaining, desc=f"palp sample ({method})", unit="img", disable=not progress)
         if todo:
-            storage.write_text(storage.join(output, tag, key, SETTINGS_FILE), json.dumps(settings, indent=2, sort_keys=True) + "\n")
-            pipe = build_pipeline(config.get("base_model_path") or resolve_model_dir(config["pretrained_model"]),
-                                  scheduler=scheduler, device=device_, dtype=dtype, vae_dtype=vae_dtype)
+            for tag in tags:
+                storage.write_text(storage.join(output, tag, key, SETTINGS_FILE), json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            # The base model as the run names it, resolved again on this machine and checked
+            # against the pin of the weights it was trained on (never the trainer's cache path).
+            base = resolve_model(config["pretrained_model"], pin=config.get("base_model_pin"))
+            pipe = build_pipeline(base.path, scheduler=scheduler, device=device_, dtype=dtype, vae_dtype=vae_dtype)
             how = fast.resolve_compile(compile, device_) if sampler == "palp" else "none"
             cache = fast.compile_cache_file(compile_cache, how, device_) if compile_cache and how != "none" else ""
             if cache:
@@ -315,7 +366,10 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, num_sam
         bar.close()
         rows = [{k: v for k, v in j.items() if not k.startswith("_")} for j in jobs]
         held.check()
-        _merge_tables(output, rows, {task: {p: table[p] for p in prompts}})
+        texts_by_task: dict[str, dict] = {}
+        for e in texts:
+            texts_by_task.setdefault(e["folder"], {})[e["prompt"]] = {"clean_prompt": e["clean_prompt"], "elements": e["elements"]}
+        _merge_tables(output, rows, texts_by_task)
         return rows
 
 

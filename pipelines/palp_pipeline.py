@@ -1,4 +1,8 @@
-"""The palp DAG: prepare -> ParallelFor(task x method: train -> sample -> score) -> compare.
+"""The palp DAG: prepare -> ParallelFor(training: train -> sample -> score) -> compare.
+
+A training is one (task, method), except for TI+DB, whose training ignores the target prompt:
+it is trained once per subject and samples every prompt of that subject
+(``palp.prepare.fan_out``).
 
 Wiring only: every step is a component from ``components``. Resources are set per backend at
 compile time (``build_pipeline(backend=...)``); locally they are ignored.
@@ -113,12 +117,14 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
         study_forms: int = 3,
         study_seed: int = 0,
         study_image_size: int = 512,
+        inputs_fingerprint: str = "",
     ):
         prep = _configure(comps.prepare(subjects=subjects, prompts=prompts, prompts_file=prompts_file, methods=methods,
-                                        pretrained_model=pretrained_model, clip_model=clip_model, clip_weights=clip_weights),
+                                        pretrained_model=pretrained_model, clip_model=clip_model, clip_weights=clip_weights,
+                                        inputs_fingerprint=inputs_fingerprint),
                           "prepare", backend, accelerator)
         prep.set_display_name("prepare")
-        with dsl.ParallelFor(prep.outputs["Output"], name="task-x-method") as run:
+        with dsl.ParallelFor(prep.outputs["Output"], name="trainings") as run:
             tr = _configure(train_op(prepared=prep.outputs["prepared"], task=run.task_id, method=run.method,
                                      pretrained_model=pretrained_model, steps=train_steps, batch_size=batch_size,
                                      micro_batch_size=micro_batch_size, lr=lr, lora_rank=lora_rank, lora_targets=lora_targets,
@@ -127,7 +133,8 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
                             "train", backend, accelerator)
             if retries:  # preemption: the retried task resumes from its checkpoints
                 tr.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2.0)
-            sa = _configure(comps.sample(model=tr.outputs["model"], num_samples=num_samples, steps=sample_steps,
+            sa = _configure(comps.sample(model=tr.outputs["model"], prepared=prep.outputs["prepared"], tasks=run.tasks,
+                                         num_samples=num_samples, steps=sample_steps,
                                          batch_size=sample_batch_size, scheduler=scheduler, guidance=guidance,
                                          checkpoints=checkpoints, reference=reference, seed=seed),
                             "sample", backend, accelerator)

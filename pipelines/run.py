@@ -304,12 +304,17 @@ def _stage_inputs(params: dict, root: Path) -> dict:
     return params
 
 
-def docker_runner(root: Path, *, gpus: bool = False):
-    """kfp.local.DockerRunner on the host network, as the calling user, sharing a model cache
-    under the pipeline root. The image's entrypoint (palp) is replaced by the component's command."""
+def docker_runner(root: Path, *, gpus: bool = False, share_cache: bool = False):
+    """kfp.local.DockerRunner on the host network, as the calling user. The image's entrypoint
+    (palp) is replaced by the component's command.
+
+    Every step container starts with an empty model cache in its own filesystem, as a pod
+    does on a cluster; ``share_cache`` (a speed option) shares one under the pipeline root."""
     from kfp import local
 
-    env = {"PALP_CACHE": str(root / ".palp-cache"), "HF_HOME": str(root / ".hf-home"), "MPLCONFIGDIR": "/tmp/matplotlib",
+    cache = {"PALP_CACHE": str(root / ".palp-cache"), "HF_HOME": str(root / ".hf-home")} if share_cache else \
+        {"PALP_CACHE": "/tmp/palp-cache", "HF_HOME": "/tmp/hf-home"}  # not mounted: gone with the container
+    env = {**cache, "MPLCONFIGDIR": "/tmp/matplotlib",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(_local_threads())}  # containers inherit nothing
     env.update({k: os.environ[k] for k in PASSED_ENV if k in os.environ})
     kwargs = {}
@@ -322,29 +327,59 @@ def docker_runner(root: Path, *, gpus: bool = False):
 
 
 def run_local(config: Optional[str] = None, *, runner: str = "subprocess", pipeline_root: Optional[str] = None,
-              image: Optional[str] = None, gpus: bool = False) -> Path:
+              image: Optional[str] = None, gpus: bool = False, share_cache: bool = False) -> Path:
     """Run the whole DAG with kfp.local; returns the pipeline root holding every artifact.
 
     ``runner="docker"`` runs every step in the step image (default: the locally built
-    ``palp-cpu:<version>``), with ``gpus`` passing the host's GPUs through."""
+    ``palp-cpu:<version>``), with ``gpus`` passing the host's GPUs through. Each step starts
+    from an empty model cache, as on a cluster, unless ``share_cache``: only parameters and
+    artifacts travel between steps."""
     from kfp import local
 
     from palp.image import default_tag
 
     params = load_experiment(config)
+    params["inputs_fingerprint"] = inputs_fingerprint(params)  # recorded in the manifest, as on a cluster
     root = Path(pipeline_root or tempfile.mkdtemp(prefix="palp-pipeline-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if runner == "subprocess":
         chosen = local.SubprocessRunner(use_venv=False)
     elif runner == "docker":
-        chosen, params = docker_runner(root, gpus=gpus), _stage_inputs(params, root)
+        chosen, params = docker_runner(root, gpus=gpus, share_cache=share_cache), _stage_inputs(params, root)
         image = image or default_tag("gpu" if gpus else "cpu")
     else:
         raise ExperimentError(f"--runner must be subprocess or docker, not {runner!r}")
     local.init(runner=chosen, pipeline_root=str(root), raise_on_error=True)
-    with _threads_per_step(runner):
+    with _threads_per_step(runner), _cache_per_step(runner, root, share_cache):
         build_pipeline("kubeflow", image=image, retries=False)(**params)  # resources are ignored locally
     return root
+
+
+STEP_CACHES = ".step-caches"
+
+
+@contextlib.contextmanager
+def _cache_per_step(runner: str, root: Path, share_cache: bool):
+    """Subprocess steps share the machine's disk; each gets its own empty PALP_CACHE (under
+    ``root/.step-caches``, removed afterwards) unless ``share_cache``. Docker steps: docker_runner."""
+    from palp.tiny import PROCESS_FIELD
+
+    if runner != "subprocess" or share_cache:
+        yield
+        return
+    old = os.environ.get("PALP_CACHE")
+    os.environ["PALP_CACHE"] = str(root / STEP_CACHES / PROCESS_FIELD)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PALP_CACHE"]
+        else:
+            os.environ["PALP_CACHE"] = old
+        if not os.environ.get("PALP_KEEP_STEP_CACHES"):
+            import shutil
+
+            shutil.rmtree(root / STEP_CACHES, ignore_errors=True)
 
 
 # kfp.local runs up to two ParallelFor iterations at once.

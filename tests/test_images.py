@@ -110,20 +110,30 @@ def test_every_step_runs_in_a_container(image, tmp_path, gcs_emulator):
         assert storage.read_bytes(f"gs://palp-image-test/prep/{rel}") == (data / "prep" / rel).read_bytes()
 
 
-def test_whole_dag_under_docker_runner_with_gcs_inputs(image, tmp_path, gcs_emulator):
+def test_whole_dag_under_docker_runner_with_gcs_inputs(image, tmp_path, gcs_emulator, tiny_dir):
+    """Every step in its own container with an empty model cache (as a pod on a cluster), the
+    base model and the photos in the GCS emulator: only parameters and artifacts travel."""
     import yaml
 
     from pipelines.run import run_local
 
-    upload_folder(EXAMPLE_CAT, "gs://palp-dag-test/subjects/cat")
+    upload_folder(tiny_dir, "gs://palp-dag-test/models/tiny-sd")
     config = yaml.safe_load((REPO / "evaluation/experiments/tiny.yaml").read_text())
-    config["subjects"][0]["images"] = "gs://palp-dag-test/subjects/cat"  # one subject from GCS, one local
+    for s in config["subjects"]:
+        upload_folder(REPO / s["images"], f"gs://palp-dag-test/subjects/{s['name']}")
+        s["images"] = f"gs://palp-dag-test/subjects/{s['name']}"
+    config["pretrained_model"] = "gs://palp-dag-test/models/tiny-sd"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     root = run_local(str(tmp_path / "c.yaml"), runner="docker", pipeline_root=str(tmp_path / "root"), image=image)
     run = next(root.glob("palp-*"))
     metrics = json.loads((run / "compare" / "scores" / "metrics.json").read_text())
     assert "palp/target_prompt" in metrics and "ti_db/image_alignment" in metrics
     assert (run / "compare" / "study" / "key" / "answer_key.csv").is_file()
+    assert not (root / ".palp-cache").exists() and not (root / ".hf-home").exists() and not (root / "inputs").exists()
+    for config_file in run.glob("for-loop-*/train/model/training_config.json"):
+        trained = json.loads(config_file.read_text())
+        assert trained["pretrained_model"] == "gs://palp-dag-test/models/tiny-sd"
+        assert trained["base_model_pin"].startswith("gcs:") and "base_model_path" not in trained
 
 
 @pytest.mark.parametrize("extra", ["gpu", "tpu"])

@@ -1,0 +1,44 @@
+"""The DAG as a cluster runs it: every step starts from its own empty model cache, so nothing
+but parameters and artifacts travels between steps; TI+DB trains once per subject."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from conftest import REPO
+from palp.safecsv import read_csv
+
+PROMPTS = ["A sketch of [V] in Paris at night", "A watercolour of [V] on the beach at sunset"]
+
+
+def test_steps_share_nothing_but_artifacts_and_ti_db_trains_once_per_subject(tmp_path, monkeypatch):
+    from pipelines.run import STEP_CACHES, run_local
+
+    config = yaml.safe_load((REPO / "evaluation/experiments/tiny.yaml").read_text())
+    config.update(subjects=config["subjects"][:1], prompts=PROMPTS, methods=["ti-db", "palp"], train_steps=2, save_steps="2", checkpoint_every=2,
+                  num_samples=1, sample_steps=2, study_forms=1, study_image_size=32)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("PALP_KEEP_STEP_CACHES", "1")  # to count them below
+    root = run_local(str(tmp_path / "c.yaml"), pipeline_root=str(tmp_path / "root"))
+    run = next(root.glob("palp-*"))
+
+    trains = sorted(run.glob("for-loop-*/train"))
+    methods = [json.loads((t / "model" / "training_config.json").read_text())["method"] for t in trains]
+    assert sorted(methods) == ["palp", "palp", "ti-db"]  # 1 subject x 2 prompts: TI+DB once for both
+
+    # Each step built the tiny model in its own cache (gone when the step ended): prepare, every
+    # train and every sample.
+    caches = [c for c in (root / STEP_CACHES).iterdir() if (c / "models" / "tiny-sd-v1" / "model_index.json").exists()]
+    assert all(c.name.endswith(".ended") for c in caches)
+    assert len(caches) == 1 + len(trains) * 2
+
+    scores = read_csv((run / "compare" / "scores" / "scores.csv").read_bytes())
+    tasks = json.loads((run / "prepare" / "prepared" / "manifest.json").read_text())["tasks"]
+    assert len(tasks) == 2
+    for method in ("palp", "ti-db", "base"):
+        assert sorted(set(scores[scores["method"] == method]["task"])) == sorted(t["id"] for t in tasks), method
+    for t in tasks:  # each (subject, prompt) scored on its own texts
+        rows = scores[scores["task"] == t["id"]]
+        assert set(rows["prompt"]) == {t["prompt"]} and set(rows["clean_prompt"]) == {t["clean_prompt"]}

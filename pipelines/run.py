@@ -61,19 +61,6 @@ def load_experiment(path: Optional[str] = None) -> dict:
 
 # palp's built-in base models: names, not paths.
 BUILTIN_MODELS = ("tiny", "toyworld")
-# What palp loads from a diffusers Stable Diffusion folder (palp.models.SD_LAYOUT): every file
-# of these, except weight files other than the one per component that diffusers picks.
-SD_FILES = ("model_index.json",)
-SD_FOLDERS = ("scheduler", "tokenizer", "unet", "vae", "text_encoder")
-SD_WEIGHTS = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "text_encoder": ("model.safetensors", "pytorch_model.bin"),
-}
-SD_REQUIRED = {"scheduler": ("scheduler_config.json",), "tokenizer": ("tokenizer.json", "vocab.json")}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".h5", ".pb")
-
-
 @dataclass
 class LocalInput:
     """One input of an experiment that is a file or folder of this machine."""
@@ -98,27 +85,15 @@ def _is_url(value: str) -> bool:
 
 
 def _sd_names(path: Path, what: str) -> list[str]:
+    """The files of a local diffusers folder that palp loads (and pins): palp.models.loaded_files."""
     from palp import storage
+    from palp.models import ModelError, check_sd_layout, loaded_files
 
-    names = [n for n in SD_FILES if (path / n).is_file()]
-    missing = [n for n in SD_FILES if n not in names]
-    for folder in SD_FOLDERS:
-        files = storage.list_files(path / folder, recursive=True) if (path / folder).is_dir() else []
-        weights = SD_WEIGHTS.get(folder)
-        if weights:
-            chosen = next((w for w in weights if w in files), None)
-            if chosen is None:
-                missing.append(f"{folder}/{weights[0]}")
-            files = [f for f in files if f == chosen or not f.endswith(_WEIGHT_SUFFIXES)]
-            if "config.json" not in files:
-                missing.append(f"{folder}/config.json")
-        elif not any(f in files for f in SD_REQUIRED[folder]):
-            missing.append(f"{folder}/{SD_REQUIRED[folder][0]}")
-        names += [f"{folder}/{f}" for f in files]
-    if missing:
-        raise ExperimentError(f"{what} {path} is not a Stable Diffusion model folder: missing {', '.join(missing)} "
-                              f"(expected the diffusers layout written by StableDiffusionPipeline.save_pretrained)")
-    return sorted(names)
+    try:
+        check_sd_layout(path, spec=f"{what} {path}")
+    except ModelError as e:
+        raise ExperimentError(str(e)) from e
+    return loaded_files(storage.list_files(path, recursive=True))
 
 
 def local_inputs(params: dict) -> dict[tuple, LocalInput]:
@@ -263,6 +238,11 @@ def portable_inputs(params: dict, pipeline_root: Optional[str], *, upload: bool 
     ``say`` hears one line per local input."""
     from palp import storage
 
+    value = str(params.get("clip_model") or "")
+    if value.startswith("local-dir:"):  # open_clip reads such a folder from local disk only
+        raise ExperimentError(
+            f"clip_model {value} is a folder on this machine, which the cluster cannot read: give an open_clip name "
+            f"(ViT-B-32) with clip_weights a checkpoint file (local files are uploaded, gs:// ones used as they are)")
     local = local_inputs(params)
     if local and not (pipeline_root and storage.is_gcs(pipeline_root)):
         raise _not_on_this_machine(local, pipeline_root)

@@ -364,8 +364,10 @@ def test_local_inputs_need_a_gs_pipeline_root(local_experiment, tmp_path, capsys
     with pytest.raises(ExperimentError, match=r"^subject cat's images \(.*/photos/cat\) is a path on this machine.*"
                                               r"put it on gs:// and name the gs:// URI"):
         portable_inputs(one, "minio://mlpipeline/v2")
+    with pytest.raises(ExperimentError, match=r"^clip_model local-dir:.* is a folder on this machine"):
+        portable_inputs(dict(one, clip_model=f"local-dir:{tmp_path}"), "gs://b/r")
     (tmp_path / "sd" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(ExperimentError, match=r"sd is not a Stable Diffusion model folder: missing vae/diffusion_pytorch_model.safetensors \("):
+    with pytest.raises(ExperimentError, match=r"^pretrained_model .*sd is not a Stable Diffusion model directory: missing vae weights \("):
         portable_inputs(params, "gs://b/r")
 
 

@@ -17,7 +17,7 @@ def test_steps_share_nothing_but_artifacts_and_ti_db_trains_once_per_subject(tmp
     from pipelines.run import STEP_CACHES, run_local
 
     config = yaml.safe_load((REPO / "evaluation/experiments/tiny.yaml").read_text())
-    config.update(subjects=config["subjects"][:1], prompts=PROMPTS, methods=["ti-db", "palp"], train_steps=2, save_steps="2", checkpoint_every=2,
+    config.update(subjects=config["subjects"][:1], prompts=PROMPTS, methods=["ti-db"], train_steps=2, save_steps="2", checkpoint_every=2,
                   num_samples=1, sample_steps=2, study_forms=1, study_image_size=32)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.setenv("PALP_KEEP_STEP_CACHES", "1")  # to count them below
@@ -26,7 +26,7 @@ def test_steps_share_nothing_but_artifacts_and_ti_db_trains_once_per_subject(tmp
 
     trains = sorted(run.glob("for-loop-*/train"))
     methods = [json.loads((t / "model" / "training_config.json").read_text())["method"] for t in trains]
-    assert sorted(methods) == ["palp", "palp", "ti-db"]  # 1 subject x 2 prompts: TI+DB once for both
+    assert methods == ["ti-db"]  # 1 subject x 2 prompts: TI+DB once for both (PALP per task: test_per_subject)
 
     # Each step built the tiny model in its own cache (gone when the step ended): prepare, every
     # train and every sample.
@@ -37,7 +37,7 @@ def test_steps_share_nothing_but_artifacts_and_ti_db_trains_once_per_subject(tmp
     scores = read_csv((run / "compare" / "scores" / "scores.csv").read_bytes())
     tasks = json.loads((run / "prepare" / "prepared" / "manifest.json").read_text())["tasks"]
     assert len(tasks) == 2
-    for method in ("palp", "ti-db", "base"):
+    for method in ("ti-db", "base"):
         assert sorted(set(scores[scores["method"] == method]["task"])) == sorted(t["id"] for t in tasks), method
     for t in tasks:  # each (subject, prompt) scored on its own texts
         rows = scores[scores["task"] == t["id"]]

@@ -14,6 +14,9 @@ import pytest
 
 from conftest import EXAMPLE_CAT, upload_folder
 from palp.cli import main
+from palp.models import ModelError
+from palp.safecsv import read_csv
+from palp.sample import sample
 
 PROMPT = "A sketch of [V] in Paris at night"
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
@@ -36,14 +39,14 @@ def _elsewhere(tmp_path, name, code, **env):
     return subprocess.run([sys.executable, "-c", code], env=base, capture_output=True, text=True, cwd=tmp_path)
 
 
-def _sample_and_score(run, prep, out) -> str:
-    return (
-        "from palp.cli import main\n"
-        f"assert main(['sample', '--model', {str(run)!r}, '--output', {str(out / 'samples')!r}, '--num-samples', '1', "
-        "'--steps', '2', '--quiet']) == 0\n"
-        f"assert main(['score', '--samples', {str(out / 'samples')!r}, '--prepared', {str(prep)!r}, '--output', "
-        f"{str(out / 'scores')!r}, '--clip', 'tiny', '--quiet']) == 0\n"
-    )
+def _sample_and_score(runs: dict, prep, out) -> str:
+    """Code that samples every run, then scores all of them together."""
+    code = "from palp.cli import main\n"
+    for kind, run in runs.items():
+        code += (f"assert main(['sample', '--model', {str(run)!r}, '--output', {str(out / 'samples')!r}, "
+                 f"'--num-samples', '1', '--steps', '2', '--quiet']) == 0, {kind!r}\n")
+    return code + (f"assert main(['score', '--samples', {str(out / 'samples')!r}, '--prepared', {str(prep)!r}, "
+                   f"'--output', {str(out / 'scores')!r}, '--clip', 'tiny', '--quiet']) == 0\n")
 
 
 @pytest.fixture(scope="module")
@@ -59,34 +62,30 @@ def _train_args(prep, model, out):
             "--lora-rank", "2", "--output", str(out), "--quiet"]
 
 
-@pytest.mark.parametrize("kind", ["tiny", "toyworld", "gs", "hub"])
-def test_a_run_trained_elsewhere_samples_and_scores_on_a_fresh_machine(kind, prep, tmp_path, tiny_dir, request):
-    run = tmp_path / "run"
-    env = {}
-    if kind == "gs":
-        emulator = request.getfixturevalue("gcs_emulator")
-        upload_folder(tiny_dir, "gs://palp-fresh-test/models/tiny-sd")
-        model, env = "gs://palp-fresh-test/models/tiny-sd", {"STORAGE_EMULATOR_HOST": emulator}
-    else:
-        model = {"tiny": "tiny", "toyworld": "toyworld", "hub": HUB_ID}[kind]
-    if kind == "hub":  # the trainer and the sampler each have the snapshot in their own hub cache
-        for home in ("trainer-hf", "sampler-hf"):
-            _hub_cache(tmp_path / home, tiny_dir)
-        code = f"from palp.cli import main\nassert main({_train_args(prep, model, run)!r}) == 0\n"
-        trained = _elsewhere(tmp_path, "trainer", code, hf_home=tmp_path / "trainer-hf")
-        assert trained.returncode == 0, trained.stderr[-3000:]
-        env["hf_home"] = tmp_path / "sampler-hf"
-    else:
-        assert main(_train_args(prep, model, run)) == 0
-    config = json.loads((run / "training_config.json").read_text())
-    assert config["pretrained_model"] == model and "base_model_path" not in config
-    assert config["base_model_pin"].startswith({"tiny": "sha256:", "toyworld": "sha256:", "gs": "gcs:", "hub": "hub:"}[kind])
-    if kind == "hub":
-        assert config["base_model_pin"] == f"hub:{COMMIT}"
+def test_runs_trained_elsewhere_sample_and_score_on_a_fresh_machine(prep, tmp_path, tiny_dir, gcs_emulator):
+    """One run per kind of base-model reference (tiny, toyworld, gs://, a hub id), each
+    sampled, then all scored, in one new process with empty caches of its own."""
+    upload_folder(tiny_dir, "gs://palp-fresh-test/models/tiny-sd")
+    models = {"tiny": "tiny", "toyworld": "toyworld", "gs": "gs://palp-fresh-test/models/tiny-sd", "hub": HUB_ID}
+    runs = {kind: tmp_path / "runs" / kind for kind in models}
+    for home in ("trainer-hf", "sampler-hf"):  # the trainer and the sampler each have the snapshot in their own hub cache
+        _hub_cache(tmp_path / home, tiny_dir)
+    code = f"from palp.cli import main\nassert main({_train_args(prep, HUB_ID, runs['hub'])!r}) == 0\n"
+    trained = _elsewhere(tmp_path, "trainer", code, hf_home=tmp_path / "trainer-hf")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    for kind in ("tiny", "toyworld", "gs"):
+        assert main(_train_args(prep, models[kind], runs[kind])) == 0
+    for kind, model in models.items():
+        config = json.loads((runs[kind] / "training_config.json").read_text())
+        assert config["pretrained_model"] == model and "base_model_path" not in config
+        prefix = {"tiny": "sha256:", "toyworld": "sha256:", "gs": "gcs:", "hub": f"hub:{COMMIT}"}[kind]
+        assert config["base_model_pin"].startswith(prefix), kind
 
-    done = _elsewhere(tmp_path, "sampler", _sample_and_score(run, prep, tmp_path), **env)
+    done = _elsewhere(tmp_path, "sampler", _sample_and_score(runs, prep, tmp_path), hf_home=tmp_path / "sampler-hf",
+                      STORAGE_EMULATOR_HOST=gcs_emulator)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "scores" / "scores.csv").is_file()
+    scores = read_csv((tmp_path / "scores" / "scores.csv").read_bytes())
+    assert sorted(set(scores["run"])) == sorted(str(r) for r in runs.values())
     assert not any((tmp_path / "sampler-palp-cache").glob("runs/*"))  # a local run is read in place, not cached
 
 
@@ -103,7 +102,7 @@ def test_replaced_weights_under_the_same_gs_prefix_stop_sampling_with_both_pins(
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     upload_folder(changed, uri)
-    done = _elsewhere(tmp_path, "sampler", _sample_and_score(run, prep, tmp_path), STORAGE_EMULATOR_HOST=gcs_emulator)
-    assert done.returncode != 0
-    assert "is not the one the run was trained with" in done.stderr and pin in done.stderr and uri in done.stderr
+    with pytest.raises(ModelError, match="is not the one the run was trained with") as e:
+        sample(str(run), str(tmp_path / "samples"), num_samples=1, steps=1, progress=False)
+    assert pin in str(e.value) and uri in str(e.value)
     assert not (tmp_path / "samples" / "samples.csv").exists()

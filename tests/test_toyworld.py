@@ -270,6 +270,21 @@ def test_report_tables_and_intervals(tmp_path):
     assert (tmp_path / "out/curves.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "out/gallery.png").exists()  # no images to show
 
+    # The experiment run a subject at a time: the parts' scores concatenate to the whole's tables,
+    # and the scores written beside them rebuild the same summary.
+    whole = pd.DataFrame(rows).assign(task=lambda d: d["subject"] + d["prompt"], sample=lambda d: d.index % 4)
+    whole.to_csv(tmp_path / "whole.csv", index=False)
+    for part in ("a", "b"):
+        whole[(whole["subject"] == "a") == (part == "a")].to_csv(tmp_path / f"part-{part}.csv", index=False)
+    report.main(["--scores", str(tmp_path / "whole.csv"), "--out", str(tmp_path / "out-whole")])
+    report.main(["--scores", str(tmp_path / "part-a.csv"), str(tmp_path / "part-b.csv"), "--out", str(tmp_path / "out-parts")])
+    report.main(["--scores", str(tmp_path / "out-parts/scores.csv.gz"), "--out", str(tmp_path / "out-again")])
+    tables = [{k: v for k, v in json.loads((tmp_path / d / "summary.json").read_text()).items() if k != "scores"}
+              for d in ("out-whole", "out-parts", "out-again")]
+    assert tables[0] == tables[1] == tables[2]
+    with pytest.raises(SystemExit, match="the same images are scored in more than one"):
+        report.main(["--scores", str(tmp_path / "part-a.csv"), str(tmp_path / "whole.csv"), "--out", str(tmp_path / "x")])
+
     # With the images at hand: a gallery row per subject (the i-th with the i-th prompt), three
     # final-step samples per method, each image where its method, subject and sample put it.
     from PIL import Image

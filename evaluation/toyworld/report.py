@@ -1,8 +1,10 @@
 """Tables and curves of the toy-world experiment, with bootstrap confidence intervals.
 
-    python evaluation/toyworld/report.py --root PIPELINE_ROOT --out evaluation/toyworld/results
+    python evaluation/toyworld/report.py --root PIPELINE_ROOT [PIPELINE_ROOT ...] --out evaluation/toyworld/results
 
-Reads the compare step's scores.csv (or ``--scores FILE``) and writes, to ``--out``:
+Reads the compare step's scores.csv (or ``--scores FILE ...``; several roots or files, e.g.
+the experiment run one subject at a time, are concatenated: every score is per image) and
+writes, to ``--out``:
 
 - ``table2.md``: per method at its last step, the judge's per-element alignment (style, place,
   time: fraction correct), identity preservation (fraction of the identity attributes the
@@ -14,7 +16,8 @@ Reads the compare step's scores.csv (or ``--scores FILE``) and writes, to ``--ou
   model prompted with the class word as the reference line;
 - ``gallery.png``: final-step samples, a row per subject (each with another prompt), where the
   images are readable;
-- ``summary.json``: every number above.
+- ``summary.json``: every number above;
+- ``scores.csv.gz``: the scores read (``--scores`` rebuilds everything but the gallery from it).
 
 Intervals are 95% percentile bootstraps over (subject, prompt) pairs, the unit of the design.
 """
@@ -212,12 +215,16 @@ def gallery(df: pd.DataFrame, per_cell: int = 3) -> bytes | None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--root", help="a pipeline root (palp pipeline run-local --pipeline-root)")
-    src.add_argument("--scores", help="a scores.csv written by palp score --judge")
+    src.add_argument("--root", nargs="+", help="pipeline roots (palp pipeline run-local --pipeline-root)")
+    src.add_argument("--scores", nargs="+", help="scores.csv files written by palp score --judge (or .csv.gz)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    path = args.scores or find_scores(args.root)
-    df = load(path)
+    paths = args.scores or [find_scores(r) for r in args.root]
+    df = pd.concat([load(p) for p in paths], ignore_index=True)
+    twice = df.duplicated(["task", "method", "run", "step", "prompt", "sample"]) if "task" in df.columns else None
+    if twice is not None and twice.any():
+        raise SystemExit(f"the same images are scored in more than one of {', '.join(paths)}; give each run once")
+    path = paths[0] if len(paths) == 1 else paths
     t2, n2 = table2(df)
     t3, n3 = table3(df)
     tp, np_ = paired(df)
@@ -230,6 +237,8 @@ def main(argv=None):
     if sheet is not None:
         write_bytes(f"{out}/gallery.png", sheet, content_type="image/png")
     write_text(f"{out}/summary.json", json.dumps({"scores": path, "table2": n2, "table3": n3, "paired": np_}, indent=2) + "\n")
+    if [str(Path(p).resolve()) for p in paths] != [str(Path(out, "scores.csv.gz").resolve())]:
+        write_bytes(f"{out}/scores.csv.gz", gzip.compress(safecsv.to_csv(df.drop(columns=[FOUND]), index=False).encode(), mtime=0))
     print(f"## Table 2 (last step; mean [95% CI])\n\n{t2}\n\n## Table 3 (judge as rater)\n\n{t3}\n\n## Paired\n\n{tp}\n")
     print(f"-> {out}")
 

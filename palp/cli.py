@@ -382,97 +382,6 @@ def run_study_analyze(args) -> int:
     return 0
 
 
-def add_pipeline_parser(sub) -> None:
-    pipe = sub.add_parser("pipeline", help="compile, run locally, or submit the KFP pipeline")
-    psub = pipe.add_subparsers(dest="pipeline_command", required=True)
-    c = psub.add_parser("compile", help="compile the DAG to a pipeline YAML", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("--backend", choices=("vertex", "kubeflow", "vertex-tpu"), required=True)
-    c.add_argument("--accelerator", help="Vertex: NVIDIA_L4, NVIDIA_A100_80GB, NVIDIA_H100_80GB...; Kubeflow: nvidia.com/gpu; "
-                                         "vertex-tpu: TPU_V3 or TPU_V5_LITE_PODSLICE")
-    c.add_argument("--image", help="step image (default: the palp image of this version)")
-    c.add_argument("--output", required=True)
-    c.set_defaults(func=run_pipeline_compile)
-    r = psub.add_parser("run-local", help="run the whole DAG with kfp.local", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--config", help="experiment YAML (default: evaluation/experiments/demo.yaml, the embedded demo)")
-    r.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess")
-    r.add_argument("--pipeline-root", help="where artifacts go (default: a new temporary folder)")
-    r.add_argument("--image", help="with --runner docker: the step image (default: palp-cpu:<version>, built locally)")
-    r.add_argument("--gpus", action="store_true", help="with --runner docker: pass the host's GPUs to the steps")
-    r.add_argument("--share-cache", action="store_true",
-                   help="speed option: steps share one model cache (default: each starts empty, as on a cluster)")
-    r.set_defaults(func=run_pipeline_local)
-    s = psub.add_parser("submit", help="submit to Vertex AI Pipelines or Kubeflow Pipelines",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--backend", choices=("vertex", "kubeflow", "vertex-tpu"), required=True)
-    s.add_argument("--config", help="experiment YAML (default: the embedded demo)")
-    s.add_argument("--accelerator")
-    s.add_argument("--project", help="Vertex: GCP project")
-    s.add_argument("--region", help="Vertex: region, e.g. us-central1")
-    s.add_argument("--pipeline-root", help="gs:// root for artifacts (Vertex: required; Kubeflow: default the cluster's); "
-                                         "local inputs are uploaded under it, to inputs/<content hash>/")
-    s.add_argument("--service-account", help="Vertex: service account the run uses")
-    s.add_argument("--host", help="Kubeflow: the KFP API endpoint")
-    s.add_argument("--experiment", help="Vertex Experiments / KFP experiment name")
-    s.add_argument("--dry-run", action="store_true",
-                   help="print the parameter values the cluster would receive (JSON) and stop: nothing uploaded or submitted")
-    s.set_defaults(func=run_pipeline_submit)
-
-
-def run_pipeline_compile(args) -> int:
-    from pipelines.palp_pipeline import compile_pipeline
-
-    print(compile_pipeline(args.backend, args.output, accelerator=args.accelerator, image=args.image))
-    return 0
-
-
-def run_pipeline_local(args) -> int:
-    from pipelines.run import find_outputs, run_local
-
-    root = run_local(args.config, runner=args.runner, pipeline_root=args.pipeline_root, image=args.image, gpus=args.gpus,
-                     share_cache=args.share_cache)
-    print(f"\nartifacts under {root}:")
-    outputs = find_outputs(root)
-    for task, paths in outputs.items():
-        for p in paths:
-            print(f"  {task}/{p.name}")
-    table = [p for p in outputs.get("compare", []) if p.name == "table"]
-    if table:
-        print("\ncomparison (Table 2 shape):\n" + table[0].read_text())
-    return 0
-
-
-def run_pipeline_submit(args) -> int:
-    import json
-
-    from palp.config import ConfigError
-    from pipelines.run import load_experiment, portable_inputs, submit_kubeflow, submit_vertex
-
-    params = load_experiment(args.config)
-    if not args.dry_run:  # checked before anything is uploaded
-        if args.backend == "kubeflow" and not args.host:
-            raise ConfigError("--backend kubeflow needs --host")
-        missing = [f for f, v in (("--project", args.project), ("--region", args.region), ("--pipeline-root", args.pipeline_root))
-                   if not v]
-        if args.backend != "kubeflow" and missing:
-            raise ConfigError(f"--backend {args.backend} needs {', '.join(missing)}")
-    # Nothing of this machine travels: local inputs become content-addressed gs:// copies.
-    params = portable_inputs(params, args.pipeline_root, upload=not args.dry_run, say=lambda line: print(line, file=sys.stderr))
-    if args.dry_run:
-        print(json.dumps(params, indent=2, sort_keys=True))
-        print("dry run: nothing uploaded, nothing submitted", file=sys.stderr)
-        return 0
-    if args.backend == "kubeflow":
-        run = submit_kubeflow(params, host=args.host, experiment=args.experiment, accelerator=args.accelerator,
-                              pipeline_root=args.pipeline_root)
-        print(f"submitted: run {getattr(run, 'run_id', run)}")
-        return 0
-    job = submit_vertex(params, project=args.project, region=args.region, pipeline_root=args.pipeline_root,
-                        experiment=args.experiment, service_account=args.service_account, accelerator=args.accelerator,
-                        backend=args.backend)
-    print(f"submitted: {job.resource_name}")
-    return 0
-
-
 def add_image_parser(sub) -> None:
     img = sub.add_parser("image", help="build the step image")
     isub = img.add_subparsers(dest="image_command", required=True)
@@ -500,7 +409,9 @@ def run_image_build(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands=()) -> argparse.ArgumentParser:
+    """The library's commands, plus ``commands`` (functions that each add one to the
+    subparsers: the layers above the library add theirs, e.g. ``palp pipeline``)."""
     parser = argparse.ArgumentParser(prog="palp", description="Prompt Aligned Personalization of text-to-image models")
     parser.add_argument("--version", action="version", version=f"palp {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -510,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub)
     add_score_parser(sub)
     add_study_parser(sub)
-    add_pipeline_parser(sub)
+    for add in commands:
+        add(sub)
     add_image_parser(sub)
     return parser
 
@@ -530,23 +442,24 @@ def user_errors() -> tuple[type[Exception], ...]:
     from palp.train import TrainingError
     from palp.locks import LockError
 
-    errors = (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError, PrepareError, ClipError,
-              SampleError, ScoreError, StudyError, ImageError, LockError)
-    if "pipelines.palp_pipeline" in sys.modules:  # only once a pipeline command ran: palp never imports kfp
-        errors += (sys.modules["pipelines.palp_pipeline"].PipelineError,)
-    return errors
+    return (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError, PrepareError, ClipError,
+            SampleError, ScoreError, StudyError, ImageError, LockError)
 
 
-def main(argv: list[str] | None = None, *, raise_errors: bool = False) -> int:
+def main(argv: list[str] | None = None, *, raise_errors: bool = False, commands=(), errors: tuple = ()) -> int:
     """Run one ``palp`` command. Bad input prints one error line and returns 2, or, with
-    ``raise_errors`` (pipeline components), raises it so the step fails with that message."""
-    args = build_parser().parse_args(argv)
+    ``raise_errors`` (pipeline components), raises it so the step fails with that message.
+
+    ``commands`` and ``errors``: more commands and their user-error types, from the layers
+    above the library (the installed ``palp`` is ``pipelines.cli.main``, which adds
+    ``palp pipeline``); the library itself never imports them."""
+    args = build_parser(commands).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if raise_errors:
         return args.func(args)
     try:
         return args.func(args)
-    except user_errors() as e:
+    except user_errors() + tuple(errors) as e:
         command = " ".join(filter(None, [args.command, getattr(args, "study_command", None), getattr(args, "pipeline_command", None),
                                           getattr(args, "image_command", None)]))
         print(f"palp {command}: error: {e}", file=sys.stderr)

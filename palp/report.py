@@ -16,6 +16,9 @@ from PIL import Image
 from palp.data import read_image
 
 THUMB = 160
+# The two alignment columns of Table 2 that the report plots (palp.score writes them).
+TARGET = "Target prompt"
+IMAGE = "Image alignment"
 
 
 def data_uri(data: bytes, mime: str) -> str:
@@ -35,8 +38,6 @@ def thumbnail(uri: str, size: int = THUMB) -> str:
 
 def steps_plot(scores: pd.DataFrame) -> bytes | None:
     """PNG of text (target prompt) and image alignment vs training step, or None with < 2 steps."""
-    from palp.score import IMAGE, TARGET
-
     trained = scores[scores["method"] != "base"]
     if trained.groupby("method")["step"].nunique().max() < 2:
         return None
@@ -77,8 +78,6 @@ th { background: #f3f3f3; }
 
 
 def html_report(scores: pd.DataFrame, t2: pd.DataFrame, subjects: dict[str, list[str]], plot: bytes | None) -> str:
-    from palp.score import IMAGE, TARGET
-
     esc = html.escape
     parts = [
         "<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>palp report</title>",

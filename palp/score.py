@@ -19,10 +19,9 @@ from tqdm.auto import tqdm
 from palp import storage
 from palp.data import read_image
 from palp.prepare import load_manifest
+from palp.report import IMAGE, TARGET
 from palp.sample import SAMPLES_CSV, read_table
 
-TARGET = "Target prompt"
-IMAGE = "Image alignment"
 KEYS = ["subject", "prompt", "method", "step"]
 
 

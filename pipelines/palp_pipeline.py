@@ -15,6 +15,7 @@ from typing import Optional
 from kfp import dsl
 
 from components import Components, default_image, make_components
+from pipelines.errors import PipelineError
 
 PIPELINE_NAME = "palp"
 BACKENDS = ("vertex", "kubeflow", "vertex-tpu")
@@ -22,10 +23,6 @@ VERTEX_GPUS = ("NVIDIA_L4", "NVIDIA_TESLA_A100", "NVIDIA_A100_80GB", "NVIDIA_H10
 # TPU accelerator -> (machine type, chips) of a Vertex custom job.
 VERTEX_TPUS = {"TPU_V3": ("cloud-tpu", 8), "TPU_V5_LITE_PODSLICE": ("ct5lp-hightpu-4t", 4)}
 DEFAULT_ACCELERATOR = {"vertex": "NVIDIA_L4", "kubeflow": "nvidia.com/gpu", "vertex-tpu": "TPU_V5_LITE_PODSLICE"}
-
-
-class PipelineError(ValueError):
-    """A backend, accelerator or experiment the pipeline cannot take; the message says what to fix."""
 
 
 @dataclass(frozen=True)

@@ -347,7 +347,7 @@ def test_photos_replaced_under_the_same_gs_prefix_change_the_fingerprint(emulato
 
 
 def test_local_inputs_need_a_gs_pipeline_root(local_experiment, tmp_path, capsys):
-    from palp.cli import main
+    from pipelines.cli import main
     from pipelines.run import ExperimentError, load_experiment, portable_inputs
 
     params = load_experiment(str(local_experiment))
@@ -372,7 +372,7 @@ def test_local_inputs_need_a_gs_pipeline_root(local_experiment, tmp_path, capsys
 
 
 def test_dry_run_prints_the_parameters_and_uploads_nothing(local_experiment, emulator_only, capsys):
-    from palp.cli import main
+    from pipelines.cli import main
     from pipelines.run import load_experiment, portable_inputs
 
     bucket = _bucket("palp-dry-run")
@@ -389,7 +389,7 @@ def test_dry_run_prints_the_parameters_and_uploads_nothing(local_experiment, emu
 
 
 def test_bad_experiment_and_submit_arguments(tmp_path, capsys):
-    from palp.cli import main
+    from pipelines.cli import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("subjects: [{name: cat, images: examples/subjects/cat}]\ntrain_stepz: 3\n")
@@ -406,7 +406,7 @@ def test_bad_experiment_and_submit_arguments(tmp_path, capsys):
 def test_whole_dag_runs_locally(tmp_path, capsys):
     """The embedded demo (the toy world, 2 subjects x 1 prompt x 2 methods) under kfp.local's
     SubprocessRunner, shortened to a few steps; the judge's columns reach Table 2 and the metrics."""
-    from palp.cli import main
+    from pipelines.cli import main
     from pipelines.run import DEFAULT_CONFIG
 
     assert DEFAULT_CONFIG.name == "demo.yaml"

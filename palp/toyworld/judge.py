@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from palp.toyworld import TOYWORLD_NAME, weights_dir
 from palp.toyworld.render import VISIBLE_IDENTITY, render_array
@@ -21,11 +22,36 @@ def shown_identity(style: str, pattern: str) -> list[str]:
     return [k for k in VISIBLE_IDENTITY[style] if not (k == "pattern_color" and pattern == "plain")]
 
 
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 images -> (N, 3, H, W) float in [-1, 1], as the toy models read them."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+class Judge(torch.nn.Module):
+    """A small CNN with one head per ground-truth attribute."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(cin, cout):
+            return torch.nn.Sequential(
+                torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.BatchNorm2d(cout), torch.nn.ReLU(),
+                torch.nn.Conv2d(cout, cout, 3, padding=1), torch.nn.BatchNorm2d(cout), torch.nn.ReLU(),
+                torch.nn.MaxPool2d(2),
+            )
+
+        self.features = torch.nn.Sequential(block(3, 32), block(32, 64), block(64, 128), block(128, 128))
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(128 * 16, len(v)) for k, v in ATTRIBUTES.items()})
+
+    def forward(self, x):  # x: (B, 3, 64, 64) in [-1, 1]
+        h = self.features(x)  # (B, 128, 4, 4)
+        h = F.adaptive_avg_pool2d(h, 4).flatten(1)
+        return {k: head(h) for k, head in self.heads.items()}
+
+
 def load_judge(path: str | Path | None = None):
     """The judge from a judge.safetensors (default: the shipped one)."""
     from safetensors.torch import load_file
-
-    from palp.toyworld.pretrain import Judge
 
     path = Path(path) if path else weights_dir("judge") / "judge.safetensors"
     if not path.exists():
@@ -38,12 +64,11 @@ def load_judge(path: str | Path | None = None):
 @torch.no_grad()
 def predict(judge, images, batch_size: int = 256) -> list[dict]:
     """Per image, the judge's reading of every attribute: [{'style': 'sketch', ...}, ...]."""
-    from palp.toyworld.pretrain import _to_tensor
 
     out = []
     for i in range(0, len(images), batch_size):
         arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.uint8) for im in images[i : i + batch_size]])
-        logits = judge(_to_tensor(arr))
+        logits = judge(to_tensor(arr))
         idx = {k: v.argmax(1).tolist() for k, v in logits.items()}
         for j in range(len(arr)):
             out.append({k: ATTRIBUTES[k][idx[k][j]] for k in ATTRIBUTES})

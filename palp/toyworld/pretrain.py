@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from palp.clip import TINY_CLIP_CONFIG
+from palp.toyworld.judge import Judge, to_tensor
 from palp.toyworld.world import ATTRIBUTES, render_dataset
 
 RES = 64
@@ -150,28 +151,6 @@ CLIP_CONFIG = {
 }
 
 
-class Judge(torch.nn.Module):
-    """A small CNN with one head per ground-truth attribute."""
-
-    def __init__(self):
-        super().__init__()
-
-        def block(cin, cout):
-            return torch.nn.Sequential(
-                torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.BatchNorm2d(cout), torch.nn.ReLU(),
-                torch.nn.Conv2d(cout, cout, 3, padding=1), torch.nn.BatchNorm2d(cout), torch.nn.ReLU(),
-                torch.nn.MaxPool2d(2),
-            )
-
-        self.features = torch.nn.Sequential(block(3, 32), block(32, 64), block(64, 128), block(128, 128))
-        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(128 * 16, len(v)) for k, v in ATTRIBUTES.items()})
-
-    def forward(self, x):  # x: (B, 3, 64, 64) in [-1, 1]
-        h = self.features(x)  # (B, 128, 4, 4)
-        h = F.adaptive_avg_pool2d(h, 4).flatten(1)
-        return {k: head(h) for k, head in self.heads.items()}
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -185,10 +164,6 @@ def _load_data(work: Path):
     d = np.load(work / "data.npz")
     captions = json.loads((work / "captions.json").read_text())
     return d["images"], d["labels"], captions
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 def _recipe(work: Path, stage: str, **info):
@@ -324,7 +299,7 @@ def stage_vae(work: Path, cfg):
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(images), (cfg["vae_batch"],), generator=g)
-        x = _to_tensor(images[idx.numpy()]).to(dev)
+        x = to_tensor(images[idx.numpy()]).to(dev)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample  # diffusers draws from a CPU generator on the CPU
         kl = post.kl().mean() / (LATENT * LATENT * LATENT_CHANNELS)
@@ -346,14 +321,14 @@ def stage_vae(work: Path, cfg):
         means, stds = [], []
         with torch.no_grad():
             for i in tqdm(range(0, len(images), 256), desc="encoding latents", mininterval=10):
-                post = vae.encode(_to_tensor(images[i : i + 256]).to(dev)).latent_dist
+                post = vae.encode(to_tensor(images[i : i + 256]).to(dev)).latent_dist
                 means.append(post.mean.half().cpu())
                 stds.append(post.std.half().cpu())
         mean, std = torch.cat(means), torch.cat(stds)
         scaling = float(1.0 / mean.float().std())
         vae.register_to_config(scaling_factor=scaling)
         with torch.no_grad():
-            x = _to_tensor(images[:512]).to(dev)
+            x = to_tensor(images[:512]).to(dev)
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample
             psnr = float(10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), x)))
         _atomic_save({"mean": mean, "std": std, "scaling_factor": scaling}, work / "latents.pt")
@@ -527,7 +502,7 @@ def stage_judge(work: Path, cfg):
             group["lr"] = lr
         judge.train()
         scenes = [random_scene(rng, every_pair=True) for _ in range(b)]
-        x = _to_tensor(np.stack([render_array(s) for s in scenes])).to(dev)
+        x = to_tensor(np.stack([render_array(s) for s in scenes])).to(dev)
         y = torch.tensor([label_vector(s) for s in scenes], device=dev)
         h = b // 2
         with torch.no_grad():

@@ -1,0 +1,123 @@
+"""The layers import one way: palp (the library) <- components <- pipelines. No chain of
+imports from any palp module reaches kfp, and no two files import each other, directly or
+round a longer loop (function-level imports count: they run too)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+from conftest import REPO
+
+LAYERS = ("palp", "components", "pipelines")
+
+
+def _modules() -> dict[str, object]:
+    """Every module of the three layers, by dotted name -> its file."""
+    found = {}
+    for layer in LAYERS:
+        for path in (REPO / layer).rglob("*.py"):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def _imports(name: str, path, modules: dict) -> set[str]:
+    """The project modules ``name`` imports anywhere in its file (``from a import b`` counts as
+    a.b where that is a module, else as a)."""
+    def known(dotted: str) -> str | None:
+        while dotted and dotted not in modules:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {m for a in node.names if (m := known(a.name))}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            for a in node.names:
+                m = known(f"{base}.{a.name}")
+                out |= {m if m and m != name else known(base)} - {None, name}
+    return out
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def test_no_import_cycle_between_files():
+    graph = _graph()
+    assert graph["palp.cli"] and graph["pipelines.cli"] >= {"palp.cli"}  # the scan sees imports at all
+    assert _cycles(graph) == []
+    # The finder finds a loop where there is one.
+    assert _cycles({**graph, "palp.storage": graph["palp.storage"] | {"palp.cli"}}) != []
+
+
+def test_layers_import_one_way():
+    rank = {layer: i for i, layer in enumerate(LAYERS)}
+    upward = [(a, b) for a, deps in _graph().items() for b in deps if rank[b.split(".")[0]] > rank[a.split(".")[0]]]
+    assert upward == []
+
+
+def test_no_palp_module_reaches_kfp():
+    """Import every palp module in one fresh interpreter: kfp is in none of their import chains."""
+    names = sorted(n for n in _modules() if n.split(".")[0] == "palp" and not n.endswith("__main__"))
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}:\n    importlib.import_module(name)\n"
+            "bad = sorted(m for m in sys.modules if m == 'kfp' or m.startswith(('kfp.', 'google_cloud_pipeline')))\n"
+            "print(len([m for m in sys.modules if m.startswith('palp')]))\n"
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) >= len(names)
+
+
+def test_the_palp_command_offers_the_pipeline_commands_and_the_library_does_not():
+    from palp.cli import build_parser
+    from pipelines.cli import add_pipeline_parser
+
+    def commands(parser):
+        return set(next(a for a in parser._actions if a.dest == "command").choices)
+
+    assert "pipeline" not in commands(build_parser())
+    assert commands(build_parser([add_pipeline_parser])) == commands(build_parser()) | {"pipeline"}
+    out = subprocess.run([sys.executable, "-m", "pipelines", "pipeline", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and "run-local" in out.stdout

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -29,6 +31,7 @@ from torch import nn
 from palp import storage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # What --compile may name: nothing, the UNet's repeated blocks (regional), or the whole UNet.
 COMPILE_CHOICES = ("none", "transformers", "blocks", "unet")
@@ -147,6 +150,52 @@ def uncompile_unet(unet: nn.Module) -> None:
     """Undo ``compile_unet``: every module runs eagerly again (the compiled code stays cached)."""
     for m in unet.modules():
         m._compiled_call_impl = None
+
+
+class CompiledUNet:
+    """A UNet under ``torch.compile`` with its kernel cache and the eager fallback: what train
+    and sample both do around their compiled calls.
+
+    Built with ``how`` (``resolve_compile``'s answer) and a cache folder: loads the cache file
+    for this torch and device, then compiles. ``call(fn)`` runs ``fn``; when torch.compile
+    fails there (at the first call of some shape, before any result), the UNet is made eager,
+    ``before_retry`` undoes what the failed call began, and ``fn`` runs again. ``save_once``
+    writes the cache after the first call that compiled everything.
+    """
+
+    def __init__(self, unet: nn.Module, how: str, *, device: torch.device, cache_folder: str = "", mode: str = "default",
+                 logger: logging.Logger | None = None):
+        self.unet, self.how, self.log = unet, how, logger or log
+        self.cache = compile_cache_file(cache_folder, how, device) if cache_folder and how != "none" else ""
+        if self.cache:
+            load_compile_cache(self.cache)
+        compile_unet(unet, how, mode=mode)
+        self._saved = False
+
+    @property
+    def active(self) -> bool:
+        """Whether the UNet is (still) compiled."""
+        return self.how != "none"
+
+    def call(self, fn: Callable[[], T], *, before_retry: Callable[[], None] | None = None, doing: str = "running") -> T:
+        try:
+            return fn()
+        except Exception as e:
+            if not self.active or not is_compile_error(e):
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            self.log.warning("torch.compile failed (%s: %s); %s without compiling", type(e).__name__, first, doing)
+            uncompile_unet(self.unet)
+            self.how, self.cache = "none", ""
+            if before_retry:
+                before_retry()
+            return fn()
+
+    def save_once(self, *, writer: bool = True) -> None:
+        """Write the cache (first call only; ``writer``: this process is the one that writes)."""
+        if self.cache and not self._saved and writer:
+            save_compile_cache(self.cache)
+        self._saved = True
 
 
 def attention_backend(name: str):

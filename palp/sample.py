@@ -240,6 +240,38 @@ def texts_to_sample(config: dict, *, prompts: list[str] | None, tasks: list[str]
     return out
 
 
+def _check_options(*, num_samples: int, batch_size: int, steps: int, sampler: str, compile: str, attention: str,
+                   precision: str, vae_precision: str) -> None:
+    from palp import fast
+
+    if num_samples < 1 or batch_size < 1 or steps < 1:
+        raise SampleError("--num-samples, --batch-size and --steps must be >= 1")
+    if sampler not in SAMPLERS:
+        raise SampleError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+    if compile not in ("auto", *fast.COMPILE_CHOICES):
+        raise SampleError(f"--compile must be auto or one of {', '.join(fast.COMPILE_CHOICES)}, not {compile!r}")
+    if attention not in fast.ATTENTION_BACKENDS:
+        raise SampleError(f"--attention must be one of {', '.join(fast.ATTENTION_BACKENDS)}, not {attention!r}")
+    for flag, value in (("--precision", precision), ("--vae-precision", vae_precision)):
+        if value not in PRECISIONS:
+            raise SampleError(f"{flag} must be one of {', '.join(PRECISIONS)}, not {value!r}")
+
+
+def _jobs(texts: list[dict], weights: list[Weights], *, num_samples: int, seed: int, key: str, run_tag: str,
+          subject: str, method: str, model: str) -> list[dict]:
+    """Every (weights, text, sample) image: its samples.csv row, plus ``_weights``."""
+    jobs = []
+    for w in weights:
+        for e in texts:
+            p = e["prompt"]
+            for i in range(num_samples):
+                rel = f"{e['folder']}/{run_tag}/{key}/step-{w.step:06d}/{prompt_key(p)}-s{i:02d}.png"
+                jobs.append({"task": e["task"], "subject": subject, "method": method, "step": w.step, "prompt": p,
+                             "clean_prompt": e["clean_prompt"], "elements": json.dumps(e["elements"]), "sample": i,
+                             "seed": sample_seed(seed, p, i), "settings": key, "file": rel, "run": model, "_weights": w})
+    return jobs
+
+
 def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: list[str] | None = None,
            prepared: str | None = None, num_samples: int = 8, seed: int = 0,
            steps: int = 50, scheduler: str = "ddim", guidance: float = 7.5, batch_size: int = 8,
@@ -257,31 +289,17 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
     """
     from palp import fast
     from palp.models import resolve_model
+    from palp.names import check_name
     from palp.tiny import cache_root
 
-    if num_samples < 1 or batch_size < 1 or steps < 1:
-        raise SampleError("--num-samples, --batch-size and --steps must be >= 1")
-    if sampler not in SAMPLERS:
-        raise SampleError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
-    if compile not in ("auto", *fast.COMPILE_CHOICES):
-        raise SampleError(f"--compile must be auto or one of {', '.join(fast.COMPILE_CHOICES)}, not {compile!r}")
-    if attention not in fast.ATTENTION_BACKENDS:
-        raise SampleError(f"--attention must be one of {', '.join(fast.ATTENTION_BACKENDS)}, not {attention!r}")
-    for flag, value in (("--precision", precision), ("--vae-precision", vae_precision)):
-        if value not in PRECISIONS:
-            raise SampleError(f"{flag} must be one of {', '.join(PRECISIONS)}, not {value!r}")
+    _check_options(num_samples=num_samples, batch_size=batch_size, steps=steps, sampler=sampler, compile=compile,
+                   attention=attention, precision=precision, vae_precision=vae_precision)
     run = fetch_run(model, cache=cache_root())
     config = json.loads((run / CONFIG_FILE).read_text())
     texts = texts_to_sample(config, prompts=prompts, tasks=tasks, prepared=prepared)
     weights = weights_to_sample(run, checkpoints, reference)
     method = REFERENCE_METHOD if reference else method_label(config["method"], config.get("noise", "same"))
     subject = "+".join(s["name"] for s in config["subjects"])
-
-    # Every (weights, prompt, sample) job; the finished ones are skipped. Several runs may share
-    # one output folder: each writes under its own tag (the base model's samples depend only on
-    # the task, so runs of one task share them).
-    from palp.names import check_name  # the task id (from the run's config) becomes a folder name
-
     for entry in texts:  # a task id (from the run's config or the manifest) becomes a folder name
         entry["folder"] = check_name(entry["task"] or subject, "task id", SampleError, joined=True)
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -292,19 +310,11 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
     settings = {"seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,
                 "dtype": str(dtype), "vae_dtype": str(vae_dtype)}
     key = settings_key(settings)
+    # Several runs may share one output folder: each writes under its own tag (the base
+    # model's samples depend only on the task, so runs of one task share them).
     run_tag = method if reference else f"{method}-{prompt_key(str(model).rstrip('/'))[:6]}"
-    tags = list(dict.fromkeys(f"{e['folder']}/{run_tag}" for e in texts))
-    jobs = []
-    for w in weights:
-        for e in texts:
-            p = e["prompt"]
-            for i in range(num_samples):
-                s = sample_seed(seed, p, i)
-                rel = f"{e['folder']}/{run_tag}/{key}/step-{w.step:06d}/{prompt_key(p)}-s{i:02d}.png"
-                jobs.append({"task": e["task"], "subject": subject, "method": method, "step": w.step,
-                             "prompt": p, "clean_prompt": e["clean_prompt"],
-                             "elements": json.dumps(e["elements"]), "sample": i, "seed": s, "settings": key,
-                             "file": rel, "run": model, "_weights": w})
+    jobs = _jobs(texts, weights, num_samples=num_samples, seed=seed, key=key, run_tag=run_tag, subject=subject,
+                 method=method, model=model)
     # Batches are fixed chunks of the full job list: a resumed run recomputes an unfinished
     # batch with exactly the same members, so its images are bit-identical to an unbroken run.
     # One writer per output (locks.py); the table merge below reads and rewrites samples.csv.
@@ -312,57 +322,21 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
         done = _finished(output)
         batches = [b for w in weights for b in _chunks([j for j in jobs if j["_weights"] is w], batch_size)]
         todo = [b for b in batches if not all(j["file"] in done for j in b)]
-
         remaining = sum(len(b) for b in todo)
         bar = tqdm(total=len(jobs), initial=len(jobs) - remaining, desc=f"palp sample ({method})", unit="img", disable=not progress)
         if todo:
-            for tag in tags:
+            for tag in dict.fromkeys(f"{e['folder']}/{run_tag}" for e in texts):
                 storage.write_text(storage.join(output, tag, key, SETTINGS_FILE), json.dumps(settings, indent=2, sort_keys=True) + "\n")
             # The base model as the run names it, resolved again on this machine and checked
             # against the pin of the weights it was trained on (never the trainer's cache path).
             base = resolve_model(config["pretrained_model"], pin=config.get("base_model_pin"))
             pipe = build_pipeline(base.path, scheduler=scheduler, device=device_, dtype=dtype, vae_dtype=vae_dtype)
-            how = fast.resolve_compile(compile, device_) if sampler == "palp" else "none"
-            cache = fast.compile_cache_file(compile_cache, how, device_) if compile_cache and how != "none" else ""
-            if cache:
-                fast.load_compile_cache(cache)
-            fast.compile_unet(pipe.unet, how)
-            latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-            loaded, writes = None, []
-            # PNG encoding and writing (slow on gs://) run beside the device's work on the next batch.
-            with ThreadPoolExecutor(max_workers=4) as writer, fast.attention_backend(attention):
-                for n, batch in enumerate(todo):
-                    w = batch[0]["_weights"]
-                    if w is not loaded and w.folder is not None:
-                        load_weights(pipe, w.folder)
-                    loaded = w
-                    text = [to_token_prompt(j["clean_prompt"] if reference else j["prompt"]) for j in batch]
-                    latents = initial_latents([j["seed"] for j in batch], latent_shape)
-                    if sampler == "stock":
-                        images = pipe(text, num_inference_steps=steps, guidance_scale=guidance, latents=latents.to(device_, dtype),
-                                      output_type="np").images
-                        images = (images * 255).round().astype(np.uint8)  # as the pipeline's own PIL output
-                    else:
-                        pad = batch_size - len(batch) if how != "none" else 0  # compiled: one batch shape for every batch
-                        rows = (text + text[-1:] * pad, torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)]))
-                        try:
-                            images = generate(pipe, *rows, steps=steps, guidance=guidance)[: len(batch)]
-                        except Exception as e:
-                            if how == "none" or not fast.is_compile_error(e):
-                                raise
-                            log.warning("torch.compile failed (%s); sampling without compiling", type(e).__name__)
-                            fast.uncompile_unet(pipe.unet)
-                            how, cache = "none", ""
-                            images = generate(pipe, *rows, steps=steps, guidance=guidance)[: len(batch)]
-                    if cache and n == 0:
-                        fast.save_compile_cache(cache)
-                    for j, im in zip(batch, images):
-                        writes.append(writer.submit(_write_png, storage.join(output, j["file"]), im))
-                    for f in [f for f in writes if f.done()]:
-                        f.result()  # a failed write stops the run
-                    bar.update(sum(j["file"] not in done for j in batch))
-                for f in writes:
-                    f.result()
+            compiled = fast.CompiledUNet(pipe.unet, fast.resolve_compile(compile, device_) if sampler == "palp" else "none",
+                                         device=device_, cache_folder=compile_cache, logger=log)
+            with fast.attention_backend(attention):
+                _render(pipe, compiled, todo, output=output, reference=reference, sampler=sampler, steps=steps,
+                        guidance=guidance, batch_size=batch_size, dtype=dtype,
+                        on_batch=lambda batch: bar.update(sum(j["file"] not in done for j in batch)))
         bar.close()
         rows = [{k: v for k, v in j.items() if not k.startswith("_")} for j in jobs]
         held.check()
@@ -371,6 +345,39 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
             texts_by_task.setdefault(e["folder"], {})[e["prompt"]] = {"clean_prompt": e["clean_prompt"], "elements": e["elements"]}
         _merge_tables(output, rows, texts_by_task)
         return rows
+
+
+def _render(pipe, compiled, todo: list[list[dict]], *, output: str, reference: bool, sampler: str, steps: int,
+            guidance: float, batch_size: int, dtype: torch.dtype, on_batch) -> None:
+    """Make and write every batch of ``todo``, swapping in each batch's weights; PNG encoding
+    and writing (slow on gs://) run beside the device's work on the next batch."""
+    latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    loaded, writes = None, []
+    with ThreadPoolExecutor(max_workers=4) as writer:
+        for batch in todo:
+            w = batch[0]["_weights"]
+            if w is not loaded and w.folder is not None:
+                load_weights(pipe, w.folder)
+            loaded = w
+            text = [to_token_prompt(j["clean_prompt"] if reference else j["prompt"]) for j in batch]
+            latents = initial_latents([j["seed"] for j in batch], latent_shape)
+            if sampler == "stock":
+                images = pipe(text, num_inference_steps=steps, guidance_scale=guidance,
+                              latents=latents.to(pipe.unet.device, dtype), output_type="np").images
+                images = (images * 255).round().astype(np.uint8)  # as the pipeline's own PIL output
+            else:
+                pad = batch_size - len(batch) if compiled.active else 0  # compiled: one batch shape for every batch
+                rows = (text + text[-1:] * pad, torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)]))
+                images = compiled.call(lambda: generate(pipe, *rows, steps=steps, guidance=guidance)[: len(batch)],
+                                       doing="sampling")
+            compiled.save_once()
+            for j, im in zip(batch, images):
+                writes.append(writer.submit(_write_png, storage.join(output, j["file"]), im))
+            for f in [f for f in writes if f.done()]:
+                f.result()  # a failed write stops the run
+            on_batch(batch)
+        for f in writes:
+            f.result()
 
 
 def _write_png(uri: str, pixels: np.ndarray) -> None:

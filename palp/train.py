@@ -185,10 +185,10 @@ def encode_latent_posteriors(vae, pixels: torch.Tensor, batch: int = 8) -> tuple
     return torch.cat(means), torch.cat(stds)  # (N, 4, h, w) each
 
 
-def setup_model(base, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[PersonalizedModel, dict, str]:
+def setup_model(base, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[PersonalizedModel, dict, fast.CompiledUNet]:
     """LoRA + placeholder tokens on the base model, on ``device``: frozen weights in ``dtype``,
     trainable ones in fp32, with cfg's speed options applied. Returns (model, token ids, the
-    compile-cache file to save once everything is compiled, or '')."""
+    compiled UNet: its cache and eager fallback)."""
     with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from --seed, not global state
         torch.manual_seed(cfg.seed)
         model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
@@ -200,12 +200,9 @@ def setup_model(base, cfg: TrainConfig, device: torch.device, dtype: torch.dtype
         fast.set_channels_last(model.unet, True)
     if cfg.gradient_checkpointing:
         fast.set_gradient_checkpointing(model.unet, True)
-    how = fast.resolve_compile(cfg.compile, device)
-    cache = fast.compile_cache_file(cfg.compile_cache, how, device) if cfg.compile_cache and how != "none" else ""
-    if cache:
-        fast.load_compile_cache(cache)
-    fast.compile_unet(model.unet, how, mode=cfg.compile_mode)
-    return model, token_ids, cache
+    compiled = fast.CompiledUNet(model.unet, fast.resolve_compile(cfg.compile, device), device=device,
+                                 cache_folder=cfg.compile_cache, mode=cfg.compile_mode, logger=log)
+    return model, token_ids, compiled
 
 
 @dataclass
@@ -317,7 +314,7 @@ def _train(cfg: TrainConfig, out: Path, remote: str | None, *, resume: bool, pro
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=accum)
     device, dtype = accelerator.device, _weight_dtype(cfg.mixed_precision)
 
-    model, token_ids, compile_cache = setup_model(base, cfg, device, dtype)
+    model, token_ids, compiled = setup_model(base, cfg, device, dtype)
     base.vae.to(device)  # used once, to encode the images: kept in fp32
     tokens = [placeholder_token(p) for p in token_ids]
 
@@ -351,7 +348,6 @@ def _train(cfg: TrainConfig, out: Path, remote: str | None, *, resume: bool, pro
                     batch=micro * accum, latent_shape=mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
         return Draws(*(x.pin_memory() for x in dataclasses.astuple(full))) if device.type == "cuda" else full
 
-    compiled = fast.resolve_compile(cfg.compile, device) != "none"
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=f"palp train ({cfg.method})",
                disable=not (progress and accelerator.is_local_main_process))
     # The next step's draws are made on the CPU while the device runs this step.
@@ -364,22 +360,15 @@ def _train(cfg: TrainConfig, out: Path, remote: str | None, *, resume: bool, pro
                 full = upcoming.result()
                 if step < cfg.steps:
                     upcoming = ahead.submit(draws_of, step + 1)
-                try:
-                    sums = _step(ctx, cfg, full, micro, step, out)
-                except Exception as e:
-                    if not (compiled and fast.is_compile_error(e)):
-                        raise
-                    # torch.compile failed here (at the first call of some shape): the same step
-                    # again, eagerly; nothing was updated (the error came before the optimizer).
-                    log.warning("torch.compile failed (%s: %s); training without compiling", type(e).__name__,
-                                str(e).splitlines()[0] if str(e) else "")
-                    fast.uncompile_unet(model.unet)
-                    compiled, compile_cache = False, ""
-                    accelerator.step = accelerator_step  # accumulation restarts with this step's first micro-batch
+                def restart(first=accelerator_step):
+                    # torch.compile failed (at the first call of some shape) before the optimizer
+                    # updated anything: the same step again, eagerly, accumulation from its first micro-batch.
+                    accelerator.step = first
                     ctx.optimizer.zero_grad(set_to_none=True)
-                    sums = _step(ctx, cfg, full, micro, step, out)
-                if compile_cache and step == start + 1 and accelerator.is_main_process:
-                    fast.save_compile_cache(compile_cache)  # every shape has been compiled by now
+
+                sums = compiled.call(lambda: _step(ctx, cfg, full, micro, step, out), before_retry=restart, doing="training")
+                if step == start + 1:
+                    compiled.save_once(writer=accelerator.is_main_process)  # every shape has been compiled by now
                 row = {"step": step, "loss": sums["loss"], "rec_loss": sums["rec_loss"], "align_loss": sums.get("align_loss", 0.0),
                        "grad_norm": sums["grad_norm"], "lr": ctx.optimizer.param_groups[0]["lr"]}
                 rows.append(row)

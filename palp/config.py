@@ -10,7 +10,7 @@ from pathlib import Path
 from palp.elements import element_list
 from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES, COMPILE_MODES
 from palp import storage
-from palp.guidance import METHODS, NFSD_NEGATIVE_PROMPT
+from palp.guidance import METHOD_TABLE, METHODS, NFSD_NEGATIVE_PROMPT
 from palp.names import check_name
 from palp.personalize import LORA_TARGET_SETS
 from palp.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt,
@@ -37,8 +37,8 @@ def split_method(variant: str) -> tuple[str, str]:
 
 
 # Methods whose training never reads the target prompt (TI+DB: Eq. 1 alone): one run per
-# subject serves every prompt of that subject (tests/test_pipeline.py checks the weights match).
-PROMPT_FREE_METHODS = ("ti-db",)
+# subject serves every prompt of that subject (tests/test_per_subject.py checks the weights match).
+PROMPT_FREE_METHODS = tuple(m.name for m in METHOD_TABLE.values() if not m.reads_target_prompt)
 
 
 def trains_per_subject(variant: str) -> bool:
@@ -163,7 +163,7 @@ class TrainConfig:
             check_token_length(self.clean_prompt, what="clean prompt")
             for s in self.subjects:
                 check_token_length(s.personalization_prompt, what=f"personalization prompt of {s.placeholder}")
-            if self.method == "nfsd":
+            if METHOD_TABLE[self.method].negative:
                 check_token_length(self.negative_prompt, what="negative prompt")
         except PromptError as e:
             raise ConfigError(str(e)) from e

@@ -6,9 +6,34 @@ Nothing here runs a model: the trainer calls the UNet and hands the predictions 
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-METHODS = ("palp", "ti-db", "sds", "nfsd")
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method's step needs beyond Eq. 1 (the personalization loss every method has)."""
+
+    name: str
+    aligns: bool  # an alignment term toward the clean prompt y_c (score sampling)
+    personalized: bool  # its delta needs the personalized model on y_P (PALP's Eq. 6)
+    negative: bool  # its delta needs the pretrained model on a negative prompt (NFSD)
+
+    @property
+    def reads_target_prompt(self) -> bool:
+        """Whether training depends on the target prompt (through y_c): one TI+DB run serves every prompt."""
+        return self.aligns
+
+
+METHOD_TABLE = {m.name: m for m in (
+    Method("palp", aligns=True, personalized=True, negative=False),
+    Method("ti-db", aligns=False, personalized=False, negative=False),
+    Method("sds", aligns=True, personalized=False, negative=False),
+    Method("nfsd", aligns=True, personalized=False, negative=True),
+)}
+METHODS = tuple(METHOD_TABLE)
 # NFSD's negative prompt for the "denoising" direction at large t (Katzir et al., Sec. 4).
 NFSD_NEGATIVE_PROMPT = "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
 NFSD_SMALL_T = 200
@@ -81,3 +106,26 @@ def alignment_surrogate(eps_pred: torch.Tensor, delta: torch.Tensor, coefficient
     """
     target = (_b(coefficient) * delta).detach()
     return (target * eps_pred).sum() / eps_pred.numel()
+
+
+def alignment_delta(method: Method, *, pre: list[torch.Tensor], pers: list[torch.Tensor], noise: torch.Tensor,
+                    t: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """The method's delta from its guidance predictions: ``pre`` = the pretrained model on
+    [empty, y_c(, y_neg)], ``pers`` = the personalized model on [empty, y_P] (PALP only)."""
+    if method.personalized:
+        return palp_delta(pre_uncond=pre[0], pre_clean=pre[1], pers_uncond=pers[0], pers_cond=pers[1], alpha=alpha, beta=beta)
+    if method.negative:
+        return nfsd_delta(pre_uncond=pre[0], pre_clean=pre[1], pre_negative=pre[2], t=t, alpha=alpha)
+    return sds_delta(pre_uncond=pre[0], pre_clean=pre[1], noise=noise, alpha=alpha)
+
+
+def step_loss(eps_pred: torch.Tensor, noise: torch.Tensor, delta: torch.Tensor | None = None,
+              coefficient: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, reconstruction) of one step: Eq. 1's ||eps_theta - eps||^2, plus, with a
+    ``delta`` and its ``coefficient`` (lambda included), the alignment surrogate whose
+    gradient is Eq. 7's. Without ``delta`` (TI+DB) the loss is Eq. 1 alone."""
+    rec = F.mse_loss(eps_pred.float(), noise.float())
+    if delta is None:
+        return rec, rec
+    return rec + alignment_surrogate(eps_pred.float(), delta, coefficient), rec
+

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from palp import __version__, checkpoints, fast, guidance, storage
@@ -88,9 +87,10 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_fixed_prompts(model: PersonalizedModel, tokenizer, cfg: TrainConfig, device) -> Conditioning:
-    prompts = ["", cfg.clean_prompt] + ([cfg.negative_prompt] if cfg.method == "nfsd" else [])
+    negative = guidance.METHOD_TABLE[cfg.method].negative
+    prompts = ["", cfg.clean_prompt] + ([cfg.negative_prompt] if negative else [])
     states = model.encode(tokenize(tokenizer, prompts).to(device))
-    return Conditioning(states[0:1], states[1:2], states[2:3] if cfg.method == "nfsd" else None)
+    return Conditioning(states[0:1], states[1:2], states[2:3] if negative else None)
 
 
 def step_losses(
@@ -103,13 +103,13 @@ def step_losses(
     ``pretrained`` is the unwrapped one, used for the no-grad guidance branches.
     """
     pretrained = pretrained or model
+    method = guidance.METHOD_TABLE[cfg.method]
     ab_t = alphas_cumprod[draws.t]  # (B,)
     z_t = guidance.add_noise(z0, draws.noise, ab_t)  # (B, 4, h, w)
     eps_pred, states = model(z_t, draws.t, input_ids)  # personalization prediction, with grad
-    rec = F.mse_loss(eps_pred.float(), draws.noise.float())
-    metrics = {"rec_loss": rec.detach()}
-    if cfg.method == "ti-db":
-        return rec, metrics
+    if not method.aligns:
+        loss, rec = guidance.step_loss(eps_pred, draws.noise)
+        return loss, {"rec_loss": rec.detach()}
 
     with torch.no_grad():
         B = z0.shape[0]
@@ -118,26 +118,17 @@ def step_losses(
         # Pretrained branch: adapters off, no placeholder. Personalized branch (palp): LoRA on,
         # y_P (the states the grad branch just used); with beta = 1, G^beta is the conditional
         # prediction alone, so it needs no unconditional half.
-        fixed = [cond.uncond, cond.clean] + ([cond.negative] if cfg.method == "nfsd" else [])
-        personalized = []
-        if cfg.method == "palp":
-            personalized = ([] if cfg.beta == 1.0 else [cond.uncond]) + [states.detach()]
+        fixed = [cond.uncond, cond.clean] + ([cond.negative] if method.negative else [])
+        personalized = ([] if cfg.beta == 1.0 else [cond.uncond]) + [states.detach()] if method.personalized else []
         preds = guidance_predictions(pretrained, x_t2, draws.t_align, [s.expand(B, -1, -1) for s in fixed],
                                      [s.expand(B, -1, -1) for s in personalized], fused=cfg.fused_guidance)
-        pre = preds[: len(fixed)]
-        if cfg.method == "palp":
-            pers = preds[len(fixed) :] if cfg.beta != 1.0 else [preds[-1], preds[-1]]
-            delta = guidance.palp_delta(
-                pre_uncond=pre[0], pre_clean=pre[1], pers_uncond=pers[0], pers_cond=pers[1], alpha=cfg.alpha, beta=cfg.beta
-            )
-        elif cfg.method == "sds":
-            delta = guidance.sds_delta(pre_uncond=pre[0], pre_clean=pre[1], noise=draws.noise_align.float(), alpha=cfg.alpha)
-        else:  # nfsd
-            delta = guidance.nfsd_delta(pre_uncond=pre[0], pre_clean=pre[1], pre_negative=pre[2], t=draws.t_align, alpha=cfg.alpha)
+        pers = (preds[len(fixed) :] if cfg.beta != 1.0 else [preds[-1], preds[-1]]) if method.personalized else []
+        delta = guidance.alignment_delta(method, pre=preds[: len(fixed)], pers=pers, noise=draws.noise_align.float(),
+                                         t=draws.t_align, alpha=cfg.alpha, beta=cfg.beta)
         coefficient = cfg.lam * guidance.alignment_coefficient(ab_t.float(), rescale=cfg.rescale)
-    align = guidance.alignment_surrogate(eps_pred.float(), delta, coefficient)
-    metrics["align_loss"] = delta.pow(2).mean()  # the size of the score; align's value itself is not a loss
-    return rec + align, metrics
+    loss, rec = guidance.step_loss(eps_pred, draws.noise, delta, coefficient)
+    # The size of the score; the surrogate's value itself is not a loss.
+    return loss, {"rec_loss": rec.detach(), "align_loss": delta.pow(2).mean()}
 
 
 def guidance_predictions(model: PersonalizedModel, x: torch.Tensor, t: torch.Tensor, pretrained_states: list[torch.Tensor],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from palp.config import ConfigError
 from palp import storage
 from palp.storage import atomic_directory
-from palp.export import CONFIG_FILE, LORA_FILE, atomic_write_json, read_metrics_csv, write_metrics_csv
+from palp.export import (CONFIG_FILE, EMBEDS_FILE, LORA_FILE, METRICS_FILE, atomic_write_json, export_weights,
+                         read_metrics_csv, write_metrics_csv)
 
 DIR = "checkpoints"
 # Settings that may change between a run and its resumption (a run that diverged is resumed
@@ -217,3 +219,46 @@ def push(checkpoint: Path, remote: str, *, keep: int = 0) -> None:
                         if n.startswith("step-") and "/" in n})
         for old in steps[:-keep]:
             storage.remove_tree(storage.join(remote, DIR, old), first=["state.json"])
+
+
+@dataclass
+class RunOutput:
+    """Where a training run writes: ``local``, and for a gs:// ``--output`` the bucket it
+    mirrors (``remote``): each snapshot and checkpoint is pushed as it is written, and the
+    final files go last, the config last of all (its presence means the run is done)."""
+
+    local: Path
+    remote: str | None = None
+
+    @classmethod
+    def open(cls, output: str, *, resume: bool, main: bool) -> "RunOutput":
+        """The run's output, ready to write: a gs:// run's local mirror pulled (with ``resume``,
+        holding the newest checkpoint) and checked, by the ``main`` process only."""
+        remote = output if storage.is_gcs(output) else None
+        if not main:
+            return cls(local_mirror(remote) if remote else Path(output), remote)
+        local = pull(remote, resume=resume) if remote else Path(output)
+        check_output(local, resume=resume)
+        storage.remove_stale_temporaries(local)  # a killed run's temp folders and files (we hold the output now)
+        return cls(local, remote)
+
+    def snapshot(self, step: int, model, tokens: list[str]) -> None:
+        folder = self.local / "snapshots" / f"step-{step:06d}"
+        export_weights(model, tokens, folder)
+        if self.remote:
+            storage.upload_dir(folder, storage.join(self.remote, "snapshots", folder.name))
+
+    def checkpoint(self, step: int, model, optimizer, rows: list[dict], *, keep: int) -> None:
+        saved = save(self.local, step, model, optimizer, rows, keep=keep)
+        if self.remote:
+            push(saved, self.remote, keep=keep)
+
+    def finish(self, model, tokens: list[str], rows: list[dict], config: dict) -> None:
+        """The final weights, metrics and config (``config``: the run's, with completed_steps)."""
+        export_weights(model, tokens, self.local)
+        write_metrics_csv(self.local / METRICS_FILE, rows)
+        atomic_write_json(self.local / CONFIG_FILE, config)  # written last: the run is done
+        if self.remote:
+            for name in (LORA_FILE, EMBEDS_FILE, METRICS_FILE, CONFIG_FILE):  # the config last, as locally
+                storage.write_bytes(storage.join(self.remote, name), (self.local / name).read_bytes())
+

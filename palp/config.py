@@ -13,10 +13,10 @@ from palp import storage
 from palp.guidance import METHOD_TABLE, METHODS, NFSD_NEGATIVE_PROMPT
 from palp.names import check_name
 from palp.personalize import LORA_TARGET_SETS
+from palp.precision import MIXED_PRECISION
 from palp.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt,
                           check_token_length, clean_prompt)
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 class ConfigError(ValueError):

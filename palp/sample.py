@@ -38,6 +38,7 @@ from palp.elements import element_list
 from palp.locks import output_lock
 from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE
 from palp.config import method_label
+from palp.precision import SAMPLE_PRECISIONS, sample_dtype
 from palp.prompts import check_prompt, clean_prompt, to_token_prompt
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ SAMPLES_CSV = "samples.csv"
 PROMPTS_JSON = "prompts.json"
 SCHEDULERS = ("ddim", "dpm++")
 SAMPLERS = ("palp", "stock")
-PRECISIONS = ("auto", "fp64", "fp32", "fp16", "bf16")
+PRECISIONS = SAMPLE_PRECISIONS
 REFERENCE_METHOD = "base"
 CSV_COLUMNS = ["task", "subject", "method", "step", "prompt", "clean_prompt", "elements", "sample", "seed", "settings",
                "file", "run"]
@@ -185,12 +186,6 @@ def generate(pipe, prompts: list[str], latents: torch.Tensor, *, steps: int, gui
     return image.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def default_dtype(device: torch.device, precision: str) -> torch.dtype:
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
 def texts_to_sample(config: dict, *, prompts: list[str] | None, tasks: list[str] | None, prepared: str | None) -> list[dict]:
     """What to sample, ``{task, prompt, clean_prompt, elements}`` each: the run's target prompt,
     other ``prompts`` of its task, or the target prompts of prepared ``tasks``.
@@ -303,8 +298,8 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
     for entry in texts:  # a task id (from the run's config or the manifest) becomes a folder name
         entry["folder"] = check_name(entry["task"] or subject, "task id", SampleError, joined=True)
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = default_dtype(device_, precision)
-    vae_dtype = dtype if vae_precision == "auto" else default_dtype(device_, vae_precision)
+    dtype = sample_dtype(device_, precision)
+    vae_dtype = dtype if vae_precision == "auto" else sample_dtype(device_, vae_precision)
     # What decides the pixels; not --sampler (both samplers make the same images, tested) nor
     # the speed options (compile, attention kernel, batch size).
     settings = {"seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,

@@ -19,14 +19,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from palp import __version__, checkpoints, fast, guidance, storage
+from palp import __version__, checkpoints, fast, guidance
+from palp.checkpoints import RunOutput
 from palp.config import TrainConfig
 from palp.data import load_subject_images
 from palp.fast import row_flags
 from palp.locks import Held, output_lock
-from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE, METRICS_FILE, atomic_write_json, export_weights, write_metrics_csv
+from palp.export import LORA_FILE
 from palp.models import load_base_model, portable_reference
 from palp.personalize import PersonalizedModel, build_personalized_model
+from palp.precision import weight_dtype
 from palp.prompts import placeholder_token, to_token_prompt
 from palp.reproducible import reproducible, resolve_threads
 
@@ -160,10 +162,6 @@ class TrainResult:
     metrics: list[dict]
 
 
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-
-
 @torch.no_grad()
 def encode_latent_posteriors(vae, pixels: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior mean and std of each image, scaled to the UNet's latent space."""
@@ -273,51 +271,68 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     from accelerate import PartialState
 
     state = PartialState()
-    remote = cfg.output if storage.is_gcs(cfg.output) else None
     with output_lock(cfg.output, "palp train", wait=resume) if state.is_main_process else contextlib.nullcontext(Held(cfg.output)) as held:
         if state.is_main_process:
-            out = checkpoints.pull(remote, resume=resume) if remote else Path(cfg.output)
-            checkpoints.check_output(out, resume=resume)
-            storage.remove_stale_temporaries(out)  # a killed run's temp folders and files (we hold the output now)
+            RunOutput.open(cfg.output, resume=resume, main=True)
         state.wait_for_everyone()
-        out = checkpoints.local_mirror(remote) if remote else Path(cfg.output)
+        out = RunOutput.open(cfg.output, resume=resume, main=False)
         # The thread count is part of the result (CPU reductions are split by thread): a resumed
         # run keeps the one its checkpoints were made with unless --threads says otherwise.
-        threads = resolve_threads(cfg.threads, checkpoints.recorded_setting(out, "num_threads") if resume else None)
+        threads = resolve_threads(cfg.threads, checkpoints.recorded_setting(out.local, "num_threads") if resume else None)
         with reproducible(deterministic=cfg.deterministic, threads=threads):
-            return _train(cfg, out, remote, resume=resume, progress=progress, threads=threads, held=held)
+            run = _setup(cfg, out.local, resume=resume, threads=threads)
+            _loop(run, cfg, out, held, progress=progress)
+            if run.accelerator.is_main_process:
+                held.check()
+                out.finish(run.model, run.tokens, run.rows, {**run.config, "completed_steps": cfg.steps})
+            run.accelerator.wait_for_everyone()
+            return TrainResult(out.local, run.model, run.tokenizer, run.rows)
 
 
-def _train(cfg: TrainConfig, out: Path, remote: str | None, *, resume: bool, progress: bool, threads: int,
-           held: Held) -> TrainResult:
+@dataclass
+class _Run:
+    """A run set up to take its steps: from ``_setup``."""
+
+    ctx: StepContext
+    model: PersonalizedModel
+    compiled: fast.CompiledUNet
+    accelerator: object
+    tokenizer: object
+    tokens: list[str]  # the learned tokens' strings
+    micro: int  # micro-batch size
+    accum: int  # gradient accumulation steps
+    config: dict  # what training_config.json records
+    start: int  # the last step already taken (resume)
+    rows: list[dict]  # metrics of the steps taken
+
+
+def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
+    """Load the base model and photos, build the model, optimizer and fixed tensors, record the
+    run's config and, with ``resume``, load its newest checkpoint. Everything that can fail on
+    bad input fails here, before anything is written."""
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState, GradientState
 
-    # Everything that can fail on bad input fails here, before anything is written.
     base = load_base_model(cfg.pretrained_model)
     images = [load_subject_images(s.placeholder, s.images, resolution=base.resolution, min_size=cfg.min_image_size) for s in cfg.subjects]
-
     micro, accum = cfg.accumulation(PartialState().num_processes)
     # accelerate keeps its settings in process-wide singletons; one process may train several
     # times (a local pipeline, a notebook) with other precisions or accumulation.
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=accum)
-    device, dtype = accelerator.device, _weight_dtype(cfg.mixed_precision)
+    device, dtype = accelerator.device, weight_dtype(cfg.mixed_precision)
 
     model, token_ids, compiled = setup_model(base, cfg, device, dtype)
     base.vae.to(device)  # used once, to encode the images: kept in fp32
     tokens = [placeholder_token(p) for p in token_ids]
-
-    pixels = torch.cat([im.pixels for im in images])
-    mean, std = encode_latent_posteriors(base.vae, pixels)
+    mean, std = encode_latent_posteriors(base.vae, torch.cat([im.pixels for im in images]))
     ids_per_subject = tokenize(base.tokenizer, [to_token_prompt(s.personalization_prompt) for s in cfg.subjects])
     image_ids = torch.cat([ids_per_subject[i].expand(len(im.paths), -1) for i, im in enumerate(images)])  # (N, 77)
     ctx = make_context(model, accelerator, cfg, mean=mean, std=std, image_ids=image_ids.to(device),
                        cond=encode_fixed_prompts(model, base.tokenizer, cfg, device),
                        alphas_cumprod=base.noise_scheduler.alphas_cumprod.to(device), dtype=dtype)
-
-    run_config = {
+    config = {
         **cfg.to_dict(), "palp_version": __version__, "pretrained_model": portable_reference(cfg.pretrained_model),
         "base_model_pin": base.pin, "resolution": base.resolution,
         "placeholder_tokens": dict(zip(token_ids, tokens)), "class_words": cfg.class_words,
@@ -327,23 +342,30 @@ def _train(cfg: TrainConfig, out: Path, remote: str | None, *, resume: bool, pro
     }
     start, rows = 0, []
     if accelerator.is_main_process:
-        checkpoints.record_config(out, run_config, resume=resume)
+        checkpoints.record_config(out, config, resume=resume)
     if resume:
         start, rows = checkpoints.load_latest(out, model, ctx.optimizer)
         for group in ctx.optimizer.param_groups:  # the optimizer state carries the old lr
             group["lr"] = cfg.lr
+    return _Run(ctx, model, compiled, accelerator, base.tokenizer, tokens, micro, accum, config, start, rows)
+
+
+def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, *, progress: bool) -> None:
+    """Take the run's remaining steps, with its snapshots and checkpoints; appends to run.rows."""
+    ctx, accelerator = run.ctx, run.accelerator
+    device = accelerator.device
 
     def draws_of(step: int) -> Draws:
         # One draw for the whole per-process batch: results do not depend on the micro-batch size.
-        full = draw(step_generator(cfg.seed, step, accelerator.process_index), cfg, n_images=len(mean),
-                    batch=micro * accum, latent_shape=mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
+        full = draw(step_generator(cfg.seed, step, accelerator.process_index), cfg, n_images=len(ctx.mean),
+                    batch=run.micro * run.accum, latent_shape=ctx.mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
         return Draws(*(x.pin_memory() for x in dataclasses.astuple(full))) if device.type == "cuda" else full
 
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=f"palp train ({cfg.method})",
+    bar = tqdm(range(run.start + 1, cfg.steps + 1), initial=run.start, total=cfg.steps, desc=f"palp train ({cfg.method})",
                disable=not (progress and accelerator.is_local_main_process))
     # The next step's draws are made on the CPU while the device runs this step.
     ahead = ThreadPoolExecutor(max_workers=1)
-    upcoming = ahead.submit(draws_of, start + 1)
+    upcoming = ahead.submit(draws_of, run.start + 1)
     try:
         with fast.attention_backend(cfg.attention):
             for step in bar:
@@ -351,44 +373,30 @@ def _train(cfg: TrainConfig, out: Path, remote: str | None, *, resume: bool, pro
                 full = upcoming.result()
                 if step < cfg.steps:
                     upcoming = ahead.submit(draws_of, step + 1)
+
                 def restart(first=accelerator_step):
                     # torch.compile failed (at the first call of some shape) before the optimizer
                     # updated anything: the same step again, eagerly, accumulation from its first micro-batch.
                     accelerator.step = first
                     ctx.optimizer.zero_grad(set_to_none=True)
 
-                sums = compiled.call(lambda: _step(ctx, cfg, full, micro, step, out), before_retry=restart, doing="training")
-                if step == start + 1:
-                    compiled.save_once(writer=accelerator.is_main_process)  # every shape has been compiled by now
+                sums = run.compiled.call(lambda: _step(ctx, cfg, full, run.micro, step, out.local), before_retry=restart,
+                                         doing="training")
+                if step == run.start + 1:
+                    run.compiled.save_once(writer=accelerator.is_main_process)  # every shape has been compiled by now
                 row = {"step": step, "loss": sums["loss"], "rec_loss": sums["rec_loss"], "align_loss": sums.get("align_loss", 0.0),
                        "grad_norm": sums["grad_norm"], "lr": ctx.optimizer.param_groups[0]["lr"]}
-                rows.append(row)
+                run.rows.append(row)
                 bar.set_postfix(rec=f"{row['rec_loss']:.4f}", align=f"{row['align_loss']:.4f}", gn=f"{row['grad_norm']:.3f}")
                 if accelerator.is_main_process:
                     if step in cfg.save_steps:
-                        snapshot = out / "snapshots" / f"step-{step:06d}"
-                        export_weights(model, tokens, snapshot)
-                        if remote:
-                            storage.upload_dir(snapshot, storage.join(remote, "snapshots", snapshot.name))
+                        out.snapshot(step, run.model, run.tokens)
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                         held.check()  # a lost gs:// lease: stop before writing over the new holder's run
-                        saved = checkpoints.save(out, step, model, ctx.optimizer, rows, keep=cfg.checkpoints_total_limit)
-                        if remote:
-                            checkpoints.push(saved, remote, keep=cfg.checkpoints_total_limit)
+                        out.checkpoint(step, run.model, ctx.optimizer, run.rows, keep=cfg.checkpoints_total_limit)
                 accelerator.wait_for_everyone()
     finally:
         ahead.shutdown(cancel_futures=True)
-
-    if accelerator.is_main_process:
-        held.check()
-        export_weights(model, tokens, out)
-        write_metrics_csv(out / METRICS_FILE, rows)
-        atomic_write_json(out / CONFIG_FILE, {**run_config, "completed_steps": cfg.steps})  # written last: the run is done
-        if remote:
-            for name in (LORA_FILE, EMBEDS_FILE, METRICS_FILE, CONFIG_FILE):  # the config last, as locally
-                storage.write_bytes(storage.join(remote, name), (out / name).read_bytes())
-    accelerator.wait_for_everyone()
-    return TrainResult(out, model, base.tokenizer, rows)
 
 
 def _step(ctx: StepContext, cfg: TrainConfig, full: Draws, micro: int, step: int, out: Path) -> dict[str, float]:

@@ -35,6 +35,7 @@ def _steps_list(value: str) -> list[int]:
 
 
 def add_train_parser(sub) -> None:
+    from palp.config import DEFAULT_SAVE_STEPS
     from palp.config import TrainConfig as C
     from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES, COMPILE_MODES
     from palp.guidance import METHODS
@@ -106,7 +107,7 @@ def add_train_parser(sub) -> None:
     c = p.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every)
     c.add_argument("--checkpoints-total-limit", type=int, default=C.checkpoints_total_limit)
-    c.add_argument("--save-steps", type=_steps_list, default=[100, 200, 300, 400, 500],
+    c.add_argument("--save-steps", type=_steps_list, default=list(DEFAULT_SAVE_STEPS),
                    help="steps whose LoRA + embeddings are kept as snapshots")
     c.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -202,6 +203,8 @@ def _named(values, flag: str) -> dict[str, str]:
 
 
 def add_prepare_parser(sub) -> None:
+    from palp.config import DEFAULT_BASE_MODEL, ScoreSettings
+
     p = sub.add_parser("prepare", help="validate and prepare subject photos and target prompts",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--subject", action="append", required=True, metavar="NAME=DIR_OR_GS_URI", help="a subject's photos")
@@ -213,12 +216,12 @@ def add_prepare_parser(sub) -> None:
     p.add_argument("--personalization-prompt", action="append", metavar="NAME=PROMPT",
                    help="personalization prompt of a subject (default 'A photo of [V]')")
     p.add_argument("--output", required=True, help="folder or gs:// prefix for the prepared dataset")
-    p.add_argument("--pretrained-model", default="CompVis/stable-diffusion-v1-4", help="its resolution is used")
+    p.add_argument("--pretrained-model", default=DEFAULT_BASE_MODEL, help="its resolution is used")
     p.add_argument("--resolution", type=int, help="image side (default: the model's)")
     p.add_argument("--min-image-size", type=int, help="smallest accepted side (default: half the resolution)")
     p.add_argument("--near-duplicate-distance", type=int, default=4, help="max dHash distance of a near duplicate")
-    p.add_argument("--clip", default="ViT-B-32", help="open_clip model for class words (or 'tiny', 'toyworld')")
-    p.add_argument("--clip-weights", default="openai", help="open_clip pretrained tag or checkpoint path")
+    p.add_argument("--clip", default=ScoreSettings.clip_model, help="open_clip model for class words (or 'tiny', 'toyworld')")
+    p.add_argument("--clip-weights", default=ScoreSettings.clip_weights, help="open_clip pretrained tag or checkpoint path")
     p.add_argument("--class-vocabulary", help="vocabulary YAML (default evaluation/classes/vocabulary.yaml)")
     p.add_argument("--min-confidence", type=finite_float, default=0.3, help="flag a zero-shot winner below this")
     p.add_argument("--pin-clip", action="store_true",
@@ -256,6 +259,7 @@ def run_prepare(args) -> int:
 
 
 def add_sample_parser(sub) -> None:
+    from palp.config import SampleSettings as S
     from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES
     from palp.sample import SAMPLERS, SCHEDULERS
 
@@ -268,13 +272,13 @@ def add_sample_parser(sub) -> None:
                    help="sample this task's target prompt (repeatable; needs --prepared): a TI+DB run serves every "
                         "task of its subjects")
     p.add_argument("--prepared", help="the prepared dataset holding the --task ids")
-    p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
-    p.add_argument("--guidance", type=finite_float, default=7.5)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--checkpoints", choices=("all", "final"), default="final", help="all: every saved snapshot too")
+    p.add_argument("--num-samples", type=int, default=S.num_samples)
+    p.add_argument("--seed", type=int, default=S.seed)
+    p.add_argument("--steps", type=int, default=S.steps, help="denoising steps")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=S.scheduler)
+    p.add_argument("--guidance", type=finite_float, default=S.guidance)
+    p.add_argument("--batch-size", type=int, default=S.batch_size)
+    p.add_argument("--checkpoints", choices=("all", "final"), default=S.checkpoints, help="all: every saved snapshot too")
     p.add_argument("--reference", action="store_true", help="sample the base model on the clean prompt (Fig. 6's reference)")
     p.add_argument("--precision", choices=("auto", "fp64", "fp32", "fp16", "bf16"), default="auto",
                    help="auto: fp16 on GPU, fp32 on CPU; fp64 makes images bit-identical across batch sizes")
@@ -307,15 +311,17 @@ def run_sample(args) -> int:
 
 
 def add_score_parser(sub) -> None:
+    from palp.config import ScoreSettings as S
+
     p = sub.add_parser("score", help="CLIP text and image alignment: Table 2, Fig. 6, an HTML report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--samples", action="append", required=True, help="a `palp sample` output (repeatable)")
     p.add_argument("--prepared", required=True, help="the prepared dataset the runs were trained on")
     p.add_argument("--output", required=True)
-    p.add_argument("--clip", default="ViT-B-32", help="open_clip model (or 'tiny', 'toyworld')")
-    p.add_argument("--clip-weights", default="openai", help="open_clip pretrained tag or checkpoint path")
-    p.add_argument("--judge", default="", help="also judge toy-world images: 'toyworld' or a judge.safetensors")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--clip", default=S.clip_model, help="open_clip model (or 'tiny', 'toyworld')")
+    p.add_argument("--clip-weights", default=S.clip_weights, help="open_clip pretrained tag or checkpoint path")
+    p.add_argument("--judge", default=S.judge, help="also judge toy-world images: 'toyworld' or a judge.safetensors")
+    p.add_argument("--batch-size", type=int, default=S.batch_size)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_score)
 
@@ -339,6 +345,8 @@ def storage_text(folder: str, name: str) -> str:
 
 
 def add_study_parser(sub) -> None:
+    from palp.config import StudySettings
+
     study = sub.add_parser("study", help="user-study forms (export) and their analysis (Table 3)")
     ssub = study.add_subparsers(dest="study_command", required=True)
     e = ssub.add_parser("export", help="blinded forms from the samples of several methods",
@@ -346,9 +354,9 @@ def add_study_parser(sub) -> None:
     e.add_argument("--samples", action="append", required=True, help="a `palp sample` output (repeatable)")
     e.add_argument("--prepared", required=True, help="the prepared dataset (input images, elements)")
     e.add_argument("--output", required=True, help="folder or gs:// prefix: forms/ and key/")
-    e.add_argument("--forms", type=int, default=3)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--image-size", type=int, default=512)
+    e.add_argument("--forms", type=int, default=StudySettings.forms)
+    e.add_argument("--seed", type=int, default=StudySettings.seed)
+    e.add_argument("--image-size", type=int, default=StudySettings.image_size)
     e.add_argument("--links", choices=("embedded", "signed"), default="embedded",
                    help="signed: gs:// output, V4 signed image URLs in the CSV forms")
     e.add_argument("--expiry-hours", type=int, default=168, help="lifetime of signed URLs")

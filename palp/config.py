@@ -71,12 +71,48 @@ class Subject:
             self.personalization_prompt = DEFAULT_PERSONALIZATION_PROMPT.replace(DEFAULT_PLACEHOLDER, self.placeholder)
 
 
+DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"  # SD v1.4, the paper's base model
+DEFAULT_SAVE_STEPS = (100, 200, 300, 400, 500)  # snapshots for Fig. 6's curves
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """``palp sample``'s defaults (the CLI, ``sample()`` and the pipeline take them from here)."""
+
+    num_samples: int = 8
+    seed: int = 0
+    steps: int = 50  # denoising steps
+    scheduler: str = "ddim"
+    guidance: float = 7.5
+    batch_size: int = 8
+    checkpoints: str = "final"
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """``palp score``'s defaults: the paper's evaluation CLIP (open_clip ViT-B-32, OpenAI weights)."""
+
+    clip_model: str = "ViT-B-32"
+    clip_weights: str = "openai"
+    judge: str = ""
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """``palp study export``'s defaults."""
+
+    forms: int = 3
+    seed: int = 0
+    image_size: int = 512
+
+
 @dataclass
 class TrainConfig:
     subjects: list[Subject]
     target_prompt: str
     output: str
-    pretrained_model: str = "CompVis/stable-diffusion-v1-4"
+    pretrained_model: str = DEFAULT_BASE_MODEL
     clean_prompt: str = ""  # default: derived from the target prompt and the class words
     method: str = "palp"  # palp | ti-db | sds | nfsd
     noise: str = "same"  # same | iid: eps' for the re-noised estimate (PALP.md step 3)
@@ -105,7 +141,7 @@ class TrainConfig:
     threads: int = 0
     checkpoint_every: int = 100
     checkpoints_total_limit: int = 2
-    save_steps: list[int] = field(default_factory=lambda: [100, 200, 300, 400, 500])
+    save_steps: list[int] = field(default_factory=lambda: list(DEFAULT_SAVE_STEPS))
     min_image_size: int | None = None  # default: half the model resolution
     task_id: str = ""  # the prepared dataset's task this run trains, if any
     elements: list[dict] | None = None  # the target prompt's elements (default: palp's rule)

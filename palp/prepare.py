@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from palp import __version__, storage
+from palp.config import DEFAULT_BASE_MODEL, ScoreSettings
 from palp.data import ImageRejected, center_square, decode_rgb
 from palp.elements import element_list
 from palp.names import check_name
@@ -185,9 +186,9 @@ def model_resolution(pretrained_model: str) -> int:
 
 
 def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str, *,
-            pretrained_model: str = "CompVis/stable-diffusion-v1-4", resolution: int | None = None,
-            min_size: int | None = None, near_duplicate: int = 4, clip_model: str = "ViT-B-32",
-            clip_weights: str = "openai", vocabulary: str | None = None, min_confidence: float = 0.3,
+            pretrained_model: str = DEFAULT_BASE_MODEL, resolution: int | None = None,
+            min_size: int | None = None, near_duplicate: int = 4, clip_model: str = ScoreSettings.clip_model,
+            clip_weights: str = ScoreSettings.clip_weights, vocabulary: str | None = None, min_confidence: float = 0.3,
             pin_clip: bool = False, inputs_fingerprint: str = "", progress: bool = True) -> dict:
     """Prepare subjects and prompts into ``output``; returns the manifest.
 

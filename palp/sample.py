@@ -37,6 +37,7 @@ from palp import storage
 from palp.elements import element_list
 from palp.locks import output_lock
 from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE
+from palp.config import SampleSettings as _S
 from palp.config import method_label
 from palp.precision import SAMPLE_PRECISIONS, sample_dtype
 from palp.prompts import check_prompt, clean_prompt, to_token_prompt
@@ -268,9 +269,9 @@ def _jobs(texts: list[dict], weights: list[Weights], *, num_samples: int, seed: 
 
 
 def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: list[str] | None = None,
-           prepared: str | None = None, num_samples: int = 8, seed: int = 0,
-           steps: int = 50, scheduler: str = "ddim", guidance: float = 7.5, batch_size: int = 8,
-           checkpoints: str = "final", reference: bool = False, precision: str = "auto",
+           prepared: str | None = None, num_samples: int = _S.num_samples, seed: int = _S.seed,
+           steps: int = _S.steps, scheduler: str = _S.scheduler, guidance: float = _S.guidance, batch_size: int = _S.batch_size,
+           checkpoints: str = _S.checkpoints, reference: bool = False, precision: str = "auto",
            device: str | None = None, progress: bool = True, sampler: str = "palp", vae_precision: str = "auto",
            compile: str = "auto", compile_cache: str = "", attention: str = "auto") -> list[dict]:
     """Sample a trained run (or, with ``reference``, its base model on the clean prompts):

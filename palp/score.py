@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from palp import storage
+from palp.config import ScoreSettings as _S
 from palp.data import read_image
 from palp.prepare import load_manifest
 from palp.report import IMAGE, TARGET
@@ -64,8 +65,9 @@ def encode_images(clip, uris: list[str], *, batch_size: int, desc: str, progress
     return torch.cat(feats)
 
 
-def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: str = "ViT-B-32",
-          clip_weights: str = "openai", judge: str = "", batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: str = _S.clip_model,
+          clip_weights: str = _S.clip_weights, judge: str = _S.judge, batch_size: int = _S.batch_size,
+          progress: bool = True) -> pd.DataFrame:
     """Score every sample; write scores, summaries, Table 2, metrics, a plot and an HTML report.
 
     ``judge`` (``toyworld`` or a judge.safetensors): also read style, place, time, class and

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from palp.config import StudySettings as _S
 from palp import storage
 from palp.prepare import load_manifest
 from palp.safecsv import to_csv
@@ -110,7 +111,8 @@ def deal_forms(n_questions: int, forms: int, rng: np.random.Generator) -> list[l
     return [list(rng.permutation(order[f::forms])) for f in range(forms)]
 
 
-def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = 3, seed: int = 0, image_size: int = 512,
+def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = _S.forms, seed: int = _S.seed,
+           image_size: int = _S.image_size,
            links: str = "embedded", expiry_hours: int = 168, methods: list[str] | None = None, salt: str = "") -> dict:
     """Write the forms and the answer key; returns a summary.
 

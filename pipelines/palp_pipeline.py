@@ -15,6 +15,11 @@ from typing import Optional
 from kfp import dsl
 
 from components import Components, default_image, make_components
+from palp.config import DEFAULT_SAVE_STEPS
+from palp.config import SampleSettings as Sa
+from palp.config import ScoreSettings as Sc
+from palp.config import StudySettings as St
+from palp.config import TrainConfig as T
 from pipelines.errors import PipelineError
 
 PIPELINE_NAME = "palp"
@@ -75,6 +80,15 @@ def check_backend(backend: str, accelerator: Optional[str]) -> str:
     return accelerator
 
 
+# The pipeline's defaults are the library's (palp.config), except these, each with its reason
+# (tests/test_defaults.py holds every other parameter to the library's default).
+DIFFERENT_DEFAULTS = {
+    "mixed_precision": ("bf16", "the pipeline trains on GPUs, where bf16 halves memory and time; the library's "
+                                "default, fp32, runs on every CPU and reproduces bit for bit"),
+    "micro_batch_size": (0, "a KFP parameter cannot be None: 0 is the library's None (as large as the batch allows)"),
+}
+
+
 def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None, image: Optional[str] = None,
                    retries: bool = True):
     """The pipeline function for one backend (resources differ; the DAG is the same).
@@ -90,30 +104,30 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
         prompts: list = [],
         prompts_file: str = "",
         methods: list = ["palp", "ti-db"],
-        pretrained_model: str = "CompVis/stable-diffusion-v1-4",
-        clip_model: str = "ViT-B-32",
-        clip_weights: str = "openai",
-        judge: str = "",
-        train_steps: int = 500,
-        batch_size: int = 32,
-        micro_batch_size: int = 0,
-        lr: float = 5e-5,
-        lora_rank: int = 32,
-        lora_targets: str = "attention",
-        save_steps: str = "100,200,300,400,500",
-        checkpoint_every: int = 100,
-        mixed_precision: str = "bf16",
-        seed: int = 0,
-        num_samples: int = 8,
-        sample_steps: int = 50,
-        sample_batch_size: int = 8,
-        scheduler: str = "ddim",
-        guidance: float = 7.5,
-        checkpoints: str = "final",
+        pretrained_model: str = T.pretrained_model,
+        clip_model: str = Sc.clip_model,
+        clip_weights: str = Sc.clip_weights,
+        judge: str = Sc.judge,
+        train_steps: int = T.steps,
+        batch_size: int = T.batch_size,
+        micro_batch_size: int = DIFFERENT_DEFAULTS["micro_batch_size"][0],
+        lr: float = T.lr,
+        lora_rank: int = T.lora_rank,
+        lora_targets: str = T.lora_targets,
+        save_steps: str = ",".join(map(str, DEFAULT_SAVE_STEPS)),
+        checkpoint_every: int = T.checkpoint_every,
+        mixed_precision: str = DIFFERENT_DEFAULTS["mixed_precision"][0],
+        seed: int = T.seed,
+        num_samples: int = Sa.num_samples,
+        sample_steps: int = Sa.steps,
+        sample_batch_size: int = Sa.batch_size,
+        scheduler: str = Sa.scheduler,
+        guidance: float = Sa.guidance,
+        checkpoints: str = Sa.checkpoints,
         reference: bool = False,
-        study_forms: int = 3,
-        study_seed: int = 0,
-        study_image_size: int = 512,
+        study_forms: int = St.forms,
+        study_seed: int = St.seed,
+        study_image_size: int = St.image_size,
         inputs_fingerprint: str = "",
     ):
         prep = _configure(comps.prepare(subjects=subjects, prompts=prompts, prompts_file=prompts_file, methods=methods,

@@ -1,0 +1,78 @@
+"""Every setting's default is defined once (palp.config) and the CLI, the library functions
+and the pipeline agree with it; the pipeline's deliberate differences are named with a reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from palp import config
+from palp.cli import build_parser
+
+
+def _default(cls, name):
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _cli(*argv):
+    return vars(build_parser().parse_args(list(argv)))
+
+
+def test_the_cli_takes_its_defaults_from_the_configs():
+    train = _cli("train", "--output", "x")
+    fields = [f.name for f in dataclasses.fields(config.TrainConfig) if f.name in train
+              and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)]
+    assert len(fields) > 30  # nearly every setting is a flag
+    assert {n: train[n] for n in fields} == {n: _default(config.TrainConfig, n) for n in fields}
+    for argv, cls, rename in (
+        (("sample", "--model", "m", "--output", "o"), config.SampleSettings, {}),
+        (("score", "--samples", "s", "--prepared", "p", "--output", "o"), config.ScoreSettings, {"clip_model": "clip"}),
+        (("study", "export", "--samples", "s", "--prepared", "p", "--output", "o"), config.StudySettings, {}),
+    ):
+        parsed = _cli(*argv)
+        for f in dataclasses.fields(cls):
+            assert parsed[rename.get(f.name, f.name)] == f.default, (argv[0], f.name)
+    prep = _cli("prepare", "--subject", "a=b", "--output", "o")
+    assert prep["pretrained_model"] == config.DEFAULT_BASE_MODEL == _default(config.TrainConfig, "pretrained_model")
+    assert (prep["clip"], prep["clip_weights"]) == (config.ScoreSettings.clip_model, config.ScoreSettings.clip_weights)
+
+
+def test_the_library_functions_take_their_defaults_from_the_configs():
+    from palp.prepare import prepare
+    from palp.sample import sample
+    from palp.score import score
+    from palp.study import export
+
+    for fn, cls in ((sample, config.SampleSettings), (score, config.ScoreSettings), (export, config.StudySettings)):
+        params = inspect.signature(fn).parameters
+        for f in dataclasses.fields(cls):
+            assert params[f.name].default == f.default, (fn.__name__, f.name)
+    params = inspect.signature(prepare).parameters
+    assert params["pretrained_model"].default == config.DEFAULT_BASE_MODEL
+    assert params["clip_model"].default == config.ScoreSettings.clip_model
+
+
+def test_the_pipeline_takes_the_library_defaults_but_the_named_ones():
+    from pipelines.palp_pipeline import DIFFERENT_DEFAULTS, build_pipeline
+
+    T, Sa, Sc, St = config.TrainConfig, config.SampleSettings, config.ScoreSettings, config.StudySettings
+    library = {
+        "pretrained_model": _default(T, "pretrained_model"), "train_steps": _default(T, "steps"),
+        "batch_size": _default(T, "batch_size"), "micro_batch_size": _default(T, "micro_batch_size"),
+        "lr": _default(T, "lr"), "lora_rank": _default(T, "lora_rank"), "lora_targets": _default(T, "lora_targets"),
+        "save_steps": ",".join(map(str, _default(T, "save_steps"))), "checkpoint_every": _default(T, "checkpoint_every"),
+        "mixed_precision": _default(T, "mixed_precision"), "seed": _default(T, "seed"),
+        "clip_model": Sc.clip_model, "clip_weights": Sc.clip_weights, "judge": Sc.judge,
+        "num_samples": Sa.num_samples, "sample_steps": Sa.steps, "sample_batch_size": Sa.batch_size,
+        "scheduler": Sa.scheduler, "guidance": Sa.guidance, "checkpoints": Sa.checkpoints,
+        "study_forms": St.forms, "study_seed": St.seed, "study_image_size": St.image_size,
+    }
+    pipeline = {n: p.default for n, p in inspect.signature(build_pipeline().pipeline_func).parameters.items()}
+    assert set(library) <= set(pipeline) and set(DIFFERENT_DEFAULTS) <= set(library)
+    for name, value in library.items():
+        if name in DIFFERENT_DEFAULTS:
+            named, reason = DIFFERENT_DEFAULTS[name]
+            assert pipeline[name] == named != value and len(reason) > 20, name
+        else:
+            assert pipeline[name] == value, name

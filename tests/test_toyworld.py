@@ -26,6 +26,19 @@ from palp.toyworld.render import (
 from palp.toyworld.world import HELD_OUT_PAIRS, PERSONAL_SUBJECTS, TARGET_PROMPTS, random_scene, write_subjects
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _pretrain():
+    """evaluation/toyworld/pretrain.py (how the shipped weights were made; not part of palp)."""
+    import importlib.util
+    import sys
+
+    if "toy_pretrain" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("toy_pretrain", REPO / "evaluation/toyworld/pretrain.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["toy_pretrain"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["toy_pretrain"]
 CAT = Identity("cat", "purple", "dotted", "green", "star")
 
 
@@ -160,7 +173,7 @@ def test_judge_schedule_is_the_resumed_run():
     must give exactly those rates, so that one run with the defaults reproduces it."""
     import math
 
-    from palp.toyworld.pretrain import DEFAULTS, judge_lr
+    DEFAULTS, judge_lr = (_pretrain().DEFAULTS, _pretrain().judge_lr)
 
     def cosine(step, period):
         return 2e-3 * 0.5 * (1 + math.cos(math.pi * step / period))
@@ -179,7 +192,7 @@ def test_vae_schedule_restarts_where_the_first_run_ended():
     restart into the 6000-step cosine, which the defaults (6000 steps, first cycle 2000) give."""
     import math
 
-    from palp.toyworld.pretrain import DEFAULTS, vae_lr
+    DEFAULTS, vae_lr = (_pretrain().DEFAULTS, _pretrain().vae_lr)
 
     def lr(step, period):
         return 1e-3 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / period)))
@@ -196,7 +209,7 @@ def test_vae_schedule_restarts_where_the_first_run_ended():
 
 def test_shipped_history_ends_at_the_defaults():
     """`pretrain all` trains each stage as far as the shipped weights' history went."""
-    from palp.toyworld.pretrain import DEFAULTS, SHIPPED_HISTORY, STAGES
+    DEFAULTS, SHIPPED_HISTORY, STAGES = (_pretrain().DEFAULTS, _pretrain().SHIPPED_HISTORY, _pretrain().STAGES)
 
     assert [s for s, _ in SHIPPED_HISTORY if s in ("data", "export")] == ["data", "export"]
     assert {s for s, _ in SHIPPED_HISTORY} == set(STAGES)
@@ -334,12 +347,12 @@ def test_score_with_the_judge_end_to_end(tmp_path):
 
 
 def test_pretraining_script_runs_every_stage_and_resumes(tmp_path, capsys):
-    """`python -m palp.toyworld.pretrain all` on a tiny budget: every stage, an export that stock
+    """`python evaluation/toyworld/pretrain.py all` on a tiny budget: every stage, an export that stock
     diffusers loads, the settings in recipe.json, and a second run that only resumes."""
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from palp.toyworld import pretrain
+    pretrain = _pretrain()
 
     small = ["--n-train", "96", "--vae-steps", "2", "--vae-batch", "4", "--unet-steps", "2", "--unet-batch", "4",
              "--clip-steps", "2", "--clip-batch", "8", "--judge-steps", "2", "--judge-batch", "4"]
@@ -370,7 +383,7 @@ def test_replay_trains_on_with_a_new_vae_and_reencodes_the_latents(tmp_path, mon
     import torch
     from diffusers import AutoencoderKL
 
-    from palp.toyworld import pretrain
+    pretrain = _pretrain()
 
     history = (("data", {}), ("vae", {"vae_steps": 2, "vae_first_cycle": 0}), ("unet", {"unet_steps": 2}),
                ("vae", {"vae_steps": 4, "vae_first_cycle": 2}), ("unet", {"unet_steps": 3}))
@@ -404,7 +417,7 @@ def test_replay_trains_on_with_a_new_vae_and_reencodes_the_latents(tmp_path, mon
 
 
 def test_pretraining_refuses_a_device_it_cannot_use(tmp_path, capsys):
-    from palp.toyworld import pretrain
+    pretrain = _pretrain()
 
     with pytest.raises(SystemExit) as e:
         pretrain.main(["vae", "--work", str(tmp_path / "work"), "--device", "nosuchdevice"])

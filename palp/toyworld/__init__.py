@@ -2,7 +2,7 @@
 
 ``pretrained_model: toyworld`` and ``clip_model: toyworld`` select the small Stable Diffusion
 and open_clip models shipped under ``palp/toyworld/weights`` (trained by
-``python -m palp.toyworld.pretrain``); the judge there reads every attribute of a scene back
+``evaluation/toyworld/pretrain.py``); the judge there reads every attribute of a scene back
 from its pixels. See evaluation/toyworld/README.md.
 """
 
@@ -22,6 +22,6 @@ def weights_dir(part: str) -> Path:
     if not path.is_dir() or not any(path.iterdir()):
         raise ToyWorldError(
             f"the toy-world {part} weights are missing from {path}; they ship with palp's source tree, "
-            f"or can be retrained with `python -m palp.toyworld.pretrain all --work DIR`"
+            f"or can be retrained with `python evaluation/toyworld/pretrain.py all --work DIR`"
         )
     return path

@@ -55,7 +55,7 @@ def load_judge(path: str | Path | None = None):
 
     path = Path(path) if path else weights_dir("judge") / "judge.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"no judge weights at {path}; run python -m palp.toyworld.pretrain all")
+        raise FileNotFoundError(f"no judge weights at {path}; run python evaluation/toyworld/pretrain.py all")
     judge = Judge()
     judge.load_state_dict(load_file(str(path)))
     return judge.eval()

@@ -1,7 +1,10 @@
 """Pretrain the toy world's models: a small Stable Diffusion, a small CLIP, and the judge.
 
-    python -m palp.toyworld.pretrain all --work WORKDIR --out palp/toyworld/weights
-    python -m palp.toyworld.pretrain replay --work WORKDIR --out palp/toyworld/weights
+    python evaluation/toyworld/pretrain.py all --work WORKDIR --out palp/toyworld/weights
+    python evaluation/toyworld/pretrain.py replay --work WORKDIR --out palp/toyworld/weights
+
+This is how the shipped weights were made, not part of palp: palp loads the weights, renderer
+and judge (``palp.toyworld``) and never imports this script.
 
 Stages run in order and each one resumes from its last checkpoint in ``--work``. ``all`` runs
 each stage once to the DEFAULTS; ``replay`` runs ``SHIPPED_HISTORY``, the runs that made the
@@ -579,6 +582,11 @@ def stage_export(work: Path, out: Path):
         raise SystemExit(f"weight files over 20 MB: {big}")
 
 
+# The training stages in their order (``export`` takes the output folder instead of a config).
+STAGE_RUNNERS = {"data": stage_data, "vae": stage_vae, "unet": stage_unet, "judge": stage_judge, "clip": stage_clip}
+assert set(STAGE_RUNNERS) | {"export"} == set(STAGES)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stage", choices=STAGES + ("all", "replay"),
@@ -612,7 +620,7 @@ def main(argv=None):
         if s == "export":
             stage_export(args.work, args.out)
         else:
-            globals()[f"stage_{s}"](args.work, run_cfg)
+            STAGE_RUNNERS[s](args.work, run_cfg)
 
 
 if __name__ == "__main__":

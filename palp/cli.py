@@ -114,28 +114,33 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=run_train)
 
 
-def _subjects_from_prepared(args):
-    """Subjects, target and clean prompt of one task of a prepared dataset."""
-    from palp.config import ConfigError, Subject
-    from palp.prepare import load_task
+def _train_settings(args) -> dict:
+    """The TrainConfig fields the train flags set: each flag's dest is its field's name
+    (tests/test_defaults.py holds the flags' defaults to the fields')."""
+    import dataclasses
 
-    given = [f for f, v in (("--images", args.images), ("--class-word", args.class_word), ("--prompt", args.prompt),
-                            ("--personalization-prompt", args.personalization_prompt), ("--clean-prompt", args.clean_prompt)) if v]
-    if given:
-        raise ConfigError(f"--prepared already gives subjects and prompts; drop {', '.join(given)}")
-    root, task = load_task(args.prepared, args.task)
-    subjects = [Subject(ph, str(root / "subjects" / name), task["class_words"][ph], task["personalization_prompts"][ph], name)
-                for ph, name in task["subjects"].items()]
-    return subjects, task["prompt"], task["clean_prompt"], {"task_id": task["id"], "elements": task["elements"]}
+    from palp.config import TrainConfig
+
+    task_fields = {"subjects", "target_prompt", "clean_prompt", "task_id", "elements"}
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                if f.name not in task_fields and hasattr(args, f.name)}
+    settings["max_grad_norm"] = args.max_grad_norm or None  # 0 turns clipping off
+    return settings
 
 
 def config_from_args(args):
-    from palp.config import ConfigError, Subject
+    from palp.config import ConfigError, Subject, TrainConfig
     from palp.prompts import PromptError, parse_keyed
 
     if args.prepared:
-        subjects, prompt, clean, task = _subjects_from_prepared(args)
-        return _train_config(args, subjects, prompt, clean, **task)
+        from palp.prepare import task_config
+
+        given = [f for f, v in (("--images", args.images), ("--class-word", args.class_word), ("--prompt", args.prompt),
+                                ("--personalization-prompt", args.personalization_prompt),
+                                ("--clean-prompt", args.clean_prompt)) if v]
+        if given:
+            raise ConfigError(f"--prepared already gives subjects and prompts; drop {', '.join(given)}")
+        return task_config(args.prepared, args.task, **_train_settings(args))
     if args.task:
         raise ConfigError("--task needs --prepared")
     missing = [f for f, v in (("--images", args.images), ("--class-word", args.class_word), ("--prompt", args.prompt)) if not v]
@@ -155,26 +160,7 @@ def config_from_args(args):
     if missing:
         raise ConfigError(f"{', '.join(missing)} has images but no class word; pass --class-word {missing[0]}=WORD")
     subjects = [Subject(ph, folder, words[ph], y_p.get(ph, "")) for ph, folder in images.items()]
-    return _train_config(args, subjects, args.prompt, args.clean_prompt)
-
-
-def _train_config(args, subjects, prompt: str, clean: str, **task):
-    from palp.config import TrainConfig
-
-    return TrainConfig(**task,
-        subjects=subjects, target_prompt=prompt, output=args.output, pretrained_model=args.pretrained_model,
-        clean_prompt=clean, method=args.method, noise=args.noise, align_timestep=args.align_timestep,
-        rescale=args.rescale, alpha=args.alpha, beta=args.beta, lam=args.lam, align_t_min=args.align_t_min,
-        align_t_max=args.align_t_max, negative_prompt=args.negative_prompt, lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-        steps=args.steps, max_grad_norm=args.max_grad_norm or None, weight_decay=args.weight_decay,
-        mixed_precision=args.mixed_precision, seed=args.seed, deterministic=args.deterministic, threads=args.threads,
-        checkpoint_every=args.checkpoint_every,
-        checkpoints_total_limit=args.checkpoints_total_limit, save_steps=args.save_steps,
-        min_image_size=args.min_image_size, fused_guidance=args.fused_guidance, compile=args.compile,
-        compile_mode=args.compile_mode, compile_cache=args.compile_cache, channels_last=args.channels_last,
-        attention=args.attention, gradient_checkpointing=args.gradient_checkpointing,
-    )
+    return TrainConfig(subjects=subjects, target_prompt=args.prompt, clean_prompt=args.clean_prompt, **_train_settings(args))
 
 
 def run_train(args) -> int:

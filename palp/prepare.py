@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from palp import __version__, storage
-from palp.config import DEFAULT_BASE_MODEL, ScoreSettings
+from palp.config import DEFAULT_BASE_MODEL, ScoreSettings, Subject, TrainConfig
 from palp.data import ImageRejected, center_square, decode_rgb
 from palp.elements import element_list
 from palp.names import check_name
@@ -336,6 +336,16 @@ def fan_out(manifest: dict, methods: list[str]) -> list[dict]:
         else:
             runs += [{"task_id": t["id"], "method": m, "tasks": [t["id"]]} for t in manifest["tasks"]]
     return runs
+
+
+def task_config(prepared: str, task_id: str | None = None, **settings):
+    """The TrainConfig of one task of a prepared dataset: its subjects (the prepared photos),
+    target and clean prompt and elements, with ``settings`` (any other TrainConfig field)."""
+    root, task = load_task(prepared, task_id)
+    subjects = [Subject(ph, str(root / "subjects" / name), task["class_words"][ph], task["personalization_prompts"][ph], name)
+                for ph, name in task["subjects"].items()]
+    return TrainConfig(subjects=subjects, target_prompt=task["prompt"], clean_prompt=task["clean_prompt"], task_id=task["id"],
+                       elements=task["elements"], **settings)
 
 
 def load_task(prepared: str, task_id: str | None) -> tuple[Path, dict]:

@@ -1,5 +1,6 @@
-"""The bodies of palp's KFP components: each only builds a ``palp`` command line and runs it
-(the same code path as the CLI), then fills the typed output artifacts.
+"""The bodies of palp's KFP components: each calls the palp library's entry point for its step
+with the typed parameters it received (the same functions the CLI calls), then fills the
+typed output artifacts.
 
 KFP serialises each function's source into the component, so every function imports what it
 uses inside its body.
@@ -17,26 +18,17 @@ def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pre
 
     ``inputs_fingerprint`` (a digest of the photos and prompts) only enters KFP's cache key,
     so that replaced photos under the same gs:// prefix give a fresh prepare."""
-    from palp.cli import main
     from palp.config import split_method
-    from palp.prepare import fan_out, load_manifest
+    from palp.prepare import PromptSpec, SubjectSpec, fan_out, load_prompts_file
+    from palp.prepare import prepare as prepare_dataset
 
     for m in methods:  # fail before any branch starts
         split_method(m)
-    argv = ["prepare", "--output", prepared.path, "--pretrained-model", pretrained_model, "--clip", clip_model,
-            "--clip-weights", clip_weights, "--inputs-fingerprint", inputs_fingerprint, "--pin-clip", "--quiet"]
-    for s in subjects:
-        argv += ["--subject", f"{s['name']}={s['images']}"]
-        for key, flag in (("class_word", "--class-word"), ("placeholder", "--placeholder"),
-                          ("personalization_prompt", "--personalization-prompt")):
-            if s.get(key):
-                argv += [flag, f"{s['name']}={s[key]}"]
-    for p in prompts:
-        argv += ["--prompt", p]
-    if prompts_file:
-        argv += ["--prompts-file", prompts_file]
-    main(argv, raise_errors=True)
-    manifest = load_manifest(prepared.path)
+    specs = [SubjectSpec(s["name"], s["images"], s.get("class_word") or None, s.get("placeholder") or "[V]",
+                         s.get("personalization_prompt") or "") for s in subjects]
+    texts = [PromptSpec(p) for p in prompts] + (load_prompts_file(prompts_file) if prompts_file else [])
+    manifest = prepare_dataset(specs, texts, prepared.path, pretrained_model=pretrained_model, clip_model=clip_model,
+                               clip_weights=clip_weights, inputs_fingerprint=inputs_fingerprint, pin_clip=True, progress=False)
     prepared.metadata.update({"tasks": [t["id"] for t in manifest["tasks"]], "subjects": [s["name"] for s in subjects]})
     return fan_out(manifest, methods)
 
@@ -44,20 +36,18 @@ def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pre
 def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: str, steps: int, batch_size: int,
           micro_batch_size: int, lr: float, lora_rank: int, save_steps: str, checkpoint_every: int, mixed_precision: str,
           seed: int, model: Output[Model], lora_targets: str = "attention"):
-    """palp train --prepared, always with --resume: a retried (preempted) task continues from
-    the checkpoints it left in its output."""
-    from palp.cli import main
-    from palp.config import split_method
+    """palp train of one prepared task, always resuming: a retried (preempted) task continues
+    from the checkpoints it left in its output."""
+    from palp.config import parse_steps, split_method
+    from palp.prepare import task_config
+    from palp.train import train as train_run
 
     base_method, noise = split_method(method)  # "palp-iid": PALP with i.i.d. re-noising
-    argv = ["train", "--prepared", prepared.path, "--task", task, "--method", base_method, "--noise", noise,
-            "--pretrained-model", pretrained_model,
-            "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--lora-rank", str(lora_rank),
-            "--lora-targets", lora_targets, "--save-steps", save_steps, "--checkpoint-every", str(checkpoint_every), "--mixed-precision", mixed_precision,
-            "--seed", str(seed), "--output", model.path, "--resume", "--quiet"]
-    if micro_batch_size > 0:
-        argv += ["--micro-batch-size", str(micro_batch_size)]
-    main(argv, raise_errors=True)
+    cfg = task_config(prepared.path, task, method=base_method, noise=noise, pretrained_model=pretrained_model, steps=steps,
+                      batch_size=batch_size, micro_batch_size=micro_batch_size or None, lr=lr, lora_rank=lora_rank,
+                      lora_targets=lora_targets, save_steps=parse_steps(save_steps), checkpoint_every=checkpoint_every,
+                      mixed_precision=mixed_precision, seed=seed, output=model.path)
+    train_run(cfg, resume=True, progress=False)
     model.metadata.update({"task": task, "method": method, "steps": steps, "framework": "diffusers-lora"})
 
 
@@ -65,16 +55,13 @@ def sample(model: Input[Model], prepared: Input[Dataset], tasks: list, num_sampl
            scheduler: str, guidance: float, checkpoints: str, reference: bool, seed: int, samples: Output[Dataset]):
     """palp sample of the trained run on each of its ``tasks`` (and, with ``reference``, of its
     base model on their clean prompts)."""
-    from palp.cli import main
+    from palp.sample import sample as sample_run
 
-    argv = ["sample", "--model", model.path, "--prepared", prepared.path, "--output", samples.path, "--num-samples",
-            str(num_samples), "--steps", str(steps), "--batch-size", str(batch_size), "--scheduler", scheduler,
-            "--guidance", str(guidance), "--seed", str(seed), "--quiet"]
-    for t in tasks:
-        argv += ["--task", t]
-    main(argv + ["--checkpoints", checkpoints], raise_errors=True)
+    settings = dict(prepared=prepared.path, tasks=tasks, num_samples=num_samples, steps=steps, batch_size=batch_size,
+                    scheduler=scheduler, guidance=guidance, seed=seed, progress=False)
+    sample_run(model.path, samples.path, checkpoints=checkpoints, **settings)
     if reference:
-        main(argv + ["--reference"], raise_errors=True)
+        sample_run(model.path, samples.path, reference=True, **settings)
     samples.metadata.update({"tasks": tasks, "num_samples": num_samples, "steps": steps, "scheduler": scheduler})
 
 
@@ -85,15 +72,17 @@ def score(samples: Input[Dataset], prepared: Input[Dataset], clip_model: str, cl
     import os
     import shutil
 
-    from palp.cli import main
+    from palp.score import score as score_run
 
-    main(["score", "--samples", samples.path, "--prepared", prepared.path, "--output", scores.path, "--clip", clip_model,
-          "--clip-weights", clip_weights, "--judge", judge, "--quiet"], raise_errors=True)
+    score_run([samples.path], prepared.path, scores.path, clip_model=clip_model, clip_weights=clip_weights, judge=judge,
+              progress=False)
     with open(os.path.join(scores.path, "metrics.json")) as f:
         for name, value in json.load(f).items():
             metrics.log_metric(name, value)
     shutil.copyfile(os.path.join(scores.path, "table2.md"), table.path)
     shutil.copyfile(os.path.join(scores.path, "report.html"), report.path)
+    with open(table.path) as f:
+        print(f.read())  # the step's log shows its Table 2
 
 
 def compare(samples: Input[List[Dataset]], prepared: Input[Dataset], clip_model: str, clip_weights: str, judge: str, forms: int,
@@ -104,21 +93,16 @@ def compare(samples: Input[List[Dataset]], prepared: Input[Dataset], clip_model:
     import os
     import shutil
 
-    from palp.cli import main
+    from palp.score import score as score_run
+    from palp.study import export
 
     dirs = [s.path for s in samples]
-    argv = ["score", "--prepared", prepared.path, "--output", scores.path, "--clip", clip_model, "--clip-weights",
-            clip_weights, "--judge", judge, "--quiet"]
-    for d in dirs:
-        argv += ["--samples", d]
-    main(argv, raise_errors=True)
+    score_run(dirs, prepared.path, scores.path, clip_model=clip_model, clip_weights=clip_weights, judge=judge, progress=False)
     with open(os.path.join(scores.path, "metrics.json")) as f:
         for name, value in json.load(f).items():
             metrics.log_metric(name, value)
     shutil.copyfile(os.path.join(scores.path, "table2.md"), table.path)
     shutil.copyfile(os.path.join(scores.path, "report.html"), report.path)
-    argv = ["study", "export", "--prepared", prepared.path, "--output", study.path, "--forms", str(forms), "--seed",
-            str(study_seed), "--image-size", str(study_image_size)]
-    for d in dirs:
-        argv += ["--samples", d]
-    main(argv, raise_errors=True)
+    with open(table.path) as f:
+        print(f.read())  # the step's log shows its Table 2
+    export(dirs, prepared.path, study.path, forms=forms, seed=study_seed, image_size=study_image_size)

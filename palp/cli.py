@@ -28,9 +28,11 @@ def finite_float(value: str) -> float:
 
 
 def _steps_list(value: str) -> list[int]:
+    from palp.config import ConfigError, parse_steps
+
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
+        return parse_steps(value)
+    except ConfigError:
         raise argparse.ArgumentTypeError("use comma-separated step numbers, e.g. 100,200,300") from None
 
 
@@ -282,10 +284,8 @@ def add_sample_parser(sub) -> None:
 
 
 def run_sample(args) -> int:
-    from palp import storage
     from palp.sample import sample
 
-    storage.check_folder_output(args.output)
     rows = sample(args.model, args.output, prompts=args.prompts, tasks=args.task, prepared=args.prepared,
                   num_samples=args.num_samples, seed=args.seed,
                   steps=args.steps, scheduler=args.scheduler, guidance=args.guidance, batch_size=args.batch_size,
@@ -313,10 +313,8 @@ def add_score_parser(sub) -> None:
 
 
 def run_score(args) -> int:
-    from palp import storage
     from palp.score import score
 
-    storage.check_folder_output(args.output)
     scores = score(args.samples, args.prepared, args.output, clip_model=args.clip, clip_weights=args.clip_weights,
                    judge=args.judge, batch_size=args.batch_size, progress=not args.quiet)
     print(storage_text(args.output, "table2.md"))

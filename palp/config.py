@@ -46,6 +46,14 @@ def trains_per_subject(variant: str) -> bool:
     return split_method(variant)[0] in PROMPT_FREE_METHODS
 
 
+def parse_steps(text: str) -> list[int]:
+    """``"100,200,300"`` -> [100, 200, 300] (the snapshot steps as a flag or pipeline parameter gives them)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"save steps {text!r}: use comma-separated step numbers, e.g. 100,200,300") from None
+
+
 def method_label(method: str, noise: str = "same") -> str:
     """The name a run's samples and scores carry: the method, with -iid for i.i.d. noise.
     It becomes a folder name (read from a run's config, which may have been edited): checked."""

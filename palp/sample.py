@@ -288,6 +288,7 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
     from palp.names import check_name
     from palp.tiny import cache_root
 
+    storage.check_folder_output(output)
     _check_options(num_samples=num_samples, batch_size=batch_size, steps=steps, sampler=sampler, compile=compile,
                    attention=attention, precision=precision, vae_precision=vae_precision)
     run = fetch_run(model, cache=cache_root())

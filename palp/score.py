@@ -75,6 +75,7 @@ def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: st
     """
     from palp.clip import load_clip, resolve_clip
 
+    storage.check_folder_output(output)
     samples = read_samples(samples_dirs)
     manifest = load_manifest(prepared)
     subjects = {n: [storage.join(prepared, p) for p in s["images"]] for n, s in manifest["subjects"].items()}

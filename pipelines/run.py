@@ -61,6 +61,8 @@ def load_experiment(path: Optional[str] = None) -> dict:
 
 # palp's built-in base models: names, not paths.
 BUILTIN_MODELS = ("tiny", "toyworld")
+
+
 @dataclass
 class LocalInput:
     """One input of an experiment that is a file or folder of this machine."""

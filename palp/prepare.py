@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from palp import __version__, storage
 from palp.config import DEFAULT_BASE_MODEL, ScoreSettings, Subject, TrainConfig
 from palp.data import ImageRejected, center_square, decode_rgb
-from palp.elements import element_list
+from palp.elements import elements_of
 from palp.names import check_name
-from palp.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt, check_token_length,
-                          clean_prompt, placeholder_token, placeholders_in)
+from palp.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, CheckedPrompt, PromptError, placeholder_token,
+                          placeholders_in)
 
 MANIFEST = "manifest.json"
 
@@ -156,16 +156,14 @@ def build_tasks(subjects: dict[str, SubjectSpec], prompts: list[PromptSpec], cla
                 )
             words = {ph: class_words[name] for ph, name in mapping.items()}
             try:
-                check_prompt(p.prompt, words)
-                clean = p.clean_prompt or clean_prompt(p.prompt, words)
-                check_token_length(p.prompt)
-                check_token_length(clean, what="clean prompt")
-                elements = element_list(p.prompt, words, p.elements)
+                prompt = CheckedPrompt(p.prompt, words, clean=p.clean_prompt)
+                prompt.check_length(clean=True)
+                elements = elements_of(prompt, p.elements)
             except PromptError as e:
                 raise PrepareError(str(e)) from e
             names = [mapping[ph] for ph in used]
             tasks.append({
-                "id": f"{'+'.join(names)}-{i:02d}", "prompt_index": i, "prompt": p.prompt, "clean_prompt": clean,
+                "id": f"{'+'.join(names)}-{i:02d}", "prompt_index": i, "prompt": p.prompt, "clean_prompt": prompt.clean,
                 "subjects": {ph: mapping[ph] for ph in used}, "class_words": words,
                 "personalization_prompts": {ph: subjects[mapping[ph]].personalization_prompt.replace(subjects[mapping[ph]].placeholder, ph) for ph in used},
                 "elements": elements,
@@ -212,8 +210,8 @@ def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str,
         except PromptError as e:
             raise PrepareError(f"--placeholder of subject {s.name}: {e}") from e
         try:
-            check_prompt(s.personalization_prompt, {s.placeholder: s.class_word or "thing"}, what=f"personalization prompt of {s.name}")
-            check_token_length(s.personalization_prompt, what=f"personalization prompt of {s.name}")
+            CheckedPrompt(s.personalization_prompt, {s.placeholder: s.class_word or "thing"},
+                          what=f"personalization prompt of {s.name}").check_length()
         except PromptError as e:
             raise PrepareError(str(e)) from e
         by_name[s.name] = s
@@ -233,36 +231,58 @@ def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str,
 
     staging = Path(tempfile.mkdtemp(prefix="palp-prepare-"))
     try:
-        fates, images = {}, {}
-        with tqdm(total=0, desc="palp prepare: images", unit="img", disable=not progress) as bar:
-            for s in subjects:
-                fates[s.name], images[s.name] = prepare_subject_images(
-                    s, resolution=resolution, min_size=min_size, near_duplicate=near_duplicate, staging=staging, bar=bar)
+        fates, images = _prepare_images(subjects, resolution=resolution, min_size=min_size, near_duplicate=near_duplicate,
+                                        staging=staging, progress=progress)
         class_info = derive_class_words(subjects, images, clip_model=clip_model, clip_weights=clip_weights,
                                         vocabulary=vocabulary, min_confidence=min_confidence, resolved=clip)
-        class_words = {n: info["class_word"] for n, info in class_info.items()}
-        manifest = {
-            "palp_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "pretrained_model": pretrained_model, "resolution": resolution, "min_image_size": min_size,
-            "inputs_fingerprint": inputs_fingerprint,
-            "subjects": {
-                s.name: {"source": s.source, "placeholder": s.placeholder, "personalization_prompt": s.personalization_prompt,
-                         **class_info[s.name], "images": [f["output"] for f in fates[s.name] if f["status"] == "ok"],
-                         "files": fates[s.name]}
-                for s in subjects
-            },
-            "tasks": build_tasks(by_name, prompts, class_words),
-        }
-        if clip is not None:
-            manifest["clip"] = clip.record()  # {model, weights, pin}
+        manifest = _manifest(subjects, by_name, prompts, fates, class_info, pretrained_model=pretrained_model,
+                             resolution=resolution, min_size=min_size, inputs_fingerprint=inputs_fingerprint, clip=clip)
         storage.write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        if storage.is_gcs(output):
-            storage.upload_dir(staging, output, last=[MANIFEST])
-        else:
-            _move_into(staging, Path(output))
+        _publish(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _prepare_images(subjects: list[SubjectSpec], *, resolution: int, min_size: int, near_duplicate: int, staging: Path,
+                    progress: bool) -> tuple[dict[str, list[dict]], dict[str, list[Image.Image]]]:
+    """Every subject's file fates and accepted images (``prepare_subject_images``), with one progress bar."""
+    fates, images = {}, {}
+    with tqdm(total=0, desc="palp prepare: images", unit="img", disable=not progress) as bar:
+        for s in subjects:
+            fates[s.name], images[s.name] = prepare_subject_images(
+                s, resolution=resolution, min_size=min_size, near_duplicate=near_duplicate, staging=staging, bar=bar)
+    return fates, images
+
+
+def _manifest(subjects: list[SubjectSpec], by_name: dict[str, SubjectSpec], prompts: list[PromptSpec],
+              fates: dict[str, list[dict]], class_info: dict[str, dict], *, pretrained_model: str, resolution: int,
+              min_size: int, inputs_fingerprint: str, clip) -> dict:
+    """The prepared dataset's ``manifest.json``."""
+    class_words = {n: info["class_word"] for n, info in class_info.items()}
+    manifest = {
+        "palp_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pretrained_model": pretrained_model, "resolution": resolution, "min_image_size": min_size,
+        "inputs_fingerprint": inputs_fingerprint,
+        "subjects": {
+            s.name: {"source": s.source, "placeholder": s.placeholder, "personalization_prompt": s.personalization_prompt,
+                     **class_info[s.name], "images": [f["output"] for f in fates[s.name] if f["status"] == "ok"],
+                     "files": fates[s.name]}
+            for s in subjects
+        },
+        "tasks": build_tasks(by_name, prompts, class_words),
+    }
+    if clip is not None:
+        manifest["clip"] = clip.record()  # {model, weights, pin}
+    return manifest
+
+
+def _publish(staging: Path, output: str) -> None:
+    """Copy the staged dataset to ``output``, its manifest last."""
+    if storage.is_gcs(output):
+        storage.upload_dir(staging, output, last=[MANIFEST])
+    else:
+        _move_into(staging, Path(output))
 
 
 def _move_into(staging: Path, out: Path) -> None:

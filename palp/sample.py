@@ -16,7 +16,8 @@ Layout: ``OUTPUT/<task>/<method>-<run hash>/<settings hash>/step-NNNNNN/<prompt 
 (the base model's reference samples: ``<task>/base/<settings hash>/step-000000/``), each
 settings folder with its ``settings.json``; ``samples.csv`` (one row per image, with the
 image's own clean prompt and prompt elements, so subjects that share a prompt never share
-texts), ``prompts.json`` (the same texts per task, for people to read).
+texts), ``prompts.json`` (the same texts per task, for people to read). That bookkeeping
+(seeds, file names, batches, the tables) is ``palp.sample_jobs``; its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,60 +33,28 @@ import torch
 from tqdm.auto import tqdm
 
 from palp import storage
-from palp.elements import element_list
+from palp.elements import elements_of
 from palp.locks import output_lock
 from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE
 from palp.config import SampleSettings as _S
 from palp.config import method_label
 from palp.precision import SAMPLE_PRECISIONS, sample_dtype
-from palp.prompts import check_prompt, clean_prompt, to_token_prompt
+from palp.prompts import CheckedPrompt, to_token_prompt
+from palp.sample_jobs import (CSV_COLUMNS, PROMPTS_JSON, SAMPLES_CSV, SETTINGS_FILE,  # noqa: F401 (re-exported)
+                              TEXT_COLUMNS, SampleError, Weights, finished, make_jobs, merge_tables, prompt_key,
+                              read_table, sample_seed, settings_key, texts_by_task, unfinished_batches, write_settings)
 
 log = logging.getLogger(__name__)
 
-SAMPLES_CSV = "samples.csv"
-PROMPTS_JSON = "prompts.json"
 SCHEDULERS = ("ddim", "dpm++")
 SAMPLERS = ("palp", "stock")
 PRECISIONS = SAMPLE_PRECISIONS
 REFERENCE_METHOD = "base"
-CSV_COLUMNS = ["task", "subject", "method", "step", "prompt", "clean_prompt", "elements", "sample", "seed", "settings",
-               "file", "run"]
-SETTINGS_FILE = "settings.json"
-# Read as text whatever they look like (a settings hash of digits, a subject folder named 2024).
-TEXT_COLUMNS = ("task", "subject", "method", "prompt", "clean_prompt", "elements", "settings", "file", "run")
-
-
-class SampleError(ValueError):
-    """A run or option that cannot be sampled; the message says what to fix."""
-
-
-@dataclass
-class Weights:
-    """One set of LoRA + embeddings to sample: the final ones or a snapshot."""
-
-    step: int
-    folder: Path | None  # None: the base model (reference mode)
-
-
-def sample_seed(seed: int, prompt: str, index: int) -> int:
-    """The seed of sample ``index`` of ``prompt``: independent of batching and of other prompts."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(prompt.encode()), index]).generate_state(1)[0])
 
 
 def initial_latents(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """(B, 4, h, w) starting noise, one CPU generator per sample (device-independent)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-
-
-def prompt_key(prompt: str) -> str:
-    return f"{zlib.crc32(prompt.encode()):08x}"
-
-
-def settings_key(settings: dict) -> str:
-    """A short hash of the settings that decide a sample's pixels (its folder's name)."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def fetch_run(model: str, *, cache: Path) -> Path:
@@ -229,10 +196,10 @@ def texts_to_sample(config: dict, *, prompts: list[str] | None, tasks: list[str]
         return out
     out = []
     for p in dict.fromkeys(prompts or [config["target_prompt"]]):
-        check_prompt(p, words)
+        prompt = CheckedPrompt(p, words)
         explicit = p == config["target_prompt"]
-        out.append({"task": own, "prompt": p, "clean_prompt": config["clean_prompt"] if explicit else clean_prompt(p, words),
-                    "elements": (config.get("elements") if explicit else None) or element_list(p, words)})
+        out.append({"task": own, "prompt": p, "clean_prompt": config["clean_prompt"] if explicit else prompt.clean,
+                    "elements": (config.get("elements") if explicit else None) or elements_of(prompt)})
     return out
 
 
@@ -253,21 +220,6 @@ def _check_options(*, num_samples: int, batch_size: int, steps: int, sampler: st
             raise SampleError(f"{flag} must be one of {', '.join(PRECISIONS)}, not {value!r}")
 
 
-def _jobs(texts: list[dict], weights: list[Weights], *, num_samples: int, seed: int, key: str, run_tag: str,
-          subject: str, method: str, model: str) -> list[dict]:
-    """Every (weights, text, sample) image: its samples.csv row, plus ``_weights``."""
-    jobs = []
-    for w in weights:
-        for e in texts:
-            p = e["prompt"]
-            for i in range(num_samples):
-                rel = f"{e['folder']}/{run_tag}/{key}/step-{w.step:06d}/{prompt_key(p)}-s{i:02d}.png"
-                jobs.append({"task": e["task"], "subject": subject, "method": method, "step": w.step, "prompt": p,
-                             "clean_prompt": e["clean_prompt"], "elements": json.dumps(e["elements"]), "sample": i,
-                             "seed": sample_seed(seed, p, i), "settings": key, "file": rel, "run": model, "_weights": w})
-    return jobs
-
-
 def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: list[str] | None = None,
            prepared: str | None = None, num_samples: int = _S.num_samples, seed: int = _S.seed,
            steps: int = _S.steps, scheduler: str = _S.scheduler, guidance: float = _S.guidance, batch_size: int = _S.batch_size,
@@ -284,8 +236,6 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
     ``attention``: the SDPA kernel (fast.attention_backend).
     """
     from palp import fast
-    from palp.models import resolve_model
-    from palp.names import check_name
     from palp.tiny import cache_root
 
     storage.check_folder_output(output)
@@ -295,41 +245,22 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
     config = json.loads((run / CONFIG_FILE).read_text())
     texts = texts_to_sample(config, prompts=prompts, tasks=tasks, prepared=prepared)
     weights = weights_to_sample(run, checkpoints, reference)
-    method = REFERENCE_METHOD if reference else method_label(config["method"], config.get("noise", "same"))
-    subject = "+".join(s["name"] for s in config["subjects"])
-    for entry in texts:  # a task id (from the run's config or the manifest) becomes a folder name
-        entry["folder"] = check_name(entry["task"] or subject, "task id", SampleError, joined=True)
-    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = sample_dtype(device_, precision)
-    vae_dtype = dtype if vae_precision == "auto" else sample_dtype(device_, vae_precision)
-    # What decides the pixels; not --sampler (both samplers make the same images, tested) nor
-    # the speed options (compile, attention kernel, batch size).
-    settings = {"seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,
-                "dtype": str(dtype), "vae_dtype": str(vae_dtype)}
+    method, subject, run_tag = _run_names(config, texts, model=model, reference=reference)
+    device_, dtype, vae_dtype, settings = _pixel_settings(seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
+                                                          device=device, precision=precision, vae_precision=vae_precision)
     key = settings_key(settings)
-    # Several runs may share one output folder: each writes under its own tag (the base
-    # model's samples depend only on the task, so runs of one task share them).
-    run_tag = method if reference else f"{method}-{prompt_key(str(model).rstrip('/'))[:6]}"
-    jobs = _jobs(texts, weights, num_samples=num_samples, seed=seed, key=key, run_tag=run_tag, subject=subject,
-                 method=method, model=model)
-    # Batches are fixed chunks of the full job list: a resumed run recomputes an unfinished
-    # batch with exactly the same members, so its images are bit-identical to an unbroken run.
+    jobs = make_jobs(texts, weights, num_samples=num_samples, seed=seed, key=key, run_tag=run_tag, subject=subject,
+                     method=method, model=model)
     # One writer per output (locks.py); the table merge below reads and rewrites samples.csv.
     with output_lock(output, "palp sample", wait=True) as held:
-        done = _finished(output)
-        batches = [b for w in weights for b in _chunks([j for j in jobs if j["_weights"] is w], batch_size)]
-        todo = [b for b in batches if not all(j["file"] in done for j in b)]
+        done = finished(output)
+        todo = unfinished_batches(jobs, weights, batch_size, done)
         remaining = sum(len(b) for b in todo)
         bar = tqdm(total=len(jobs), initial=len(jobs) - remaining, desc=f"palp sample ({method})", unit="img", disable=not progress)
         if todo:
-            for tag in dict.fromkeys(f"{e['folder']}/{run_tag}" for e in texts):
-                storage.write_text(storage.join(output, tag, key, SETTINGS_FILE), json.dumps(settings, indent=2, sort_keys=True) + "\n")
-            # The base model as the run names it, resolved again on this machine and checked
-            # against the pin of the weights it was trained on (never the trainer's cache path).
-            base = resolve_model(config["pretrained_model"], pin=config.get("base_model_pin"))
-            pipe = build_pipeline(base.path, scheduler=scheduler, device=device_, dtype=dtype, vae_dtype=vae_dtype)
-            compiled = fast.CompiledUNet(pipe.unet, fast.resolve_compile(compile, device_) if sampler == "palp" else "none",
-                                         device=device_, cache_folder=compile_cache, logger=log)
+            write_settings(output, texts, run_tag, key, settings)
+            pipe, compiled = _load_pipeline(config, scheduler=scheduler, device=device_, dtype=dtype, vae_dtype=vae_dtype,
+                                            sampler=sampler, compile=compile, compile_cache=compile_cache)
             with fast.attention_backend(attention):
                 _render(pipe, compiled, todo, output=output, reference=reference, sampler=sampler, steps=steps,
                         guidance=guidance, batch_size=batch_size, dtype=dtype,
@@ -337,11 +268,50 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
         bar.close()
         rows = [{k: v for k, v in j.items() if not k.startswith("_")} for j in jobs]
         held.check()
-        texts_by_task: dict[str, dict] = {}
-        for e in texts:
-            texts_by_task.setdefault(e["folder"], {})[e["prompt"]] = {"clean_prompt": e["clean_prompt"], "elements": e["elements"]}
-        _merge_tables(output, rows, texts_by_task)
+        merge_tables(output, rows, texts_by_task(texts))
         return rows
+
+
+def _run_names(config: dict, texts: list[dict], *, model: str, reference: bool) -> tuple[str, str, str]:
+    """(method label, subject, run tag) of a run; sets each text's task ``folder``."""
+    from palp.names import check_name
+
+    method = REFERENCE_METHOD if reference else method_label(config["method"], config.get("noise", "same"))
+    subject = "+".join(s["name"] for s in config["subjects"])
+    for entry in texts:  # a task id (from the run's config or the manifest) becomes a folder name
+        entry["folder"] = check_name(entry["task"] or subject, "task id", SampleError, joined=True)
+    # Several runs may share one output folder: each writes under its own tag (the base
+    # model's samples depend only on the task, so runs of one task share them).
+    run_tag = method if reference else f"{method}-{prompt_key(str(model).rstrip('/'))[:6]}"
+    return method, subject, run_tag
+
+
+def _pixel_settings(*, seed: int, steps: int, guidance: float, scheduler: str, device: str | None, precision: str,
+                    vae_precision: str) -> tuple[torch.device, torch.dtype, torch.dtype, dict]:
+    """(device, dtype, VAE dtype, the settings that decide the pixels: ``settings.json``)."""
+    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = sample_dtype(device_, precision)
+    vae_dtype = dtype if vae_precision == "auto" else sample_dtype(device_, vae_precision)
+    # What decides the pixels; not --sampler (both samplers make the same images, tested) nor
+    # the speed options (compile, attention kernel, batch size).
+    settings = {"seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,
+                "dtype": str(dtype), "vae_dtype": str(vae_dtype)}
+    return device_, dtype, vae_dtype, settings
+
+
+def _load_pipeline(config: dict, *, scheduler: str, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
+                   sampler: str, compile: str, compile_cache: str):
+    """(the stock pipeline of the run's base model, its UNet behind ``fast.CompiledUNet``)."""
+    from palp import fast
+    from palp.models import resolve_model
+
+    # The base model as the run names it, resolved again on this machine and checked
+    # against the pin of the weights it was trained on (never the trainer's cache path).
+    base = resolve_model(config["pretrained_model"], pin=config.get("base_model_pin"))
+    pipe = build_pipeline(base.path, scheduler=scheduler, device=device, dtype=dtype, vae_dtype=vae_dtype)
+    compiled = fast.CompiledUNet(pipe.unet, fast.resolve_compile(compile, device) if sampler == "palp" else "none",
+                                 device=device, cache_folder=compile_cache, logger=log)
+    return pipe, compiled
 
 
 def _render(pipe, compiled, todo: list[list[dict]], *, output: str, reference: bool, sampler: str, steps: int,
@@ -383,50 +353,3 @@ def _write_png(uri: str, pixels: np.ndarray) -> None:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     storage.write_bytes(uri, buf.getvalue(), content_type="image/png")
-
-
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _finished(output: str) -> set[str]:
-    """Files already written under ``output`` (writes are atomic, so each is complete)."""
-    try:
-        return set(storage.list_files(output, recursive=True))
-    except storage.StorageError:  # no output folder yet
-        return set()
-
-
-def read_table(csv_uri: str):
-    """A samples.csv as a DataFrame, its text columns as text and its cells as palp wrote them."""
-    from palp import safecsv
-
-    table = safecsv.read_csv(storage.read_bytes(csv_uri), dtype={c: str for c in TEXT_COLUMNS})
-    if "elements" not in table.columns or "settings" not in table.columns:
-        raise SampleError(f"{csv_uri} was written by an older palp (no per-sample texts); sample into a new --output")
-    return table
-
-
-def _merge_tables(output: str, rows: list[dict], prompts: dict[str, dict]) -> None:
-    """Add this call's rows to samples.csv and its task's texts to prompts.json.
-
-    Other runs' rows are kept (several runs may share a folder), and so are this run's rows of
-    other prompts or snapshots made with the same settings; this run's rows made with other
-    settings are replaced, so the table never mixes one run's images of two settings.
-    """
-    import pandas as pd
-
-    from palp import safecsv
-
-    csv_uri, json_uri = storage.join(output, SAMPLES_CSV), storage.join(output, PROMPTS_JSON)
-    new = pd.DataFrame(rows, columns=CSV_COLUMNS)
-    if storage.exists(csv_uri):
-        old = read_table(csv_uri)
-        keys = ["task", "method", "run"]
-        same_run = old.set_index(keys).index.isin(new.set_index(keys).index)
-        old = old[~old["file"].isin(set(new["file"])) & ~(same_run & old["settings"].ne(new["settings"].iloc[0]))]
-        new = pd.concat([old, new], ignore_index=True)
-    new = new.sort_values(["task", "method", "step", "prompt", "sample"], kind="stable")
-    storage.write_text(csv_uri, safecsv.to_csv(new, index=False))
-    known = json.loads(storage.read_text(json_uri)) if storage.exists(json_uri) else {}
-    storage.write_text(json_uri, json.dumps({**known, **prompts}, indent=2) + "\n")

@@ -1,50 +1,29 @@
 """Local paths and ``gs://`` URIs: the one layer every step reads and writes through.
 
-Google Cloud Storage goes through the real ``google-cloud-storage`` client. Credentials come
-from the environment (Application Default Credentials; ``STORAGE_EMULATOR_HOST`` selects an
-emulator with anonymous credentials) and are never logged. Transient failures (connection
-refused or reset, 429, 5xx) are retried with exponential backoff. Local writes are atomic
-(temp file + rename); a GCS object becomes visible only once its upload completed, and a
-folder upload writes its marker file (e.g. ``manifest.json``) last, so a reader that waits for
-the marker never sees a half-written folder as finished.
+Each function takes a local path or a gs:// URI. Local writes are atomic (temp file +
+rename); a GCS object becomes visible only once its upload completed, and a folder upload
+writes its marker file (e.g. ``manifest.json``) last, so a reader that waits for the marker
+never sees a half-written folder as finished. Transient failures are retried with exponential
+backoff. The GCS side (URIs, the client, its credentials, the retry policy, object
+generations, signed URLs) is ``palp.gcs``; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
-import random
 import re
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TypeVar
 
-GS = "gs://"
+from palp import gcs
+from palp.gcs import (GS, StorageError, gcs_client, is_gcs, object_generations, signed_url,  # noqa: F401 (re-exported)
+                      split_gcs, with_retries)
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-class StorageError(RuntimeError):
-    """A storage location that cannot be read or written; the message names it."""
-
-
-def is_gcs(uri: str | os.PathLike) -> bool:
-    return str(uri).startswith(GS)
-
-
-def split_gcs(uri: str) -> tuple[str, str]:
-    """``gs://bucket/a/b`` -> ("bucket", "a/b")."""
-    if not is_gcs(uri):
-        raise StorageError(f"{uri!r} is not a gs:// URI")
-    bucket, _, prefix = uri[len(GS) :].partition("/")
-    if not bucket:
-        raise StorageError(f"{uri!r} names no bucket; write gs://BUCKET/PATH")
-    return bucket, prefix
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -81,94 +60,6 @@ def check_folder_output(uri: str | os.PathLike, flag: str = "--output") -> None:
         raise StorageError(f"{flag} {uri} is a file; give a folder (new or existing)")
 
 
-# -- retries -------------------------------------------------------------------------------
-
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
-    try:  # the GCS client's errors, where it is installed (local paths need neither)
-        import requests
-        from google.api_core import exceptions as gexc
-    except ImportError:
-        return errors
-    return errors + (
-        requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-        requests.exceptions.ChunkedEncodingError, gexc.TooManyRequests, gexc.InternalServerError,
-        gexc.BadGateway, gexc.ServiceUnavailable, gexc.GatewayTimeout,
-    )
-
-
-def _exhausted_errors() -> tuple[type[BaseException], ...]:
-    """The GCS client's own "gave up retrying" error: retrying it again would only wait longer."""
-    try:
-        from google.api_core.exceptions import RetryError
-    except ImportError:
-        return ()
-    return (RetryError,)
-
-
-def _gcs_retry():
-    """The client's retry policy with a deadline of PALP_STORAGE_DEADLINE seconds (default 120)
-    per call, so an outage ends in a StorageError instead of the client's own long wait."""
-    from google.cloud.storage.retry import DEFAULT_RETRY
-
-    return DEFAULT_RETRY.with_timeout(float(os.environ.get("PALP_STORAGE_DEADLINE", "120")))
-
-
-def with_retries(fn: Callable[..., T]) -> Callable[..., T]:
-    """Retry ``fn`` on transient errors: PALP_STORAGE_RETRIES attempts (default 8), backoff
-    0.25 s doubling to 8 s with jitter. Permanent errors (404, 403, bad URIs) raise at once.
-    A StorageError from here names the operation and its URI."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        attempts = int(os.environ.get("PALP_STORAGE_RETRIES", "8"))
-        transient, exhausted = _transient_errors(), _exhausted_errors()
-        what = f"{fn.__name__} {args[0]}" if args else fn.__name__
-        for attempt in range(1, attempts + 1):
-            try:
-                return fn(*args, **kwargs)
-            except exhausted as e:
-                raise StorageError(f"{what}: storage unreachable, the client gave up retrying: {e}") from e
-            except transient as e:
-                if attempt == attempts:
-                    raise StorageError(f"{what}: still failing after {attempts} attempts: {type(e).__name__}: {e}") from e
-                delay = min(8.0, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-                log.warning("%s: transient %s, retry %d/%d in %.1fs", fn.__name__, type(e).__name__, attempt, attempts - 1, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    return wrapper
-
-
-# -- GCS -----------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=4)
-def _client(emulator: str | None, project: str | None):
-    from google.cloud import storage
-
-    if emulator:
-        from google.auth.credentials import AnonymousCredentials
-
-        return storage.Client(project=project or "palp", credentials=AnonymousCredentials())
-    return storage.Client(project=project)
-
-
-def gcs_client():
-    """A storage client for the current environment (cached per emulator host and project)."""
-    return _client(os.environ.get("STORAGE_EMULATOR_HOST"), os.environ.get("GOOGLE_CLOUD_PROJECT"))
-
-
-def _blob(uri: str):
-    bucket, name = split_gcs(uri)
-    if not name:
-        raise StorageError(f"{uri!r} names a bucket, not an object")
-    return gcs_client().bucket(bucket).blob(name)
-
-
-def _not_found(uri: str, e: Exception) -> StorageError:
-    return StorageError(f"{uri} does not exist ({type(e).__name__})")
-
-
 # -- the API every step uses ----------------------------------------------------------------
 
 @with_retries
@@ -177,13 +68,13 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
         try:
             return Path(uri).read_bytes()
         except FileNotFoundError as e:
-            raise _not_found(str(uri), e) from e
+            raise gcs.not_found(str(uri), e) from e
     from google.api_core.exceptions import NotFound
 
     try:
-        return _blob(str(uri)).download_as_bytes(retry=_gcs_retry())
+        return gcs.blob(str(uri)).download_as_bytes(retry=gcs.retry_policy())
     except NotFound as e:
-        raise _not_found(str(uri), e) from e
+        raise gcs.not_found(str(uri), e) from e
 
 
 def read_text(uri: str | os.PathLike) -> str:
@@ -195,7 +86,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes, *, content_type: str | None
     """Write a whole file: atomically on disk; as one upload (visible only when complete) on GCS."""
     if is_gcs(uri):
         # Re-uploading the same bytes is harmless, so uploads are retried like reads.
-        _blob(str(uri)).upload_from_string(data, content_type=content_type, retry=_gcs_retry())
+        gcs.blob(str(uri)).upload_from_string(data, content_type=content_type, retry=gcs.retry_policy())
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +107,7 @@ def write_text(uri: str | os.PathLike, text: str) -> None:
 @with_retries
 def exists(uri: str | os.PathLike) -> bool:
     if is_gcs(uri):
-        return _blob(str(uri)).exists(retry=_gcs_retry())
+        return gcs.blob(str(uri)).exists(retry=gcs.retry_policy())
     return Path(uri).exists()
 
 
@@ -226,7 +117,7 @@ def list_files(uri: str | os.PathLike, *, recursive: bool = False) -> list[str]:
     if is_gcs(uri):
         bucket, prefix = split_gcs(str(uri))
         prefix = prefix.rstrip("/") + "/" if prefix else ""
-        blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter=None if recursive else "/", retry=_gcs_retry())
+        blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter=None if recursive else "/", retry=gcs.retry_policy())
         names = [b.name[len(prefix) :] for b in blobs if not b.name.endswith("/")]
     else:
         root = Path(uri)
@@ -235,19 +126,6 @@ def list_files(uri: str | os.PathLike, *, recursive: bool = False) -> list[str]:
         found = root.rglob("*") if recursive else root.iterdir()
         names = [str(p.relative_to(root)) for p in found if p.is_file()]
     return sorted(n for n in names if not any(part.startswith(".") for part in Path(n).parts))
-
-
-@with_retries
-def object_generations(uri: str) -> dict[str, int]:
-    """Every object under a gs:// prefix (relative name -> generation), hidden names skipped.
-
-    A generation changes whenever an object is replaced, so this identifies the exact
-    contents without reading them."""
-    bucket, prefix = split_gcs(str(uri))
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    blobs = gcs_client().list_blobs(bucket, prefix=prefix, retry=_gcs_retry())
-    found = {b.name[len(prefix) :]: int(b.generation) for b in blobs if not b.name.endswith("/")}
-    return {n: g for n, g in sorted(found.items()) if not any(part.startswith(".") for part in Path(n).parts)}
 
 
 def file_digest(path: str | Path) -> str:
@@ -294,11 +172,11 @@ def remove_tree(uri: str | os.PathLike, *, first: Iterable[str] = ()) -> None:
 
     bucket, prefix = split_gcs(str(uri))
     prefix = prefix.rstrip("/") + "/"
-    blobs = list(gcs_client().list_blobs(bucket, prefix=prefix, retry=_gcs_retry()))
+    blobs = list(gcs_client().list_blobs(bucket, prefix=prefix, retry=gcs.retry_policy()))
     blobs.sort(key=lambda b: b.name[len(prefix) :] not in set(first))
     for b in blobs:
         with contextlib.suppress(NotFound):  # deleted by an earlier attempt
-            b.delete(retry=_gcs_retry())
+            b.delete(retry=gcs.retry_policy())
 
 
 # Names of palp's own temporaries: tempfile's ``.<name>.<8 random chars>`` (write_bytes,
@@ -390,35 +268,3 @@ def upload_dir(local: str | Path, uri: str, *, last: Iterable[str] = ()) -> None
     last = [n for n in last if n in names]
     for name in [n for n in names if n not in last] + last:
         write_bytes(join(uri, name), (local / name).read_bytes())
-
-
-def signed_url(uri: str, expiration, *, method: str = "GET") -> str:
-    """A V4 signed URL for one object.
-
-    Signs with the environment's credentials: a service-account key signs locally; credentials
-    from a metadata server (Vertex AI, GKE, GCE) sign through IAM ``signBlob`` with their
-    access token (the service account needs roles/iam.serviceAccountTokenCreator on itself).
-    ``GOOGLE_APPLICATION_CREDENTIALS`` naming a service-account key file takes precedence.
-    """
-    blob = _blob(uri)
-    credentials = None
-    key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
-    if key_file:
-        from google.oauth2 import service_account
-
-        credentials = service_account.Credentials.from_service_account_file(key_file)
-    try:
-        return blob.generate_signed_url(version="v4", expiration=expiration, method=method, credentials=credentials)
-    except AttributeError:  # credentials without a private key: sign through IAM
-        import google.auth.transport.requests
-
-        creds = blob.client._credentials
-        email = getattr(creds, "service_account_email", None)
-        if not email:
-            raise StorageError(
-                "signed URLs need service-account credentials: set GOOGLE_APPLICATION_CREDENTIALS to a key file, "
-                "or run as a service account (Vertex AI, GKE, GCE)"
-            ) from None
-        creds.refresh(google.auth.transport.requests.Request())
-        return blob.generate_signed_url(version="v4", expiration=expiration, method=method,
-                                        service_account_email=email, access_token=creds.token)

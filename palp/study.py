@@ -121,18 +121,7 @@ def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = 
     a participant may guess, does not reveal which position holds which method; the seed and
     the key's salt give the same layout again.
     """
-    if forms < 1 or image_size < 16:
-        raise StudyError("--forms must be >= 1 and --image-size >= 16")
-    if links not in ("embedded", "signed"):
-        raise StudyError(f"--links must be embedded or signed, not {links!r}")
-    if links == "signed" and not storage.is_gcs(output):
-        raise StudyError("--links signed needs a gs:// --output (signed URLs point at objects in a bucket)")
-    if not storage.is_gcs(output):
-        existing = next((p for p in (Path(output), *Path(output).parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            raise StudyError(f"--output {output}: {existing} is a file, not a folder; choose a new or empty folder")
-    if storage.exists(storage.join(output, "key", "answer_key.csv")):
-        raise StudyError(f"{output} already holds a study export; choose another --output")
+    _check_export_options(output, forms=forms, image_size=image_size, links=links)
     try:
         salt = salt or secrets.token_hex(16)
         rng = np.random.default_rng([seed, int(salt, 16)])
@@ -145,49 +134,86 @@ def export(samples_dirs: list[str], prepared: str, output: str, *, forms: int = 
     if missing:
         raise StudyError(f"subject(s) {', '.join(missing)} of the samples are not in {prepared}")
     questions = build_questions(pick_samples(samples, rng, methods), inputs, rng)
-    used: set[str] = set()
-    for q in questions:
-        q["question_id"] = "Q" + _token(used)
-        q["image_id"] = _token(used)
-        q["reference_id"] = _token(used) if q["kind"] == "similarity" else ""
+    _assign_ids(questions)
     if forms > len(questions):
         raise StudyError(f"{len(questions)} questions cannot fill {forms} forms; use --forms {len(questions)} or fewer")
     dealt = deal_forms(len(questions), forms, rng)
-    n_el = max(len(q["elements"]) for q in questions)
 
     staging = Path(tempfile.mkdtemp(prefix="palp-study-"))
     try:
         images = staging / "forms" / "images"
         images.mkdir(parents=True)
-        for q in questions:
-            (images / f"{q['image_id']}.png").write_bytes(blind_png(storage.read_bytes(q["source"]), image_size))
-            if q["reference_id"]:
-                (images / f"{q['reference_id']}.png").write_bytes(blind_png(storage.read_bytes(q["reference_source"]), image_size))
+        _write_images(questions, images, image_size)
         urls = _signed_urls(questions, output, images, expiry_hours) if links == "signed" else {}
-        key_rows = []
-        for f, members in enumerate(dealt, 1):
-            rows = [questions[i] for i in members]
-            table = form_table(rows, n_el, urls)
-            (staging / "forms" / f"form-{f}.csv").write_text(to_csv(table, index=False), encoding="utf-8")
-            write_xlsx(staging / "forms" / f"form-{f}.xlsx", table, images, f)
-            for pos, q in enumerate(rows, 1):
-                key_rows.append({"question_id": q["question_id"], "form": f, "position": pos, "kind": q["kind"],
-                                 "subject": q["subject"], "prompt": q["prompt"], "clean_prompt": q["clean_prompt"],
-                                 "method": q["method"], "run": q["run"], "step": q["step"], "sample": q["sample"],
-                                 "seed": q["seed"], "image_id": q["image_id"], "reference_id": q["reference_id"],
-                                 "source": q["source"], "reference_source": q["reference_source"],
-                                 "elements": json.dumps(q["elements"])})
+        key_rows = _write_forms(staging / "forms", questions, dealt, images, urls)
         (staging / "key").mkdir()
         (staging / "key" / "layout.json").write_text(json.dumps({"seed": seed, "salt": salt}, indent=2) + "\n")
         (staging / "key" / "answer_key.csv").write_text(to_csv(pd.DataFrame(key_rows), index=False), encoding="utf-8")
-        files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
-        if links == "signed":
-            files = [f for f in files if f.parts[:2] != ("forms", "images")]  # uploaded already, linked by URL
-        for rel in sorted(files, key=lambda p: p.parts[0] == "key"):  # the key last: its presence marks a finished export
-            storage.write_bytes(storage.join(output, *rel.parts), (staging / rel).read_bytes())
+        _publish(staging, output, links)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"questions": len(questions), "forms": [len(m) for m in dealt], "methods": sorted({q["method"] for q in questions})}
+
+
+def _check_export_options(output: str, *, forms: int, image_size: int, links: str) -> None:
+    if forms < 1 or image_size < 16:
+        raise StudyError("--forms must be >= 1 and --image-size >= 16")
+    if links not in ("embedded", "signed"):
+        raise StudyError(f"--links must be embedded or signed, not {links!r}")
+    if links == "signed" and not storage.is_gcs(output):
+        raise StudyError("--links signed needs a gs:// --output (signed URLs point at objects in a bucket)")
+    if not storage.is_gcs(output):
+        existing = next((p for p in (Path(output), *Path(output).parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise StudyError(f"--output {output}: {existing} is a file, not a folder; choose a new or empty folder")
+    if storage.exists(storage.join(output, "key", "answer_key.csv")):
+        raise StudyError(f"{output} already holds a study export; choose another --output")
+
+
+def _assign_ids(questions: list[dict]) -> None:
+    """Give every question, image and reference image its random id (``_token``)."""
+    used: set[str] = set()
+    for q in questions:
+        q["question_id"] = "Q" + _token(used)
+        q["image_id"] = _token(used)
+        q["reference_id"] = _token(used) if q["kind"] == "similarity" else ""
+
+
+def _write_images(questions: list[dict], images: Path, image_size: int) -> None:
+    """Every question's image, and its reference photo, blinded (``blind_png``) under its id."""
+    for q in questions:
+        (images / f"{q['image_id']}.png").write_bytes(blind_png(storage.read_bytes(q["source"]), image_size))
+        if q["reference_id"]:
+            (images / f"{q['reference_id']}.png").write_bytes(blind_png(storage.read_bytes(q["reference_source"]), image_size))
+
+
+def _write_forms(folder: Path, questions: list[dict], dealt: list[list[int]], images: Path,
+                 urls: dict[str, str]) -> list[dict]:
+    """``form-N.csv`` and ``form-N.xlsx`` for each dealt form; returns the answer key's rows."""
+    n_el = max(len(q["elements"]) for q in questions)
+    key_rows = []
+    for f, members in enumerate(dealt, 1):
+        rows = [questions[i] for i in members]
+        table = form_table(rows, n_el, urls)
+        (folder / f"form-{f}.csv").write_text(to_csv(table, index=False), encoding="utf-8")
+        write_xlsx(folder / f"form-{f}.xlsx", table, images, f)
+        for pos, q in enumerate(rows, 1):
+            key_rows.append({"question_id": q["question_id"], "form": f, "position": pos, "kind": q["kind"],
+                             "subject": q["subject"], "prompt": q["prompt"], "clean_prompt": q["clean_prompt"],
+                             "method": q["method"], "run": q["run"], "step": q["step"], "sample": q["sample"],
+                             "seed": q["seed"], "image_id": q["image_id"], "reference_id": q["reference_id"],
+                             "source": q["source"], "reference_source": q["reference_source"],
+                             "elements": json.dumps(q["elements"])})
+    return key_rows
+
+
+def _publish(staging: Path, output: str, links: str) -> None:
+    """Copy the staged export to ``output``, the key last: its presence marks a finished export."""
+    files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+    if links == "signed":
+        files = [f for f in files if f.parts[:2] != ("forms", "images")]  # uploaded already, linked by URL
+    for rel in sorted(files, key=lambda p: p.parts[0] == "key"):
+        storage.write_bytes(storage.join(output, *rel.parts), (staging / rel).read_bytes())
 
 
 def form_table(rows: list[dict], n_elements: int, urls: dict[str, str]) -> pd.DataFrame:

@@ -4,48 +4,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 
 from palp import __version__
+from palp.flags import arguments, finite_float, settings
 
 
-def _on_off(value: str) -> bool:
-    if value not in ("on", "off"):
-        raise argparse.ArgumentTypeError("use on or off")
-    return value == "on"
-
-
-def finite_float(value: str) -> float:
-    """A float flag: nan and inf are refused here (they would train or sample garbage silently)."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
-    return x
-
-
-def _steps_list(value: str) -> list[int]:
-    from palp.config import ConfigError, parse_steps
-
-    try:
-        return parse_steps(value)
-    except ConfigError:
-        raise argparse.ArgumentTypeError("use comma-separated step numbers, e.g. 100,200,300") from None
+def _add_flags(parser, cls, sections=None, **choices) -> None:
+    """The flags of the settings dataclass ``cls`` (palp.flags), each in its --help section."""
+    for section, name, keywords in arguments(cls, **choices):
+        (sections[section] if section else parser).add_argument(name, **keywords)
 
 
 def add_train_parser(sub) -> None:
-    from palp.config import DEFAULT_SAVE_STEPS
-    from palp.config import TrainConfig as C
-    from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES, COMPILE_MODES
-    from palp.guidance import METHODS
-    from palp.personalize import LORA_TARGET_SETS
+    """The task's flags (subjects and prompts, assembled by ``config_from_args``), then every
+    TrainConfig flag, each in its section."""
+    from palp.config import CHECKPOINTS, SUBJECT, TRAIN_SECTIONS, TrainConfig
 
     p = sub.add_parser("train", help="fine-tune LoRA + [V] on a subject with prompt-aligned guidance",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("subject and prompts (or --prepared)")
+    sections = {title: p.add_argument_group(title) for title in TRAIN_SECTIONS}
+    g = sections[SUBJECT]
     g.add_argument("--prepared", help="a dataset written by `palp prepare` (folder or gs:// prefix)")
     g.add_argument("--task", help="with --prepared: the task id to train (needed when it holds several)")
     g.add_argument("--images", action="append", metavar="[V]=DIR",
@@ -55,79 +34,19 @@ def add_train_parser(sub) -> None:
     g.add_argument("--prompt", help="target prompt, e.g. 'A sketch of [V] in Paris at night'")
     g.add_argument("--personalization-prompt", action="append", metavar="[V]=PROMPT",
                    help="personalization prompt y_P per subject (default 'A photo of [V]')")
-    g.add_argument("--clean-prompt", default="", help="clean target prompt y_c (default: derived from --prompt)")
-    g.add_argument("--pretrained-model", default=C.pretrained_model,
-                   help="Hugging Face id, local diffusers folder, gs:// prefix, 'tiny' or 'toyworld'")
-    g.add_argument("--output", required=True, help="run folder")
-    g.add_argument("--min-image-size", type=int, default=None, help="smallest accepted image side (default: half the model resolution)")
-
-    m = p.add_argument_group("method (../shared/PALP.md)")
-    m.add_argument("--method", choices=METHODS, default=C.method)
-    m.add_argument("--noise", choices=("same", "iid"), default=C.noise, help="eps' of the re-noised estimate")
-    m.add_argument("--align-timestep", choices=("resample", "same"), default=C.align_timestep)
-    m.add_argument("--rescale", type=_on_off, default=C.rescale, metavar="on|off")
-    m.add_argument("--alpha", type=finite_float, default=C.alpha, help="CFG scale, pretrained clean branch")
-    m.add_argument("--beta", type=finite_float, default=C.beta, help="CFG scale, personalized branch")
-    m.add_argument("--lambda", dest="lam", type=finite_float, default=C.lam, help="weight of the alignment term")
-    m.add_argument("--align-t-min", type=int, default=C.align_t_min)
-    m.add_argument("--align-t-max", type=int, default=C.align_t_max)
-    m.add_argument("--negative-prompt", default=C.negative_prompt, help="NFSD's negative prompt")
-
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=C.steps)
-    o.add_argument("--lr", type=finite_float, default=C.lr)
-    o.add_argument("--batch-size", type=int, default=C.batch_size, help="global batch")
-    o.add_argument("--micro-batch-size", type=int, default=None, help="per-process batch per forward (default: all of it)")
-    o.add_argument("--lora-rank", type=int, default=C.lora_rank)
-    o.add_argument("--lora-alpha", type=finite_float, default=None, help="default: = rank")
-    o.add_argument("--lora-targets", choices=LORA_TARGET_SETS, default=C.lora_targets,
-                   help="attention: the attention projections (the paper's); attention+resnets: also the "
-                        "ResNet blocks' convolutions, for UNets with attention-free levels")
-    o.add_argument("--max-grad-norm", type=finite_float, default=C.max_grad_norm, help="0 turns clipping off")
-    o.add_argument("--weight-decay", type=finite_float, default=C.weight_decay)
-    o.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=C.mixed_precision)
-    o.add_argument("--seed", type=int, default=C.seed)
-    o.add_argument("--deterministic", type=_on_off, default=C.deterministic, metavar="on|off",
-                   help="deterministic kernels (torch.use_deterministic_algorithms): two runs and a resumed run are "
-                        "bit-identical; off: PyTorch's fastest kernels")
-    o.add_argument("--threads", type=int, default=C.threads,
-                   help="CPU threads (0: torch's default, recorded in training_config.json; --resume keeps the run's)")
-
-    s = p.add_argument_group("speed and memory (none changes what a step computes)")
-    s.add_argument("--fused-guidance", type=_on_off, default=C.fused_guidance, metavar="on|off",
-                   help="the pretrained and personalized guidance branches in one UNet call")
-    s.add_argument("--compile", choices=("auto", *COMPILE_CHOICES), default=C.compile,
-                   help="torch.compile the UNet's repeated blocks or all of it; auto: blocks on CUDA, none elsewhere")
-    s.add_argument("--compile-mode", choices=COMPILE_MODES, default=C.compile_mode)
-    s.add_argument("--compile-cache", default=C.compile_cache, metavar="DIR",
-                   help="folder or gs:// prefix keeping the compiled kernels, reused by later runs")
-    s.add_argument("--channels-last", type=_on_off, default=C.channels_last, metavar="on|off")
-    s.add_argument("--attention", choices=ATTENTION_BACKENDS, default=C.attention, help="the SDPA kernel (auto: PyTorch's choice)")
-    s.add_argument("--gradient-checkpointing", type=_on_off, default=C.gradient_checkpointing, metavar="on|off",
-                   help="less memory for about one more UNet forward per step")
-
-    c = p.add_argument_group("checkpoints")
-    c.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every)
-    c.add_argument("--checkpoints-total-limit", type=int, default=C.checkpoints_total_limit)
-    c.add_argument("--save-steps", type=_steps_list, default=list(DEFAULT_SAVE_STEPS),
-                   help="steps whose LoRA + embeddings are kept as snapshots")
-    c.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--clean-prompt", default=TrainConfig.clean_prompt,
+                   help="clean target prompt y_c (default: derived from --prompt)")
+    _add_flags(p, TrainConfig, sections)
+    sections[CHECKPOINTS].add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    sections[CHECKPOINTS].add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
 
 
 def _train_settings(args) -> dict:
-    """The TrainConfig fields the train flags set: each flag's dest is its field's name
-    (tests/test_defaults.py holds the flags' defaults to the fields')."""
-    import dataclasses
-
+    """The TrainConfig fields the train flags set (each flag's dest is its field's name)."""
     from palp.config import TrainConfig
 
-    task_fields = {"subjects", "target_prompt", "clean_prompt", "task_id", "elements"}
-    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                if f.name not in task_fields and hasattr(args, f.name)}
-    settings["max_grad_norm"] = args.max_grad_norm or None  # 0 turns clipping off
-    return settings
+    return {**settings(args, TrainConfig), "max_grad_norm": args.max_grad_norm or None}  # 0 turns clipping off
 
 
 def config_from_args(args):
@@ -247,7 +166,7 @@ def run_prepare(args) -> int:
 
 
 def add_sample_parser(sub) -> None:
-    from palp.config import SampleSettings as S
+    from palp.config import SampleSettings
     from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES
     from palp.sample import SAMPLERS, SCHEDULERS
 
@@ -260,13 +179,7 @@ def add_sample_parser(sub) -> None:
                    help="sample this task's target prompt (repeatable; needs --prepared): a TI+DB run serves every "
                         "task of its subjects")
     p.add_argument("--prepared", help="the prepared dataset holding the --task ids")
-    p.add_argument("--num-samples", type=int, default=S.num_samples)
-    p.add_argument("--seed", type=int, default=S.seed)
-    p.add_argument("--steps", type=int, default=S.steps, help="denoising steps")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default=S.scheduler)
-    p.add_argument("--guidance", type=finite_float, default=S.guidance)
-    p.add_argument("--batch-size", type=int, default=S.batch_size)
-    p.add_argument("--checkpoints", choices=("all", "final"), default=S.checkpoints, help="all: every saved snapshot too")
+    _add_flags(p, SampleSettings, scheduler=SCHEDULERS)
     p.add_argument("--reference", action="store_true", help="sample the base model on the clean prompt (Fig. 6's reference)")
     p.add_argument("--precision", choices=("auto", "fp64", "fp32", "fp16", "bf16"), default="auto",
                    help="auto: fp16 on GPU, fp32 on CPU; fp64 makes images bit-identical across batch sizes")
@@ -284,12 +197,11 @@ def add_sample_parser(sub) -> None:
 
 
 def run_sample(args) -> int:
+    from palp.config import SampleSettings
     from palp.sample import sample
 
     rows = sample(args.model, args.output, prompts=args.prompts, tasks=args.task, prepared=args.prepared,
-                  num_samples=args.num_samples, seed=args.seed,
-                  steps=args.steps, scheduler=args.scheduler, guidance=args.guidance, batch_size=args.batch_size,
-                  checkpoints=args.checkpoints, reference=args.reference, precision=args.precision,
+                  **settings(args, SampleSettings), reference=args.reference, precision=args.precision,
                   device=args.device, progress=not args.quiet, sampler=args.sampler, vae_precision=args.vae_precision,
                   compile=args.compile, compile_cache=args.compile_cache, attention=args.attention)
     print(f"{len(rows)} samples -> {args.output}")
@@ -297,26 +209,23 @@ def run_sample(args) -> int:
 
 
 def add_score_parser(sub) -> None:
-    from palp.config import ScoreSettings as S
+    from palp.config import ScoreSettings
 
     p = sub.add_parser("score", help="CLIP text and image alignment: Table 2, Fig. 6, an HTML report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--samples", action="append", required=True, help="a `palp sample` output (repeatable)")
     p.add_argument("--prepared", required=True, help="the prepared dataset the runs were trained on")
     p.add_argument("--output", required=True)
-    p.add_argument("--clip", default=S.clip_model, help="open_clip model (or 'tiny', 'toyworld')")
-    p.add_argument("--clip-weights", default=S.clip_weights, help="open_clip pretrained tag or checkpoint path")
-    p.add_argument("--judge", default=S.judge, help="also judge toy-world images: 'toyworld' or a judge.safetensors")
-    p.add_argument("--batch-size", type=int, default=S.batch_size)
+    _add_flags(p, ScoreSettings)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_score)
 
 
 def run_score(args) -> int:
+    from palp.config import ScoreSettings
     from palp.score import score
 
-    scores = score(args.samples, args.prepared, args.output, clip_model=args.clip, clip_weights=args.clip_weights,
-                   judge=args.judge, batch_size=args.batch_size, progress=not args.quiet)
+    scores = score(args.samples, args.prepared, args.output, **settings(args, ScoreSettings), progress=not args.quiet)
     print(storage_text(args.output, "table2.md"))
     print(f"{len(scores)} images scored -> {args.output}")
     return 0
@@ -338,9 +247,7 @@ def add_study_parser(sub) -> None:
     e.add_argument("--samples", action="append", required=True, help="a `palp sample` output (repeatable)")
     e.add_argument("--prepared", required=True, help="the prepared dataset (input images, elements)")
     e.add_argument("--output", required=True, help="folder or gs:// prefix: forms/ and key/")
-    e.add_argument("--forms", type=int, default=StudySettings.forms)
-    e.add_argument("--seed", type=int, default=StudySettings.seed)
-    e.add_argument("--image-size", type=int, default=StudySettings.image_size)
+    _add_flags(e, StudySettings)
     e.add_argument("--links", choices=("embedded", "signed"), default="embedded",
                    help="signed: gs:// output, V4 signed image URLs in the CSV forms")
     e.add_argument("--expiry-hours", type=int, default=168, help="lifetime of signed URLs")
@@ -358,10 +265,11 @@ def add_study_parser(sub) -> None:
 
 
 def run_study_export(args) -> int:
+    from palp.config import StudySettings
     from palp.study import export
 
-    summary = export(args.samples, args.prepared, args.output, forms=args.forms, seed=args.seed, image_size=args.image_size,
-                     links=args.links, expiry_hours=args.expiry_hours, methods=args.methods, salt=args.salt)
+    summary = export(args.samples, args.prepared, args.output, **settings(args, StudySettings), links=args.links,
+                     expiry_hours=args.expiry_hours, methods=args.methods, salt=args.salt)
     print(f"{summary['questions']} questions ({', '.join(summary['methods'])}) in forms of {summary['forms']} -> {args.output}")
     return 0
 

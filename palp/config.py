@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from palp.elements import element_list
+from palp.elements import elements_of
 from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES, COMPILE_MODES
 from palp import storage
+from palp.flags import flag, step_numbers
 from palp.guidance import METHOD_TABLE, METHODS, NFSD_NEGATIVE_PROMPT
 from palp.names import check_name
 from palp.personalize import LORA_TARGET_SETS
 from palp.precision import MIXED_PRECISION
-from palp.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PromptError, check_prompt,
-                          check_token_length, clean_prompt)
-
+from palp.prompts import DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, CheckedPrompt, PromptError, check_token_length
 
 
 class ConfigError(ValueError):
@@ -49,7 +48,7 @@ def trains_per_subject(variant: str) -> bool:
 def parse_steps(text: str) -> list[int]:
     """``"100,200,300"`` -> [100, 200, 300] (the snapshot steps as a flag or pipeline parameter gives them)."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        return step_numbers(text)
     except ValueError:
         raise ConfigError(f"save steps {text!r}: use comma-separated step numbers, e.g. 100,200,300") from None
 
@@ -87,80 +86,100 @@ DEFAULT_SAVE_STEPS = (100, 200, 300, 400, 500)  # snapshots for Fig. 6's curves
 class SampleSettings:
     """``palp sample``'s defaults (the CLI, ``sample()`` and the pipeline take them from here)."""
 
-    num_samples: int = 8
-    seed: int = 0
-    steps: int = 50  # denoising steps
-    scheduler: str = "ddim"
-    guidance: float = 7.5
-    batch_size: int = 8
-    checkpoints: str = "final"
+    num_samples: int = flag(8)
+    seed: int = flag(0)
+    steps: int = flag(50, help="denoising steps")
+    scheduler: str = flag("ddim")  # its choices: palp.sample.SCHEDULERS
+    guidance: float = flag(7.5)
+    batch_size: int = flag(8)
+    checkpoints: str = flag("final", choices=("all", "final"), help="all: every saved snapshot too")
 
 
 @dataclass(frozen=True)
 class ScoreSettings:
     """``palp score``'s defaults: the paper's evaluation CLIP (open_clip ViT-B-32, OpenAI weights)."""
 
-    clip_model: str = "ViT-B-32"
-    clip_weights: str = "openai"
-    judge: str = ""
-    batch_size: int = 64
+    clip_model: str = flag("ViT-B-32", name="--clip", metavar="CLIP", help="open_clip model (or 'tiny', 'toyworld')")
+    clip_weights: str = flag("openai", help="open_clip pretrained tag or checkpoint path")
+    judge: str = flag("", help="also judge toy-world images: 'toyworld' or a judge.safetensors")
+    batch_size: int = flag(64)
 
 
 @dataclass(frozen=True)
 class StudySettings:
     """``palp study export``'s defaults."""
 
-    forms: int = 3
-    seed: int = 0
-    image_size: int = 512
+    forms: int = flag(3)
+    seed: int = flag(0)
+    image_size: int = flag(512)
 
 
-@dataclass
+# The sections of `palp train --help`, in order; each flag's field names its own.
+SUBJECT, METHOD, OPTIMISATION, SPEED, CHECKPOINTS = TRAIN_SECTIONS = (
+    "subject and prompts (or --prepared)", "method (../shared/PALP.md)", "optimisation",
+    "speed and memory (none changes what a step computes)", "checkpoints")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
+    """One training's settings. The fields made with ``flag`` are ``palp train``'s flags, in
+    ``--help`` order (palp.flags); the others are the task, which the CLI assembles itself."""
+
     subjects: list[Subject]
     target_prompt: str
-    output: str
-    pretrained_model: str = DEFAULT_BASE_MODEL
     clean_prompt: str = ""  # default: derived from the target prompt and the class words
-    method: str = "palp"  # palp | ti-db | sds | nfsd
-    noise: str = "same"  # same | iid: eps' for the re-noised estimate (PALP.md step 3)
-    align_timestep: str = "resample"  # resample | same: t' ~ U[t_min, t_max] or t' = t
-    rescale: bool = True  # multiply the alignment term by sqrt(a_t)/sqrt(1-a_t) (step 5)
-    alpha: float = 15.0  # CFG scale of the pretrained, clean-prompt branch
-    beta: float = 7.5  # CFG scale of the personalized branch
-    lam: float = 1.0  # lambda: weight of the alignment term
-    align_t_min: int = 20
-    align_t_max: int = 980
-    negative_prompt: str = NFSD_NEGATIVE_PROMPT  # nfsd only
-    lora_rank: int = 32
-    lora_alpha: float | None = None  # default: = rank
-    lora_targets: str = "attention"  # attention | attention+resnets (personalize.LORA_TARGET_SETS)
-    lr: float = 5e-5
-    batch_size: int = 32  # global: micro_batch_size x accumulation x processes
-    micro_batch_size: int | None = None  # default: as large as the global batch allows
-    steps: int = 500
-    max_grad_norm: float | None = 1.0
-    weight_decay: float = 1e-2
-    mixed_precision: str = "no"
-    seed: int = 0
-    # Reproducibility: deterministic kernels and reductions, and a fixed CPU thread count (CPU
-    # reductions are split by thread; 0: torch's default, resolved and recorded at the start).
-    deterministic: bool = True
-    threads: int = 0
-    checkpoint_every: int = 100
-    checkpoints_total_limit: int = 2
-    save_steps: list[int] = field(default_factory=lambda: list(DEFAULT_SAVE_STEPS))
-    min_image_size: int | None = None  # default: half the model resolution
     task_id: str = ""  # the prepared dataset's task this run trains, if any
     elements: list[dict] | None = None  # the target prompt's elements (default: palp's rule)
+    pretrained_model: str = flag(DEFAULT_BASE_MODEL, section=SUBJECT,
+                                 help="Hugging Face id, local diffusers folder, gs:// prefix, 'tiny' or 'toyworld'")
+    output: str = flag(section=SUBJECT, help="run folder")
+    min_image_size: int | None = flag(None, section=SUBJECT,
+                                      help="smallest accepted image side (default: half the model resolution)")
+    method: str = flag("palp", section=METHOD, choices=METHODS)
+    noise: str = flag("same", section=METHOD, choices=("same", "iid"), help="eps' of the re-noised estimate")  # PALP.md step 3
+    align_timestep: str = flag("resample", section=METHOD, choices=("resample", "same"))  # t' ~ U[t_min, t_max] or t' = t
+    rescale: bool = flag(True, section=METHOD)  # multiply the alignment term by sqrt(a_t)/sqrt(1-a_t) (step 5)
+    alpha: float = flag(15.0, section=METHOD, help="CFG scale, pretrained clean branch")
+    beta: float = flag(7.5, section=METHOD, help="CFG scale, personalized branch")
+    lam: float = flag(1.0, section=METHOD, name="--lambda", help="weight of the alignment term")
+    align_t_min: int = flag(20, section=METHOD)
+    align_t_max: int = flag(980, section=METHOD)
+    negative_prompt: str = flag(NFSD_NEGATIVE_PROMPT, section=METHOD, help="NFSD's negative prompt")
+    steps: int = flag(500, section=OPTIMISATION)
+    lr: float = flag(5e-5, section=OPTIMISATION)
+    batch_size: int = flag(32, section=OPTIMISATION, help="global batch")  # micro_batch_size x accumulation x processes
+    micro_batch_size: int | None = flag(None, section=OPTIMISATION,
+                                        help="per-process batch per forward (default: all of it)")
+    lora_rank: int = flag(32, section=OPTIMISATION)
+    lora_alpha: float | None = flag(None, section=OPTIMISATION, help="default: = rank")
+    lora_targets: str = flag("attention", section=OPTIMISATION, choices=LORA_TARGET_SETS,
+                             help="attention: the attention projections (the paper's); attention+resnets: also the "
+                                  "ResNet blocks' convolutions, for UNets with attention-free levels")
+    max_grad_norm: float | None = flag(1.0, section=OPTIMISATION, help="0 turns clipping off")  # the CLI's 0 is None here
+    weight_decay: float = flag(1e-2, section=OPTIMISATION)
+    mixed_precision: str = flag("no", section=OPTIMISATION, choices=MIXED_PRECISION)
+    seed: int = flag(0, section=OPTIMISATION)
+    # Reproducibility: deterministic kernels and reductions, and a fixed CPU thread count (CPU
+    # reductions are split by thread; 0: torch's default, resolved and recorded at the start).
+    deterministic: bool = flag(True, section=OPTIMISATION,
+                               help="deterministic kernels (torch.use_deterministic_algorithms): two runs and a resumed "
+                                    "run are bit-identical; off: PyTorch's fastest kernels")
+    threads: int = flag(0, section=OPTIMISATION, help="CPU threads (0: torch's default, recorded in "
+                                                      "training_config.json; --resume keeps the run's)")
     # Speed and memory (palp/fast.py); none of these changes what a step computes.
-    fused_guidance: bool = True  # pretrained + personalized guidance branches in one UNet call
-    compile: str = "auto"  # none | transformers | blocks | unet; auto: blocks on CUDA, none elsewhere
-    compile_mode: str = "default"  # torch.compile mode
-    compile_cache: str = ""  # folder or gs:// prefix keeping compiled kernels for later runs
-    channels_last: bool = False
-    attention: str = "auto"  # SDPA kernel: auto | flash | cudnn | efficient | math
-    gradient_checkpointing: bool = False  # less memory, about one more UNet forward per step
+    fused_guidance: bool = flag(True, section=SPEED, help="the pretrained and personalized guidance branches in one UNet call")
+    compile: str = flag("auto", section=SPEED, choices=("auto", *COMPILE_CHOICES),
+                        help="torch.compile the UNet's repeated blocks or all of it; auto: blocks on CUDA, none elsewhere")
+    compile_mode: str = flag("default", section=SPEED, choices=COMPILE_MODES)  # torch.compile mode
+    compile_cache: str = flag("", section=SPEED, metavar="DIR",
+                              help="folder or gs:// prefix keeping the compiled kernels, reused by later runs")
+    channels_last: bool = flag(False, section=SPEED)
+    attention: str = flag("auto", section=SPEED, choices=ATTENTION_BACKENDS, help="the SDPA kernel (auto: PyTorch's choice)")
+    gradient_checkpointing: bool = flag(False, section=SPEED, help="less memory for about one more UNet forward per step")
+    checkpoint_every: int = flag(100, section=CHECKPOINTS)
+    checkpoints_total_limit: int = flag(2, section=CHECKPOINTS)
+    save_steps: list[int] = flag(factory=lambda: list(DEFAULT_SAVE_STEPS), section=CHECKPOINTS,
+                                 help="steps whose LoRA + embeddings are kept as snapshots")
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -195,18 +214,16 @@ class TrainConfig:
                  f"outside it (the run's files would be read as photos next time)")
         placeholders = [s.placeholder for s in self.subjects]
         need(len(set(placeholders)) == len(placeholders), f"each placeholder may have one subject; got {placeholders}")
-        try:
-            for s in self.subjects:
-                check_prompt(s.personalization_prompt, {s.placeholder: s.class_word}, what=f"personalization prompt of {s.placeholder}")
-            check_prompt(self.target_prompt, self.class_words)
-            if not self.clean_prompt:
-                self.clean_prompt = clean_prompt(self.target_prompt, self.class_words)
+        try:  # each prompt checked once (CheckedPrompt), its length after every prompt's placeholders
+            personal = [CheckedPrompt(s.personalization_prompt, {s.placeholder: s.class_word},
+                                      what=f"personalization prompt of {s.placeholder}") for s in self.subjects]
+            target = CheckedPrompt(self.target_prompt, self.class_words, clean=self.clean_prompt)
+            self.clean_prompt = target.clean
             if self.elements is None:
-                self.elements = element_list(self.target_prompt, self.class_words)
-            check_token_length(self.target_prompt)
-            check_token_length(self.clean_prompt, what="clean prompt")
-            for s in self.subjects:
-                check_token_length(s.personalization_prompt, what=f"personalization prompt of {s.placeholder}")
+                self.elements = elements_of(target)
+            target.check_length(clean=True)
+            for p in personal:
+                p.check_length()
             if METHOD_TABLE[self.method].negative:
                 check_token_length(self.negative_prompt, what="negative prompt")
         except PromptError as e:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from palp.prompts import PLACEHOLDER_RE, check_prompt, clean_prompt
+from palp.prompts import PLACEHOLDER_RE, CheckedPrompt
 
 PREPOSITIONS = frozenset(
     "in at on under with near by during inside beside behind above over through among against across "
@@ -69,25 +69,23 @@ def style_of(prompt: str) -> str | None:
     return style or None
 
 
-def derive_elements(prompt: str, class_words: Mapping[str, str]) -> dict:
+def derive_elements(prompt: CheckedPrompt) -> dict:
     """{"style": str | None, "ambiance": [str, ...]} of a target prompt, by the rule."""
-    check_prompt(prompt, class_words)
-    last = list(PLACEHOLDER_RE.finditer(prompt))
-    first = last[0]
-    tail = prompt[first.end() :]
+    first = PLACEHOLDER_RE.search(prompt.text)
+    tail = prompt.text[first.end() :]
     if PLACEHOLDER_RE.search(tail):
-        tail = clean_prompt(tail, class_words)
+        tail = prompt.clean_part(tail)
     tail = re.sub(r"^\s*'s\b", "", tail)
-    return {"style": style_of(prompt), "ambiance": split_phrases(tail)}
+    return {"style": style_of(prompt.text), "ambiance": split_phrases(tail)}
 
 
-def element_list(prompt: str, class_words: Mapping[str, str], explicit: Mapping | None = None) -> list[dict]:
+def elements_of(prompt: CheckedPrompt, explicit: Mapping | None = None) -> list[dict]:
     """The named elements of a prompt: Style, Class (one per subject), Ambiance 1, 2...
 
     ``explicit`` (from a prompts file) may give ``style`` and ``ambiance`` and wins over the rule.
     Each element: {"kind": "style"|"class"|"ambiance", "name": "Ambiance 1", "text": "in Paris"}.
     """
-    derived = derive_elements(prompt, class_words)
+    derived = derive_elements(prompt)
     explicit = dict(explicit or {})
     style = explicit.get("style", derived["style"])
     ambiance: Sequence[str] = explicit.get("ambiance", derived["ambiance"])
@@ -96,10 +94,15 @@ def element_list(prompt: str, class_words: Mapping[str, str], explicit: Mapping 
     out: list[dict] = []
     if style:
         out.append({"kind": "style", "name": "Style", "text": style})
-    placeholders = [p for p in class_words if p in prompt]
+    placeholders = [p for p in prompt.class_words if p in prompt.placeholders]
     for i, ph in enumerate(placeholders, 1):
         name = "Class" if len(placeholders) == 1 else f"Class {i}"
-        out.append({"kind": "class", "name": name, "text": clean_prompt(f"A photo of {ph}", {ph: class_words[ph]})})
+        out.append({"kind": "class", "name": name, "text": prompt.clean_part(f"A photo of {ph}")})
     for i, text in enumerate(ambiance, 1):
         out.append({"kind": "ambiance", "name": f"Ambiance {i}", "text": text})
     return out
+
+
+def element_list(prompt: str, class_words: Mapping[str, str], explicit: Mapping | None = None) -> list[dict]:
+    """``elements_of`` a prompt text, checked here against ``class_words``."""
+    return elements_of(CheckedPrompt(prompt, class_words), explicit)

@@ -14,9 +14,11 @@ written for palp is also a prompt a stock diffusers pipeline understands after
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 
 DEFAULT_PERSONALIZATION_PROMPT = "A photo of [V]"
 DEFAULT_PLACEHOLDER = "[V]"
@@ -122,14 +124,56 @@ def check_prompt(prompt: str, class_words: Mapping[str, str], *, what: str = "ta
     return found
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckedPrompt:
+    """A prompt checked against its subjects' class words (``check_prompt``), with its clean
+    prompt: made only by ``CheckedPrompt(text, class_words)``, which validates, so whatever
+    receives one uses it without checking again. ``clean``: the clean prompt y_c when given
+    (a prompts file's, ``--clean-prompt``), else derived. ``what`` names it in messages.
+    The text encoder's limit is ``check_length()``'s, for where the prompt enters a training."""
+
+    text: str
+    class_words: Mapping[str, str] = dataclasses.field(hash=False)
+    clean: str = ""
+    what: str = dataclasses.field(default="target prompt", compare=False, repr=False)
+    placeholders: tuple[str, ...] = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        words = MappingProxyType(dict(self.class_words))
+        found = check_prompt(self.text, words, what=self.what)
+        object.__setattr__(self, "class_words", words)
+        object.__setattr__(self, "placeholders", tuple(found))
+        object.__setattr__(self, "clean", self.clean or _clean(self.text, words))
+
+    @functools.cached_property
+    def tokens(self) -> int:
+        """Tokens the text encoder sees (``token_count``)."""
+        return token_count(self.text)
+
+    def clean_part(self, text: str) -> str:
+        """The clean form of ``text`` written with this prompt's placeholders (a part of it, or a
+        phrase around one of them), not checked again."""
+        return _clean(text, self.class_words)
+
+    def check_length(self, *, clean: bool = False) -> None:
+        """PromptError if the text encoder would cut the prompt (with ``clean``: or its clean prompt)."""
+        _check_count(self.text, self.tokens, self.what)
+        if clean:
+            check_token_length(self.clean, what="clean prompt")
+
+
 def clean_prompt(prompt: str, class_words: Mapping[str, str]) -> str:
     """Replace each placeholder by its class word, with a correct indefinite article.
 
     "A sketch of [V]" -> "A sketch of a cat"; "[V] at night" (owl) -> "An owl at night";
     "my [V]" -> "my cat"; "a [V]" (owl) -> "an owl"; "A sketch of [V]" (sunglasses) ->
-    "A sketch of sunglasses".
+    "A sketch of sunglasses". The prompt is checked first (a CheckedPrompt has it as ``clean``).
     """
-    check_prompt(prompt, class_words)
+    return CheckedPrompt(prompt, class_words).clean
+
+
+def _clean(prompt: str, class_words: Mapping[str, str]) -> str:
+    """``clean_prompt`` of a prompt already checked (a CheckedPrompt's text, or a part of it)."""
     out: list[str] = []
     pos = 0
     for m in PLACEHOLDER_RE.finditer(prompt):
@@ -189,7 +233,10 @@ def token_count(prompt: str) -> int:
 
 def check_token_length(prompt: str, *, what: str = "target prompt") -> None:
     """Raise PromptError, with the count and the limit, for a prompt the text encoder would cut."""
-    n = token_count(prompt)
+    _check_count(prompt, token_count(prompt), what)
+
+
+def _check_count(prompt: str, n: int, what: str) -> None:
     if n > MAX_PROMPT_TOKENS:
         shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
         raise PromptError(f"the {what} {shown!r} is {n} tokens long, over the text encoder's limit of "

@@ -25,17 +25,34 @@ def test_the_cli_takes_its_defaults_from_the_configs():
               and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)]
     assert len(fields) > 30  # nearly every setting is a flag
     assert {n: train[n] for n in fields} == {n: _default(config.TrainConfig, n) for n in fields}
-    for argv, cls, rename in (
-        (("sample", "--model", "m", "--output", "o"), config.SampleSettings, {}),
-        (("score", "--samples", "s", "--prepared", "p", "--output", "o"), config.ScoreSettings, {"clip_model": "clip"}),
-        (("study", "export", "--samples", "s", "--prepared", "p", "--output", "o"), config.StudySettings, {}),
+    for argv, cls in (
+        (("sample", "--model", "m", "--output", "o"), config.SampleSettings),
+        (("score", "--samples", "s", "--prepared", "p", "--output", "o"), config.ScoreSettings),
+        (("study", "export", "--samples", "s", "--prepared", "p", "--output", "o"), config.StudySettings),
     ):
         parsed = _cli(*argv)
         for f in dataclasses.fields(cls):
-            assert parsed[rename.get(f.name, f.name)] == f.default, (argv[0], f.name)
+            assert parsed[f.name] == f.default, (argv[0], f.name)
     prep = _cli("prepare", "--subject", "a=b", "--output", "o")
     assert prep["pretrained_model"] == config.DEFAULT_BASE_MODEL == _default(config.TrainConfig, "pretrained_model")
     assert (prep["clip"], prep["clip_weights"]) == (config.ScoreSettings.clip_model, config.ScoreSettings.clip_weights)
+
+
+def test_the_train_flags_are_the_configs_fields():
+    """Every TrainConfig setting is a flag made from its field (palp.flags), the task's fields
+    (subjects and prompts, which the CLI assembles) excepted; and the other way round."""
+    from palp.flags import flag_fields
+
+    task = {"subjects", "target_prompt", "clean_prompt", "task_id", "elements"}
+    flagged = {f.name for f in flag_fields(config.TrainConfig)}
+    assert flagged == {f.name for f in dataclasses.fields(config.TrainConfig)} - task
+    parser = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    by_dest = {a.dest: a for a in parser._actions}
+    cli_only = {"help", "prepared", "task", "images", "class_word", "prompt", "personalization_prompt", "clean_prompt",
+                "resume", "quiet"}
+    assert set(by_dest) == flagged | cli_only
+    assert by_dest["lam"].option_strings == ["--lambda"] and by_dest["output"].required
+    assert by_dest["save_steps"].default == list(config.DEFAULT_SAVE_STEPS)
 
 
 def test_the_library_functions_take_their_defaults_from_the_configs():

@@ -68,3 +68,42 @@ def test_parse_keyed():
     assert parse_keyed(["a=b"], flag="--p") == {"[V]": "a=b"}  # '=' in a value is not a key
     with pytest.raises(PromptError, match="given twice"):
         parse_keyed(["cat", "[V]=dog"], flag="--class-word")
+
+
+def test_a_checked_prompt_is_made_only_by_checking_and_is_used_without_checking_again(monkeypatch):
+    import dataclasses
+
+    from palp import prompts
+    from palp.elements import element_list, elements_of
+    from palp.prompts import CheckedPrompt
+
+    with pytest.raises(PromptError, match="no subject placeholder"):
+        CheckedPrompt("A sketch of a cat", {"[V]": "cat"})
+    with pytest.raises(PromptError, match=r"the personalization prompt of \[V\] 'A photo of \[X\]' has no"):
+        CheckedPrompt("A photo of [X]", {"[V]": "cat"}, what="personalization prompt of [V]")
+    words = {"[V2]": "dog", "[V1]": "owl"}
+    p = CheckedPrompt("A sketch of [V1] and [V2] in Paris at night", words)
+    assert (p.placeholders, p.clean) == (("[V1]", "[V2]"), "A sketch of an owl and a dog in Paris at night")
+    assert CheckedPrompt("A sketch of [V]", {"[V]": "cat"}, clean="A sketch of my cat").clean == "A sketch of my cat"
+    words["[V1]"] = "cat"  # the prompt keeps the words it was checked with
+    assert p.class_words == {"[V2]": "dog", "[V1]": "owl"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.text = "A sketch of [V3]"
+    with pytest.raises(TypeError):
+        p.class_words["[V1]"] = "cat"
+    with pytest.raises(PromptError, match="no subject placeholder"):
+        dataclasses.replace(p, text="A sketch")  # replace goes through the check too
+    assert p.tokens == prompts.token_count(p.text)
+    p.check_length(clean=True)
+    long = CheckedPrompt("A sketch of [V] " + "in Paris at night, " * 20, {"[V]": "cat"})
+    with pytest.raises(PromptError, match=r"the target prompt 'A sketch of \[V\] in Paris.*tokens long"):
+        long.check_length()
+
+    def no_second_check(*args, **kwargs):
+        raise AssertionError("checked again")
+
+    expected = element_list(p.text, p.class_words)
+    monkeypatch.setattr(prompts, "check_prompt", no_second_check)
+    assert elements_of(p) == expected
+    # Class elements in the order of the class words; the tail's [V2] cleaned without a second check.
+    assert [e["text"] for e in expected] == ["A sketch", "A photo of a dog", "A photo of an owl", "a dog", "in Paris", "at night"]

@@ -34,10 +34,15 @@ def _pretrain():
     import sys
 
     if "toy_pretrain" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("toy_pretrain", REPO / "evaluation/toyworld/pretrain.py")
+        folder = REPO / "evaluation/toyworld"  # its sibling pretrain_*.py modules, as when it runs
+        spec = importlib.util.spec_from_file_location("toy_pretrain", folder / "pretrain.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules["toy_pretrain"] = module
-        spec.loader.exec_module(module)
+        sys.path.insert(0, str(folder))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(folder))
     return sys.modules["toy_pretrain"]
 CAT = Identity("cat", "purple", "dotted", "green", "star")
 

@@ -1,0 +1,138 @@
+"""The pretraining's work folder: resumable checkpoints, recipe.json, and the training loop.
+
+Every file goes through ``palp.storage`` (atomic: a killed run leaves the old file or the new
+one, never half of one). A checkpoint holds a stage's modules and optimizer with the global RNG
+states; recipe.json holds each stage's settings, sizes and wall times, and the ``history`` of
+the runs that trained.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from palp.storage import write_bytes, write_text
+
+
+def save_torch(obj, path: Path):
+    """``torch.save`` to ``path``, atomically."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def save_npz(path: Path, **arrays):
+    """``np.savez`` to ``path``, atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes(path, buf.getvalue())
+
+
+def write_json(path: Path, value):
+    write_text(path, json.dumps(value, indent=2))
+
+
+def load_data(work: Path):
+    d = np.load(work / "data.npz")
+    captions = json.loads((work / "captions.json").read_text())
+    return d["images"], d["labels"], captions
+
+
+def _read_recipe(work: Path) -> dict:
+    path = work / "recipe.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def record(work: Path, stage: str, **info):
+    """Add ``info`` to recipe.json's entry for ``stage`` (and say which hardware ran it)."""
+    recipe = _read_recipe(work)
+    recipe.setdefault("stages", {}).setdefault(stage, {}).update(info)
+    recipe["hardware"] = f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}" + (
+        f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    )
+    write_json(work / "recipe.json", recipe)
+
+
+def _history(work: Path, entry: dict):
+    recipe = _read_recipe(work)
+    recipe.setdefault("history", []).append(entry)
+    write_json(work / "recipe.json", recipe)
+
+
+class Resumable:
+    """Holds a stage's modules + optimizer; saves and restores them with the global RNG states
+    (not a stage's own batch generator: see ``loop``)."""
+
+    def __init__(self, path: Path, **objects):
+        self.path, self.objects, self.step = path, objects, 0
+        self.elapsed = 0.0
+        if path.exists():
+            # weights_only: tensors, numbers, strings and lists only; loading cannot run code.
+            try:
+                state = torch.load(path, weights_only=True, map_location="cpu")
+            except pickle.UnpicklingError as e:
+                raise SystemExit(f"{path}: not a checkpoint this version can load safely (older ones pickled numpy "
+                                 f"state): {str(e).splitlines()[0]}; start the stage in a new --work folder") from None
+            for k, obj in objects.items():
+                obj.load_state_dict(state[k])
+            self.step, self.elapsed = state["step"], state["elapsed"]
+            torch.set_rng_state(state["torch_rng"])
+            kind, keys, pos, has_gauss, cached = state["np_rng"]
+            np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+            version, internal, gauss = state["py_rng"]
+            random.setstate((version, tuple(internal), gauss))
+            print(f"resumed {path.name} at step {self.step}")
+
+    def save(self, elapsed: float):
+        state = {k: obj.state_dict() for k, obj in self.objects.items()}
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        version, internal, gauss = random.getstate()
+        state.update(step=self.step, elapsed=elapsed, torch_rng=torch.get_rng_state(),
+                     np_rng=[kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                     py_rng=[version, list(internal), gauss])
+        save_torch(state, self.path)
+
+
+def seed_all(seed: int):
+    """Seed the global generators (torch, numpy, random)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def loop(stage, work, cfg, steps, every, run_step, **objects):
+    """Run ``run_step(step) -> loss`` until ``steps``, checkpointing every ``every`` steps.
+
+    Each run that trains goes to recipe.json's ``history`` (stage, from which step to which, the
+    stage's settings, wall time): a stage's batch generator is seeded when the run starts, not
+    checkpointed, so a resumed run draws the batches of steps 0, 1, ... again, and the same
+    weights come only from the same runs in the same order (``SHIPPED_HISTORY``)."""
+    state = Resumable(work / f"{stage}.ckpt", **objects)
+    start, t0 = state.step, time.perf_counter()
+    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, mininterval=10)
+    avg = None
+    for step in bar:
+        loss = run_step(step)
+        avg = loss if avg is None else 0.98 * avg + 0.02 * loss
+        state.step = step + 1
+        if state.step % 50 == 0:
+            bar.set_postfix(loss=f"{avg:.4f}")
+        if state.step % every == 0 or state.step == steps:
+            state.save(state.elapsed + time.perf_counter() - t0)
+    wall = state.elapsed + time.perf_counter() - t0
+    info = {"steps": steps, "wall_s": round(wall, 1)}
+    if avg is not None:  # a resumed, already finished stage keeps the loss it recorded
+        info["final_loss"] = avg
+        _history(work, {"stage": stage, "from_step": start, "to_step": steps, "settings": cfg.stage_settings(stage),
+                        "device": str(cfg.device), "wall_s": round(time.perf_counter() - t0, 1)})
+    record(work, stage, **info)
+    return state

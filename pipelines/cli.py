@@ -32,6 +32,9 @@ def add_pipeline_parser(sub) -> None:
     r.add_argument("--gpus", action="store_true", help="with --runner docker: pass the host's GPUs to the steps")
     r.add_argument("--share-cache", action="store_true",
                    help="speed option: steps share one model cache (default: each starts empty, as on a cluster)")
+    r.add_argument("--verbose", dest="stream", action="store_true",
+                   help="stream every step's output as kfp.local prints it (default: one line per step start and end; "
+                        "the output is in <pipeline-root>/logs/ either way)")
     r.set_defaults(func=run_pipeline_local)
     s = psub.add_parser("submit", help="submit to Vertex AI Pipelines or Kubeflow Pipelines",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -58,26 +61,44 @@ def run_pipeline_compile(args) -> int:
 
 
 def run_pipeline_local(args) -> int:
-    from pipelines.run import find_outputs, run_local
+    from pipelines.console import StepFailed
+    from pipelines.run import run_local
 
-    root = run_local(args.config, runner=args.runner, pipeline_root=args.pipeline_root, image=args.image, gpus=args.gpus,
-                     share_cache=args.share_cache)
-    print(f"\nartifacts under {root}:")
+    try:
+        root = run_local(args.config, runner=args.runner, pipeline_root=args.pipeline_root, image=args.image, gpus=args.gpus,
+                         share_cache=args.share_cache, verbose=args.stream or args.verbose)
+    except StepFailed as e:
+        print(f"palp pipeline run-local: error: {e}", file=sys.stderr)
+        return 1
+    print_summary(root)
+    return 0
+
+
+def print_summary(root) -> None:
+    """Where a finished local run's artifacts and logs are, its comparison table and its report."""
+    from pipelines.console import LOGS
+    from pipelines.run import find_outputs, newest_run
+
+    run = newest_run(root)
+    print(f"\nartifacts under {run}/ (logs: {root / LOGS}/):")
     outputs = find_outputs(root)
     for task, paths in outputs.items():
-        for p in paths:
-            print(f"  {task}/{p.name}")
+        print(f"  {task}/: {' '.join(p.name for p in paths)}")
     table = [p for p in outputs.get("compare", []) if p.name == "table"]
     if table:
-        print("\ncomparison (Table 2 shape):\n" + table[0].read_text())
-    return 0
+        print("\ncomparison (Table 2 shape):\n" + table[0].read_text().rstrip())
+    report = run / "compare" / "scores" / "report.html" if run else None
+    if report and report.is_file():
+        print(f"\nreport: {report}")
 
 
 def run_pipeline_submit(args) -> int:
     import json
 
     from palp.config import ConfigError
-    from pipelines.run import load_experiment, portable_inputs, submit_kubeflow, submit_vertex
+    from pipelines.experiment import load_experiment
+    from pipelines.inputs import portable_inputs
+    from pipelines.submit import submit_kubeflow, submit_vertex
 
     params = load_experiment(args.config)
     if not args.dry_run:  # checked before anything is uploaded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -122,7 +123,8 @@ def test_vertex_job_up_to_the_network_boundary(tmp_path, no_network):
     from google.auth.credentials import AnonymousCredentials
 
     from pipelines.palp_pipeline import compile_pipeline
-    from pipelines.run import load_experiment, vertex_job
+    from pipelines.experiment import load_experiment
+    from pipelines.submit import vertex_job
 
     params = load_experiment(str(REPO / "evaluation/experiments/paper_table2.yaml"))
     package = compile_pipeline("vertex", str(tmp_path / "p.yaml"), accelerator="NVIDIA_A100_80GB")
@@ -142,7 +144,8 @@ def test_vertex_job_up_to_the_network_boundary(tmp_path, no_network):
 
 
 def test_kubeflow_run_arguments(tmp_path):
-    from pipelines.run import kubeflow_run_args, load_experiment
+    from pipelines.experiment import load_experiment
+    from pipelines.submit import kubeflow_run_args
 
     params = load_experiment(None)
     args = kubeflow_run_args(str(tmp_path / "p.yaml"), params, experiment="palp-demo")
@@ -251,7 +254,9 @@ def test_vertex_job_sends_nothing_of_this_machine(local_experiment, emulator_onl
 
     from palp import storage
     from pipelines.palp_pipeline import compile_pipeline
-    from pipelines.run import inputs_fingerprint, load_experiment, portable_inputs, vertex_job
+    from pipelines.experiment import load_experiment
+    from pipelines.inputs import inputs_fingerprint, portable_inputs
+    from pipelines.submit import vertex_job
 
     bucket = _bucket("palp-submit")
     root = "gs://palp-submit/palp"
@@ -318,7 +323,7 @@ def test_photos_replaced_under_the_same_gs_prefix_change_the_fingerprint(emulato
     """gs:// inputs stay as they are (so do hub ids and open_clip tags); their generations and
     the prompts' text decide the fingerprint."""
     from palp import storage
-    from pipelines.run import inputs_fingerprint, portable_inputs
+    from pipelines.inputs import inputs_fingerprint, portable_inputs
 
     bucket = _bucket("palp-replaced")
     for p in sorted(cat_images.iterdir()):
@@ -348,7 +353,8 @@ def test_photos_replaced_under_the_same_gs_prefix_change_the_fingerprint(emulato
 
 def test_local_inputs_need_a_gs_pipeline_root(local_experiment, tmp_path, capsys):
     from pipelines.cli import main
-    from pipelines.run import ExperimentError, load_experiment, portable_inputs
+    from pipelines.experiment import ExperimentError, load_experiment
+    from pipelines.inputs import portable_inputs
 
     params = load_experiment(str(local_experiment))
     with pytest.raises(ExperimentError) as e:
@@ -373,7 +379,8 @@ def test_local_inputs_need_a_gs_pipeline_root(local_experiment, tmp_path, capsys
 
 def test_dry_run_prints_the_parameters_and_uploads_nothing(local_experiment, emulator_only, capsys):
     from pipelines.cli import main
-    from pipelines.run import load_experiment, portable_inputs
+    from pipelines.experiment import load_experiment
+    from pipelines.inputs import portable_inputs
 
     bucket = _bucket("palp-dry-run")
     assert main(["pipeline", "submit", "--backend", "vertex", "--config", str(local_experiment),
@@ -403,11 +410,21 @@ def test_bad_experiment_and_submit_arguments(tmp_path, capsys):
     assert "Vertex accelerator 'NVIDIA_GTX_1080' unknown" in capsys.readouterr().err
 
 
+CONSOLE_LINE = re.compile(r"^\d\d:\d\d:\d\d (start|done|FAILED)\s+(\w+)\s+(.*?)(?:\s+(\d+\.\d)s)?$")
+
+
+def _task_lines(out: str) -> list[tuple[str, str, str, str]]:
+    """(status, step, label, seconds) of each start/end line a local run printed."""
+    return [m.groups("") for m in map(CONSOLE_LINE.match, out.splitlines()) if m]
+
+
 def test_whole_dag_runs_locally(tmp_path, capsys):
     """The embedded demo (the toy world, 2 subjects x 1 prompt x 2 methods) under kfp.local's
-    SubprocessRunner, shortened to a few steps; the judge's columns reach Table 2 and the metrics."""
+    SubprocessRunner, shortened to a few steps; the judge's columns reach Table 2 and the metrics.
+    The console gets one line per task start and end, then the table and the report's path; each
+    task's whole output is in its log under the pipeline root."""
     from pipelines.cli import main
-    from pipelines.run import DEFAULT_CONFIG
+    from pipelines.experiment import DEFAULT_CONFIG
 
     assert DEFAULT_CONFIG.name == "demo.yaml"
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
@@ -419,6 +436,7 @@ def test_whole_dag_runs_locally(tmp_path, capsys):
     assert "comparison (Table 2 shape)" in out and "| palp" in out and "| ti-db" in out and "Judge: identity" in out
     run = next((tmp_path / "root").glob("palp-*"))
     compare = run / "compare"
+    _check_console(out, tmp_path / "root", run)
     metrics = json.loads((compare / "scores" / "metrics.json").read_text())
     for method in ("palp", "ti_db", "base"):
         for column in ("style", "class", "ambiance_1", "ambiance_2", "target_prompt", "image_alignment",
@@ -434,13 +452,60 @@ def test_whole_dag_runs_locally(tmp_path, capsys):
     assert len(list(run.glob("for-loop-*"))) == 4
 
 
-def test_a_failing_branch_fails_the_run_with_its_error(tmp_path, capfd):
-    from pipelines.run import run_local
+def _check_console(out: str, root: Path, run: Path) -> None:
+    """What the demo's run printed: a start and an end line per task, labelled, in a few dozen lines."""
+    lines = out.splitlines()
+    assert len(lines) < 60, out
+    assert "KFP Executor" not in out and "executor_input" not in out and "Loading weights" not in out
+    tasks = _task_lines(out)
+    prompt = '"A watercolour of [V] on the beach at sunset"'
+    trainings = {f"{subject} · {method} · {prompt}" for subject in ("purple-cat", "pink-robot") for method in ("palp", "ti-db")}
+    expected = [("prepare", "purple-cat, pink-robot · 1 prompt · palp, ti-db"), ("compare", "4 trainings")]
+    expected += [(step, label) for step in ("train", "sample", "score") for label in trainings]
+    for status in ("start", "done"):
+        assert sorted((step, label) for s, step, label, _ in tasks if s == status) == sorted(expected), status
+    assert all(seconds for status, *_, seconds in tasks if status == "done")
+    assert not [t for t in tasks if t[0] == "FAILED"]
+    assert lines[0].startswith("running the pipeline locally") and f"{root / 'logs'}/" in lines[0]
+    assert lines[1:1 + len(tasks)] == [line for line in lines if CONSOLE_LINE.match(line)]  # the one-liners first
+    table = lines.index("comparison (Table 2 shape):")
+    assert lines[table + 1].startswith("| method") and lines[-1] == f"report: {run / 'compare' / 'scores' / 'report.html'}"
+    assert (run / "compare" / "scores" / "report.html").is_file()
+    logs = sorted(p.name for p in (root / "logs").iterdir())
+    assert logs == sorted(["pipeline.log", "prepare.log", "compare.log"] + [
+        f"{step}-{subject}-00-{method}.log" for step in ("train", "sample", "score")
+        for subject in ("purple-cat", "pink-robot") for method in ("palp", "ti-db")])
+    for name in logs:  # every task's whole output: kfp's executor, its input, what the step printed
+        text = (root / "logs" / name).read_text()
+        if name != "pipeline.log":
+            assert "Got executor_input" in text and "Wrote executor output file" in text and "finished with status SUCCESS" in text, name
+    assert "Running pipeline" in (root / "logs" / "pipeline.log").read_text()
+
+
+def test_a_failing_step_prints_its_error_and_its_log(tmp_path, capsys):
+    """A step that fails (here prepare, on an unknown method): its FAILED line, its own error and
+    the path of its log, which holds the whole traceback; the command exits 1. With --verbose
+    the step's output streams to the console as kfp.local prints it."""
+    from pipelines.cli import main
+    from pipelines.console import StepFailed
 
     config = yaml.safe_load((REPO / "evaluation/experiments/tiny.yaml").read_text())
     config.update(methods=["palp", "bogus"], subjects=config["subjects"][:1])
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(RuntimeError):
-        run_local(str(tmp_path / "c.yaml"), pipeline_root=str(tmp_path / "root"))
-    captured = capfd.readouterr()
-    assert "unknown method 'bogus'; choose one of palp, ti-db" in captured.out + captured.err
+    root = tmp_path / "root"
+    assert main(["pipeline", "run-local", "--config", str(tmp_path / "c.yaml"), "--pipeline-root", str(root)]) == 1
+    captured = capsys.readouterr()
+    error = "palp.config.ConfigError: unknown method 'bogus'; choose one of palp, ti-db"
+    log = root / "logs" / "prepare.log"
+    assert [t[:2] for t in _task_lines(captured.out)] == [("start", "prepare"), ("FAILED", "prepare")]
+    after = captured.out.split("FAILED")[1].splitlines()[1:]
+    assert after[0].strip().startswith(error) and after[-1].strip() == f"its log: {log}"
+    assert len(captured.out.splitlines()) < 10 and "executor_input" not in captured.out
+    assert captured.err.count("\n") == 1 and "error: step prepare" in captured.err and str(log) in captured.err
+    assert "Traceback (most recent call last)" in log.read_text() and error in log.read_text()
+    assert issubclass(StepFailed, RuntimeError)  # what run_local raises
+
+    assert main(["pipeline", "run-local", "--verbose", "--config", str(tmp_path / "c.yaml"), "--pipeline-root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "Got executor_input" in out and "Traceback (most recent call last)" in out and "FAILED  prepare" in out
+    assert "Got executor_input" in log.read_text()

@@ -35,20 +35,31 @@ def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pre
 
 def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: str, steps: int, batch_size: int,
           micro_batch_size: int, lr: float, lora_rank: int, save_steps: str, checkpoint_every: int, mixed_precision: str,
-          seed: int, model: Output[Model], lora_targets: str = "attention"):
+          seed: int, model: Output[Model], metrics: Output[Metrics], report: Output[HTML], lora_targets: str = "attention",
+          validation_every: int = 0):
     """palp train of one prepared task, always resuming: a retried (preempted) task continues
-    from the checkpoints it left in its output."""
+    from the checkpoints it left in its output. Its page (the curves and, with
+    ``validation_every``, the validation grids) is the ``report``; its final scalars the ``metrics``."""
+    import os
+    import shutil
+    from pathlib import Path
+
     from palp.config import parse_steps, split_method
+    from palp.export import METRICS_FILE, REPORT_FILE, read_metrics_csv
     from palp.prepare import task_config
     from palp.train import train as train_run
+    from palp.training_report import final_scalars
 
     base_method, noise = split_method(method)  # "palp-iid": PALP with i.i.d. re-noising
     cfg = task_config(prepared.path, task, method=base_method, noise=noise, pretrained_model=pretrained_model, steps=steps,
                       batch_size=batch_size, micro_batch_size=micro_batch_size or None, lr=lr, lora_rank=lora_rank,
                       lora_targets=lora_targets, save_steps=parse_steps(save_steps), checkpoint_every=checkpoint_every,
-                      mixed_precision=mixed_precision, seed=seed, output=model.path)
+                      mixed_precision=mixed_precision, seed=seed, validation_every=validation_every, output=model.path)
     train_run(cfg, resume=True, progress=False)
     model.metadata.update({"task": task, "method": method, "steps": steps, "framework": "diffusers-lora"})
+    for name, value in final_scalars(read_metrics_csv(Path(model.path, METRICS_FILE))).items():
+        metrics.log_metric(name, value)
+    shutil.copyfile(os.path.join(model.path, REPORT_FILE), report.path)
 
 
 def sample(model: Input[Model], prepared: Input[Dataset], tasks: list, num_samples: int, steps: int, batch_size: int,

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from palp.config import ConfigError
 from palp import storage
 from palp.storage import atomic_directory
-from palp.export import (CONFIG_FILE, EMBEDS_FILE, LORA_FILE, METRICS_FILE, atomic_write_json, export_weights,
+from palp.export import (CONFIG_FILE, EMBEDS_FILE, LORA_FILE, METRICS_FILE, REPORT_FILE, atomic_write_json, export_weights,
                          read_metrics_csv, write_metrics_csv)
 
 DIR = "checkpoints"
@@ -37,7 +37,10 @@ RESUMABLE_CHANGES = {"steps", "save_steps", "checkpoint_every", "checkpoints_tot
                      "compile_cache", "channels_last", "attention", "gradient_checkpointing",
                      # another thread count is allowed, though the result is then no longer the
                      # bit-identical continuation (CPU reductions are split by thread)
-                     "threads", "num_threads"}
+                     "threads", "num_threads",
+                     # what is watched, not what is computed (validation samples draw nothing from training)
+                     "report_to", "validation_every", "validation_prompts", "validation_images", "validation_seed",
+                     "validation_steps", "validation_guidance"}
 
 
 def _step_dirs(out: Path) -> list[Path]:
@@ -253,12 +256,23 @@ class RunOutput:
         if self.remote:
             push(saved, self.remote, keep=keep)
 
-    def finish(self, model, tokens: list[str], rows: list[dict], config: dict) -> None:
-        """The final weights, metrics and config (``config``: the run's, with completed_steps)."""
+    def publish(self, folder: str) -> None:
+        """Push a folder of the run (validation grids, tracker logs) to the bucket, if any and if it exists."""
+        if self.remote and (self.local / folder).is_dir():
+            storage.upload_dir(self.local / folder, storage.join(self.remote, folder))
+
+    def finish(self, model, tokens: list[str], rows: list[dict], config: dict, *, before_config=None) -> None:
+        """The final weights, metrics, the run's page (``before_config()`` writes it) and config
+        (``config``: the run's, with completed_steps)."""
         export_weights(model, tokens, self.local)
         write_metrics_csv(self.local / METRICS_FILE, rows)
+        if before_config:
+            before_config()
         atomic_write_json(self.local / CONFIG_FILE, config)  # written last: the run is done
         if self.remote:
-            for name in (LORA_FILE, EMBEDS_FILE, METRICS_FILE, CONFIG_FILE):  # the config last, as locally
+            for folder in ("logs", "validation"):
+                self.publish(folder)
+            names = [n for n in (LORA_FILE, EMBEDS_FILE, METRICS_FILE, REPORT_FILE) if (self.local / n).is_file()]
+            for name in (*names, CONFIG_FILE):  # the config last, as locally
                 storage.write_bytes(storage.join(self.remote, name), (self.local / name).read_bytes())
 

@@ -15,6 +15,7 @@ from palp.guidance import METHOD_TABLE, METHODS, NFSD_NEGATIVE_PROMPT
 from palp.names import check_name
 from palp.personalize import LORA_TARGET_SETS
 from palp.precision import MIXED_PRECISION
+from palp.tracking import REPORT_TO, TrackingError, resolve_report_to
 from palp.prompts import DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, CheckedPrompt, PromptError, check_token_length
 
 
@@ -115,9 +116,10 @@ class StudySettings:
 
 
 # The sections of `palp train --help`, in order; each flag's field names its own.
-SUBJECT, METHOD, OPTIMISATION, SPEED, CHECKPOINTS = TRAIN_SECTIONS = (
+SUBJECT, METHOD, OPTIMISATION, SPEED, CHECKPOINTS, WATCHING = TRAIN_SECTIONS = (
     "subject and prompts (or --prepared)", "method (../shared/PALP.md)", "optimisation",
-    "speed and memory (none changes what a step computes)", "checkpoints")
+    "speed and memory (none changes what a step computes)", "checkpoints",
+    "validation samples and tracking (neither changes what a step computes)")
 
 
 @dataclass(kw_only=True)
@@ -180,6 +182,20 @@ class TrainConfig:
     checkpoints_total_limit: int = flag(2, section=CHECKPOINTS)
     save_steps: list[int] = flag(factory=lambda: list(DEFAULT_SAVE_STEPS), section=CHECKPOINTS,
                                  help="steps whose LoRA + embeddings are kept as snapshots")
+    # Watching a run (palp/validation.py, palp/tracking.py): the training's steps are the same with or without.
+    validation_every: int = flag(0, section=WATCHING, metavar="N",
+                                 help="sample the current LoRA + [V] every N steps (and at the last) into "
+                                      "validation/step-N.png (0: never)")
+    validation_prompts: list[str] = flag(factory=list, section=WATCHING, name="--validation-prompt", metavar="PROMPT",
+                                         help="a prompt to validate with, with the placeholders (repeatable; "
+                                              "default: the target prompt)")
+    validation_images: int = flag(4, section=WATCHING, help="images per validation prompt (seeds from --validation-seed)")
+    validation_seed: int = flag(0, section=WATCHING)
+    validation_steps: int = flag(25, section=WATCHING, help="DDIM steps of each validation sample")
+    validation_guidance: float = flag(SampleSettings.guidance, section=WATCHING, help="classifier-free guidance scale")
+    report_to: str = flag("auto", section=WATCHING, choices=REPORT_TO,
+                          help="experiment tracker for the scalars and validation images (auto: tensorboard when "
+                               "installed, else none; tensorboard logs go to OUTPUT/logs)")
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -206,6 +222,13 @@ class TrainConfig:
         need(self.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
         need(all(s >= 1 for s in self.save_steps), "--save-steps must be positive step numbers")
         self.save_steps = sorted(set(self.save_steps))
+        need(self.validation_every >= 0, "--validation-every must be >= 0 (0: no validation samples)")
+        need(self.validation_images >= 1, "--validation-images must be >= 1")
+        need(self.validation_steps >= 1, "--validation-steps must be >= 1")
+        try:
+            resolve_report_to(self.report_to)
+        except TrackingError as e:
+            raise ConfigError(str(e)) from None
         if self.task_id:
             check_name(self.task_id, "task id", ConfigError, joined=True)
         for s in self.subjects:  # (an image folder that does not exist fails later, naming it)
@@ -226,6 +249,8 @@ class TrainConfig:
                 p.check_length()
             if METHOD_TABLE[self.method].negative:
                 check_token_length(self.negative_prompt, what="negative prompt")
+            for p in self.validation_prompts:
+                CheckedPrompt(p, self.class_words, what="validation prompt").check_length()
         except PromptError as e:
             raise ConfigError(str(e)) from e
 

@@ -23,6 +23,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDS_FILE = "learned_embeds.safetensors"
 CONFIG_FILE = "training_config.json"
 METRICS_FILE = "metrics.csv"
+REPORT_FILE = "report.html"  # the run's page: curves and validation grids (palp.training_report)
 
 
 def atomic_write_json(path: Path, obj) -> None:

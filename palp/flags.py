@@ -63,7 +63,8 @@ def flag(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, help: str 
                              metadata={FLAG: Flag(help, section, name, tuple(choices), metavar)})
 
 
-_PARSERS = {int: int, float: finite_float, bool: on_off, list[int]: steps_list, str: None}
+_PARSERS = {int: int, float: finite_float, bool: on_off, list[int]: steps_list, str: None, list[str]: None}
+_REPEATED = (list[str],)  # a flag given once per value (action="append")
 
 
 def _parser(hint):
@@ -85,7 +86,7 @@ def arguments(cls, **choices) -> list[tuple[str, str, dict]]:
     out = []
     for f in flag_fields(cls):
         spec, parse = f.metadata[FLAG], _parser(hints[f.name])
-        kw = {"dest": f.name, "help": spec.help}
+        kw = {"dest": f.name, "help": spec.help, **({"action": "append"} if hints[f.name] in _REPEATED else {})}
         if f.default_factory is not dataclasses.MISSING:
             kw["default"] = f.default_factory()
         elif f.default is not dataclasses.MISSING:

@@ -1,4 +1,4 @@
-"""PALP training: one step (``step_losses``) and a short loop (``train``).
+"""PALP training: one step (``step_losses``; its inputs in palp/step_inputs.py) and a short loop (``train``).
 
 A step, per ../shared/PALP.md: the personalization loss on the subject's images (Eq. 1) and,
 for ``palp``/``sds``/``nfsd``, a score-sampling term on the re-noised clean estimate (Eq. 6)
@@ -15,84 +15,31 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from palp import __version__, checkpoints, fast, guidance
+from palp import __version__, checkpoints, fast, guidance, tracking
 from palp.checkpoints import RunOutput
 from palp.config import TrainConfig
 from palp.data import load_subject_images
 from palp.fast import row_flags
 from palp.locks import Held, output_lock
-from palp.export import LORA_FILE
+from palp.export import LORA_FILE, REPORT_FILE
 from palp.models import load_base_model, portable_reference
-from palp.personalize import PersonalizedModel, build_personalized_model
+from palp.personalize import PersonalizedModel
 from palp.precision import weight_dtype
 from palp.prompts import placeholder_token, to_token_prompt
 from palp.reproducible import reproducible, resolve_threads
+from palp.step_inputs import (Conditioning, Draws, draw, encode_fixed_prompts, encode_latent_posteriors, setup_model,
+                              step_generator, tokenize)
+from palp.training_report import training_report
+from palp.validation import ValidationPlan, Validator
 
 log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
     """Training stopped; the message says at which step and why."""
-
-
-@dataclass
-class Draws:
-    """The randomness of one micro-batch of B elements."""
-
-    index: torch.Tensor  # (B,) which training image
-    latent_noise: torch.Tensor  # (B, 4, h, w) sample of the VAE posterior
-    t: torch.Tensor  # (B,) personalization timestep, U{0..999}
-    noise: torch.Tensor  # (B, 4, h, w) eps
-    t_align: torch.Tensor  # (B,) t' of the alignment term
-    noise_align: torch.Tensor  # (B, 4, h, w) eps' (== eps for noise "same")
-
-
-def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, latent_shape, num_timesteps: int) -> Draws:
-    shape = (batch, *latent_shape)
-    index = torch.randint(n_images, (batch,), generator=gen)
-    latent_noise = torch.randn(shape, generator=gen)
-    t = torch.randint(num_timesteps, (batch,), generator=gen)
-    noise = torch.randn(shape, generator=gen)
-    if cfg.align_timestep == "resample":
-        t_align = torch.randint(cfg.align_t_min, cfg.align_t_max + 1, (batch,), generator=gen)
-    else:
-        t_align = t.clone()
-    noise_align = noise.clone() if cfg.noise == "same" else torch.randn(shape, generator=gen)
-    return Draws(index, latent_noise, t, noise, t_align, noise_align)
-
-
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The generator of one step's draws, a pure function of (seed, step, rank): a resumed run
-    draws exactly what the uninterrupted one would have."""
-    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
-
-
-@dataclass
-class Conditioning:
-    """Text states of the prompts that hold no learned token: computed once per run."""
-
-    uncond: torch.Tensor  # (1, 77, D) the empty prompt
-    clean: torch.Tensor  # (1, 77, D) y_c
-    negative: torch.Tensor | None  # (1, 77, D) NFSD's negative prompt
-
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-
-
-@torch.no_grad()
-def encode_fixed_prompts(model: PersonalizedModel, tokenizer, cfg: TrainConfig, device) -> Conditioning:
-    negative = guidance.METHOD_TABLE[cfg.method].negative
-    prompts = ["", cfg.clean_prompt] + ([cfg.negative_prompt] if negative else [])
-    states = model.encode(tokenize(tokenizer, prompts).to(device))
-    return Conditioning(states[0:1], states[1:2], states[2:3] if negative else None)
 
 
 def step_losses(
@@ -160,38 +107,6 @@ class TrainResult:
     model: PersonalizedModel
     tokenizer: object
     metrics: list[dict]
-
-
-@torch.no_grad()
-def encode_latent_posteriors(vae, pixels: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior mean and std of each image, scaled to the UNet's latent space."""
-    means, stds = [], []
-    sf = vae.config.scaling_factor
-    for chunk in pixels.split(batch):
-        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
-        means.append(dist.mean.float() * sf)
-        stds.append(dist.std.float() * sf)
-    return torch.cat(means), torch.cat(stds)  # (N, 4, h, w) each
-
-
-def setup_model(base, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[PersonalizedModel, dict, fast.CompiledUNet]:
-    """LoRA + placeholder tokens on the base model, on ``device``: frozen weights in ``dtype``,
-    trainable ones in fp32, with cfg's speed options applied. Returns (model, token ids, the
-    compiled UNet: its cache and eager fallback)."""
-    with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from --seed, not global state
-        torch.manual_seed(cfg.seed)
-        model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                                                       targets=cfg.lora_targets)
-    model.to(device, dtype)
-    for p in model.trainable_parameters():  # trainable parameters stay fp32
-        p.data = p.data.float()
-    if cfg.channels_last:
-        fast.set_channels_last(model.unet, True)
-    if cfg.gradient_checkpointing:
-        fast.set_gradient_checkpointing(model.unet, True)
-    compiled = fast.CompiledUNet(model.unet, fast.resolve_compile(cfg.compile, device), device=device,
-                                 cache_folder=cfg.compile_cache, mode=cfg.compile_mode, logger=log)
-    return model, token_ids, compiled
 
 
 @dataclass
@@ -282,9 +197,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         with reproducible(deterministic=cfg.deterministic, threads=threads):
             run = _setup(cfg, out.local, resume=resume, threads=threads)
             _loop(run, cfg, out, held, progress=progress)
+            run.accelerator.end_training()  # the trackers' files closed
             if run.accelerator.is_main_process:
                 held.check()
-                out.finish(run.model, run.tokens, run.rows, {**run.config, "completed_steps": cfg.steps})
+                out.finish(run.model, run.tokens, run.rows, {**run.config, "completed_steps": cfg.steps},
+                           before_config=lambda: _write_report(out, cfg))
             run.accelerator.wait_for_everyone()
             return TrainResult(out.local, run.model, run.tokenizer, run.rows)
 
@@ -304,6 +221,7 @@ class _Run:
     config: dict  # what training_config.json records
     start: int  # the last step already taken (resume)
     rows: list[dict]  # metrics of the steps taken
+    validator: Validator | None  # --validation-every's sampler
 
 
 def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
@@ -312,6 +230,7 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
     bad input fails here, before anything is written."""
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
 
     base = load_base_model(cfg.pretrained_model)
     images = [load_subject_images(s.placeholder, s.images, resolution=base.resolution, min_size=cfg.min_image_size) for s in cfg.subjects]
@@ -320,7 +239,10 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
     # times (a local pipeline, a notebook) with other precisions or accumulation.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=accum)
+    report_to = tracking.resolve_report_to(cfg.report_to)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=accum,
+                              log_with=None if report_to == "none" else report_to,
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / tracking.LOG_FOLDER)))
     device, dtype = accelerator.device, weight_dtype(cfg.mixed_precision)
 
     model, token_ids, compiled = setup_model(base, cfg, device, dtype)
@@ -337,7 +259,7 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
         "base_model_pin": base.pin, "resolution": base.resolution,
         "placeholder_tokens": dict(zip(token_ids, tokens)), "class_words": cfg.class_words,
         "micro_batch_size": micro, "gradient_accumulation_steps": accum, "num_processes": accelerator.num_processes,
-        "num_threads": threads,
+        "num_threads": threads, "report_to": report_to,
         "training_images": {im.placeholder: [str(p) for p in im.paths] for im in images},
     }
     start, rows = 0, []
@@ -347,7 +269,21 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
         start, rows = checkpoints.load_latest(out, model, ctx.optimizer)
         for group in ctx.optimizer.param_groups:  # the optimizer state carries the old lr
             group["lr"] = cfg.lr
-    return _Run(ctx, model, compiled, accelerator, base.tokenizer, tokens, micro, accum, config, start, rows)
+    validator = _validator(cfg, model, base, ctx, accelerator) if cfg.validation_every else None
+    if report_to != "none":
+        accelerator.init_trackers(tracking.PROJECT, config=tracking.hyperparameters(config),
+                                  init_kwargs={"mlflow": {"run_name": Path(cfg.output).name}})
+    return _Run(ctx, model, compiled, accelerator, base.tokenizer, tokens, micro, accum, config, start, rows, validator)
+
+
+def _validator(cfg: TrainConfig, model: PersonalizedModel, base, ctx: StepContext, accelerator) -> Validator:
+    prompts = list(cfg.validation_prompts) or [cfg.target_prompt]
+    plan = ValidationPlan(prompts=prompts, token_prompts=[to_token_prompt(p) for p in prompts],
+                          seeds=list(range(cfg.validation_seed, cfg.validation_seed + cfg.validation_images)),
+                          steps=cfg.validation_steps, guidance=cfg.validation_guidance)
+    return Validator(plan, model=model, vae=base.vae, scheduler_config=base.noise_scheduler.config,
+                     tokenize=lambda texts: tokenize(base.tokenizer, texts), latent_shape=ctx.mean.shape[1:],
+                     autocast=accelerator.autocast)
 
 
 def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, *, progress: bool) -> None:
@@ -388,15 +324,36 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, *, progress: 
                        "grad_norm": sums["grad_norm"], "lr": ctx.optimizer.param_groups[0]["lr"]}
                 run.rows.append(row)
                 bar.set_postfix(rec=f"{row['rec_loss']:.4f}", align=f"{row['align_loss']:.4f}", gn=f"{row['grad_norm']:.3f}")
+                accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
                 if accelerator.is_main_process:
+                    if run.validator and (step % cfg.validation_every == 0 or step == cfg.steps):
+                        _validate(run, step, out)
                     if step in cfg.save_steps:
                         out.snapshot(step, run.model, run.tokens)
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                         held.check()  # a lost gs:// lease: stop before writing over the new holder's run
                         out.checkpoint(step, run.model, ctx.optimizer, run.rows, keep=cfg.checkpoints_total_limit)
+                        out.publish(tracking.LOG_FOLDER)
                 accelerator.wait_for_everyone()
     finally:
         ahead.shutdown(cancel_futures=True)
+
+
+def _validate(run: _Run, step: int, out: RunOutput) -> None:
+    """One validation check: the grid and its index entry written (and pushed), the images to the trackers."""
+    from palp.validation import FOLDER, grid
+
+    _, images = run.validator.check(step, out.local)
+    tracking.log_images(run.accelerator, "validation", images, grid(images, len(run.validator.plan.seeds)), step)
+    out.publish(FOLDER)
+
+
+def _write_report(out: RunOutput, cfg: TrainConfig) -> None:
+    """The run's page (curves and validation grids), next to its weights."""
+    from palp.storage import write_text
+
+    title = f"{cfg.method}{'-iid' if cfg.noise == 'iid' and cfg.method != 'ti-db' else ''}, {cfg.task_id or cfg.target_prompt}"
+    write_text(out.local / REPORT_FILE, training_report(out.local, title))
 
 
 def _step(ctx: StepContext, cfg: TrainConfig, full: Draws, micro: int, step: int, out: Path) -> dict[str, float]:
@@ -413,4 +370,5 @@ def _non_finite(step: int, what: str, out: Path) -> str:
 
 
 __all__ = ["train", "train_step", "step_losses", "setup_model", "make_context", "draw", "Draws", "Conditioning",
+           "tokenize", "encode_fixed_prompts", "encode_latent_posteriors", "step_generator",
            "StepContext", "TrainResult", "TrainingError", "NonFiniteError", "LORA_FILE"]

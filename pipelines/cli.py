@@ -12,6 +12,7 @@ import sys
 
 from palp import cli
 from pipelines.errors import PipelineError
+from pipelines.runs_compare import add_runs_parser
 
 
 def add_pipeline_parser(sub) -> None:
@@ -128,7 +129,7 @@ def run_pipeline_submit(args) -> int:
 
 def main(argv: list[str] | None = None, *, raise_errors: bool = False) -> int:
     """``palp …``: every library command and ``palp pipeline``."""
-    return cli.main(argv, raise_errors=raise_errors, commands=[add_pipeline_parser], errors=(PipelineError,))
+    return cli.main(argv, raise_errors=raise_errors, commands=[add_pipeline_parser, add_runs_parser], errors=(PipelineError,))
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
         lora_targets: str = T.lora_targets,
         save_steps: str = ",".join(map(str, DEFAULT_SAVE_STEPS)),
         checkpoint_every: int = T.checkpoint_every,
+        validation_every: int = T.validation_every,
         mixed_precision: str = DIFFERENT_DEFAULTS["mixed_precision"][0],
         seed: int = T.seed,
         num_samples: int = Sa.num_samples,
@@ -140,7 +141,8 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
                                      pretrained_model=pretrained_model, steps=train_steps, batch_size=batch_size,
                                      micro_batch_size=micro_batch_size, lr=lr, lora_rank=lora_rank, lora_targets=lora_targets,
                                      save_steps=save_steps,
-                                     checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed),
+                                     checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed,
+                                     validation_every=validation_every),
                             "train", backend, accelerator)
             if retries:  # preemption: the retried task resumes from its checkpoints
                 tr.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2.0)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,50 @@ def upload_folder(local: Path, uri: str) -> None:
     bucket = client.lookup_bucket(bucket_name) or client.create_bucket(bucket_name)
     for f in sorted(p for p in local.rglob("*") if p.is_file()):
         bucket.blob(f"{prefix.rstrip('/')}/{f.relative_to(local)}").upload_from_filename(str(f))
+
+
+class HtmlRefs(HTMLParser):
+    """Every tag of a page and every URL it refers to (src, href, ...): a self-contained page's
+    references are all data: URIs."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for k, v in attrs:
+            if k in ("src", "href", "srcset", "action", "data", "poster") and v:
+                self.refs.append(v)
+
+
+def run_weights(out: Path) -> dict:
+    """The trained tensors of a run folder (LoRA + learned embeddings)."""
+    from safetensors.torch import load_file
+
+    from palp.export import EMBEDS_FILE, LORA_FILE
+
+    return {**load_file(out / LORA_FILE), **load_file(out / EMBEDS_FILE)}
+
+
+def assert_identical_runs(a: Path, b: Path) -> None:
+    """Two runs' weights bit for bit, and their metrics."""
+    import torch
+
+    wa, wb = run_weights(a), run_weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
+
+
+def kill_after_checkpoint(cmd: list[str], out: Path, env: dict, step: int = 2) -> None:
+    """Start ``cmd`` (a training into ``out``) and SIGKILL it once its step-``step`` checkpoint exists."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / f"step-{step:06d}" / "state.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+

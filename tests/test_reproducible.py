@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import REPO, train_args
+from conftest import REPO, assert_identical_runs, kill_after_checkpoint, train_args
 from palp.cli import main
-from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE
+from palp.export import CONFIG_FILE
 
 STEPS = 6
 ARGS = ("--batch-size", "16", "--lr", "1e-3", "--checkpoint-every", "2", "--save-steps", "6")
@@ -33,17 +30,6 @@ def _cmd(images, out, *extra) -> list[str]:
     return [sys.executable, "-m", "palp", *train_args(images, out, *ARGS, *extra, steps=STEPS)]
 
 
-def _weights(out):
-    return {**load_file(out / LORA_FILE), **load_file(out / EMBEDS_FILE)}
-
-
-def _assert_identical(a, b):
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     from conftest import EXAMPLE_CAT
@@ -57,7 +43,7 @@ def test_two_runs_at_the_default_thread_count_are_bit_identical(straight, tmp_pa
     from conftest import EXAMPLE_CAT
 
     subprocess.run(_cmd(EXAMPLE_CAT, tmp_path / "b"), check=True, cwd=REPO, env=_env())
-    _assert_identical(straight, tmp_path / "b")
+    assert_identical_runs(straight, tmp_path / "b")
     config = json.loads((straight / CONFIG_FILE).read_text())
     assert config["deterministic"] is True and config["num_threads"] == torch.get_num_threads()
 
@@ -66,15 +52,10 @@ def test_killed_and_resumed_run_is_bit_identical(straight, tmp_path):
     from conftest import EXAMPLE_CAT
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(EXAMPLE_CAT, out), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-000002" / "state.json").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(_cmd(EXAMPLE_CAT, out), out, _env())
     assert not (out / CONFIG_FILE).exists(), "the kill should land mid-run"
     subprocess.run(_cmd(EXAMPLE_CAT, out, "--resume"), check=True, cwd=REPO, env=_env())
-    _assert_identical(straight, out)
+    assert_identical_runs(straight, out)
 
 
 class _Payload:

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
@@ -14,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, HtmlRefs
 from palp.cli import main
 
 PROMPT = "A sketch of [V] in Paris at night"
@@ -197,21 +196,9 @@ def test_score_outputs(scored):
     assert plot.size[0] > 400
 
 
-class _Refs(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.refs, self.tags = [], []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append(tag)
-        for k, v in attrs:
-            if k in ("src", "href", "srcset", "action", "data", "poster") and v:
-                self.refs.append(v)
-
-
 def test_html_report_is_self_contained(scored):
     text = (scored / "scores" / "report.html").read_text()
-    parser = _Refs()
+    parser = HtmlRefs()
     parser.feed(text)
     assert parser.refs and all(r.startswith("data:image/") for r in parser.refs)
     assert "script" not in parser.tags and "link" not in parser.tags and "iframe" not in parser.tags

@@ -1,0 +1,126 @@
+"""Validation samples during training: the current LoRA + [V] on fixed prompts and seeds.
+
+Every ``--validation-every`` steps ``palp train`` samples its prompts (default: the target
+prompt) from the same starting noise each time (one generator per seed, as ``palp sample``)
+with DDIM and classifier-free guidance, and writes ``validation/step-NNNNNN.png`` (a row per
+prompt, a column per seed) and ``validation/index.json`` (step, time, prompts, seeds, file per
+check). Nothing here draws from the training's random stream: the starting noise comes from
+per-seed generators, DDIM with eta 0 draws nothing else, and the global RNG states are forked
+around the sampling anyway, so a run with validation takes bit-identical steps to one without.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from palp.export import atomic_write_json
+from palp.storage import write_bytes
+
+FOLDER = "validation"
+INDEX = "index.json"
+
+
+@dataclass(frozen=True)
+class ValidationPlan:
+    """What every check samples."""
+
+    prompts: list[str]  # as written, with the placeholders
+    token_prompts: list[str]  # with the learned tokens
+    seeds: list[int]
+    steps: int  # denoising steps
+    guidance: float
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, *shape) starting noise, one CPU generator per seed: the same at every check."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@torch.no_grad()
+def sample_images(model, vae, scheduler_config, input_ids: torch.Tensor, uncond_ids: torch.Tensor, noise: torch.Tensor,
+                  *, steps: int, guidance: float, autocast=contextlib.nullcontext) -> np.ndarray:
+    """(B, H, W, 3) uint8 images of the personalized ``model`` (LoRA on, its learned tokens in
+    ``input_ids`` (B, 77)) from ``noise`` (B, 4, h, w), with DDIM (eta 0) and classifier-free
+    guidance; ``vae`` decodes in its own dtype."""
+    from diffusers import DDIMScheduler
+
+    device = input_ids.device
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(steps)
+    with autocast():
+        states = torch.cat([model.encode(uncond_ids.expand(len(input_ids), -1)), model.encode(input_ids)])  # (2B, 77, D)
+        x = noise.to(device) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps.tolist():
+            rows = torch.cat([x, x]).to(states.dtype)
+            eps_uncond, eps_cond = model.predict(rows, torch.full((len(rows),), t, device=device), states).float().chunk(2)
+            x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x.float(), return_dict=False)[0]
+    image = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
+    image = ((image * 0.5 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
+    return image.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid(images: np.ndarray, columns: int) -> np.ndarray:
+    """(N, H, W, 3) -> one (rows*H, columns*W, 3) image, row-major."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    out = np.full((rows * h, columns * w, c), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, k = divmod(i, columns)
+        out[r * h : (r + 1) * h, k * w : (k + 1) * w] = im
+    return out
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_index(out: Path) -> list[dict]:
+    """The checks a run has written so far, in step order (none: [])."""
+    path = Path(out) / FOLDER / INDEX
+    if not path.is_file():
+        return []
+    return sorted(json.loads(path.read_text()), key=lambda e: e["step"])
+
+
+class Validator:
+    """Samples a run's validation plan and writes its grids under ``out/validation``."""
+
+    def __init__(self, plan: ValidationPlan, *, model, vae, scheduler_config, tokenize, latent_shape, autocast):
+        self.plan = plan
+        self.model, self.vae, self.scheduler_config, self.autocast = model, vae, scheduler_config, autocast
+        device = vae.device
+        ids = tokenize(plan.token_prompts)  # (P, 77)
+        self.input_ids = ids.repeat_interleave(len(plan.seeds), 0).to(device)  # (P*S, 77): a row per prompt
+        self.uncond_ids = tokenize([""]).to(device)  # (1, 77)
+        self.noise = initial_noise(plan.seeds, tuple(latent_shape)).repeat(len(plan.token_prompts), 1, 1, 1)
+
+    def images(self) -> np.ndarray:
+        with torch.random.fork_rng(devices=[self.vae.device] if self.vae.device.type == "cuda" else []):
+            return sample_images(self.model, self.vae, self.scheduler_config, self.input_ids, self.uncond_ids, self.noise,
+                                 steps=self.plan.steps, guidance=self.plan.guidance, autocast=self.autocast)
+
+    def check(self, step: int, out: Path) -> tuple[Path, np.ndarray]:
+        """Sample, write ``validation/step-NNNNNN.png`` and its index entry (a rerun of the step
+        replaces both). Returns the grid's path and the images (P*S, H, W, 3)."""
+        images = self.images()
+        folder = Path(out) / FOLDER
+        path = folder / f"step-{step:06d}.png"
+        write_bytes(str(path), png_bytes(grid(images, len(self.plan.seeds))))
+        entries = [e for e in read_index(out) if e["step"] != step]
+        entries.append({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "file": path.name,
+                        "prompts": self.plan.prompts, "seeds": self.plan.seeds, "steps": self.plan.steps,
+                        "guidance": self.plan.guidance})
+        atomic_write_json(folder / INDEX, sorted(entries, key=lambda e: e["step"]))
+        return path, images

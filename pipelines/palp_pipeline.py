@@ -93,7 +93,9 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
                    retries: bool = True):
     """The pipeline function for one backend (resources differ; the DAG is the same).
 
-    ``retries=False`` drops the preemption retries, for local runs where a failure is final."""
+    ``retries=False`` drops the preemption retries, for local runs where a failure is final.
+    (Longer than most functions here: the inner pipeline function's parameter list is the
+    pipeline's interface, one line per parameter, and KFP needs it spelled out.)"""
     accelerator = check_backend(backend, accelerator)
     comps = make_components(image)
     train_op = _tpu_train(comps, accelerator, None if image is None else image) if backend == "vertex-tpu" else comps.train

@@ -1,5 +1,5 @@
 """Training at the default thread count is bit-reproducible: two runs, and a run killed with
-SIGKILL and resumed; and a checkpoint is loaded without unpickling anything."""
+SIGKILL and resumed (with validation samples on); and a checkpoint is loaded without unpickling anything."""
 
 from __future__ import annotations
 
@@ -49,13 +49,17 @@ def test_two_runs_at_the_default_thread_count_are_bit_identical(straight, tmp_pa
 
 
 def test_killed_and_resumed_run_is_bit_identical(straight, tmp_path):
+    """... with validation samples and TensorBoard on in the killed run and off in the straight
+    one: watching a run draws nothing from its random stream."""
     from conftest import EXAMPLE_CAT
 
     out = tmp_path / "killed"
-    kill_after_checkpoint(_cmd(EXAMPLE_CAT, out), out, _env())
+    watch = ("--validation-every", "2", "--validation-images", "1", "--validation-steps", "2", "--report-to", "tensorboard")
+    kill_after_checkpoint(_cmd(EXAMPLE_CAT, out, *watch), out, _env())
     assert not (out / CONFIG_FILE).exists(), "the kill should land mid-run"
-    subprocess.run(_cmd(EXAMPLE_CAT, out, "--resume"), check=True, cwd=REPO, env=_env())
+    subprocess.run(_cmd(EXAMPLE_CAT, out, *watch, "--resume"), check=True, cwd=REPO, env=_env())
     assert_identical_runs(straight, out)
+    assert [e["step"] for e in json.loads((out / "validation" / "index.json").read_text())] == [2, 4, 6]
 
 
 class _Payload:

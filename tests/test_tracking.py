@@ -1,7 +1,8 @@
 """Training curves and validation samples: in files (validation grids, the run's page), in
 TensorBoard's event files (read back with TensorBoard's own reader) and in a real MLflow file
-store; and validation sampling leaves the training's random stream alone (a killed and resumed
-run with validation on is bit-identical to one without validation or kill)."""
+store. That validation sampling leaves the training's random stream alone (a killed and resumed
+run with validation on is bit-identical to one without validation or kill) is tested in
+tests/test_reproducible.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLE_CAT, REPO, HtmlRefs, assert_identical_runs, kill_after_checkpoint, train_args
+from conftest import EXAMPLE_CAT, REPO, HtmlRefs, train_args
 from palp.export import CONFIG_FILE, REPORT_FILE
 
 STEPS = 6
@@ -106,18 +107,6 @@ def test_mlflow_file_store_gets_params_metrics_and_validation_images(tmp_path):
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "validation")]
     assert artifacts == ["validation/step-000002.png", "validation/step-000004.png"]
-
-
-def test_killed_and_resumed_with_validation_is_bit_identical_to_a_plain_run(watched, tmp_path):
-    plain = tmp_path / "plain"
-    subprocess.run(_cmd(plain, "--report-to", "none"), check=True, cwd=REPO, env=_env())
-    assert_identical_runs(plain, watched)  # validation and tracking draw nothing from training
-    out = tmp_path / "killed"
-    kill_after_checkpoint(_cmd(out, *VALIDATION), out, _env())
-    assert not (out / CONFIG_FILE).exists(), "the kill should land mid-run"
-    subprocess.run(_cmd(out, *VALIDATION, "--resume"), check=True, cwd=REPO, env=_env())
-    assert_identical_runs(plain, out)
-    assert [e["step"] for e in json.loads((out / "validation" / "index.json").read_text())] == [2, 4, 6]
 
 
 def test_report_to_a_tracker_that_is_not_installed_is_one_clear_error(tmp_path, capsys):

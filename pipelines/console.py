@@ -142,11 +142,17 @@ class RunConsole:
     def _swap_streams(self) -> None:
         out, err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Stream(self, out), _Stream(self, err)
+        from kfp.local import logging_utils
+
         root = logging.getLogger()
         handlers, level = root.handlers[:], root.level
-        handler = logging.StreamHandler(sys.stderr)  # records outside kfp's own handler, as palp's logging formats them
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        # kfp.local's own logger setup, once for the whole run (see _logger_context): its records
+        # go through sys.stdout, which sends them to the log of the task whose thread wrote them.
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging_utils.MillisecondFormatter(fmt="%(asctime)s - %(levelname)s - %(message)s",
+                                                                datefmt="%H:%M:%S.%f"))
         root.handlers[:] = [handler]
+        root.setLevel(logging.INFO)
 
         def restore():
             sys.stdout, sys.stderr = out, err
@@ -159,11 +165,17 @@ class RunConsole:
         from kfp.local import logging_utils, task_dispatcher
 
         run, indented = task_dispatcher.run_single_task_implementation, logging_utils.indented_print
+        context = logging_utils.local_logger_context
         task_dispatcher.run_single_task_implementation = self._wrap(run)
         logging_utils.indented_print = self._streaming  # kfp's swaps builtins.print, which threads share
+        # kfp's swaps the root logger's handlers and level per task, which threads share too: a
+        # parallel task that ended reset the level under a running one, whose "finished with
+        # status" lines were then dropped. The run's logger is set up once (_swap_streams).
+        logging_utils.local_logger_context = contextlib.nullcontext
 
         def restore():
             task_dispatcher.run_single_task_implementation, logging_utils.indented_print = run, indented
+            logging_utils.local_logger_context = context
 
         self._restore.append(restore)
 

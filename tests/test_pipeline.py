@@ -450,6 +450,11 @@ def test_whole_dag_runs_locally(tmp_path, capsys):
     assert key.count("\n") - 1 == 2 * 2 * 3  # kinds x subjects x (palp, ti-db, base)
     assert sorted(p.name for p in (compare / "study" / "forms").glob("form-*.xlsx")) == ["form-1.xlsx", "form-2.xlsx", "form-3.xlsx"]
     assert len(list(run.glob("for-loop-*"))) == 4
+    for train in run.glob("for-loop-*/train"):  # each train node: its page (HTML) and its final scalars (Metrics)
+        page = (train / "report").read_text()
+        assert "palp training" in page and "src='data:image/png;base64," in page and "http" not in page
+        executed = json.loads((train / "executor_output.json").read_text())["artifacts"]["metrics"]["artifacts"][0]
+        assert executed["metadata"]["steps"] == 2.0 and "final_rec_loss" in executed["metadata"]
 
 
 def _check_console(out: str, root: Path, run: Path) -> None:

@@ -137,30 +137,33 @@ class TrainConfig:
     output: str = flag(section=SUBJECT, help="run folder")
     min_image_size: int | None = flag(None, section=SUBJECT,
                                       help="smallest accepted image side (default: half the model resolution)")
-    method: str = flag("palp", section=METHOD, choices=METHODS)
+    method: str = flag("palp", section=METHOD, choices=METHODS,
+                       help="palp: Eq. 1 + the prompt-aligned score (Eq. 6/7); sds, nfsd: other scores; ti-db: Eq. 1 alone")
     noise: str = flag("same", section=METHOD, choices=("same", "iid"), help="eps' of the re-noised estimate")  # PALP.md step 3
-    align_timestep: str = flag("resample", section=METHOD, choices=("resample", "same"))  # t' ~ U[t_min, t_max] or t' = t
-    rescale: bool = flag(True, section=METHOD)  # multiply the alignment term by sqrt(a_t)/sqrt(1-a_t) (step 5)
+    align_timestep: str = flag("resample", section=METHOD, choices=("resample", "same"),
+                               help="t' of the alignment term: drawn from [--align-t-min, --align-t-max] or = t")
+    rescale: bool = flag(True, section=METHOD,
+                          help="multiply the alignment term by sqrt(a_t)/sqrt(1-a_t) (PALP.md step 5)")
     alpha: float = flag(15.0, section=METHOD, help="CFG scale, pretrained clean branch")
     beta: float = flag(7.5, section=METHOD, help="CFG scale, personalized branch")
     lam: float = flag(1.0, section=METHOD, name="--lambda", help="weight of the alignment term")
-    align_t_min: int = flag(20, section=METHOD)
-    align_t_max: int = flag(980, section=METHOD)
+    align_t_min: int = flag(20, section=METHOD, help="smallest t' of the alignment term")
+    align_t_max: int = flag(980, section=METHOD, help="largest t' of the alignment term")
     negative_prompt: str = flag(NFSD_NEGATIVE_PROMPT, section=METHOD, help="NFSD's negative prompt")
-    steps: int = flag(500, section=OPTIMISATION)
-    lr: float = flag(5e-5, section=OPTIMISATION)
+    steps: int = flag(500, section=OPTIMISATION, help="optimizer steps")
+    lr: float = flag(5e-5, section=OPTIMISATION, help="AdamW learning rate")
     batch_size: int = flag(32, section=OPTIMISATION, help="global batch")  # micro_batch_size x accumulation x processes
     micro_batch_size: int | None = flag(None, section=OPTIMISATION,
                                         help="per-process batch per forward (default: all of it)")
-    lora_rank: int = flag(32, section=OPTIMISATION)
+    lora_rank: int = flag(32, section=OPTIMISATION, help="LoRA rank")
     lora_alpha: float | None = flag(None, section=OPTIMISATION, help="default: = rank")
     lora_targets: str = flag("attention", section=OPTIMISATION, choices=LORA_TARGET_SETS,
                              help="attention: the attention projections (the paper's); attention+resnets: also the "
                                   "ResNet blocks' convolutions, for UNets with attention-free levels")
     max_grad_norm: float | None = flag(1.0, section=OPTIMISATION, help="0 turns clipping off")  # the CLI's 0 is None here
-    weight_decay: float = flag(1e-2, section=OPTIMISATION)
-    mixed_precision: str = flag("no", section=OPTIMISATION, choices=MIXED_PRECISION)
-    seed: int = flag(0, section=OPTIMISATION)
+    weight_decay: float = flag(1e-2, section=OPTIMISATION, help="AdamW weight decay")
+    mixed_precision: str = flag("no", section=OPTIMISATION, choices=MIXED_PRECISION, help="frozen weights and autocast in fp16/bf16; trainable weights stay fp32")
+    seed: int = flag(0, section=OPTIMISATION, help="seed of the LoRA initialisation and of every step's draws")
     # Reproducibility: deterministic kernels and reductions, and a fixed CPU thread count (CPU
     # reductions are split by thread; 0: torch's default, resolved and recorded at the start).
     deterministic: bool = flag(True, section=OPTIMISATION,
@@ -175,11 +178,11 @@ class TrainConfig:
     compile_mode: str = flag("default", section=SPEED, choices=COMPILE_MODES)  # torch.compile mode
     compile_cache: str = flag("", section=SPEED, metavar="DIR",
                               help="folder or gs:// prefix keeping the compiled kernels, reused by later runs")
-    channels_last: bool = flag(False, section=SPEED)
+    channels_last: bool = flag(False, section=SPEED, help="channels-last memory format for the UNet")
     attention: str = flag("auto", section=SPEED, choices=ATTENTION_BACKENDS, help="the SDPA kernel (auto: PyTorch's choice)")
     gradient_checkpointing: bool = flag(False, section=SPEED, help="less memory for about one more UNet forward per step")
-    checkpoint_every: int = flag(100, section=CHECKPOINTS)
-    checkpoints_total_limit: int = flag(2, section=CHECKPOINTS)
+    checkpoint_every: int = flag(100, section=CHECKPOINTS, help="steps between resumable checkpoints")
+    checkpoints_total_limit: int = flag(2, section=CHECKPOINTS, help="checkpoints kept (older ones are removed, locally and in the bucket)")
     save_steps: list[int] = flag(factory=lambda: list(DEFAULT_SAVE_STEPS), section=CHECKPOINTS,
                                  help="steps whose LoRA + embeddings are kept as snapshots")
     # Watching a run (palp/validation.py, palp/tracking.py): the training's steps are the same with or without.
@@ -190,7 +193,7 @@ class TrainConfig:
                                          help="a prompt to validate with, with the placeholders (repeatable; "
                                               "default: the target prompt)")
     validation_images: int = flag(4, section=WATCHING, help="images per validation prompt (seeds from --validation-seed)")
-    validation_seed: int = flag(0, section=WATCHING)
+    validation_seed: int = flag(0, section=WATCHING, help="first seed of the validation samples")
     validation_steps: int = flag(25, section=WATCHING, help="DDIM steps of each validation sample")
     validation_guidance: float = flag(SampleSettings.guidance, section=WATCHING, help="classifier-free guidance scale")
     report_to: str = flag("auto", section=WATCHING, choices=REPORT_TO,

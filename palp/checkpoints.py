@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from palp.config import ConfigError
 from palp import storage
 from palp.storage import atomic_directory
+from palp.tracking import LOG_FOLDER
+from palp.validation import FOLDER as VALIDATION_FOLDER
 from palp.export import (CONFIG_FILE, EMBEDS_FILE, LORA_FILE, METRICS_FILE, REPORT_FILE, atomic_write_json, export_weights,
                          read_metrics_csv, write_metrics_csv)
 
@@ -256,10 +258,17 @@ class RunOutput:
         if self.remote:
             push(saved, self.remote, keep=keep)
 
-    def publish(self, folder: str) -> None:
-        """Push a folder of the run (validation grids, tracker logs) to the bucket, if any and if it exists."""
-        if self.remote and (self.local / folder).is_dir():
-            storage.upload_dir(self.local / folder, storage.join(self.remote, folder))
+    def publish(self, *paths: Path) -> None:
+        """Push files or folders of the run (validation grids, tracker logs), given by their local
+        paths, to the same place in the bucket, if there is one; a path that does not exist is skipped."""
+        if not self.remote:
+            return
+        for path in paths:
+            target = storage.join(self.remote, *Path(path).relative_to(self.local).parts)
+            if Path(path).is_dir():
+                storage.upload_dir(path, target)
+            elif Path(path).is_file():
+                storage.write_bytes(target, Path(path).read_bytes())
 
     def finish(self, model, tokens: list[str], rows: list[dict], config: dict, *, before_config=None) -> None:
         """The final weights, metrics, the run's page (``before_config()`` writes it) and config
@@ -270,9 +279,7 @@ class RunOutput:
             before_config()
         atomic_write_json(self.local / CONFIG_FILE, config)  # written last: the run is done
         if self.remote:
-            for folder in ("logs", "validation"):
-                self.publish(folder)
-            names = [n for n in (LORA_FILE, EMBEDS_FILE, METRICS_FILE, REPORT_FILE) if (self.local / n).is_file()]
-            for name in (*names, CONFIG_FILE):  # the config last, as locally
-                storage.write_bytes(storage.join(self.remote, name), (self.local / name).read_bytes())
+            self.publish(*(self.local / n for n in (LOG_FOLDER, VALIDATION_FOLDER, LORA_FILE, EMBEDS_FILE, METRICS_FILE,
+                                                     REPORT_FILE)))
+            self.publish(self.local / CONFIG_FILE)  # the config last, as locally
 

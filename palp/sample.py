@@ -148,7 +148,12 @@ def generate(pipe, prompts: list[str], latents: torch.Tensor, *, steps: int, gui
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
         x = scheduler.step(eps, t, x, **extra, return_dict=False)[0]
-    vae = pipe.vae
+    return decode_latents(pipe.vae, x)
+
+
+@torch.no_grad()
+def decode_latents(vae, x: torch.Tensor) -> np.ndarray:
+    """(B, H, W, 3) uint8 images of the latents ``x`` (B, 4, h, w), decoded in the VAE's dtype."""
     image = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
     image = ((image * 0.5 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)  # as diffusers' postprocess
     return image.permute(0, 2, 3, 1).cpu().numpy()
@@ -339,7 +344,7 @@ def _render(pipe, compiled, todo: list[list[dict]], *, output: str, reference: b
                                        doing="sampling")
             compiled.save_once()
             for j, im in zip(batch, images):
-                writes.append(writer.submit(_write_png, storage.join(output, j["file"]), im))
+                writes.append(writer.submit(write_png, storage.join(output, j["file"]), im))
             for f in [f for f in writes if f.done()]:
                 f.result()  # a failed write stops the run
             on_batch(batch)
@@ -347,7 +352,8 @@ def _render(pipe, compiled, todo: list[list[dict]], *, output: str, reference: b
             f.result()
 
 
-def _write_png(uri: str, pixels: np.ndarray) -> None:
+def write_png(uri: str, pixels: np.ndarray) -> None:
+    """(H, W, 3) uint8 pixels as a PNG file, written atomically."""
     from PIL import Image
 
     buf = io.BytesIO()

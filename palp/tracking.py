@@ -15,8 +15,8 @@ import importlib.util
 import numpy as np
 
 REPORT_TO = ("auto", "none", "tensorboard", "mlflow", "wandb")
-# What each tracker needs installed (pip install NAME).
-NEEDS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+# The module each tracker needs and the package that installs it.
+NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"), "wandb": ("wandb", "wandb")}
 PROJECT = "palp"
 LOG_FOLDER = "logs"
 
@@ -31,9 +31,9 @@ def resolve_report_to(value: str) -> str:
         raise TrackingError(f"--report-to must be one of {', '.join(REPORT_TO)}, not {value!r}")
     if value == "auto":
         return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
-    if value != "none" and not importlib.util.find_spec(NEEDS[value]):
-        package = "mlflow-skinny" if value == "mlflow" else NEEDS[value]
-        raise TrackingError(f"--report-to {value} needs the {NEEDS[value]} package: pip install {package} (or --report-to none)")
+    if value != "none" and not importlib.util.find_spec(NEEDS[value][0]):
+        module, package = NEEDS[value]
+        raise TrackingError(f"--report-to {value} needs the {module} package: pip install {package} (or --report-to none)")
     return value
 
 

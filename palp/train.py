@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from palp import __version__, checkpoints, fast, guidance, tracking
 from palp.checkpoints import RunOutput
-from palp.config import TrainConfig
+from palp.config import TrainConfig, method_label
 from palp.data import load_subject_images
 from palp.fast import row_flags
 from palp.locks import Held, output_lock
@@ -333,7 +333,7 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, *, progress: 
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                         held.check()  # a lost gs:// lease: stop before writing over the new holder's run
                         out.checkpoint(step, run.model, ctx.optimizer, run.rows, keep=cfg.checkpoints_total_limit)
-                        out.publish(tracking.LOG_FOLDER)
+                        out.publish(out.local / tracking.LOG_FOLDER)
                 accelerator.wait_for_everyone()
     finally:
         ahead.shutdown(cancel_futures=True)
@@ -341,18 +341,16 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, *, progress: 
 
 def _validate(run: _Run, step: int, out: RunOutput) -> None:
     """One validation check: the grid and its index entry written (and pushed), the images to the trackers."""
-    from palp.validation import FOLDER, grid
-
-    _, images = run.validator.check(step, out.local)
-    tracking.log_images(run.accelerator, "validation", images, grid(images, len(run.validator.plan.seeds)), step)
-    out.publish(FOLDER)
+    written, images, pixels = run.validator.check(step, out.local)
+    tracking.log_images(run.accelerator, "validation", images, pixels, step)
+    out.publish(*written)  # this check's grid and the index, not the folder's earlier grids again
 
 
 def _write_report(out: RunOutput, cfg: TrainConfig) -> None:
     """The run's page (curves and validation grids), next to its weights."""
     from palp.storage import write_text
 
-    title = f"{cfg.method}{'-iid' if cfg.noise == 'iid' and cfg.method != 'ti-db' else ''}, {cfg.task_id or cfg.target_prompt}"
+    title = f"{method_label(cfg.method, cfg.noise)}, {cfg.task_id or cfg.target_prompt}"
     write_text(out.local / REPORT_FILE, training_report(out.local, title))
 
 

@@ -12,7 +12,6 @@ around the sampling anyway, so a run with validation takes bit-identical steps t
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from palp.export import atomic_write_json
-from palp.storage import write_bytes
+from palp.sample import decode_latents, initial_latents, write_png
 
 FOLDER = "validation"
 INDEX = "index.json"
@@ -37,11 +36,6 @@ class ValidationPlan:
     seeds: list[int]
     steps: int  # denoising steps
     guidance: float
-
-
-def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """(B, *shape) starting noise, one CPU generator per seed: the same at every check."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 @torch.no_grad()
@@ -62,9 +56,7 @@ def sample_images(model, vae, scheduler_config, input_ids: torch.Tensor, uncond_
             rows = torch.cat([x, x]).to(states.dtype)
             eps_uncond, eps_cond = model.predict(rows, torch.full((len(rows),), t, device=device), states).float().chunk(2)
             x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x.float(), return_dict=False)[0]
-    image = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
-    image = ((image * 0.5 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
-    return image.permute(0, 2, 3, 1).cpu().numpy()
+    return decode_latents(vae, x)
 
 
 def grid(images: np.ndarray, columns: int) -> np.ndarray:
@@ -76,14 +68,6 @@ def grid(images: np.ndarray, columns: int) -> np.ndarray:
         r, k = divmod(i, columns)
         out[r * h : (r + 1) * h, k * w : (k + 1) * w] = im
     return out
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def read_index(out: Path) -> list[dict]:
@@ -104,23 +88,24 @@ class Validator:
         ids = tokenize(plan.token_prompts)  # (P, 77)
         self.input_ids = ids.repeat_interleave(len(plan.seeds), 0).to(device)  # (P*S, 77): a row per prompt
         self.uncond_ids = tokenize([""]).to(device)  # (1, 77)
-        self.noise = initial_noise(plan.seeds, tuple(latent_shape)).repeat(len(plan.token_prompts), 1, 1, 1)
+        self.noise = initial_latents(plan.seeds, tuple(latent_shape)).repeat(len(plan.token_prompts), 1, 1, 1)
 
     def images(self) -> np.ndarray:
         with torch.random.fork_rng(devices=[self.vae.device] if self.vae.device.type == "cuda" else []):
             return sample_images(self.model, self.vae, self.scheduler_config, self.input_ids, self.uncond_ids, self.noise,
                                  steps=self.plan.steps, guidance=self.plan.guidance, autocast=self.autocast)
 
-    def check(self, step: int, out: Path) -> tuple[Path, np.ndarray]:
+    def check(self, step: int, out: Path) -> tuple[list[Path], np.ndarray, np.ndarray]:
         """Sample, write ``validation/step-NNNNNN.png`` and its index entry (a rerun of the step
-        replaces both). Returns the grid's path and the images (P*S, H, W, 3)."""
+        replaces both). Returns the two files written, the images (P*S, H, W, 3) and their grid."""
         images = self.images()
+        pixels = grid(images, len(self.plan.seeds))
         folder = Path(out) / FOLDER
         path = folder / f"step-{step:06d}.png"
-        write_bytes(str(path), png_bytes(grid(images, len(self.plan.seeds))))
+        write_png(str(path), pixels)
         entries = [e for e in read_index(out) if e["step"] != step]
         entries.append({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "file": path.name,
                         "prompts": self.plan.prompts, "seeds": self.plan.seeds, "steps": self.plan.steps,
                         "guidance": self.plan.guidance})
         atomic_write_json(folder / INDEX, sorted(entries, key=lambda e: e["step"]))
-        return path, images
+        return [path, folder / INDEX], images, pixels

@@ -120,3 +120,19 @@ def test_report_to_a_tracker_that_is_not_installed_is_one_clear_error(tmp_path, 
     err = capsys.readouterr().err
     assert "--report-to wandb needs the wandb package: pip install wandb" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_gs_output_gets_the_grids_the_logs_and_the_page(gcs_emulator, cat_images):
+    """A run into gs:// (a real emulator): each check's grid and the index are pushed as they are
+    written, the TensorBoard logs with each checkpoint, the page with the final files."""
+    from palp import storage
+    from palp.cli import main
+
+    storage.gcs_client().create_bucket("palp-watch")
+    argv = train_args(cat_images, "gs://palp-watch/run", *VALIDATION, "--report-to", "tensorboard", steps=4)
+    assert main(argv) == 0
+    names = storage.list_files("gs://palp-watch/run", recursive=True)
+    assert {"validation/step-000002.png", "validation/step-000004.png", "validation/index.json", REPORT_FILE} <= set(names)
+    assert any(n.startswith("logs/palp/events.out.tfevents.") for n in names)
+    index = json.loads(storage.read_text("gs://palp-watch/run/validation/index.json"))
+    assert [e["step"] for e in index] == [2, 4]

@@ -15,7 +15,8 @@ from typing import Optional
 from pipelines.console import RunConsole
 from pipelines.experiment import ExperimentError, load_experiment
 from pipelines.inputs import inputs_fingerprint
-from pipelines.palp_pipeline import PIPELINE_NAME, build_pipeline
+from pipelines.palp_pipeline import build_pipeline
+from pipelines.runs_compare import newest_run
 
 # Environment handed to step containers (DockerRunner): the emulator and project, if set.
 PASSED_ENV = ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "HF_HUB_OFFLINE", "PALP_STORAGE_RETRIES")
@@ -155,12 +156,6 @@ def _threads_per_step(runner: str):
         yield
     finally:
         del os.environ["OMP_NUM_THREADS"]
-
-
-def newest_run(root: Path) -> Optional[Path]:
-    """The folder of the newest run under a local pipeline root (``palp-<timestamp>``)."""
-    runs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PIPELINE_NAME)), key=lambda p: p.stat().st_mtime)
-    return runs[-1] if runs else None
 
 
 def find_outputs(root: Path) -> dict[str, list[Path]]:

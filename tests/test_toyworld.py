@@ -325,6 +325,14 @@ def test_report_tables_and_intervals(tmp_path):
         for k in range(3):
             assert sheet.getpixel((330 + (j * 3 + k) * 64 + 32, 16 + 2 * 64 + 32)) == colours[m]
 
+    # The images gone (scores kept from another machine's run): the tables are rebuilt into the
+    # same folder and the gallery already there is kept, not lost.
+    before = (tmp_path / "out2/gallery.png").read_bytes()
+    table.assign(path=[str(tmp_path / "gone" / f"{n}.png") for n in range(len(table))]).to_csv(tmp_path / "scores-gone.csv", index=False)
+    report.main(["--scores", str(tmp_path / "scores-gone.csv"), "--out", str(tmp_path / "out2")])
+    assert (tmp_path / "out2/gallery.png").read_bytes() == before
+    assert json.loads((tmp_path / "out2/summary.json").read_text())["scores"] == str(tmp_path / "scores-gone.csv")
+
 
 def test_score_with_the_judge_end_to_end(tmp_path):
     """prepare -> train (toy model, palp-iid) -> sample -> score --judge: judge columns beside CLIP's."""

@@ -1,6 +1,6 @@
 """The toy-world experiment's committed CLIP text scores against a rerun's, run by run.
 
-The committed compare-step scores (results/scores.csv.gz) looked each sample's clean prompt up by
+The committed compare-step scores (results/text-fault/scores.csv.gz) looked each sample's clean prompt up by
 its prompt with [V], so subjects sharing a prompt were scored against the last subject's class
 word. Each pipeline branch's own score step saw one subject and was right. This compares the
 committed rows with a rerun's per-branch scores (each sample's own texts), on the runs the
@@ -16,7 +16,7 @@ import pandas as pd
 
 from palp.safecsv import read_csv
 
-old = pd.read_csv(str(Path(__file__).parent / "results" / "scores.csv.gz"), keep_default_na=False)
+old = pd.read_csv(str(Path(__file__).parent / "results" / "text-fault" / "scores.csv.gz"), keep_default_na=False)
 new = pd.concat([read_csv(open(f, "rb").read()) for f in sorted(glob.glob(sys.argv[1] + "/*/for-loop-1-iteration-*/score/scores/scores.csv"))])
 new = new[new["method"] != "base"]
 key = ["task", "method", "step", "prompt", "sample"]

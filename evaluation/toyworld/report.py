@@ -184,6 +184,7 @@ def gallery(df: pd.DataFrame, per_cell: int = 3) -> bytes | None:
     from PIL import Image, ImageDraw
 
     from palp.data import read_image
+    from palp.gcs import StorageError
 
     if "path" not in df.columns:
         return None
@@ -204,7 +205,7 @@ def gallery(df: pd.DataFrame, per_cell: int = 3) -> bytes | None:
             for k, path in enumerate(cell.sort_values("sample")["path"][:per_cell]):
                 try:
                     im = read_image(str(path)).convert("RGB").resize((size, size))
-                except (OSError, ValueError):
+                except (OSError, ValueError, StorageError):
                     return None
                 sheet.paste(im, (label_w + (j * per_cell + k) * size, head + i * size))
     buf = io.BytesIO()
@@ -236,6 +237,8 @@ def main(argv=None):
     sheet = gallery(df)
     if sheet is not None:
         write_bytes(f"{out}/gallery.png", sheet, content_type="image/png")
+    else:
+        print("no gallery: the scored images are not readable from here (a gallery.png already in --out is kept)")
     write_text(f"{out}/summary.json", json.dumps({"scores": path, "table2": n2, "table3": n3, "paired": np_}, indent=2) + "\n")
     if [str(Path(p).resolve()) for p in paths] != [str(Path(out, "scores.csv.gz").resolve())]:
         write_bytes(f"{out}/scores.csv.gz", gzip.compress(safecsv.to_csv(df.drop(columns=[FOUND]), index=False).encode(), mtime=0))

@@ -77,7 +77,7 @@ def test_the_pipeline_takes_the_library_defaults_but_the_named_ones():
     library = {
         "pretrained_model": _default(T, "pretrained_model"), "train_steps": _default(T, "steps"),
         "batch_size": _default(T, "batch_size"), "micro_batch_size": _default(T, "micro_batch_size"),
-        "lr": _default(T, "lr"), "lora_rank": _default(T, "lora_rank"), "lora_targets": _default(T, "lora_targets"),
+        "lr": _default(T, "lr"), "lam": _default(T, "lam"), "lora_rank": _default(T, "lora_rank"), "lora_targets": _default(T, "lora_targets"),
         "save_steps": ",".join(map(str, _default(T, "save_steps"))), "checkpoint_every": _default(T, "checkpoint_every"),
         "validation_every": _default(T, "validation_every"),
         "mixed_precision": _default(T, "mixed_precision"), "seed": _default(T, "seed"),

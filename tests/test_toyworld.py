@@ -272,7 +272,7 @@ def test_report_tables_and_intervals(tmp_path):
                     for i in range(4):
                         rows.append({"subject": subject, "prompt": prompt, "method": method, "step": step, "run": f"{subject}{prompt}{method}",
                                      "Judge: style": good, "Judge: place": good, "Judge: time": 1.0, "Judge: class": 1.0,
-                                     "Judge: identity": 1.0 - good / 2, "Target prompt": 0.2 + 0.1 * good,
+                                     "Judge: identity": 1.0 - good / 2, "Target prompt": 0.2 + 0.1 * good + float(rng.uniform(0, 0.05)),
                                      "Image alignment": float(rng.uniform(0.5, 0.6))})
     pd.DataFrame(rows).to_csv(tmp_path / "scores.csv", index=False)
     report.main(["--scores", str(tmp_path / "scores.csv"), "--out", str(tmp_path / "out")])
@@ -282,8 +282,10 @@ def test_report_tables_and_intervals(tmp_path):
     assert summary["table2"]["palp"]["Elements found"] == pytest.approx([1.0, 1.0, 1.0])
     assert summary["paired"]["palp"]["Elements found"] == pytest.approx([2 / 3, 2 / 3, 2 / 3])
     assert summary["paired"]["palp"]["Judge: identity"] == pytest.approx([-0.5, -0.5, -0.5])
-    lo, hi = summary["table2"]["palp"]["Image alignment"][1:]
-    assert lo <= summary["table2"]["palp"]["Image alignment"][0] <= hi
+    lo, hi = summary["table2"]["palp"]["Target prompt"][1:]
+    assert lo <= summary["table2"]["palp"]["Target prompt"][0] <= hi
+    assert "Image alignment" not in summary["table2"]["palp"] and "Image alignment" not in summary["paired"]["palp"]
+    assert "Image alignment" not in (tmp_path / "out/table2.md").read_text()  # the toy CLIP's cosine is no identity measure
     assert summary["table3"]["palp"]["Elements found"][0] == 1.0
     assert (tmp_path / "out/curves.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "out/gallery.png").exists()  # no images to show

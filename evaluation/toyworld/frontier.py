@@ -1,0 +1,314 @@
+"""Identity-vs-alignment frontiers of the toy-world methods, with paired headlines.
+
+    python evaluation/toyworld/frontier.py --root ROOT [ROOT ...] --out DIR
+
+Reads the compare step's scores.csv of each pipeline root (or ``--scores FILE ...``), one point
+per (method, learning rate, lambda, snapshot step): the judge's identity kept against the
+prompt elements it finds and against the toy CLIP's text alignment, every point with its 95%
+cluster-bootstrap interval over (subject, prompt) units, and each method's Pareto frontier (the
+points no other point of the method beats on both identity and elements found). The runs'
+learning rate and lambda are read from each run's ``training_config.json``.
+
+Headlines, paired (every bootstrap draw resamples the same units for every method, and
+rebuilds every frontier from them):
+
+- at matched identity: TI+DB's identity at its ``--match-step`` point (500) is the target;
+  each frontier is interpolated linearly to it; elements found of the method minus TI+DB's;
+- at matched elements found: the same, with the axes swapped.
+
+A draw in which the target lies outside a method's frontier counts as undefined: the table
+says in what share of draws the difference is defined, and never extrapolates.
+
+Writes ``points.md``, ``headline.md``, ``frontier.png`` (the two planes), ``fig6.png``
+(elements found, identity and CLIP text vs steps for every setting), ``summary.json`` and
+``scores.csv.gz`` (with the lr and lambda columns: ``--scores`` rebuilds all of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import FOUND, IDENTITY, UNIT, find_scores, load, methods_in  # noqa: E402
+
+from palp import safecsv  # noqa: E402
+from palp.storage import read_text, write_bytes, write_text  # noqa: E402
+
+TEXT = "Target prompt"
+METRICS = [FOUND, IDENTITY, TEXT]
+BASELINE = "ti-db"
+POINT = ["method", "lr", "lambda", "step"]
+NO_LAMBDA = -1.0  # TI+DB's lambda in a point's key: it has no alignment term
+
+
+class FrontierError(SystemExit):
+    pass
+
+
+def settings(df: pd.DataFrame) -> pd.DataFrame:
+    """Add each run's learning rate and lambda (from its training_config.json), once per run."""
+    if {"lr", "lambda"} <= set(df.columns):
+        df = df.copy()
+        df["lr"], df["lambda"] = pd.to_numeric(df["lr"]), pd.to_numeric(df["lambda"], errors="coerce")
+        return df
+    found = {}
+    for run in df["run"].unique():
+        try:
+            cfg = json.loads(read_text(f"{str(run).rstrip('/')}/training_config.json"))
+        except Exception as e:  # noqa: BLE001 - any unreadable run is the same fix
+            raise FrontierError(f"cannot read {run}/training_config.json ({e}); the frontier needs each run's lr and "
+                                "lambda: run it where the pipeline root is readable, or pass --scores with lr and lambda columns")
+        found[run] = (float(cfg["lr"]), float(cfg.get("lam", 1.0)))
+    df = df.copy()
+    df["lr"] = df["run"].map(lambda r: found[r][0])
+    df["lambda"] = df["run"].map(lambda r: found[r][1])
+    df.loc[df["method"] == BASELINE, "lambda"] = np.nan  # TI+DB has no alignment term
+    return df
+
+
+def common_units(df: pd.DataFrame) -> pd.DataFrame:
+    """Keep the (subject, prompt) units every method in ``df`` was sampled on (TI+DB may cover more)."""
+    units = None
+    for _, g in df.groupby("method"):
+        u = set(map(tuple, g[UNIT].drop_duplicates().to_numpy()))
+        units = u if units is None else units & u
+    if not units:
+        raise FrontierError("no (subject, prompt) unit is sampled by every method")
+    keep = df[UNIT].apply(tuple, axis=1).isin(units)
+    return df[keep]
+
+
+class Points:
+    """Per point and unit, the sums and counts of every metric: the bootstrap's raw material."""
+
+    def __init__(self, df: pd.DataFrame):
+        df = df.assign(**{"lambda": df["lambda"].fillna(NO_LAMBDA)})  # NaN keys never match themselves
+        self.units = sorted(map(tuple, df[UNIT].drop_duplicates().to_numpy()))
+        self.keys = sorted(map(tuple, df[POINT].drop_duplicates().to_numpy()), key=lambda k: (
+            methods_in(df).index(k[0]), k[1], k[2], k[3]))
+        pos = {u: i for i, u in enumerate(self.units)}
+        pk = {k: i for i, k in enumerate(self.keys)}
+        shape = (len(self.keys), len(self.units))
+        self.sums = {m: np.zeros(shape) for m in METRICS}
+        self.counts = {m: np.zeros(shape) for m in METRICS}
+        g = df.groupby(POINT + UNIT, dropna=False)[METRICS].agg(["sum", "count"])
+        for idx, row in g.iterrows():
+            p, u = pk[tuple(idx[:4])], pos[tuple(idx[4:])]
+            for m in METRICS:
+                self.sums[m][p, u], self.counts[m][p, u] = row[(m, "sum")], row[(m, "count")]
+
+    def means(self, draw: np.ndarray | None = None) -> dict:
+        """{metric: (P,) or (P, R)} means over the units (``draw``: (R, U) resampled unit indices)."""
+        out = {}
+        for m in METRICS:
+            s, n = self.sums[m], self.counts[m]
+            if draw is None:
+                out[m] = s.sum(1) / np.maximum(n.sum(1), 1)
+            else:
+                out[m] = s[:, draw].sum(2) / np.maximum(n[:, draw].sum(2), 1)
+            out[m] = np.where((n.sum(1) if draw is None else n[:, draw].sum(2)) > 0, out[m], np.nan)
+        return out
+
+    def of(self, method: str) -> np.ndarray:
+        return np.array([i for i, k in enumerate(self.keys) if k[0] == method])
+
+
+def pareto(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats on both x and y (ties kept), sorted by x."""
+    ok = ~(np.isnan(x) | np.isnan(y))
+    keep = [i for i in np.flatnonzero(ok)
+            if not np.any(ok & (x >= x[i]) & (y >= y[i]) & ((x > x[i]) | (y > y[i])))]
+    return np.array(sorted(keep, key=lambda i: (x[i], -y[i])), dtype=int)
+
+
+def along(x: np.ndarray, y: np.ndarray, at: float) -> float:
+    """y on the Pareto frontier of (x, y), linearly interpolated at x = ``at``; NaN outside it."""
+    f = pareto(x, y)
+    if len(f) == 0 or not (x[f].min() - 1e-12 <= at <= x[f].max() + 1e-12):
+        return float("nan")
+    return float(np.interp(at, x[f], y[f]))
+
+
+def headlines(df: pd.DataFrame, match_step: int, baseline_lr: float | None, reps: int, seed: int) -> dict:
+    """{method: {"elements at matched identity": ..., "identity at matched elements": ...}}: each a dict
+    of the point estimate, the 95% interval, the share of draws where it is defined, the target
+    and the number of units. Each method is paired with TI+DB on the units both were sampled on."""
+    out = {}
+    for method in methods_in(df):
+        if method == BASELINE:
+            continue
+        pts = Points(common_units(df[df["method"].isin([BASELINE, method])]))
+        base = [i for i, k in enumerate(pts.keys) if k[0] == BASELINE and k[3] == match_step
+                and (baseline_lr is None or np.isclose(k[1], baseline_lr))]
+        if not base:
+            raise FrontierError(f"no {BASELINE} point at step {match_step}" + (f" and lr {baseline_lr:g}" if baseline_lr else "")
+                                + "; give --match-step / --baseline-lr of a point the runs have")
+        if len(base) > 1:
+            lrs = ", ".join(f"{pts.keys[i][1]:g}" for i in base)
+            raise FrontierError(f"{BASELINE} has a step-{match_step} point at several learning rates ({lrs}); choose one with --baseline-lr")
+        b = base[0]
+        rng = np.random.default_rng(seed)
+        draws = rng.integers(0, len(pts.units), size=(reps, len(pts.units)))
+        full, boot = pts.means(), pts.means(draws)
+        ti, mi = pts.of(BASELINE), pts.of(method)
+        res = {}
+        for name, xm, ym in (("elements at matched identity", IDENTITY, FOUND), ("identity at matched elements", FOUND, IDENTITY)):
+            def diff(x, y):
+                return along(x[mi], y[mi], x[b]) - along(x[ti], y[ti], x[b])
+            est = diff(full[xm], full[ym])
+            d = np.array([diff(boot[xm][:, r], boot[ym][:, r]) for r in range(reps)])
+            ok = d[~np.isnan(d)]
+            res[name] = {"estimate": est, "lo": float(np.percentile(ok, 2.5)) if len(ok) else float("nan"),
+                         "hi": float(np.percentile(ok, 97.5)) if len(ok) else float("nan"),
+                         "defined": float(len(ok) / reps), "target": float(full[xm][b]), "units": len(pts.units)}
+        out[method] = res
+    return out
+
+
+def label(key) -> str:
+    method, lr, lam, step = key
+    return f"{method} lr {lr:g}" + ("" if lam == NO_LAMBDA else f" λ {lam:g}")
+
+
+def point_table(pts: Points, reps: int, seed: int) -> tuple[str, list]:
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(pts.units), size=(reps, len(pts.units)))
+    full, boot = pts.means(), pts.means(draws)
+    rows, numbers = [], []
+    for i, k in enumerate(pts.keys):
+        cells, num = {}, {"method": k[0], "lr": k[1], "lambda": None if k[2] == NO_LAMBDA else k[2], "step": int(k[3])}
+        for m in METRICS:
+            lo, hi = np.nanpercentile(boot[m][i], [2.5, 97.5])
+            cells[m] = f"{full[m][i]:.3f} [{lo:.3f}, {hi:.3f}]"
+            num[m] = (float(full[m][i]), float(lo), float(hi))
+        on = i in set(pts.of(k[0])[pareto(full[IDENTITY][pts.of(k[0])], full[FOUND][pts.of(k[0])])])
+        rows.append({"setting": label(k), "step": int(k[3]), "units": int((pts.counts[FOUND][i] > 0).sum()),
+                     "images": int(pts.counts[FOUND][i].sum()), **cells,
+                     "on frontier": "yes" if on else ""})
+        num["on_frontier"] = bool(on)
+        numbers.append(num)
+    return pd.DataFrame(rows).to_markdown(index=False), numbers
+
+
+def headline_table(h: dict) -> str:
+    rows = []
+    for method, res in h.items():
+        for name, r in res.items():
+            rows.append({"comparison": f"{method} - {BASELINE}", "units": r["units"], "measure": name, "target": f"{r['target']:.3f}",
+                         "difference [95% CI]": "undefined: the target is outside the frontier" if np.isnan(r["estimate"])
+                         else f"{r['estimate']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]",
+                         "draws where defined": f"{100 * r['defined']:.0f}%"})
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig, plt) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _err(v) -> list:
+    m, lo, hi = v
+    return [[max(m - lo, 0.0)], [max(hi - m, 0.0)]]
+
+
+def frontier_figure(pts: Points, numbers: list, target: float | None) -> bytes:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    full = pts.means()
+    colours = {}
+    for ax, ym, title in ((axes[0], FOUND, "prompt elements found (judge)"), (axes[1], TEXT, "CLIP text alignment (toy CLIP)")):
+        for method in dict.fromkeys(k[0] for k in pts.keys):
+            mi = pts.of(method)
+            c = colours.setdefault(method, f"C{len(colours)}")
+            for i in mi:
+                n = numbers[i]
+                ax.errorbar(n[IDENTITY][0], n[ym][0], xerr=_err(n[IDENTITY]), yerr=_err(n[ym]), fmt="o", color=c, alpha=0.45, ms=4, lw=0.8)
+                ax.annotate(f"{n['step']}", (n[IDENTITY][0], n[ym][0]), fontsize=6, alpha=0.7, xytext=(2, 2), textcoords="offset points")
+            f = pareto(full[IDENTITY][mi], full[ym][mi])
+            ax.plot(full[IDENTITY][mi][f], full[ym][mi][f], "-", color=c, lw=2, label=f"{method} (frontier)")
+        if target is not None:
+            ax.axvline(target, color="grey", ls=":", lw=1, label=f"{BASELINE} identity at the matched step")
+        ax.set_xlabel("identity kept (judge)")
+        ax.set_ylabel(title)
+        ax.set_title(f"identity vs {title}")
+    axes[0].legend(fontsize=8)
+    return _png(fig, plt)
+
+
+def fig6(pts: Points, numbers: list) -> bytes:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
+    by_setting = {}
+    for i, k in enumerate(pts.keys):
+        by_setting.setdefault(label(k), []).append(i)
+    for ax, m, title in zip(axes, METRICS, ("prompt elements found (judge)", "identity kept (judge)", "CLIP text alignment")):
+        for j, (name, idx) in enumerate(by_setting.items()):
+            idx = sorted(idx, key=lambda i: pts.keys[i][3])
+            steps = [pts.keys[i][3] for i in idx]
+            mean = [numbers[i][m][0] for i in idx]
+            ax.plot(steps, mean, marker="o", label=name, color=f"C{j % 10}", ls="-" if j < 10 else "--")
+            ax.fill_between(steps, [numbers[i][m][1] for i in idx], [numbers[i][m][2] for i in idx], alpha=0.1, color=f"C{j % 10}")
+        ax.set_xscale("log")
+        ax.set_xlabel("fine-tuning steps")
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    return _png(fig, plt)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--root", nargs="+", help="pipeline roots (palp pipeline run-local --pipeline-root)")
+    src.add_argument("--scores", nargs="+", help="scores.csv files written by palp score --judge (or this report's scores.csv.gz)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--match-step", type=int, default=500, help="TI+DB's snapshot whose identity / elements found the headlines match")
+    ap.add_argument("--baseline-lr", type=float, help="TI+DB's learning rate for the matched point, when it ran at several")
+    ap.add_argument("--reps", type=int, default=2000, help="bootstrap draws")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    paths = args.scores or [find_scores(r) for r in args.root]
+    df = pd.concat([settings(load(p)) for p in paths], ignore_index=True)
+    df = df[df["method"] != "base"]
+    if BASELINE not in set(df["method"]):
+        raise FrontierError(f"no {BASELINE} runs in {', '.join(paths)}: the headlines compare against it")
+    if "task" in df.columns and df.duplicated(["task", "method", "run", "step", "prompt", "sample"]).any():
+        raise FrontierError(f"the same images are scored in more than one of {', '.join(paths)}; give each run once")
+    h = headlines(df, args.match_step, args.baseline_lr, args.reps, args.seed)
+    pts = Points(df)
+    table, numbers = point_table(pts, args.reps, args.seed)
+    target = next(iter(next(iter(h.values())).values()))["target"] if h else None
+    out = args.out.rstrip("/")
+    write_text(f"{out}/points.md", table + "\n")
+    head = headline_table(h) if h else "(no method besides TI+DB)"
+    write_text(f"{out}/headline.md", head + "\n")
+    write_bytes(f"{out}/frontier.png", frontier_figure(pts, numbers, target), content_type="image/png")
+    write_bytes(f"{out}/fig6.png", fig6(pts, numbers), content_type="image/png")
+    write_text(f"{out}/summary.json", json.dumps({"scores": paths, "units": [list(u) for u in pts.units], "match_step": args.match_step,
+                                                 "points": numbers, "headlines": h}, indent=2) + "\n")
+    if [str(Path(p).resolve()) for p in paths] != [str(Path(out, "scores.csv.gz").resolve())]:
+        write_bytes(f"{out}/scores.csv.gz", gzip.compress(safecsv.to_csv(df.drop(columns=[FOUND]), index=False).encode(), mtime=0))
+    print(f"## Points (mean [95% CI], {len(pts.units)} (subject, prompt) units)\n\n{table}\n\n## Headlines\n\n{head}\n\n-> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -77,8 +77,41 @@ th { background: #f3f3f3; }
 """
 
 
+JUDGE_ELEMENTS = ("Judge: style", "Judge: place", "Judge: time")
+JUDGE_IDENTITY = "Judge: identity"
+
+
+def verdict(t2: pd.DataFrame, method: str = "palp", baseline: str = "ti-db") -> str | None:
+    """One plain sentence: does ``method`` beat ``baseline`` in this run's Table 2 (last steps)?
+    With the toy world's judge: prompt elements found and identity kept; otherwise CLIP text and
+    image alignment. None without both methods."""
+    if method not in t2.index or baseline not in t2.index:
+        return None
+    if all(c in t2.columns for c in (*JUDGE_ELEMENTS, JUDGE_IDENTITY)):
+        align = t2.loc[[method, baseline], list(JUDGE_ELEMENTS)].mean(axis=1)
+        ident = t2.loc[[method, baseline], JUDGE_IDENTITY]
+        names = ("prompt elements found (judge)", "identity kept (judge)")
+    elif TARGET in t2.columns and IMAGE in t2.columns:
+        align, ident = t2.loc[[method, baseline], TARGET], t2.loc[[method, baseline], IMAGE]
+        names = ("CLIP text alignment", "CLIP image alignment")
+    else:
+        return None
+    a, b = (align[method], align[baseline]), (ident[method], ident[baseline])
+    said = f"{method} vs {baseline} in this run: {names[0]} {a[0]:.3f} vs {a[1]:.3f}, {names[1]} {b[0]:.3f} vs {b[1]:.3f}: "
+    better = (a[0] > a[1], b[0] > b[1])
+    worse = (a[0] < a[1], b[0] < b[1])
+    if all(better):
+        return said + f"{method} beats {baseline} on both."
+    if not any(better):
+        return said + f"{method} does not beat {baseline}" + (" (a tie)." if not any(worse) else f"; {baseline} is ahead on " + " and ".join(
+            n for n, w in zip(names, worse) if w) + ".")
+    ahead = names[0] if better[0] else names[1]
+    return said + f"a trade-off, not a win: {method} is ahead on {ahead} only."
+
+
 def html_report(scores: pd.DataFrame, t2: pd.DataFrame, subjects: dict[str, list[str]], plot: bytes | None) -> str:
     esc = html.escape
+    said = verdict(t2)
     parts = [
         "<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>palp report</title>",
         f"<style>{_STYLE}</style></head><body>", "<h1>palp: CLIP alignment report</h1>",
@@ -86,6 +119,10 @@ def html_report(scores: pd.DataFrame, t2: pd.DataFrame, subjects: dict[str, list
         f"Raw cosine of L2-normalised CLIP features; image alignment over all (generated, input) pairs.</p>",
         "<h2>Table 2</h2>", t2.to_html(float_format=lambda v: f"{v:.3f}", border=0),
     ]
+    if said:
+        more = (" The toy world's frontier experiment (evaluation/toyworld/RESULTS.md) compares the methods across settings."
+                if JUDGE_IDENTITY in t2.columns else "")
+        parts.append(f"<p class='verdict'><b>{esc(said)}</b> One run at one setting.{esc(more)}</p>")
     if plot is not None:
         parts += ["<h2>Alignment vs fine-tuning steps</h2>", f"<img alt='alignment vs steps' src='{data_uri(plot, 'image/png')}'>"]
     parts.append("<h2>Input images</h2>")

@@ -182,14 +182,15 @@ def _slug(name: str) -> str:
 
 
 def write_outputs(scores: pd.DataFrame, metric_cols: list[str], output: str, manifest: dict, subjects: dict) -> None:
-    from palp.report import html_report, steps_plot
+    from palp.report import html_report, steps_plot, verdict
     from palp.safecsv import to_csv  # prompts and names as text, never as spreadsheet formulas
 
     t2 = table2(scores, metric_cols)
     storage.write_text(storage.join(output, "scores.csv"), to_csv(scores, index=False))
     storage.write_text(storage.join(output, "summary.csv"), to_csv(summary_table(scores, metric_cols), index=False))
     storage.write_text(storage.join(output, "table2.csv"), to_csv(t2))
-    storage.write_text(storage.join(output, "table2.md"), t2.to_markdown(floatfmt=".3f") + "\n")
+    said = verdict(t2)
+    storage.write_text(storage.join(output, "table2.md"), t2.to_markdown(floatfmt=".3f") + "\n" + (f"\n{said}\n" if said else ""))
     metrics = {f"{_slug(m)}/{_slug(c)}": round(float(v), 6) for m, row in t2.iterrows() for c, v in row.items() if not math.isnan(v)}
     metrics["num_images"] = int(len(scores))
     storage.write_text(storage.join(output, "metrics.json"), json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -214,3 +214,21 @@ def test_score_refuses_samples_of_another_dataset(scored, tmp_path, capsys):
     code = main(["score", "--samples", str(scored / "samples"), "--prepared", str(tmp_path / "other"),
                  "--output", str(tmp_path / "o"), "--clip", "tiny", "--quiet"])
     assert code == 2 and "subject(s) cat of the samples are not in" in capsys.readouterr().err
+
+
+def test_the_report_says_who_wins_in_plain_words():
+    from palp.report import verdict
+
+    judge = ["Judge: style", "Judge: place", "Judge: time", "Judge: identity"]
+    t2 = pd.DataFrame([[1.0, 1.0, 1.0, 0.19], [1.0, 1.0, 1.0, 0.25]], index=["palp", "ti-db"], columns=judge)
+    said = verdict(t2)
+    assert said.startswith("palp vs ti-db in this run: prompt elements found (judge) 1.000 vs 1.000, identity kept (judge) 0.190 vs 0.250")
+    assert said.endswith("palp does not beat ti-db; ti-db is ahead on identity kept (judge).")
+    t2.loc["palp"] = [1.0, 1.0, 1.0, 0.3]
+    t2.loc["ti-db"] = [1.0, 0.5, 0.5, 0.25]
+    assert verdict(t2).endswith("palp beats ti-db on both.")
+    t2.loc["palp", "Judge: identity"] = 0.1
+    assert verdict(t2).endswith("a trade-off, not a win: palp is ahead on prompt elements found (judge) only.")
+    clip = pd.DataFrame([[0.3, 0.6], [0.3, 0.6]], index=["palp", "ti-db"], columns=["Target prompt", "Image alignment"])
+    assert verdict(clip).endswith("palp does not beat ti-db (a tie).") and "CLIP text alignment 0.300 vs 0.300" in verdict(clip)
+    assert verdict(clip.drop(index="ti-db")) is None

@@ -19,6 +19,10 @@ THUMB = 160
 # The two alignment columns of Table 2 that the report plots (palp.score writes them).
 TARGET = "Target prompt"
 IMAGE = "Image alignment"
+# The toy world's judge columns (palp.toyworld.judge.JUDGE_COLUMNS), when a run was scored with it.
+JUDGE_ELEMENTS = ("Judge: style", "Judge: place", "Judge: time")
+JUDGE_IDENTITY = "Judge: identity"
+FOUND = "Elements found"
 
 
 def data_uri(data: bytes, mime: str) -> str:
@@ -37,7 +41,10 @@ def thumbnail(uri: str, size: int = THUMB) -> str:
 
 
 def steps_plot(scores: pd.DataFrame) -> bytes | None:
-    """PNG of text (target prompt) and image alignment vs training step, or None with < 2 steps."""
+    """PNG of alignment vs training step, or None with < 2 steps: CLIP text (target prompt) and
+    image alignment; with the toy world's judge, its prompt elements found and identity kept vs
+    step and, as the frontier the two trade along, identity against elements found (a point per
+    snapshot, labelled with its step), beside CLIP text alignment."""
     trained = scores[scores["method"] != "base"]
     if trained.groupby("method")["step"].nunique().max() < 2:
         return None
@@ -46,17 +53,38 @@ def steps_plot(scores: pd.DataFrame) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for ax, metric, title in ((axes[0], TARGET, "Text alignment (target prompt)"), (axes[1], IMAGE, "Image alignment")):
+    judged = all(c in scores.columns for c in (*JUDGE_ELEMENTS, JUDGE_IDENTITY))
+    if judged:
+        scores = scores.assign(**{FOUND: scores[list(JUDGE_ELEMENTS)].mean(axis=1)})
+        trained = scores[scores["method"] != "base"]
+        panels = [(FOUND, "Prompt elements found (judge)", "fraction"), (JUDGE_IDENTITY, "Identity kept (judge)", "fraction"),
+                  (TARGET, "Text alignment (target prompt)", "CLIP cosine")]
+    else:
+        panels = [(TARGET, "Text alignment (target prompt)", "CLIP cosine"), (IMAGE, "Image alignment", "CLIP cosine")]
+    fig, axes = plt.subplots(1, len(panels) + judged, figsize=(5 * (len(panels) + judged), 4), dpi=100)
+    base = scores[scores["method"] == "base"]
+    for ax, (metric, title, unit) in zip(axes, panels):
         for method, df in trained.groupby("method"):
             curve = df.groupby("step")[metric].mean()
             ax.plot(curve.index, curve.values, marker="o", label=method)
-        base = scores[scores["method"] == "base"]
         if not base.empty:
             ax.axhline(base[metric].mean(), color="gray", linestyle="--", label="base model (class word)")
         ax.set_xlabel("fine-tuning step")
-        ax.set_ylabel("CLIP cosine")
+        ax.set_ylabel(unit)
         ax.set_title(title)
+        ax.grid(alpha=0.3)
+    if judged:  # the trade-off: each method's snapshots in the identity-elements plane
+        ax = axes[-1]
+        for method, df in trained.groupby("method"):
+            pts = df.groupby("step")[[JUDGE_IDENTITY, FOUND]].mean()
+            ax.plot(pts[JUDGE_IDENTITY], pts[FOUND], marker="o", label=method)
+            for step, row in pts.iterrows():
+                ax.annotate(str(step), (row[JUDGE_IDENTITY], row[FOUND]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if not base.empty:
+            ax.plot(base[JUDGE_IDENTITY].mean(), base[FOUND].mean(), "s", color="gray", label="base model (class word)")
+        ax.set_xlabel("identity kept (judge)")
+        ax.set_ylabel("prompt elements found (judge)")
+        ax.set_title("Identity vs prompt elements (up and right is better)")
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
@@ -75,10 +103,6 @@ th { background: #f3f3f3; }
 .row img { width: 128px; height: 128px; object-fit: cover; border: 1px solid #ddd; }
 .label { font-size: 13px; color: #555; margin: 4px 0; }
 """
-
-
-JUDGE_ELEMENTS = ("Judge: style", "Judge: place", "Judge: time")
-JUDGE_IDENTITY = "Judge: identity"
 
 
 def verdict(t2: pd.DataFrame, method: str = "palp", baseline: str = "ti-db") -> str | None:
@@ -124,7 +148,7 @@ def html_report(scores: pd.DataFrame, t2: pd.DataFrame, subjects: dict[str, list
                 if JUDGE_IDENTITY in t2.columns else "")
         parts.append(f"<p class='verdict'><b>{esc(said)}</b> One run at one setting.{esc(more)}</p>")
     if plot is not None:
-        parts += ["<h2>Alignment vs fine-tuning steps</h2>", f"<img alt='alignment vs steps' src='{data_uri(plot, 'image/png')}'>"]
+        parts += ["<h2>Alignment vs fine-tuning steps (Fig. 6)</h2>", f"<img alt='alignment vs steps' src='{data_uri(plot, 'image/png')}'>"]
     parts.append("<h2>Input images</h2>")
     for name in sorted({n for s in scores["subject"] for n in s.split("+")}):
         thumbs = "".join(f"<img alt='{esc(name)}' src='{thumbnail(u)}'>" for u in subjects[name])

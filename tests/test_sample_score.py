@@ -232,3 +232,16 @@ def test_the_report_says_who_wins_in_plain_words():
     clip = pd.DataFrame([[0.3, 0.6], [0.3, 0.6]], index=["palp", "ti-db"], columns=["Target prompt", "Image alignment"])
     assert verdict(clip).endswith("palp does not beat ti-db (a tie).") and "CLIP text alignment 0.300 vs 0.300" in verdict(clip)
     assert verdict(clip.drop(index="ti-db")) is None
+
+
+def test_steps_plot_draws_the_judges_trade_off_when_it_has_the_judge():
+    import io
+
+    from palp.report import steps_plot
+
+    rows = [{"method": m, "step": s, "Target prompt": 0.3, "Image alignment": 0.5, "Judge: style": 1.0, "Judge: place": 1.0,
+             "Judge: time": 0.0, "Judge: identity": s / 1000} for m in ("palp", "ti-db") for s in (250, 500)]
+    clip_only = Image.open(io.BytesIO(steps_plot(pd.DataFrame(rows).drop(columns=["Judge: identity"]))))
+    judged = Image.open(io.BytesIO(steps_plot(pd.DataFrame(rows))))
+    assert judged.size[0] == 2 * clip_only.size[0]  # elements, identity, CLIP text and the identity-elements plane
+    assert steps_plot(pd.DataFrame(rows)[lambda d: d["step"] == 250]) is None

@@ -27,6 +27,9 @@ def test_pareto_keeps_the_points_nothing_beats_on_both_axes():
     assert frontier.along(x, y, 0.25) == pytest.approx(0.65)
     assert np.isnan(frontier.along(x, y, 0.35))  # never extrapolated
     assert frontier.along(x, y, 0.1) == pytest.approx(0.9)
+    assert frontier.along(x, y, 0.05) == pytest.approx(0.9)  # (0.1, 0.9) keeps more and finds more: it covers 0.05
+    # one snapshot better on both than every other: the frontier is that point, and it covers any target below it
+    assert frontier.along(np.array([0.7, 0.6, 0.3]), np.array([1.0, 0.9, 0.7]), 0.62) == pytest.approx(1.0)
 
 
 def _scores(path: Path, curves: dict, *, noise: float = 0.0, own: float = 0.0, seed: int = 0) -> Path:
@@ -72,7 +75,10 @@ def test_headlines_match_the_closed_form(tmp_path, capsys):
     assert points[("palp", 500)]["Elements found"][0] == pytest.approx(0.9)
     assert points[("ti-db", 500)]["lambda"] is None and points[("palp", 500)]["lambda"] == 0.3
     assert all(p["on_frontier"] for p in summary["points"])
-    for name in ("points.md", "headline.md", "frontier.png", "fig6.png", "scores.csv.gz"):
+    same = {(p["method"], p["step"]): p for p in summary["same_step"]}
+    assert same[("palp", 500)]["Elements found"] == pytest.approx([0.05, 0.05, 0.05])
+    assert same[("palp", 2000)]["Judge: identity"] == pytest.approx([0.0, 0.0, 0.0]) and same[("palp", 250)]["units"] == 8
+    for name in ("points.md", "headline.md", "steps.md", "frontier.png", "fig6.png", "scores.csv.gz"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
     assert "+0.050 [+0.050, +0.050]" in (tmp_path / "out" / "headline.md").read_text()
     # the saved scores rebuild the same numbers

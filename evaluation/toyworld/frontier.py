@@ -16,8 +16,11 @@ rebuilds every frontier from them):
   each frontier is interpolated linearly to it; elements found of the method minus TI+DB's;
 - at matched elements found: the same, with the axes swapped.
 
-A draw in which the target lies outside a method's frontier counts as undefined: the table
-says in what share of draws the difference is defined, and never extrapolates.
+Below a frontier's least identity, the frontier's point of least identity counts (it keeps
+more than the target and finds more); beyond its greatest identity the difference is
+undefined in that draw: the table says in what share of draws it is defined, and never
+extrapolates. Besides the headlines, ``steps.md``: each method minus TI+DB at the same
+snapshot step (the Fig.-6 comparison), paired over units.
 
 Writes ``points.md``, ``headline.md``, ``frontier.png`` (the two planes), ``fig6.png``
 (elements found, identity and CLIP text vs steps for every setting), ``summary.json`` and
@@ -130,10 +133,15 @@ def pareto(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def along(x: np.ndarray, y: np.ndarray, at: float) -> float:
-    """y on the Pareto frontier of (x, y), linearly interpolated at x = ``at``; NaN outside it."""
+    """The most y the method reaches with x >= ``at``: its Pareto frontier, linearly interpolated
+    between the frontier's points, and left of the frontier's smallest x the y of that point (a
+    point with more x and more y covers any target below it: free disposal). NaN beyond the
+    frontier's largest x: no snapshot keeps that much, and nothing is extrapolated."""
     f = pareto(x, y)
-    if len(f) == 0 or not (x[f].min() - 1e-12 <= at <= x[f].max() + 1e-12):
+    if len(f) == 0 or at > x[f].max() + 1e-12:
         return float("nan")
+    if at <= x[f].min():
+        return float(y[f][0])
     return float(np.interp(at, x[f], y[f]))
 
 
@@ -171,6 +179,35 @@ def headlines(df: pd.DataFrame, match_step: int, baseline_lr: float | None, reps
                          "defined": float(len(ok) / reps), "target": float(full[xm][b]), "units": len(pts.units)}
         out[method] = res
     return out
+
+
+def same_step(df: pd.DataFrame, baseline_lr: float | None, reps: int, seed: int) -> tuple[str, list]:
+    """Each (method, lr, lambda) setting minus TI+DB (at ``baseline_lr``) at the same snapshot
+    step, paired over the units both were sampled on: mean [95% CI] of elements found, identity."""
+    base = df[df["method"] == BASELINE]
+    if baseline_lr is not None:
+        base = base[np.isclose(base["lr"], baseline_lr)]
+    if base["lr"].nunique() != 1:
+        return "(TI+DB ran at several learning rates: give --baseline-lr)", []
+    rows, numbers = [], []
+    rng = np.random.default_rng(seed)
+    cols = [FOUND, IDENTITY, TEXT]
+    b = base.groupby(["step", *UNIT])[cols].mean()
+    for (method, lr, lam), g in df[df["method"] != BASELINE].groupby(["method", "lr", "lambda"], sort=False):
+        m = g.groupby(["step", *UNIT])[cols].mean()
+        diff = (m - b).dropna()
+        for step, d in diff.groupby(level="step"):
+            idx = rng.integers(0, len(d), size=(reps, len(d)))
+            row = {"setting": label((method, lr, lam, step)), "step": int(step), "units": len(d)}
+            num = {"method": method, "lr": lr, "lambda": lam, "step": int(step), "units": len(d)}
+            for c in cols:
+                v = d[c].to_numpy()
+                lo, hi = np.percentile(v[idx].mean(1), [2.5, 97.5])
+                row[f"{c} minus TI+DB"] = f"{v.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                num[c] = (float(v.mean()), float(lo), float(hi))
+            rows.append(row)
+            numbers.append(num)
+    return (pd.DataFrame(rows).to_markdown(index=False) if rows else "(no method besides TI+DB)"), numbers
 
 
 def label(key) -> str:
@@ -301,13 +338,16 @@ def main(argv=None):
     write_text(f"{out}/points.md", table + "\n")
     head = headline_table(h) if h else "(no method besides TI+DB)"
     write_text(f"{out}/headline.md", head + "\n")
+    steps_table, steps_numbers = same_step(df, args.baseline_lr, args.reps, args.seed)
+    write_text(f"{out}/steps.md", steps_table + "\n")
     write_bytes(f"{out}/frontier.png", frontier_figure(pts, numbers, target), content_type="image/png")
     write_bytes(f"{out}/fig6.png", fig6(pts, numbers), content_type="image/png")
     write_text(f"{out}/summary.json", json.dumps({"scores": paths, "units": [list(u) for u in pts.units], "match_step": args.match_step,
-                                                 "points": numbers, "headlines": h}, indent=2) + "\n")
+                                                 "points": numbers, "headlines": h, "same_step": steps_numbers}, indent=2) + "\n")
     if [str(Path(p).resolve()) for p in paths] != [str(Path(out, "scores.csv.gz").resolve())]:
         write_bytes(f"{out}/scores.csv.gz", gzip.compress(safecsv.to_csv(df.drop(columns=[FOUND]), index=False).encode(), mtime=0))
-    print(f"## Points (mean [95% CI], {len(pts.units)} (subject, prompt) units)\n\n{table}\n\n## Headlines\n\n{head}\n\n-> {out}")
+    print(f"## Points (mean [95% CI], {len(pts.units)} (subject, prompt) units)\n\n{table}\n\n## Headlines\n\n{head}\n\n"
+          f"## Same step, minus TI+DB\n\n{steps_table}\n\n-> {out}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ Below a frontier's least identity, the frontier's point of least identity counts
 more than the target and finds more); beyond its greatest identity the difference is
 undefined in that draw: the table says in what share of draws it is defined, and never
 extrapolates. Besides the headlines, ``steps.md``: each method minus TI+DB at the same
-snapshot step (the Fig.-6 comparison), paired over units.
+snapshot step (the Fig.-6 comparison), paired over units. TI+DB, trained once per subject,
+may be sampled on more prompts than the alignment methods' units: it is read on those units.
 
 Writes ``points.md``, ``headline.md``, ``frontier.png`` (the two planes), ``fig6.png``
 (elements found, identity and CLIP text vs steps for every setting), ``summary.json`` and
@@ -282,7 +283,7 @@ def frontier_figure(pts: Points, numbers: list, target: float | None) -> bytes:
                 ax.errorbar(n[IDENTITY][0], n[ym][0], xerr=_err(n[IDENTITY]), yerr=_err(n[ym]), fmt="o", color=c, alpha=0.45, ms=4, lw=0.8)
                 ax.annotate(f"{n['step']}", (n[IDENTITY][0], n[ym][0]), fontsize=6, alpha=0.7, xytext=(2, 2), textcoords="offset points")
             f = pareto(full[IDENTITY][mi], full[ym][mi])
-            ax.plot(full[IDENTITY][mi][f], full[ym][mi][f], "-", color=c, lw=2, label=f"{method} (frontier)")
+            ax.plot(full[IDENTITY][mi][f], full[ym][mi][f], "-o", color=c, lw=2, ms=7, label=f"{method} (frontier)")  # one point is a frontier too
         if target is not None:
             ax.axvline(target, color="grey", ls=":", lw=1, label=f"{BASELINE} identity at the matched step")
         ax.set_xlabel("identity kept (judge)")
@@ -330,6 +331,9 @@ def main(argv=None):
         raise FrontierError(f"no {BASELINE} runs in {', '.join(paths)}: the headlines compare against it")
     if "task" in df.columns and df.duplicated(["task", "method", "run", "step", "prompt", "sample"]).any():
         raise FrontierError(f"the same images are scored in more than one of {', '.join(paths)}; give each run once")
+    aligned = df[df["method"] != BASELINE]
+    if not aligned.empty:  # TI+DB sampled on more prompts than the units (once per subject): read it on the units
+        df = df[df[UNIT].apply(tuple, axis=1).isin(set(map(tuple, aligned[UNIT].to_numpy())))]
     h = headlines(df, args.match_step, args.baseline_lr, args.reps, args.seed)
     pts = Points(df)
     table, numbers = point_table(pts, args.reps, args.seed)

@@ -147,6 +147,9 @@ class TrainConfig:
     alpha: float = flag(15.0, section=METHOD, help="CFG scale, pretrained clean branch")
     beta: float = flag(7.5, section=METHOD, help="CFG scale, personalized branch")
     lam: float = flag(1.0, section=METHOD, name="--lambda", help="weight of the alignment term")
+    align_fraction: float = flag(1.0, section=METHOD,
+                                 help="share of each batch's rows that get the alignment term, drawn uniformly each step, "
+                                      "their term scaled by 1/share (unbiased, fewer guidance forwards; 1: every row, the paper's)")
     align_t_min: int = flag(20, section=METHOD, help="smallest t' of the alignment term")
     align_t_max: int = flag(980, section=METHOD, help="largest t' of the alignment term")
     negative_prompt: str = flag(NFSD_NEGATIVE_PROMPT, section=METHOD, help="NFSD's negative prompt")
@@ -211,6 +214,7 @@ class TrainConfig:
         need(self.align_timestep in ("resample", "same"), f"--align-timestep must be resample or same, not {self.align_timestep!r}")
         need(self.mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
         need(0 <= self.align_t_min <= self.align_t_max <= 999, "alignment t-range must satisfy 0 <= min <= max <= 999")
+        need(0 < self.align_fraction <= 1, f"--align-fraction must be in (0, 1], not {self.align_fraction}")
         need(self.lora_rank >= 1, "--lora-rank must be >= 1")
         need(self.lora_targets in LORA_TARGET_SETS,
              f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}, not {self.lora_targets!r}")

@@ -5,6 +5,7 @@ photos, and the personalized model built on the base for training (palp.train ta
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,9 @@ class Draws:
     noise: torch.Tensor  # (B, 4, h, w) eps
     t_align: torch.Tensor  # (B,) t' of the alignment term
     noise_align: torch.Tensor  # (B, 4, h, w) eps' (== eps for noise "same")
+    # (B,) with --align-fraction < 1: B/k on the k rows drawn for the alignment term, 0 elsewhere;
+    # None: every row (the default, and the draws are then those of a run without the option)
+    align_weight: torch.Tensor | None = None
 
 
 def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, latent_shape, num_timesteps: int) -> Draws:
@@ -39,7 +43,12 @@ def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, l
     else:
         t_align = t.clone()
     noise_align = noise.clone() if cfg.noise == "same" else torch.randn(shape, generator=gen)
-    return Draws(index, latent_noise, t, noise, t_align, noise_align)
+    align_weight = None
+    if cfg.align_fraction < 1:  # drawn last: every other draw is the same as without the option
+        k = max(1, math.ceil(cfg.align_fraction * batch))
+        align_weight = torch.zeros(batch)
+        align_weight[torch.randperm(batch, generator=gen)[:k]] = batch / k
+    return Draws(index, latent_noise, t, noise, t_align, noise_align, align_weight)
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:

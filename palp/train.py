@@ -60,24 +60,36 @@ def step_losses(
         loss, rec = guidance.step_loss(eps_pred, draws.noise)
         return loss, {"rec_loss": rec.detach()}
 
+    rows = None
+    if draws.align_weight is not None:  # --align-fraction: the term on the drawn rows only, rescaled
+        rows = torch.nonzero(draws.align_weight).flatten()  # a host sync, only with the option
+        if rows.numel() == 0:  # none of this micro-batch's rows was drawn
+            loss, rec = guidance.step_loss(eps_pred, draws.noise)
+            return loss, {"rec_loss": rec.detach(), "align_loss": torch.zeros((), device=rec.device)}
+    full_b = z0.shape[0]
+    sub = (lambda x: x) if rows is None else (lambda x: x[rows])
     with torch.no_grad():
-        B = z0.shape[0]
-        x0_hat = guidance.predict_x0(z_t, eps_pred.detach(), ab_t)  # Eq. 2
-        x_t2 = guidance.add_noise(x0_hat, draws.noise_align, alphas_cumprod[draws.t_align])  # step 3
+        B = full_b if rows is None else rows.numel()
+        x0_hat = guidance.predict_x0(sub(z_t), sub(eps_pred.detach()), sub(ab_t))  # Eq. 2
+        x_t2 = guidance.add_noise(x0_hat, sub(draws.noise_align), alphas_cumprod[sub(draws.t_align)])  # step 3
         # Pretrained branch: adapters off, no placeholder. Personalized branch (palp): LoRA on,
         # y_P (the states the grad branch just used); with beta = 1, G^beta is the conditional
         # prediction alone, so it needs no unconditional half.
         fixed = [cond.uncond, cond.clean] + ([cond.negative] if method.negative else [])
-        personalized = ([] if cfg.beta == 1.0 else [cond.uncond]) + [states.detach()] if method.personalized else []
-        preds = guidance_predictions(pretrained, x_t2, draws.t_align, [s.expand(B, -1, -1) for s in fixed],
+        personalized = ([] if cfg.beta == 1.0 else [cond.uncond]) + [sub(states.detach())] if method.personalized else []
+        preds = guidance_predictions(pretrained, x_t2, sub(draws.t_align), [s.expand(B, -1, -1) for s in fixed],
                                      [s.expand(B, -1, -1) for s in personalized], fused=cfg.fused_guidance)
         pers = (preds[len(fixed) :] if cfg.beta != 1.0 else [preds[-1], preds[-1]]) if method.personalized else []
-        delta = guidance.alignment_delta(method, pre=preds[: len(fixed)], pers=pers, noise=draws.noise_align.float(),
-                                         t=draws.t_align, alpha=cfg.alpha, beta=cfg.beta)
-        coefficient = cfg.lam * guidance.alignment_coefficient(ab_t.float(), rescale=cfg.rescale)
+        delta = guidance.alignment_delta(method, pre=preds[: len(fixed)], pers=pers, noise=sub(draws.noise_align).float(),
+                                         t=sub(draws.t_align), alpha=cfg.alpha, beta=cfg.beta)
+        coefficient = cfg.lam * guidance.alignment_coefficient(sub(ab_t).float(), rescale=cfg.rescale)
+        size = delta.pow(2).mean()  # the size of the score (of the drawn rows); the surrogate's value is not a loss
+        if rows is not None:  # back to the whole micro-batch: 0 on the rows not drawn, B/k on the drawn ones
+            coefficient = coefficient * draws.align_weight[rows].to(coefficient)
+            delta = torch.zeros((full_b, *delta.shape[1:]), dtype=delta.dtype, device=delta.device).index_copy(0, rows, delta)
+            coefficient = torch.zeros(full_b, dtype=coefficient.dtype, device=coefficient.device).index_copy(0, rows, coefficient)
     loss, rec = guidance.step_loss(eps_pred, draws.noise, delta, coefficient)
-    # The size of the score; the surrogate's value itself is not a loss.
-    return loss, {"rec_loss": rec.detach(), "align_loss": delta.pow(2).mean()}
+    return loss, {"rec_loss": rec.detach(), "align_loss": size}
 
 
 def guidance_predictions(model: PersonalizedModel, x: torch.Tensor, t: torch.Tensor, pretrained_states: list[torch.Tensor],
@@ -153,7 +165,8 @@ def train_step(ctx: StepContext, cfg: TrainConfig, full: Draws, *, micro: int) -
     sums: dict[str, float] = {}
     for i in range(accum):
         with acc.accumulate(ctx.wrapped):
-            d = Draws(*(x[i * micro : (i + 1) * micro].to(device, non_blocking=True) for x in dataclasses.astuple(full)))
+            d = Draws(*(None if x is None else x[i * micro : (i + 1) * micro].to(device, non_blocking=True)
+                        for x in dataclasses.astuple(full)))
             z0 = (ctx.mean[d.index] + ctx.std[d.index] * d.latent_noise).to(ctx.dtype)  # (B, 4, h, w)
             d.noise, d.noise_align = d.noise.to(ctx.dtype), d.noise_align.to(ctx.dtype)
             with acc.autocast():
@@ -295,7 +308,7 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, *, progress: 
         # One draw for the whole per-process batch: results do not depend on the micro-batch size.
         full = draw(step_generator(cfg.seed, step, accelerator.process_index), cfg, n_images=len(ctx.mean),
                     batch=run.micro * run.accum, latent_shape=ctx.mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
-        return Draws(*(x.pin_memory() for x in dataclasses.astuple(full))) if device.type == "cuda" else full
+        return Draws(*(None if x is None else x.pin_memory() for x in dataclasses.astuple(full))) if device.type == "cuda" else full
 
     bar = tqdm(range(run.start + 1, cfg.steps + 1), initial=run.start, total=cfg.steps, desc=f"palp train ({cfg.method})",
                disable=not (progress and accelerator.is_local_main_process))

@@ -182,3 +182,70 @@ def test_alignment_branch_sees_no_gradient(setup, fused):
     else:  # personalization (grad), pretrained 2B, personalized 2B
         assert calls == [True, False, False] * 2 and shapes[:n] == [2, 4, 4]
         assert shapes[n:] == [2, 4, 2]
+
+
+def _weighted(draws: Draws, rows: list[int]) -> Draws:
+    B = len(draws.t)
+    w = torch.zeros(B)
+    w[rows] = B / len(rows)
+    return Draws(draws.index, draws.latent_noise, draws.t, draws.noise, draws.t_align, draws.noise_align, w)
+
+
+@pytest.mark.parametrize("method", ["palp", "sds"])
+def test_sub_sampled_alignment_term_is_unbiased(setup, method):
+    """--align-fraction: the gradient averaged over every k-of-B choice of rows equals the full
+    batch's exactly (each row is drawn with probability k/B and weighted B/k); one choice alone
+    differs from it; and the choices draw() makes have that law (each row k/B of the time)."""
+    import itertools
+
+    from palp.step_inputs import draw
+
+    cfg = make_cfg(method=method)
+    draws = draws_for(setup, [150, 640], [90, 870])
+    full = palp_grads(setup, cfg, draws)
+    per_choice = [palp_grads(setup, cfg, _weighted(draws, [r])) for r in range(2)]
+    mean = [sum(g[i] for g in per_choice) / len(per_choice) for i in range(len(full))]
+    assert_grads_close(mean, full)
+    assert sum(float((a - b).norm()) for a, b in zip(per_choice[0], full)) > 1e-3 * sum(float(b.norm()) for b in full)
+    assert_grads_close(palp_grads(setup, cfg, _weighted(draws, [0, 1])), full)  # every row drawn: the full step
+
+    B, k = 6, 2
+    sub_cfg = make_cfg(method=method, align_fraction=k / B)
+    counts = torch.zeros(B)
+    n = 3000
+    for seed in range(n):
+        d = draw(torch.Generator().manual_seed(seed), sub_cfg, n_images=3, batch=B, latent_shape=(4, 8, 8), num_timesteps=1000)
+        assert sorted(d.align_weight.tolist()) == [0.0] * (B - k) + [B / k] * k
+        counts += d.align_weight > 0
+    p = k / B
+    se = (p * (1 - p) / n) ** 0.5
+    assert ((counts / n - p).abs() < 4 * se).all(), counts / n
+    default = draw(torch.Generator().manual_seed(0), make_cfg(method=method), n_images=3, batch=B, latent_shape=(4, 8, 8),
+                   num_timesteps=1000)
+    sub = draw(torch.Generator().manual_seed(0), sub_cfg, n_images=3, batch=B, latent_shape=(4, 8, 8), num_timesteps=1000)
+    assert default.align_weight is None and torch.equal(default.noise_align, sub.noise_align) and torch.equal(default.t, sub.t)
+
+
+def test_sub_sampled_gradient_mean_over_draws_is_the_full_one(setup):
+    """The option as training draws it: the mean over many draw() choices (B = 4, k = 2) of the
+    step's gradient is within 4 standard errors of the full batch's, coordinate by coordinate."""
+    from palp.step_inputs import draw
+
+    cfg, sub_cfg = make_cfg(method="palp"), make_cfg(method="palp", align_fraction=0.5)
+    B = 4
+    g = torch.Generator().manual_seed(5)
+    draws = Draws(index=torch.zeros(B, dtype=torch.long), latent_noise=torch.zeros(B, 4, 8, 8), t=torch.tensor([150, 640, 300, 820]),
+                  noise=torch.randn(B, 4, 8, 8, generator=g), t_align=torch.tensor([90, 870, 400, 600]), noise_align=None)
+    draws.noise_align = draws.noise
+    s = dict(setup, z0=torch.randn(B, 4, 8, 8, generator=g), ids=setup["ids"][:1].repeat(B, 1))
+    full = torch.cat([x.flatten() for x in palp_grads(s, cfg, draws)])
+    samples = []
+    for seed in range(60):
+        w = draw(torch.Generator().manual_seed(seed), sub_cfg, n_images=1, batch=B, latent_shape=(4, 8, 8), num_timesteps=1000).align_weight
+        d = Draws(draws.index, draws.latent_noise, draws.t, draws.noise, draws.t_align, draws.noise_align, w)
+        samples.append(torch.cat([x.flatten() for x in palp_grads(s, sub_cfg, d)]))
+    samples = torch.stack(samples)
+    mean, se = samples.mean(0), samples.std(0) / len(samples) ** 0.5
+    varied = se > 1e-9
+    assert varied.sum() > 100  # the alignment term reaches the parameters
+    assert ((mean - full).abs()[varied] <= 4 * se[varied] + 1e-7).float().mean() > 0.99

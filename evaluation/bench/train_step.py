@@ -101,7 +101,7 @@ class Bench:
                            t=torch.randint(1000, (batch,), generator=g), noise=noise,
                            t_align=torch.randint(20, 981, (batch,), generator=g), noise_align=noise.clone())
         if device.type == "cuda":
-            self.draws = Draws(*(x.pin_memory() for x in dataclasses.astuple(self.draws)))
+            self.draws = Draws(*(None if x is None else x.pin_memory() for x in dataclasses.astuple(self.draws)))
         self.text_dim = base.text_encoder.config.hidden_size
         self.flops_fwd = bl.unet_forward_flops(self.model.unet, resolution=base.resolution, device=device,
                                                dtype=self.dtype, text_dim=self.text_dim)

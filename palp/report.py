@@ -45,6 +45,9 @@ def steps_plot(scores: pd.DataFrame) -> bytes | None:
     image alignment; with the toy world's judge, its prompt elements found and identity kept vs
     step and, as the frontier the two trade along, identity against elements found (a point per
     snapshot, labelled with its step), beside CLIP text alignment."""
+    judged = all(c in scores.columns for c in (*JUDGE_ELEMENTS, JUDGE_IDENTITY))
+    if judged:
+        scores = scores.assign(**{FOUND: scores[list(JUDGE_ELEMENTS)].mean(axis=1)})
     trained = scores[scores["method"] != "base"]
     if trained.groupby("method")["step"].nunique().max() < 2:
         return None
@@ -53,10 +56,7 @@ def steps_plot(scores: pd.DataFrame) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    judged = all(c in scores.columns for c in (*JUDGE_ELEMENTS, JUDGE_IDENTITY))
     if judged:
-        scores = scores.assign(**{FOUND: scores[list(JUDGE_ELEMENTS)].mean(axis=1)})
-        trained = scores[scores["method"] != "base"]
         panels = [(FOUND, "Prompt elements found (judge)", "fraction"), (JUDGE_IDENTITY, "Identity kept (judge)", "fraction"),
                   (TARGET, "Text alignment (target prompt)", "CLIP cosine")]
     else:

@@ -31,7 +31,6 @@ Writes ``points.md``, ``headline.md``, ``frontier.png`` (the two planes), ``fig6
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
 import json
 import sys
@@ -41,9 +40,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import FOUND, IDENTITY, UNIT, find_scores, load, methods_in  # noqa: E402
+from report import FOUND, IDENTITY, UNIT, add_sources, keep_scores, load, methods_in, read_scores  # noqa: E402
 
-from palp import safecsv  # noqa: E402
 from palp.storage import read_text, write_bytes, write_text  # noqa: E402
 
 TEXT = "Target prompt"
@@ -113,12 +111,9 @@ class Points:
         """{metric: (P,) or (P, R)} means over the units (``draw``: (R, U) resampled unit indices)."""
         out = {}
         for m in METRICS:
-            s, n = self.sums[m], self.counts[m]
-            if draw is None:
-                out[m] = s.sum(1) / np.maximum(n.sum(1), 1)
-            else:
-                out[m] = s[:, draw].sum(2) / np.maximum(n[:, draw].sum(2), 1)
-            out[m] = np.where((n.sum(1) if draw is None else n[:, draw].sum(2)) > 0, out[m], np.nan)
+            s, n = (self.sums[m].sum(1), self.counts[m].sum(1)) if draw is None else \
+                (self.sums[m][:, draw].sum(2), self.counts[m][:, draw].sum(2))
+            out[m] = np.where(n > 0, s / np.maximum(n, 1), np.nan)
         return out
 
     def of(self, method: str) -> np.ndarray:
@@ -220,6 +215,10 @@ def point_table(pts: Points, reps: int, seed: int) -> tuple[str, list]:
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(pts.units), size=(reps, len(pts.units)))
     full, boot = pts.means(), pts.means(draws)
+    on_frontier = set()
+    for method in dict.fromkeys(k[0] for k in pts.keys):
+        mi = pts.of(method)
+        on_frontier.update(mi[pareto(full[IDENTITY][mi], full[FOUND][mi])].tolist())
     rows, numbers = [], []
     for i, k in enumerate(pts.keys):
         cells, num = {}, {"method": k[0], "lr": k[1], "lambda": None if k[2] == NO_LAMBDA else k[2], "step": int(k[3])}
@@ -227,7 +226,7 @@ def point_table(pts: Points, reps: int, seed: int) -> tuple[str, list]:
             lo, hi = np.nanpercentile(boot[m][i], [2.5, 97.5])
             cells[m] = f"{full[m][i]:.3f} [{lo:.3f}, {hi:.3f}]"
             num[m] = (float(full[m][i]), float(lo), float(hi))
-        on = i in set(pts.of(k[0])[pareto(full[IDENTITY][pts.of(k[0])], full[FOUND][pts.of(k[0])])])
+        on = i in on_frontier
         rows.append({"setting": label(k), "step": int(k[3]), "units": int((pts.counts[FOUND][i] > 0).sum()),
                      "images": int(pts.counts[FOUND][i].sum()), **cells,
                      "on frontier": "yes" if on else ""})
@@ -315,22 +314,16 @@ def fig6(pts: Points, numbers: list) -> bytes:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--root", nargs="+", help="pipeline roots (palp pipeline run-local --pipeline-root)")
-    src.add_argument("--scores", nargs="+", help="scores.csv files written by palp score --judge (or this report's scores.csv.gz)")
-    ap.add_argument("--out", required=True)
+    add_sources(ap, "scores.csv files written by palp score --judge (or this report's scores.csv.gz)")
     ap.add_argument("--match-step", type=int, default=500, help="TI+DB's snapshot whose identity / elements found the headlines match")
     ap.add_argument("--baseline-lr", type=float, help="TI+DB's learning rate for the matched point, when it ran at several")
     ap.add_argument("--reps", type=int, default=2000, help="bootstrap draws")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    paths = args.scores or [find_scores(r) for r in args.root]
-    df = pd.concat([settings(load(p)) for p in paths], ignore_index=True)
+    paths, df = read_scores(args, read=lambda p: settings(load(p)))
     df = df[df["method"] != "base"]
     if BASELINE not in set(df["method"]):
         raise FrontierError(f"no {BASELINE} runs in {', '.join(paths)}: the headlines compare against it")
-    if "task" in df.columns and df.duplicated(["task", "method", "run", "step", "prompt", "sample"]).any():
-        raise FrontierError(f"the same images are scored in more than one of {', '.join(paths)}; give each run once")
     aligned = df[df["method"] != BASELINE]
     if not aligned.empty:  # TI+DB sampled on more prompts than the units (once per subject): read it on the units
         df = df[df[UNIT].apply(tuple, axis=1).isin(set(map(tuple, aligned[UNIT].to_numpy())))]
@@ -348,8 +341,7 @@ def main(argv=None):
     write_bytes(f"{out}/fig6.png", fig6(pts, numbers), content_type="image/png")
     write_text(f"{out}/summary.json", json.dumps({"scores": paths, "units": [list(u) for u in pts.units], "match_step": args.match_step,
                                                  "points": numbers, "headlines": h, "same_step": steps_numbers}, indent=2) + "\n")
-    if [str(Path(p).resolve()) for p in paths] != [str(Path(out, "scores.csv.gz").resolve())]:
-        write_bytes(f"{out}/scores.csv.gz", gzip.compress(safecsv.to_csv(df.drop(columns=[FOUND]), index=False).encode(), mtime=0))
+    keep_scores(df, paths, out)
     print(f"## Points (mean [95% CI], {len(pts.units)} (subject, prompt) units)\n\n{table}\n\n## Headlines\n\n{head}\n\n"
           f"## Same step, minus TI+DB\n\n{steps_table}\n\n-> {out}")
 

@@ -216,18 +216,35 @@ def gallery(df: pd.DataFrame, per_cell: int = 3) -> bytes | None:
     return buf.getvalue()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_sources(ap: argparse.ArgumentParser, scores_help: str) -> None:
+    """--root / --scores (one of them) and --out: where the scores come from and the tables go."""
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--root", nargs="+", help="pipeline roots (palp pipeline run-local --pipeline-root)")
-    src.add_argument("--scores", nargs="+", help="scores.csv files written by palp score --judge (or .csv.gz)")
+    src.add_argument("--scores", nargs="+", help=scores_help)
     ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
+
+
+def read_scores(args, read=load) -> tuple[list[str], pd.DataFrame]:
+    """The scores of every --root or --scores file, each ``read``, concatenated (every score is
+    per image); the same image given twice is refused."""
     paths = args.scores or [find_scores(r) for r in args.root]
-    df = pd.concat([load(p) for p in paths], ignore_index=True)
-    twice = df.duplicated(["task", "method", "run", "step", "prompt", "sample"]) if "task" in df.columns else None
-    if twice is not None and twice.any():
+    df = pd.concat([read(p) for p in paths], ignore_index=True)
+    if "task" in df.columns and df.duplicated(["task", "method", "run", "step", "prompt", "sample"]).any():
         raise SystemExit(f"the same images are scored in more than one of {', '.join(paths)}; give each run once")
+    return paths, df
+
+
+def keep_scores(df: pd.DataFrame, paths: list[str], out: str) -> None:
+    """Write the scores read to ``out``/scores.csv.gz (they rebuild the tables), unless that is what was read."""
+    if [str(Path(p).resolve()) for p in paths] != [str(Path(out, "scores.csv.gz").resolve())]:
+        write_bytes(f"{out}/scores.csv.gz", gzip.compress(safecsv.to_csv(df.drop(columns=[FOUND]), index=False).encode(), mtime=0))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_sources(ap, "scores.csv files written by palp score --judge (or .csv.gz)")
+    args = ap.parse_args(argv)
+    paths, df = read_scores(args)
     path = paths[0] if len(paths) == 1 else paths
     t2, n2 = table2(df)
     t3, n3 = table3(df)
@@ -243,8 +260,7 @@ def main(argv=None):
     else:
         print("no gallery: the scored images are not readable from here (a gallery.png already in --out is kept)")
     write_text(f"{out}/summary.json", json.dumps({"scores": path, "table2": n2, "table3": n3, "paired": np_}, indent=2) + "\n")
-    if [str(Path(p).resolve()) for p in paths] != [str(Path(out, "scores.csv.gz").resolve())]:
-        write_bytes(f"{out}/scores.csv.gz", gzip.compress(safecsv.to_csv(df.drop(columns=[FOUND]), index=False).encode(), mtime=0))
+    keep_scores(df, paths, out)
     print(f"## Table 2 (last step; mean [95% CI])\n\n{t2}\n\n## Table 3 (judge as rater)\n\n{t3}\n\n## Paired\n\n{tp}\n")
     print(f"-> {out}")
 

@@ -144,8 +144,9 @@ def html_report(scores: pd.DataFrame, t2: pd.DataFrame, subjects: dict[str, list
         "<h2>Table 2</h2>", t2.to_html(float_format=lambda v: f"{v:.3f}", border=0),
     ]
     if said:
-        more = (" Across settings, in the toy world's frontier experiment on held-out subjects "
-                "(evaluation/toyworld/RESULTS.md), PALP does not beat TI+DB." if JUDGE_IDENTITY in t2.columns else "")
+        more = (" The toy world's earlier frontier experiment (evaluation/toyworld/RESULTS.md) measured identity at the "
+                "base model's level on its held-out subjects, and so concludes nothing about PALP."
+                if JUDGE_IDENTITY in t2.columns else "")
         parts.append(f"<p class='verdict'><b>{esc(said)}</b> One run at one setting.{esc(more)}</p>")
     if plot is not None:
         parts += ["<h2>Alignment vs fine-tuning steps (Fig. 6)</h2>", f"<img alt='alignment vs steps' src='{data_uri(plot, 'image/png')}'>"]

@@ -447,7 +447,7 @@ def test_whole_dag_runs_locally(tmp_path, capsys):
     assert "<html>" in (compare / "report").read_text()
     assert "palp vs ti-db in this run: prompt elements found (judge)" in out  # the demo says who won, in words
     page = (compare / "report").read_text()
-    assert "palp vs ti-db in this run" in page and "PALP does not beat TI+DB" in page  # the toy world's answer, plainly
+    assert "palp vs ti-db in this run" in page and "concludes nothing about PALP" in page  # the corrected reading, plainly
     assert (compare / "table").read_text().startswith("| method")
     key = (compare / "study" / "key" / "answer_key.csv").read_text()
     assert key.count("\n") - 1 == 2 * 2 * 3  # kinds x subjects x (palp, ti-db, base)

@@ -25,7 +25,7 @@ def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pre
     for m in methods:  # fail before any branch starts
         split_method(m)
     specs = [SubjectSpec(s["name"], s["images"], s.get("class_word") or None, s.get("placeholder") or "[V]",
-                         s.get("personalization_prompt") or "") for s in subjects]
+                         s.get("personalization_prompt") or "", s.get("truth")) for s in subjects]
     texts = [PromptSpec(p) for p in prompts] + (load_prompts_file(prompts_file) if prompts_file else [])
     manifest = prepare_dataset(specs, texts, prepared.path, pretrained_model=pretrained_model, clip_model=clip_model,
                                clip_weights=clip_weights, inputs_fingerprint=inputs_fingerprint, pin_clip=True, progress=False)

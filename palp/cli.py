@@ -122,6 +122,9 @@ def add_prepare_parser(sub) -> None:
     p.add_argument("--placeholder", action="append", metavar="NAME=[V1]", help="placeholder of a subject (default [V])")
     p.add_argument("--personalization-prompt", action="append", metavar="NAME=PROMPT",
                    help="personalization prompt of a subject (default 'A photo of [V]')")
+    p.add_argument("--truth", action="append", metavar="NAME=JSON_FILE",
+                   help="a subject's known ground truth (a toy-world subject file, examples/toyworld/NAME.json), "
+                        "recorded in the manifest: palp score --judge measures identity against it")
     p.add_argument("--output", required=True, help="folder or gs:// prefix for the prepared dataset")
     p.add_argument("--pretrained-model", default=DEFAULT_BASE_MODEL, help="its resolution is used")
     p.add_argument("--resolution", type=int, help="image side (default: the model's)")
@@ -139,16 +142,34 @@ def add_prepare_parser(sub) -> None:
     p.set_defaults(func=run_prepare)
 
 
+def _truth_file(uri: str) -> dict:
+    """--truth NAME=FILE: the JSON object in FILE (PrepareError naming the file otherwise)."""
+    import json
+
+    from palp import storage
+    from palp.prepare import PrepareError
+
+    try:
+        truth = json.loads(storage.read_text(uri))
+    except (OSError, ValueError, storage.StorageError) as e:
+        raise PrepareError(f"--truth {uri}: not a readable JSON file ({e})") from e
+    if not isinstance(truth, dict):
+        raise PrepareError(f"--truth {uri}: expected a JSON object of the subject's attributes")
+    return truth
+
+
 def run_prepare(args) -> int:
     from palp.prepare import PrepareError, PromptSpec, SubjectSpec, load_prompts_file, prepare, summary_table
 
     sources = _named(args.subject, "--subject")
     words, phs = _named(args.class_word, "--class-word"), _named(args.placeholder, "--placeholder")
     y_p = _named(args.personalization_prompt, "--personalization-prompt")
-    for flag, keyed in (("--class-word", words), ("--placeholder", phs), ("--personalization-prompt", y_p)):
+    truths = _named(args.truth, "--truth")
+    for flag, keyed in (("--class-word", words), ("--placeholder", phs), ("--personalization-prompt", y_p), ("--truth", truths)):
         if set(keyed) - set(sources):
             raise PrepareError(f"{flag} names {sorted(set(keyed) - set(sources))[0]!r}, which is not a --subject")
-    subjects = [SubjectSpec(n, src, words.get(n), phs.get(n, "[V]"), y_p.get(n, "")) for n, src in sources.items()]
+    subjects = [SubjectSpec(n, src, words.get(n), phs.get(n, "[V]"), y_p.get(n, ""), _truth_file(truths[n]) if n in truths else None)
+                for n, src in sources.items()]
     prompts = [PromptSpec(p) for p in args.prompt or []]
     if args.clean_prompt:
         if len(prompts) != 1:

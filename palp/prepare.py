@@ -47,6 +47,9 @@ class SubjectSpec:
     class_word: str | None = None  # None: CLIP zero-shot
     placeholder: str = DEFAULT_PLACEHOLDER
     personalization_prompt: str = ""  # default "A photo of <placeholder>"
+    # Known ground truth of the subject (the toy world's attributes), recorded in the manifest:
+    # `palp score --judge` measures identity against it.
+    truth: dict | None = None
 
 
 @dataclass
@@ -183,6 +186,17 @@ def model_resolution(pretrained_model: str) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def check_truth(s: SubjectSpec) -> None:
+    """A subject's truth is a small JSON object of names to names (what it holds is checked by
+    whoever reads it: the toy world's judge)."""
+    if s.truth is None:
+        return
+    ok = isinstance(s.truth, dict) and len(s.truth) <= 64 and all(isinstance(k, str) for k in s.truth)
+    if not ok or len(json.dumps(s.truth)) > 10_000:
+        raise PrepareError(f"truth of subject {s.name} must be a small mapping of attribute names to values "
+                           f"(a toy-world subject file's content), got {str(s.truth)[:80]!r}")
+
+
 def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str, *,
             pretrained_model: str = DEFAULT_BASE_MODEL, resolution: int | None = None,
             min_size: int | None = None, near_duplicate: int = 4, clip_model: str = ScoreSettings.clip_model,
@@ -214,6 +228,7 @@ def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str,
                           what=f"personalization prompt of {s.name}").check_length()
         except PromptError as e:
             raise PrepareError(str(e)) from e
+        check_truth(s)
         by_name[s.name] = s
     if not prompts:
         raise PrepareError("give at least one --prompt or a --prompts-file")
@@ -267,7 +282,7 @@ def _manifest(subjects: list[SubjectSpec], by_name: dict[str, SubjectSpec], prom
         "subjects": {
             s.name: {"source": s.source, "placeholder": s.placeholder, "personalization_prompt": s.personalization_prompt,
                      **class_info[s.name], "images": [f["output"] for f in fates[s.name] if f["status"] == "ok"],
-                     "files": fates[s.name]}
+                     "files": fates[s.name], **({"truth": s.truth} if s.truth is not None else {})}
             for s in subjects
         },
         "tasks": build_tasks(by_name, prompts, class_words),

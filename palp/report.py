@@ -10,6 +10,7 @@ import base64
 import html
 import io
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -105,37 +106,89 @@ th { background: #f3f3f3; }
 """
 
 
-def verdict(t2: pd.DataFrame, method: str = "palp", baseline: str = "ti-db") -> str | None:
-    """One plain sentence: does ``method`` beat ``baseline`` in this run's Table 2 (last steps)?
-    With the toy world's judge: prompt elements found and identity kept; otherwise CLIP text and
-    image alignment. None without both methods."""
-    if method not in t2.index or baseline not in t2.index:
+def _final(scores: pd.DataFrame) -> pd.DataFrame:
+    """Each run's samples at its last step."""
+    last = scores.groupby(["method", "run"])["step"].transform("max")
+    return scores[scores["step"] == last]
+
+
+def mean_interval(values: pd.Series, units: pd.Series, *, draws: int = 2000, seed: int = 0) -> tuple[float, float, float, np.ndarray]:
+    """Mean with a 95% percentile bootstrap interval, resampling samples within each unit
+    (subject x prompt), so every draw keeps the run's mix of units; also returns the draws."""
+    rng = np.random.default_rng(seed)
+    groups = [g.to_numpy(float) for _, g in values.groupby(units.to_numpy())]
+    total = sum(len(g) for g in groups)
+    boot = np.zeros(draws)
+    for g in groups:
+        boot += g[rng.integers(0, len(g), size=(draws, len(g)))].sum(axis=1)
+    boot /= total
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(values.mean()), float(lo), float(hi), boot
+
+
+def verdict(scores: pd.DataFrame, method: str = "palp", baseline: str = "ti-db") -> str | None:
+    """One plain sentence: does ``method`` beat ``baseline`` in this run (each run's last step)?
+
+    Measures: with the toy world's judge, prompt elements found and identity kept; otherwise
+    CLIP text and image alignment. Each mean is given with its 95% bootstrap interval and, when
+    the run sampled the base model, the base model's mean. No winner is named on a measure
+    where both methods' intervals include the base model's value (neither shows the subject
+    learned, or the prompt lost, beyond what the base model does), nor where the difference's
+    interval includes zero. None without both methods."""
+    final = _final(scores)
+    methods = set(final["method"])
+    if method not in methods or baseline not in methods:
         return None
-    if all(c in t2.columns for c in (*JUDGE_ELEMENTS, JUDGE_IDENTITY)):
-        align = t2.loc[[method, baseline], list(JUDGE_ELEMENTS)].mean(axis=1)
-        ident = t2.loc[[method, baseline], JUDGE_IDENTITY]
-        names = ("prompt elements found (judge)", "identity kept (judge)")
-    elif TARGET in t2.columns and IMAGE in t2.columns:
-        align, ident = t2.loc[[method, baseline], TARGET], t2.loc[[method, baseline], IMAGE]
-        names = ("CLIP text alignment", "CLIP image alignment")
+    if all(c in final.columns for c in (*JUDGE_ELEMENTS, JUDGE_IDENTITY)) and final[JUDGE_IDENTITY].notna().any():
+        final = final.assign(**{FOUND: final[list(JUDGE_ELEMENTS)].mean(axis=1)})
+        measures = ((FOUND, "prompt elements found (judge)"), (JUDGE_IDENTITY, "identity kept (judge)"))
+    elif TARGET in final.columns and IMAGE in final.columns:
+        measures = ((TARGET, "CLIP text alignment"), (IMAGE, "CLIP image alignment"))
     else:
         return None
-    a, b = (align[method], align[baseline]), (ident[method], ident[baseline])
-    said = f"{method} vs {baseline} in this run: {names[0]} {a[0]:.3f} vs {a[1]:.3f}, {names[1]} {b[0]:.3f} vs {b[1]:.3f}: "
-    better = (a[0] > a[1], b[0] > b[1])
-    worse = (a[0] < a[1], b[0] < b[1])
-    if all(better):
+    units = final["subject"].astype(str) + " | " + final["prompt"].astype(str)
+    parts, outcome = [], {}
+    for col, name in measures:
+        stats = {}
+        for m in (method, baseline):
+            rows = final["method"] == m
+            vals = final.loc[rows, col].dropna()
+            stats[m] = mean_interval(vals, units[vals.index])
+        base = final.loc[final["method"] == "base", col].dropna()
+        base_mean = float(base.mean()) if len(base) else None
+        diff = stats[method][3] - stats[baseline][3]
+        d_lo, d_hi = np.percentile(diff, [2.5, 97.5])
+        (a, alo, ahi, _), (b, blo, bhi, _) = stats[method], stats[baseline]
+        text = f"{name} {a:.3f} [{alo:.3f}, {ahi:.3f}] vs {b:.3f} [{blo:.3f}, {bhi:.3f}]"
+        if base_mean is not None:
+            text += f" (base model {base_mean:.3f})"
+        parts.append(text)
+        if base_mean is not None and alo <= base_mean <= ahi and blo <= base_mean <= bhi:
+            outcome[name] = ("base", "at the base model's level")
+        elif d_lo <= 0 <= d_hi:
+            outcome[name] = ("none", "no resolvable difference")
+        else:
+            outcome[name] = ("ahead" if a > b else "behind", "")
+    said = f"{method} vs {baseline} in this run (means, 95% intervals): " + ", ".join(parts) + ": "
+    ahead = [n for n, (o, _) in outcome.items() if o == "ahead"]
+    behind = [n for n, (o, _) in outcome.items() if o == "behind"]
+    undecided = [f"{n} {why}" for n, (o, why) in outcome.items() if o in ("base", "none")]
+    if len(ahead) == 2:
         return said + f"{method} beats {baseline} on both."
-    if not any(better):
-        return said + f"{method} does not beat {baseline}" + (" (a tie)." if not any(worse) else f"; {baseline} is ahead on " + " and ".join(
-            n for n, w in zip(names, worse) if w) + ".")
-    ahead = names[0] if better[0] else names[1]
-    return said + f"a trade-off, not a win: {method} is ahead on {ahead} only."
+    if ahead and behind:
+        return said + f"a trade-off, not a win: {method} is ahead on {ahead[0]} only."
+    if ahead:
+        return said + f"{method} is ahead on {ahead[0]} only ({'; '.join(undecided)}): not a win on both."
+    if behind:
+        return said + f"{method} does not beat {baseline}; {baseline} is ahead on " + " and ".join(behind) + (
+            f" ({'; '.join(undecided)})." if undecided else ".")
+    return said + f"no winner: {'; '.join(undecided)}."
 
 
-def html_report(scores: pd.DataFrame, t2: pd.DataFrame, subjects: dict[str, list[str]], plot: bytes | None) -> str:
+def html_report(scores: pd.DataFrame, t2: pd.DataFrame, subjects: dict[str, list[str]], plot: bytes | None,
+                units: pd.DataFrame | None = None) -> str:
     esc = html.escape
-    said = verdict(t2)
+    said = verdict(scores)
     parts = [
         "<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>palp report</title>",
         f"<style>{_STYLE}</style></head><body>", "<h1>palp: CLIP alignment report</h1>",
@@ -148,6 +201,12 @@ def html_report(scores: pd.DataFrame, t2: pd.DataFrame, subjects: dict[str, list
                 "base model's level on its held-out subjects, and so concludes nothing about PALP."
                 if JUDGE_IDENTITY in t2.columns else "")
         parts.append(f"<p class='verdict'><b>{esc(said)}</b> One run at one setting.{esc(more)}</p>")
+    if units is not None:
+        parts += ["<h2>What the judge can read of each unit</h2>",
+                  "<p>Identity kept at the last step per method, beside the judge's identity on clean renders of the "
+                  "subject's ground truth in the prompt's scene and on their VAE round trips (the most a sample can "
+                  "keep), and the chance level (a uniform guess of each attribute).</p>",
+                  units.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0)]
     if plot is not None:
         parts += ["<h2>Alignment vs fine-tuning steps (Fig. 6)</h2>", f"<img alt='alignment vs steps' src='{data_uri(plot, 'image/png')}'>"]
     parts.append("<h2>Input images</h2>")

@@ -107,11 +107,12 @@ def score(samples_dirs: list[str], prepared: str, output: str, *, clip_model: st
         rows.append(row)
     scores = pd.DataFrame(rows)
     metric_cols = [*element_names, TARGET, IMAGE]
+    units = None
     if judge:
-        judge_cols = judge_columns(scores, subjects, judge, progress=progress)
+        judge_cols, units = judge_columns(scores, manifest, judge, progress=progress)
         scores = pd.concat([scores, judge_cols], axis=1)
         metric_cols += list(judge_cols.columns)
-    write_outputs(scores, metric_cols, output, manifest, subjects)
+    write_outputs(scores, metric_cols, output, manifest, subjects, units)
     return scores
 
 
@@ -129,31 +130,78 @@ def check_clip_pin(recorded: dict | None, resolved, prepared: str) -> None:
         )
 
 
-def judge_columns(scores: pd.DataFrame, subjects: dict, spec: str, *, progress: bool) -> pd.DataFrame:
-    """The toy-world judge's per-element correctness of every sample (NaN for multi-subject)."""
-    from palp.toyworld.judge import JUDGE_COLUMNS, judge_row, predict, reference_identity, resolve_judge
+def judge_columns(scores: pd.DataFrame, manifest: dict, spec: str, *, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The toy-world judge's per-element correctness of every sample (NaN for multi-subject
+    samples), and the judged units' ceilings (:func:`unit_table`).
+
+    Identity and class are measured against each subject's ground truth (the manifest's
+    ``truth``, from ``palp prepare --truth`` or an experiment's ``truth:``); a subject without
+    one gets no identity (NaN, and a line on stderr) and its class is checked against its class
+    word."""
+    import sys
+
+    from palp.toyworld.judge import JUDGE_COLUMNS, judge_row, predict, resolve_judge, truth_identity
     from palp.toyworld.render import SIZE, parse_caption
 
     try:
         model = resolve_judge(spec)
     except (FileNotFoundError, OSError) as e:
         raise ScoreError(f"--judge {spec}: {e}") from e
-
-    def read(uris):
-        return [read_image(u).convert("RGB").resize((SIZE, SIZE)) for u in uris]
+    identity = {}
+    for name, s in manifest["subjects"].items():
+        try:
+            identity[name] = truth_identity(s["truth"]) if s.get("truth") is not None else None
+        except ValueError as e:
+            raise ScoreError(f"subject {name}'s truth in the prepared dataset: {e}; prepare it again with a toy-world "
+                             f"subject file (--truth {name}=examples/toyworld/NAME.json)") from e
+    missing = sorted(n for n in {x for s in scores["subject"] for x in s.split("+")} if identity.get(n) is None)
+    if missing:
+        print(f"palp score: subject(s) {', '.join(missing)} have no ground truth: the judge's identity is not measured "
+              f"for them (give --truth NAME=FILE to palp prepare, or truth: in the experiment)", file=sys.stderr)
 
     readings = []
     uris = list(scores["path"])
     for i in tqdm(range(0, len(uris), 256), desc="palp score: judge", disable=not progress):
-        readings += predict(model, read(uris[i : i + 256]))
-    identity = {n: reference_identity(predict(model, read(files))) for n, files in subjects.items()}
+        readings += predict(model, [read_image(u).convert("RGB").resize((SIZE, SIZE)) for u in uris[i : i + 256]])
     rows = []
     for (_, r), reading in zip(scores.iterrows(), readings):
         if "+" in r["subject"]:
             rows.append({c: math.nan for c in JUDGE_COLUMNS.values()})
             continue
-        rows.append(judge_row(reading, parse_caption(r["clean_prompt"]), identity[r["subject"]]))
-    return pd.DataFrame(rows, index=scores.index, columns=list(JUDGE_COLUMNS.values()))
+        truth = identity[r["subject"]]
+        known = truth or {"class": manifest["subjects"][r["subject"]].get("class_word"), "color": None, "pattern": None,
+                          "pattern_color": None, "accessory": None}
+        row = judge_row(reading, parse_caption(r["clean_prompt"]), known)
+        if truth is None:
+            row[JUDGE_COLUMNS["identity"]] = math.nan
+        rows.append(row)
+    columns = pd.DataFrame(rows, index=scores.index, columns=list(JUDGE_COLUMNS.values()))
+    return columns, unit_table(pd.concat([scores, columns], axis=1), identity, model)
+
+
+def unit_table(scores: pd.DataFrame, identity: dict, judge) -> pd.DataFrame | None:
+    """Per judged (subject, clean prompt) unit: each method's identity at its last step beside
+    the judge's ceilings on that unit (palp.toyworld.ceiling: clean renders and VAE round trips
+    of the subject's truth in the prompt's scene) and the chance level; None without truth."""
+    from palp.toyworld.ceiling import load_vae, unit_ceiling
+    from palp.toyworld.judge import JUDGE_COLUMNS
+
+    ident = JUDGE_COLUMNS["identity"]
+    last = scores.groupby(["method", "run"])["step"].transform("max")
+    final = scores[(scores["step"] == last) & scores[ident].notna()]
+    if final.empty:
+        return None
+    vae = load_vae()
+    rows = []
+    for (subject, clean), df in final.groupby(["subject", "clean_prompt"], sort=True):
+        c = unit_ceiling(judge, vae, subject, identity[subject], clean)
+        row = {"subject": subject, "clean prompt": clean}
+        row.update({f"identity: {m}": float(d[ident].mean()) for m, d in df.groupby("method")})
+        row.update({"ceiling, clean renders": c.identity_clean, "ceiling, VAE round trips": c.identity_vae,
+                    "class ceiling": c.class_clean, "chance": c.chance,
+                    "unit": "kept" if not c.failures() else "below the thresholds: " + "; ".join(c.failures())})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _element_columns(element_lists) -> list[str]:
@@ -181,20 +229,31 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def write_outputs(scores: pd.DataFrame, metric_cols: list[str], output: str, manifest: dict, subjects: dict) -> None:
+def write_outputs(scores: pd.DataFrame, metric_cols: list[str], output: str, manifest: dict, subjects: dict,
+                  units: pd.DataFrame | None = None) -> None:
     from palp.report import html_report, steps_plot, verdict
     from palp.safecsv import to_csv  # prompts and names as text, never as spreadsheet formulas
 
-    t2 = table2(scores, metric_cols)
+    # With the toy world's judge, its class column replaces the toy CLIP's class cosines, which
+    # read near zero for every method and the base model alike (they stay in scores.csv).
+    judged = any(c.startswith("Judge: ") for c in metric_cols)
+    t2 = table2(scores, [c for c in metric_cols if not (judged and c.startswith("Class"))])
     storage.write_text(storage.join(output, "scores.csv"), to_csv(scores, index=False))
     storage.write_text(storage.join(output, "summary.csv"), to_csv(summary_table(scores, metric_cols), index=False))
     storage.write_text(storage.join(output, "table2.csv"), to_csv(t2))
-    said = verdict(t2)
-    storage.write_text(storage.join(output, "table2.md"), t2.to_markdown(floatfmt=".3f") + "\n" + (f"\n{said}\n" if said else ""))
+    if units is not None:
+        storage.write_text(storage.join(output, "judge_units.csv"), to_csv(units, index=False))
+        storage.write_text(storage.join(output, "judge_units.md"), units.to_markdown(index=False, floatfmt=".3f") + "\n")
+    said = verdict(scores)
+    unit_md = ("\nWhat the judge can read of each unit (identity at the last step; ceilings on clean renders and VAE "
+               "round trips of the subject's truth; chance):\n\n" + units.to_markdown(index=False, floatfmt=".3f") + "\n"
+               if units is not None else "")
+    storage.write_text(storage.join(output, "table2.md"),
+                       t2.to_markdown(floatfmt=".3f") + "\n" + (f"\n{said}\n" if said else "") + unit_md)
     metrics = {f"{_slug(m)}/{_slug(c)}": round(float(v), 6) for m, row in t2.iterrows() for c, v in row.items() if not math.isnan(v)}
     metrics["num_images"] = int(len(scores))
     storage.write_text(storage.join(output, "metrics.json"), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     plot = steps_plot(scores)
     if plot is not None:
         storage.write_bytes(storage.join(output, "alignment_vs_steps.png"), plot, content_type="image/png")
-    storage.write_text(storage.join(output, "report.html"), html_report(scores, t2, subjects, plot))
+    storage.write_text(storage.join(output, "report.html"), html_report(scores, t2, subjects, plot, units))

@@ -118,9 +118,10 @@ def test_frontier_of_a_local_pipeline_run_reads_each_runs_lambda(tmp_path, capsy
     lambda it was given, and the frontier report runs on the pipeline root as it stands."""
     from pipelines.cli import main
 
-    config = yaml.safe_load((REPO / "evaluation/toyworld/frontier/heldout-blue-car-a.yaml").read_text())
+    config = yaml.safe_load((REPO / "evaluation/experiments/demo.yaml").read_text())
     config.update(subjects=config["subjects"][:1], prompts=config["prompts"][:1], methods=["ti-db", "palp"], lam=0.5,
-                  train_steps=2, save_steps="1,2", checkpoint_every=2, num_samples=2, sample_steps=2, reference=False)
+                  lr=0.003, lora_rank=32, batch_size=2, train_steps=2, save_steps="1,2", checkpoint_every=2, num_samples=2,
+                  sample_steps=2, reference=False, study_forms=1, study_image_size=64)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     root = tmp_path / "root"
     assert main(["pipeline", "run-local", "--config", str(tmp_path / "tiny.yaml"), "--pipeline-root", str(root)]) == 0

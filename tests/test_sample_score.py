@@ -216,22 +216,64 @@ def test_score_refuses_samples_of_another_dataset(scored, tmp_path, capsys):
     assert code == 2 and "subject(s) cat of the samples are not in" in capsys.readouterr().err
 
 
+def _final_rows(per_method: dict[str, dict[str, list[float]]]) -> pd.DataFrame:
+    """Last-step sample rows: {method: {column: values}}, one unit, one run per method."""
+    rows = []
+    for method, cols in per_method.items():
+        n = len(next(iter(cols.values())))
+        for k in range(n):
+            rows.append({"subject": "cat", "prompt": "p", "method": method, "run": method, "step": 10,
+                         **{c: v[k] for c, v in cols.items()}})
+    return pd.DataFrame(rows)
+
+
 def test_the_report_says_who_wins_in_plain_words():
     from palp.report import verdict
 
-    judge = ["Judge: style", "Judge: place", "Judge: time", "Judge: identity"]
-    t2 = pd.DataFrame([[1.0, 1.0, 1.0, 0.19], [1.0, 1.0, 1.0, 0.25]], index=["palp", "ti-db"], columns=judge)
-    said = verdict(t2)
-    assert said.startswith("palp vs ti-db in this run: prompt elements found (judge) 1.000 vs 1.000, identity kept (judge) 0.190 vs 0.250")
-    assert said.endswith("palp does not beat ti-db; ti-db is ahead on identity kept (judge).")
-    t2.loc["palp"] = [1.0, 1.0, 1.0, 0.3]
-    t2.loc["ti-db"] = [1.0, 0.5, 0.5, 0.25]
-    assert verdict(t2).endswith("palp beats ti-db on both.")
-    t2.loc["palp", "Judge: identity"] = 0.1
-    assert verdict(t2).endswith("a trade-off, not a win: palp is ahead on prompt elements found (judge) only.")
-    clip = pd.DataFrame([[0.3, 0.6], [0.3, 0.6]], index=["palp", "ti-db"], columns=["Target prompt", "Image alignment"])
-    assert verdict(clip).endswith("palp does not beat ti-db (a tie).") and "CLIP text alignment 0.300 vs 0.300" in verdict(clip)
-    assert verdict(clip.drop(index="ti-db")) is None
+    def judged(identity, found=(1.0,) * 8):
+        return {"Judge: style": list(found), "Judge: place": list(found), "Judge: time": list(found),
+                "Judge: identity": list(identity)}
+
+    low, high = [0.0, 0.33, 0.33, 0.0, 0.33, 0.0, 0.33, 0.0], [1.0, 1.0, 0.67, 1.0, 1.0, 1.0, 0.67, 1.0]
+    # TI+DB keeps far more identity than PALP, which stays at the base model's level: a resolved loss.
+    said = verdict(_final_rows({"palp": judged(low), "ti-db": judged(high), "base": judged(low)}))
+    assert said.startswith("palp vs ti-db in this run (means, 95% intervals): prompt elements found (judge) 1.000 [1.000, 1.000] "
+                           "vs 1.000 [1.000, 1.000] (base model 1.000), identity kept (judge) 0.165")
+    assert said.endswith("palp does not beat ti-db; ti-db is ahead on identity kept (judge) "
+                         "(prompt elements found (judge) at the base model's level).")
+    # The demo's case: identity means that differ, every interval around the base model's value.
+    mid = [0.0, 0.33, 0.33, 0.0, 0.33, 0.33, 0.33, 0.0]
+    said = verdict(_final_rows({"palp": judged(low), "ti-db": judged(mid), "base": judged(low)}))
+    assert said.endswith("no winner: prompt elements found (judge) at the base model's level; "
+                         "identity kept (judge) at the base model's level.")
+    # Without the base model, the difference's interval decides.
+    said = verdict(_final_rows({"palp": judged(low), "ti-db": judged(mid)}))
+    assert "base model" not in said and said.endswith("identity kept (judge) no resolvable difference.")
+    forgot = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert verdict(_final_rows({"palp": judged(high), "ti-db": judged(low, forgot)})).endswith("palp beats ti-db on both.")
+    assert verdict(_final_rows({"palp": judged(low), "ti-db": judged(high, forgot)})).endswith(
+        "a trade-off, not a win: palp is ahead on prompt elements found (judge) only.")
+    clip = _final_rows({"palp": {"Target prompt": [0.3] * 4, "Image alignment": [0.6] * 4},
+                        "ti-db": {"Target prompt": [0.3] * 4, "Image alignment": [0.6] * 4}})
+    assert verdict(clip).endswith("no winner: CLIP text alignment no resolvable difference; "
+                                  "CLIP image alignment no resolvable difference.")
+    assert "CLIP text alignment 0.300 [0.300, 0.300] vs 0.300" in verdict(clip)
+    assert verdict(clip[clip["method"] != "ti-db"]) is None
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_samples():
+    from palp.report import mean_interval
+
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (20, 320):
+        x = pd.Series(rng.normal(0.5, 0.1, n))
+        mean, lo, hi, draws = mean_interval(x, pd.Series(["u"] * n))
+        assert lo < mean < hi and mean == pytest.approx(x.mean()) and len(draws) == 2000
+        widths.append(hi - lo)
+    # The interval's width is about 2 x 1.96 x sd / sqrt(n) (a closed form for the mean).
+    assert widths[1] == pytest.approx(2 * 1.96 * 0.1 / np.sqrt(320), rel=0.25)
+    assert widths[0] > 2.5 * widths[1]  # sqrt(320 / 20) = 4 in expectation
 
 
 def test_steps_plot_draws_the_judges_trade_off_when_it_has_the_judge():

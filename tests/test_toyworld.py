@@ -135,7 +135,11 @@ def test_judge_row_counts_only_what_the_style_shows():
                    JUDGE_COLUMNS["class"]: 1.0, JUDGE_COLUMNS["identity"]: 1.0}
     row = judge_row(dict(reading, style="watercolour"), {"style": "watercolour", "place": "beach", "time": "night"}, identity)
     assert row[JUDGE_COLUMNS["style"]] == 1.0 and row[JUDGE_COLUMNS["place"]] == 0.0
-    assert row[JUDGE_COLUMNS["identity"]] == pytest.approx(2 / 4)  # colour and pattern colour are wrong
+    # Colour, pattern and accessory count in a watercolour; the pattern's colour never does.
+    assert row[JUDGE_COLUMNS["identity"]] == pytest.approx(2 / 3)
+    row = judge_row(dict(reading, style="neon", color="purple"), {"style": "neon", "place": "grass", "time": "day"},
+                    dict(identity, color="red"))  # a neon drawing does not fill the body with its colour
+    assert row[JUDGE_COLUMNS["identity"]] == 1.0
     assert reference_identity([identity, identity, dict(identity, color="red")]) == identity
 
 
@@ -343,7 +347,10 @@ def test_score_with_the_judge_end_to_end(tmp_path):
     subject = REPO / "examples/toyworld/purple-cat"
     prompt = "A sketch of [V] in the snow at night"
     assert main(["prepare", "--subject", f"purple-cat={subject}", "--class-word", "purple-cat=cat", "--prompt", prompt,
+                 "--truth", f"purple-cat={subject}.json",
                  "--pretrained-model", "toyworld", "--clip", "toyworld", "--output", str(tmp_path / "prep"), "--quiet"]) == 0
+    truth = json.loads((tmp_path / "prep" / "manifest.json").read_text())["subjects"]["purple-cat"]["truth"]
+    assert truth == json.loads(Path(f"{subject}.json").read_text())  # recorded as given
     assert main(["train", "--prepared", str(tmp_path / "prep"), "--pretrained-model", "toyworld", "--method", "palp",
                  "--noise", "iid", "--steps", "2", "--batch-size", "2", "--lora-rank", "4", "--save-steps", "2",
                  "--output", str(tmp_path / "run"), "--quiet"]) == 0
@@ -357,6 +364,13 @@ def test_score_with_the_judge_end_to_end(tmp_path):
         assert scores[col].between(0, 1).all(), col
     metrics = json.loads((tmp_path / "scores" / "metrics.json").read_text())
     assert "palp_iid/judge_identity" in metrics and "palp_iid/target_prompt" in metrics
+    # The unit's ceilings and chance level beside the identity kept, in a table and the report.
+    units = pd.read_csv(tmp_path / "scores" / "judge_units.csv")
+    assert units.loc[0, "subject"] == "purple-cat" and units.loc[0, "chance"] == pytest.approx(0.25)  # sketch: pattern, accessory
+    assert units.loc[0, "identity: palp-iid"] == pytest.approx(scores["Judge: identity"].mean())
+    assert 0.9 <= units.loc[0, "ceiling, clean renders"] <= 1.0 and "What the judge can read" in (tmp_path / "scores" / "report.html").read_text()
+    table2 = (tmp_path / "scores" / "table2.md").read_text()
+    assert "Judge: class" in table2 and "Class" not in table2.replace("Judge: class", "")  # no toy-CLIP class cosine
     assert main(["score", "--samples", str(tmp_path / "samples"), "--prepared", str(tmp_path / "prep"), "--output",
                  str(tmp_path / "bad"), "--clip", "toyworld", "--judge", str(tmp_path / "nope.safetensors"), "--quiet"]) != 0
 

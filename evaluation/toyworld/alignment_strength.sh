@@ -12,8 +12,8 @@ mkdir -p "$D"; D=$(cd "$D" && pwd)
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
 P="A sketch of [V] in the snow at night"
-palp prepare --subject purple-cat=examples/toyworld/purple-cat --class-word purple-cat=cat \
-  --subject pink-robot=examples/toyworld/pink-robot --class-word pink-robot=robot --prompt "$P" \
+palp prepare --subject purple-cat=examples/toyworld/purple-cat --class-word purple-cat=cat --truth purple-cat=examples/toyworld/purple-cat.json \
+  --subject pink-robot=examples/toyworld/pink-robot --class-word pink-robot=robot --truth pink-robot=examples/toyworld/pink-robot.json --prompt "$P" \
   --pretrained-model toyworld --clip toyworld --output $D/prep --quiet
 run() {  # name task extra...
   local name=$1 task=$2; shift 2

@@ -21,30 +21,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 from diffusers import AutoencoderKL
 from PIL import Image
 
 from palp import safecsv
 from palp.cli import main as palp
-from palp.data import read_image, to_tensor
+from palp.data import read_image
 from palp.models import resolve_model_dir
 from palp.storage import write_bytes, write_text
+from palp.toyworld.ceiling import vae_round_trip
 from palp.toyworld.judge import IDENTITY_ATTRIBUTES, predict, reference_identity, resolve_judge
-from palp.train import encode_latent_posteriors
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def vae_round_trip(vae, images: list[Image.Image]) -> list[Image.Image]:
-    """Each image encoded as training encodes the photos (its latent posterior's mean) and
-    decoded as sampling decodes, as 8-bit RGB."""
-    mean, _ = encode_latent_posteriors(vae, torch.stack([to_tensor(im.convert("RGB")) for im in images]))
-    with torch.no_grad():
-        y = vae.decode(mean / vae.config.scaling_factor).sample
-    y = ((y * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # as palp.sample.generate
-    return [Image.fromarray(a) for a in y.permute(0, 2, 3, 1).numpy()]
 
 
 PROMPT = "A photo of [V]"

@@ -15,8 +15,8 @@ D=${1:?usage: $0 OUT_DIR METHOD:LR[:LAMBDA] ...}; shift
 mkdir -p "$D"; D=$(cd "$D" && pwd)
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
-palp prepare --subject purple-cat=examples/toyworld/purple-cat --class-word purple-cat=cat \
-  --subject pink-robot=examples/toyworld/pink-robot --class-word pink-robot=robot \
+palp prepare --subject purple-cat=examples/toyworld/purple-cat --class-word purple-cat=cat --truth purple-cat=examples/toyworld/purple-cat.json \
+  --subject pink-robot=examples/toyworld/pink-robot --class-word pink-robot=robot --truth pink-robot=examples/toyworld/pink-robot.json \
   --prompt "A sketch of [V] in the snow at night" --prompt "A watercolour of [V] on the beach at sunset" \
   --pretrained-model toyworld --clip toyworld --output $D/prep --quiet
 run() {  # name method lr lambda task sample-task...

@@ -1,4 +1,4 @@
-"""The math of a PALP step as small pure functions (../shared/PALP.md, Eqs. 1-7).
+"""The math of a PALP step as small pure functions (docs/method.md, Eqs. 1-7).
 
 Shapes: latents and noise predictions are (B, 4, h, w); ``alpha_bar`` is (B,), broadcast.
 Nothing here runs a model: the trainer calls the UNet and hands the predictions in.
@@ -89,7 +89,7 @@ def alignment_coefficient(alpha_bar_t: torch.Tensor, *, rescale: bool, weight: f
     """The factor c with  grad L_align = c * delta * d eps_theta / d theta  (Eq. 7).
 
     d x0_hat / d theta = -(sqrt(1 - a_t) / sqrt(a_t)) d eps_theta / d theta, so the plain
-    term is c = -w sqrt(1 - a_t)/sqrt(a_t); the rescaled term (PALP.md step 5) drops the
+    term is c = -w sqrt(1 - a_t)/sqrt(a_t); the rescaled term (docs/method.md, step 5) drops the
     ratio: c = -w.  (B,)
     """
     if rescale:

@@ -1,6 +1,6 @@
 """Prompts with subject placeholders: ``[V]``, ``[V1]``, ``[V2]``...
 
-Three prompts take part in a PALP step (../shared/PALP.md, "Notation"):
+Three prompts take part in a PALP step (docs/method.md, "Notation"):
 
 - the personalization prompt ``y_P`` ("A photo of [V]"), one per subject;
 - the target prompt ``y`` ("A sketch of [V] in Paris at night");

@@ -1,6 +1,6 @@
 """``palp score``: CLIP text and image alignment of sampled images (Table 2, Fig. 6).
 
-Protocol (../shared/PALP.md, "Evaluation protocol"): open_clip ViT-B-32 with OpenAI weights,
+Protocol (docs/method.md, "Evaluation"): open_clip ViT-B-32 with OpenAI weights,
 L2-normalised features, **raw cosine**. Text alignment of an image against its clean target
 prompt and against each prompt element (Style, Class, Ambiance 1, ...); image alignment is
 the mean cosine over all (generated image, input image) pairs of its subject(s).

@@ -1,6 +1,6 @@
 """The training step's parameter gradient equals Eq. 1's autograd plus the closed form of Eq. 6.
 
-The reference below is written from ../shared/PALP.md alone, with separate UNet calls per
+The reference below is written from docs/method.md alone, with separate UNet calls per
 prompt and the alignment term taken through x0_hat (step 4's form, not palp's rescaled
 eps-form of Eq. 7), so an error in either the algebra or the batching shows up.
 """

@@ -121,3 +121,26 @@ def test_the_palp_command_offers_the_pipeline_commands_and_the_library_does_not(
     assert commands(build_parser([add_pipeline_parser])) == commands(build_parser()) | {"pipeline"}
     out = subprocess.run([sys.executable, "-m", "pipelines", "pipeline", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and "run-local" in out.stdout
+
+
+def test_the_project_refers_to_nothing_outside_its_repository():
+    """Documentation lives in the repository: no file of the project sends a reader to a path
+    beside it (a clone has nothing there)."""
+    tracked = subprocess.run(["git", "ls-files", "palp", "components", "pipelines", "evaluation", "docs", "README.md",
+                              "tests", "scripts", "images", "examples"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "palp", "components", "pipelines",
+                                "evaluation", "docs", "tests"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    outside = "shared" + "/"  # spelled apart so this file does not match itself
+    needles = ("../" + outside, outside + "PALP.md", outside + "anchors")
+    offenders = []
+    for name in sorted(set(tracked) | set(untracked)):
+        path = REPO / name
+        if path.suffix not in (".py", ".md", ".sh", ".yaml", ".txt", ".toml", "") or not path.is_file() or path.stat().st_size > 2_000_000:
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        if any(needle in text for needle in needles):
+            offenders.append(name)
+    assert offenders == [], f"these refer to a path outside the repository: {offenders}"

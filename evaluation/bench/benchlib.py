@@ -1,7 +1,7 @@
 """What the two benchmarks share: the SD-1.4-shaped model, timing, FLOPs, the ceiling, output.
 
-The shapes are those of ../shared/anchors/gpu_step_anchor.py and gpu_sample_anchor.py, so
-the numbers here and the anchors' are comparable. Weights are random (speed does not depend on
+The shapes are those of the reference GPU anchors (a plain diffusers-style step and sampler
+measured on one H200, RESULTS.md), so the numbers here and the anchors' are comparable. Weights are random (speed does not depend on
 them) unless a real model folder is given.
 """
 

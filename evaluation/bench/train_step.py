@@ -7,7 +7,7 @@ Default: CUDA, an SD-1.4-shaped model with random weights at 512px (or --model P
 frozen weights under bf16 autocast with the LoRA (r=32) and [V] in fp32, as palp trains.
 Variants (``BASE[+OPTION...]``):
 
-- ``naive-db``, ``naive-palp``: ../shared/anchors/gpu_step_anchor.py's steps: a diffusers-style
+- ``naive-db``, ``naive-palp``: the reference anchor's steps: a diffusers-style
   TI+DB LoRA step, and a PALP step with one no-grad 2B call per guidance branch (adapters
   switched off and on between them). The reference every ratio is taken to.
 - ``db``, ``palp``: palp's ``train_step`` with method ti-db / palp (what ``palp train`` runs per step:

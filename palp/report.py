@@ -149,12 +149,18 @@ def verdict(scores: pd.DataFrame, method: str = "palp", baseline: str = "ti-db")
     units = final["subject"].astype(str) + " | " + final["prompt"].astype(str)
     parts, outcome = [], {}
     for col, name in measures:
+        # Both methods over the units both were measured on; independent draws for each.
+        measured = final[final[col].notna()]
+        shared = set(units[measured.index][measured["method"] == method]) & set(units[measured.index][measured["method"] == baseline])
+        if not shared:
+            parts.append(f"{name} not measured on a unit both ran")
+            outcome[name] = ("none", "not measured")
+            continue
         stats = {}
-        for m in (method, baseline):
-            rows = final["method"] == m
-            vals = final.loc[rows, col].dropna()
-            stats[m] = mean_interval(vals, units[vals.index])
-        base = final.loc[final["method"] == "base", col].dropna()
+        for seed, m in enumerate((method, baseline)):
+            vals = measured.loc[(measured["method"] == m) & units[measured.index].isin(shared), col]
+            stats[m] = mean_interval(vals, units[vals.index], seed=seed)
+        base = measured.loc[(measured["method"] == "base") & units[measured.index].isin(shared), col]
         base_mean = float(base.mean()) if len(base) else None
         diff = stats[method][3] - stats[baseline][3]
         d_lo, d_hi = np.percentile(diff, [2.5, 97.5])

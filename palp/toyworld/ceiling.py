@@ -99,17 +99,19 @@ def unit_ceiling(judge, vae, subject: str, truth: dict, prompt: str, *, n: int =
                        chance=round(identity_chance(style), 4), renders=n)
 
 
-def experiment_units(params: dict) -> list[tuple[str, dict, str]]:
+def experiment_units(params: dict, prompts: list[tuple[str, list[str]]] | None = None) -> list[tuple[str, dict, str]]:
     """(subject, truth, prompt) for every single-subject unit of an experiment's settings whose
-    subject carries a ``truth`` (inline prompts; a prompts file's entries are not read here)."""
+    subject carries a ``truth``. ``prompts``: (text, the subjects it names, [] for every
+    subject) of each prompt, a prompts file's included; default: the inline ``prompts``."""
     from palp.toyworld.judge import truth_identity
 
+    prompts = prompts if prompts is not None else [(p, []) for p in params.get("prompts") or []]
     units = []
     for s in params.get("subjects") or []:
         if s.get("truth") is None:
             continue
         truth = truth_identity(s["truth"])
-        units += [(s["name"], truth, p) for p in params.get("prompts") or []]
+        units += [(s["name"], truth, text) for text, names in prompts if not names or names == [s["name"]]]
     return units
 
 

@@ -151,8 +151,11 @@ def truth_identity(truth: dict) -> dict:
     (``examples/toyworld/NAME.json``: its ``identity`` with ``cls``). ValueError naming what is
     wrong otherwise."""
     if not isinstance(truth, dict):
-        raise ValueError(f"a subject's truth must be a mapping of its attributes, got {truth!r}")
-    given = dict(truth.get("identity", truth))
+        raise ValueError(f"a subject's truth must be a mapping of its attributes, got {str(truth)[:80]!r}")
+    given = truth.get("identity", truth)
+    if not isinstance(given, dict):
+        raise ValueError(f"a subject's truth 'identity' must be a mapping of its attributes, got {str(given)[:80]!r}")
+    given = dict(given)
     if "cls" in given:
         given["class"] = given.pop("cls")
     given.pop("name", None)
@@ -164,8 +167,8 @@ def truth_identity(truth: dict) -> dict:
         raise ValueError(f"a subject's truth needs exactly {', '.join(keys)}" + (f"; missing {', '.join(missing)}" if missing else "")
                          + (f"; unknown {', '.join(unknown)}" if unknown else ""))
     for k in keys:
-        if given[k] not in ATTRIBUTES[k]:
-            raise ValueError(f"truth {k} {given[k]!r} is not one of {', '.join(ATTRIBUTES[k])}")
+        if not isinstance(given[k], str) or given[k] not in ATTRIBUTES[k]:
+            raise ValueError(f"truth {k} {str(given[k])[:40]!r} is not one of {', '.join(ATTRIBUTES[k])}")
     return {k: given[k] for k in keys}
 
 

@@ -56,7 +56,13 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
                       batch_size=batch_size, micro_batch_size=micro_batch_size or None, lr=lr, lam=lam, lora_rank=lora_rank,
                       lora_targets=lora_targets, save_steps=parse_steps(save_steps), checkpoint_every=checkpoint_every,
                       mixed_precision=mixed_precision, seed=seed, validation_every=validation_every, output=model.path)
-    train_run(cfg, resume=True, progress=False)
+    from palp.preemption import Preempted
+
+    try:
+        train_run(cfg, resume=True, progress=False)
+    except Preempted as e:  # SIGTERM: the step it was on checkpointed; exit 128 + signal, and the retry resumes
+        print(e, flush=True)
+        raise SystemExit(e.exit_code) from None
     model.metadata.update({"task": task, "method": method, "steps": steps, "framework": "diffusers-lora"})
     for name, value in final_scalars(read_metrics_csv(Path(model.path, METRICS_FILE))).items():
         metrics.log_metric(name, value)
@@ -69,11 +75,17 @@ def sample(model: Input[Model], prepared: Input[Dataset], tasks: list, num_sampl
     base model on their clean prompts)."""
     from palp.sample import sample as sample_run
 
+    from palp.preemption import Preempted
+
     settings = dict(prepared=prepared.path, tasks=tasks, num_samples=num_samples, steps=steps, batch_size=batch_size,
                     scheduler=scheduler, guidance=guidance, seed=seed, progress=False)
-    sample_run(model.path, samples.path, checkpoints=checkpoints, **settings)
-    if reference:
-        sample_run(model.path, samples.path, reference=True, **settings)
+    try:
+        sample_run(model.path, samples.path, checkpoints=checkpoints, **settings)
+        if reference:
+            sample_run(model.path, samples.path, reference=True, **settings)
+    except Preempted as e:  # SIGTERM: finished images kept; exit 128 + signal, and the retry makes the rest
+        print(e, flush=True)
+        raise SystemExit(e.exit_code) from None
     samples.metadata.update({"tasks": tasks, "num_samples": num_samples, "steps": steps, "scheduler": scheduler})
 
 

@@ -126,6 +126,20 @@ def read_key(uri: str) -> pd.DataFrame:
     missing = [c for c in KEY_COLUMNS if c not in key.columns]
     if missing:
         raise StudyError(f"--key {uri} is not an answer key (no column {', '.join(missing)}); {fix}")
+    for i, row in key.iterrows():
+        where = f"--key {uri}, row {i + 2}"  # row 1 is the header
+        if not isinstance(row["method"], str) or not row["method"].strip():
+            raise StudyError(f"{where}: the method is empty; {fix}")
+        if row["kind"] not in ("elements", "similarity"):
+            raise StudyError(f"{where}: kind {row['kind']!r} is neither 'elements' nor 'similarity'; {fix}")
+        if row["kind"] == "elements":
+            try:
+                elements = json.loads(row["elements"])
+            except (TypeError, ValueError):
+                elements = None
+            if not isinstance(elements, list) or not elements:
+                raise StudyError(f"{where}: column elements is not a JSON list of the prompt's elements "
+                                 f"({str(row['elements'])[:60]!r}); {fix}")
     return key
 
 

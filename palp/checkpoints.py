@@ -42,7 +42,10 @@ RESUMABLE_CHANGES = {"steps", "save_steps", "checkpoint_every", "checkpoints_tot
                      "threads", "num_threads",
                      # what is watched, not what is computed (validation samples draw nothing from training)
                      "report_to", "validation_every", "validation_prompts", "validation_images", "validation_seed",
-                     "validation_steps", "validation_guidance"}
+                     "validation_steps", "validation_guidance",
+                     # the micro-batch split: a run that ran out of memory continues with smaller micro-
+                     # batches and more accumulation (the same global batch; no longer bit-identical)
+                     "micro_batch_size", "gradient_accumulation_steps", "micro_batch_auto"}
 
 
 def _step_dirs(out: Path) -> list[Path]:
@@ -67,17 +70,33 @@ def check_output(out: Path, *, resume: bool) -> None:
         raise ConfigError(f"--output {out} holds checkpoints of an unfinished run; pass --resume to continue it")
 
 
+def recorded_settings(out: Path) -> dict | None:
+    """The settings of the run whose checkpoints are in ``out`` (None if there are none);
+    ConfigError naming the file if it is not a JSON object."""
+    path = out / DIR / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {e}); delete {out / DIR} to start afresh, "
+                          f"or train into a new --output") from e
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path} is not a run's settings (a JSON object); delete {out / DIR} to start afresh, "
+                          f"or train into a new --output")
+    return settings
+
+
 def recorded_setting(out: Path, key: str):
     """A setting of the run whose checkpoints are in ``out`` (None if there are none)."""
-    path = out / DIR / "config.json"
-    return json.loads(path.read_text()).get(key) if path.is_file() else None
+    return (recorded_settings(out) or {}).get(key)
 
 
 def record_config(out: Path, config: dict, *, resume: bool) -> None:
     """Write the run's settings; on --resume, check they match the checkpoints' run."""
     path = out / DIR / "config.json"
     if resume and path.exists():
-        old = json.loads(path.read_text())
+        old = recorded_settings(out)
         new = json.loads(json.dumps(config, default=str))
         changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
         if changed:
@@ -94,37 +113,112 @@ def _named_trainable(model) -> dict[str, torch.nn.Parameter]:
 
 def save(out: Path, step: int, model, optimizer, rows: list[dict], *, keep: int) -> Path:
     final = out / DIR / f"step-{step:06d}"
+    try:
+        _save(final, step, model, optimizer, rows)
+    except Exception as e:
+        if not storage.is_disk_full(e):
+            raise
+        needed = sum(p.numel() * 4 for p in _named_trainable(model).values()) * 3  # weights + Adam's two moments
+        earlier = _step_dirs(out)
+        kept = (f"the checkpoints before it are intact ({earlier[-1].name} newest): rerun with --resume once there is space"
+                if earlier else "no checkpoint was written yet")
+        raise storage.disk_full_error(e, final, needed=needed, kept=kept) from e
+    for old in _step_dirs(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _save(final: Path, step: int, model, optimizer, rows: list[dict]) -> None:
     with atomic_directory(final, replace=True) as tmp:
         save_file({n: p.detach().float().cpu().contiguous() for n, p in _named_trainable(model).items()}, str(tmp / "trainable.safetensors"))
         _save_split(tmp / "optimizer", *_optimizer_parts(optimizer.state_dict()))
         _save_split(tmp / "rng", *_rng_parts())
         write_metrics_csv(tmp / "metrics.csv", rows)
         atomic_write_json(tmp / "state.json", {"step": step})
-    for old in _step_dirs(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
-def load_latest(out: Path, model, optimizer) -> tuple[int, list[dict]]:
-    """Restore the newest checkpoint; (0, []) when there is none yet."""
+def load_latest(out: Path, model, optimizer, *, max_step: int | None = None) -> tuple[int, list[dict]]:
+    """Restore the newest checkpoint; (0, []) when there is none yet.
+
+    A checkpoint that cannot be read or does not fit this run (damaged or crafted files, a
+    step counter that disagrees with its folder or lies beyond ``max_step``, tensors of other
+    shapes) is refused with one ConfigError naming the file and how to recover. Nothing in it
+    is unpickled."""
     dirs = _step_dirs(out)
     if not dirs:
         return 0, []
     ckpt = dirs[-1]
-    saved = load_file(str(ckpt / "trainable.safetensors"))
+    earlier = f"delete {ckpt} to resume from {dirs[-2].name}" if len(dirs) > 1 else f"delete {ckpt} to start afresh"
+    recover = f"{earlier}, or train into a new --output"
+    if not (ckpt / "optimizer.json").is_file() or not (ckpt / "rng.json").is_file():
+        raise ConfigError(f"checkpoint {ckpt} was written by an older palp (pickled optimizer/RNG state, which palp no longer "
+                          f"loads: a pickle can run code), or is incomplete; resume it with that palp version, or {recover}")
+    try:
+        step = _read_step(ckpt)
+        saved = load_file(str(ckpt / "trainable.safetensors"))
+        optimizer_parts, rng_parts = _load_split(ckpt / "optimizer"), _load_split(ckpt / "rng")
+        rows = read_metrics_csv(ckpt / "metrics.csv")
+        if rows and int(rows[-1]["step"]) != step:
+            raise ValueError(f"metrics.csv ends at step {rows[-1]['step']}, the checkpoint is at step {step}")
+    except Exception as e:  # noqa: BLE001 (safetensors, JSON, CSV and OS errors alike: the file is unusable)
+        raise ConfigError(f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {str(e)[:200]}); {recover}") from e
+    if max_step is not None and step > max_step:
+        raise ConfigError(f"checkpoint {ckpt} is at step {step}, beyond this run's --steps {max_step}; give --steps {step} "
+                          f"or more to extend it, or {recover}")
     params = _named_trainable(model)
     if set(saved) != set(params):
         raise ConfigError(f"checkpoint {ckpt} does not match this model's trainable parameters; use a new --output")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
-    if not (ckpt / "optimizer.json").is_file() or not (ckpt / "rng.json").is_file():
-        raise ConfigError(f"checkpoint {ckpt} was written by an older palp (pickled optimizer/RNG state, which palp no longer "
-                          f"loads: a pickle can run code); resume it with that palp version, or train into a new --output")
-    optimizer.load_state_dict(_optimizer_state(*_load_split(ckpt / "optimizer")))
-    _set_rng_state(*_load_split(ckpt / "rng"))
+    shapes = [n for n, p in params.items() if saved[n].shape != p.shape or not saved[n].is_floating_point()]
+    if shapes:
+        raise ConfigError(f"checkpoint {ckpt}: tensor {shapes[0]} has shape {tuple(saved[shapes[0]].shape)}, this run's "
+                          f"has {tuple(params[shapes[0]].shape)}; {recover}")
+    try:
+        state = _optimizer_state(*optimizer_parts)
+        _check_optimizer_state(state, optimizer)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+        optimizer.load_state_dict(state)
+        _set_rng_state(*rng_parts)
+    except Exception as e:  # noqa: BLE001 (a crafted optimizer or RNG state that torch refuses)
+        raise ConfigError(f"checkpoint {ckpt} holds an optimizer or RNG state this run cannot take ({type(e).__name__}: "
+                          f"{str(e)[:200]}); {recover}") from e
+    return step, rows
+
+
+def _check_optimizer_state(state: dict, optimizer) -> None:
+    """ValueError unless ``state`` has this optimizer's shape: its groups with the same keys and
+    value types, and per parameter tensors of the parameter's shape (``step``: one number).
+    torch's ``load_state_dict`` checks neither, and a crafted state would fail only at the
+    first update, after a whole forward and backward."""
+    own = optimizer.state_dict()
+    if len(state["param_groups"]) != len(own["param_groups"]):
+        raise ValueError(f"{len(state['param_groups'])} parameter groups, this run's optimizer has {len(own['param_groups'])}")
+    for theirs, ours in zip(state["param_groups"], own["param_groups"]):
+        if set(theirs) != set(ours):
+            raise ValueError(f"parameter group keys {sorted(theirs)}, this run's optimizer has {sorted(ours)}")
+        for key, value in ours.items():
+            kinds = (int, float) if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value)
+            got = theirs[key]
+            if not isinstance(got, kinds) or (isinstance(value, (tuple, list)) and
+                                              (len(got) != len(value) or not all(isinstance(v, (int, float)) for v in got))):
+                raise ValueError(f"parameter group setting {key} is {got!r}")
+    shapes = {i: p.shape for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    for index, entries in state["state"].items():
+        if index not in shapes:
+            raise ValueError(f"state for parameter {index}, which this run's optimizer does not have")
+        for name, value in entries.items():
+            want = () if name == "step" else shapes[index]
+            if not isinstance(value, torch.Tensor) or (value.numel() != 1 if name == "step" else value.shape != want):
+                raise ValueError(f"optimizer state {name} of parameter {index} has the wrong shape")
+
+
+def _read_step(ckpt: Path) -> int:
+    """The step a checkpoint's state.json records, which must be its folder's."""
     step = json.loads((ckpt / "state.json").read_text())["step"]
-    return step, read_metrics_csv(ckpt / "metrics.csv")
+    if not isinstance(step, int) or isinstance(step, bool) or step != int(ckpt.name.split("-")[1]):
+        raise ValueError(f"state.json says step {step!r}, the folder is {ckpt.name}")
+    return step
 
 
 def _save_split(stem: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:

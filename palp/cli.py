@@ -378,9 +378,21 @@ def main(argv: list[str] | None = None, *, raise_errors: bool = False, commands=
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if raise_errors:
         return args.func(args)
+    from palp.preemption import Preempted
+
     try:
         return args.func(args)
-    except user_errors() + tuple(errors) as e:
+    except Preempted as e:  # SIGTERM/SIGINT honoured: what was kept, and 128 + the signal (retryable)
+        print(f"{e}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:
+        from palp import storage
+
+        if storage.is_disk_full(e) and not isinstance(e, storage.DiskFullError):  # a write no step wrapped
+            e = storage.disk_full_error(e, getattr(args, "output", None) or ".",
+                                        kept="what was written before is kept, and a rerun continues from it")
+        elif not isinstance(e, user_errors() + tuple(errors)):
+            raise
         command = " ".join(filter(None, [args.command, getattr(args, "study_command", None), getattr(args, "pipeline_command", None),
                                           getattr(args, "image_command", None)]))
         print(f"palp {command}: error: {e}", file=sys.stderr)

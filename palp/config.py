@@ -92,7 +92,8 @@ class SampleSettings:
     steps: int = flag(50, help="denoising steps")
     scheduler: str = flag("ddim")  # its choices: palp.sample.SCHEDULERS
     guidance: float = flag(7.5)
-    batch_size: int = flag(8)
+    batch_size: int = flag(8, help="the most images per batch; a batch that runs out of device memory is made in halves "
+                                    "and the size that fits is kept for the rest (each image within one 8-bit level of any batch size's)")
     checkpoints: str = flag("final", choices=("all", "final"), help="all: every saved snapshot too")
 
 
@@ -117,7 +118,7 @@ class StudySettings:
 
 # The sections of `palp train --help`, in order; each flag's field names its own.
 SUBJECT, METHOD, OPTIMISATION, SPEED, CHECKPOINTS, WATCHING = TRAIN_SECTIONS = (
-    "subject and prompts (or --prepared)", "method (../shared/PALP.md)", "optimisation",
+    "subject and prompts (or --prepared)", "method (docs/method.md)", "optimisation",
     "speed and memory (none changes what a step computes)", "checkpoints",
     "validation samples and tracking (neither changes what a step computes)")
 
@@ -139,11 +140,11 @@ class TrainConfig:
                                       help="smallest accepted image side (default: half the model resolution)")
     method: str = flag("palp", section=METHOD, choices=METHODS,
                        help="palp: Eq. 1 + the prompt-aligned score (Eq. 6/7); sds, nfsd: other scores; ti-db: Eq. 1 alone")
-    noise: str = flag("same", section=METHOD, choices=("same", "iid"), help="eps' of the re-noised estimate")  # PALP.md step 3
+    noise: str = flag("same", section=METHOD, choices=("same", "iid"), help="eps' of the re-noised estimate")  # docs/method.md, step 3
     align_timestep: str = flag("resample", section=METHOD, choices=("resample", "same"),
                                help="t' of the alignment term: drawn from [--align-t-min, --align-t-max] or = t")
     rescale: bool = flag(True, section=METHOD,
-                          help="multiply the alignment term by sqrt(a_t)/sqrt(1-a_t) (PALP.md step 5)")
+                          help="multiply the alignment term by sqrt(a_t)/sqrt(1-a_t) (docs/method.md, step 5)")
     alpha: float = flag(15.0, section=METHOD, help="CFG scale, pretrained clean branch")
     beta: float = flag(7.5, section=METHOD, help="CFG scale, personalized branch")
     lam: float = flag(1.0, section=METHOD, name="--lambda", help="weight of the alignment term")
@@ -156,8 +157,11 @@ class TrainConfig:
     steps: int = flag(500, section=OPTIMISATION, help="optimizer steps")
     lr: float = flag(5e-5, section=OPTIMISATION, help="AdamW learning rate")
     batch_size: int = flag(32, section=OPTIMISATION, help="global batch")  # micro_batch_size x accumulation x processes
-    micro_batch_size: int | None = flag(None, section=OPTIMISATION,
-                                        help="per-process batch per forward (default: all of it)")
+    micro_batch_size: int | None = flag(None, section=OPTIMISATION, auto=True,
+                                        help="per-process batch per forward; auto (the default): the largest divisor "
+                                             "of the per-process batch whose step fits the device's free memory, found "
+                                             "by a probe before the first step, recorded and kept on --resume; the "
+                                             "global batch is kept by accumulation")
     lora_rank: int = flag(32, section=OPTIMISATION, help="LoRA rank")
     lora_alpha: float | None = flag(None, section=OPTIMISATION, help="default: = rank")
     lora_targets: str = flag("attention", section=OPTIMISATION, choices=LORA_TARGET_SETS,
@@ -275,12 +279,13 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def accumulation(self, num_processes: int) -> tuple[int, int]:
-        """(micro-batch, accumulation steps) with micro x accumulation x processes = batch."""
+    def accumulation(self, num_processes: int, micro: int | None = None) -> tuple[int, int]:
+        """(micro-batch, accumulation steps) with micro x accumulation x processes = batch;
+        ``micro``: the one found for --micro-batch-size auto (default: the whole per-process batch)."""
         per_process, rest = divmod(self.batch_size, num_processes)
         if rest or not per_process:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by the {num_processes} processes")
-        micro = self.micro_batch_size or per_process
+        micro = self.micro_batch_size or micro or per_process
         if per_process % micro:
             raise ConfigError(
                 f"--batch-size {self.batch_size} over {num_processes} process(es) is {per_process} per process, "

@@ -29,6 +29,19 @@ def finite_float(value: str) -> float:
     return x
 
 
+def int_or_auto(value: str) -> int | None:
+    """A whole number >= 1, or ``auto`` (None: the program finds the value)."""
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"use a whole number or auto, not {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"use a whole number >= 1 or auto, not {value!r}")
+    return n
+
+
 def on_off(value: str) -> bool:
     if value not in ("on", "off"):
         raise argparse.ArgumentTypeError("use on or off")
@@ -54,13 +67,14 @@ class Flag:
     name: str = ""  # default: --field-name
     choices: tuple = ()
     metavar: str | None = None
+    auto: bool = False  # an ``int | None`` field whose None is spelled ``auto`` on the command line
 
 
 def flag(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, help: str | None = None, section: str = "",
-         name: str = "", choices=(), metavar: str | None = None):
+         name: str = "", choices=(), metavar: str | None = None, auto: bool = False):
     """A dataclass field that is also a command-line flag (no default: a required flag)."""
     return dataclasses.field(default=default, default_factory=factory,
-                             metadata={FLAG: Flag(help, section, name, tuple(choices), metavar)})
+                             metadata={FLAG: Flag(help, section, name, tuple(choices), metavar, auto)})
 
 
 _PARSERS = {int: int, float: finite_float, bool: on_off, list[int]: steps_list, str: None, list[str]: None}
@@ -85,7 +99,8 @@ def arguments(cls, **choices) -> list[tuple[str, str, dict]]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in flag_fields(cls):
-        spec, parse = f.metadata[FLAG], _parser(hints[f.name])
+        spec = f.metadata[FLAG]
+        parse = int_or_auto if spec.auto else _parser(hints[f.name])
         kw = {"dest": f.name, "help": spec.help, **({"action": "append"} if hints[f.name] in _REPEATED else {})}
         if f.default_factory is not dataclasses.MISSING:
             kw["default"] = f.default_factory()
@@ -94,7 +109,7 @@ def arguments(cls, **choices) -> list[tuple[str, str, dict]]:
         else:
             kw["required"] = True
         kw.update({k: v for k, v in (("type", parse), ("choices", spec.choices or choices.get(f.name)),
-                                     ("metavar", spec.metavar or ("on|off" if parse is on_off else None))) if v})
+                                     ("metavar", spec.metavar or {on_off: "on|off", int_or_auto: "N|auto"}.get(parse))) if v})
         out.append((spec.section, spec.name or "--" + f.name.replace("_", "-"), kw))
     return out
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from palp import storage
 
 LOCK_FILE = ".palp.lock"
+RELEASE_TIMEOUT_S = 5.0  # per request when releasing a gs:// lock on the way out
 log = logging.getLogger(__name__)
 
 
@@ -125,15 +126,16 @@ class _Lease:
         self.output, self.bucket, self.name = output, storage.gcs_client().bucket(bucket), prefix
         self.me, self.lease = _holder(what), lease_seconds()
 
-    def read(self) -> tuple[dict, int] | None:
-        """(holder, generation) as they are now, or None if there is no lock object."""
+    def read(self, **quick) -> tuple[dict, int] | None:
+        """(holder, generation) as they are now, or None if there is no lock object. ``quick``:
+        the client's ``timeout``/``retry`` for each request (default: the client's own)."""
         from google.api_core.exceptions import NotFound
 
-        blob = self.bucket.get_blob(self.name)  # fresh metadata: a reused Blob would pin an old generation
+        blob = self.bucket.get_blob(self.name, **quick)  # fresh metadata: a reused Blob would pin an old generation
         if blob is None:
             return None
         try:
-            data = blob.download_as_bytes()
+            data = blob.download_as_bytes(**quick)
         except NotFound:  # replaced or deleted since
             return None
         try:
@@ -207,9 +209,13 @@ class _Lease:
                 log.warning("%s: could not renew the lock (%s)", self.output, e)
 
     def release(self) -> None:
-        found = self.read()
+        """Delete our lock object, trying once with a short timeout: in a storage outage (often
+        why the run is stopping) the lease expires by itself, and a retried step waits for
+        that, rather than this exit waiting out the client's two-minute retries first."""
+        quick = {"timeout": RELEASE_TIMEOUT_S, "retry": None}
+        found = self.read(**quick)
         if self.ours(found):  # an expired lease someone took over is theirs now
-            self.bucket.blob(self.name).delete(if_generation_match=found[1] or None)
+            self.bucket.blob(self.name).delete(if_generation_match=found[1] or None, **quick)
 
 
 @contextlib.contextmanager
@@ -228,7 +234,7 @@ def _gcs_lock(output: str, what: str, *, wait: bool):
         yield held
     finally:
         stop.set()
-        thread.join()
+        thread.join(RELEASE_TIMEOUT_S)  # a renewal caught in an outage's retries is not waited for
         try:
             lease.release()
         except Exception as e:  # it expires by itself

@@ -29,7 +29,7 @@ from palp import __version__, storage
 from palp.config import DEFAULT_BASE_MODEL, ScoreSettings, Subject, TrainConfig
 from palp.data import ImageRejected, center_square, decode_rgb
 from palp.elements import elements_of
-from palp.names import check_name
+from palp.names import check_distinct, check_name
 from palp.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, CheckedPrompt, PromptError, placeholder_token,
                           placeholders_in)
 
@@ -95,17 +95,48 @@ def png_bytes(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def subject_entries(source: str) -> tuple[list[str], list[dict]]:
+    """The files of a subject's folder to read, and a rejected fate for each entry that is not
+    read: a folder inside it (even one named like a photo) and a symbolic link that leads out of
+    it (a link to another file of the folder is read). A gs:// prefix has neither."""
+    names = storage.list_files(source)
+    if storage.is_gcs(source):
+        return names, []
+    root = Path(source).resolve()
+    keep, refused = [], []
+    for entry in sorted(Path(source).iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            try:
+                target = entry.resolve()
+            except (RuntimeError, OSError):  # a loop of links
+                refused.append({"file": entry.name, "status": "rejected", "reason": "a loop of symbolic links"})
+                continue
+            if not storage.is_under(target, root) or target == root:
+                refused.append({"file": entry.name, "status": "rejected",
+                                "reason": f"a link to {target}, outside the subject folder; copy the photo into the folder"})
+                continue
+        if entry.is_dir():
+            refused.append({"file": entry.name, "status": "rejected", "reason": "a folder, not a photo (folders are not read)"})
+        elif entry.name in names:
+            keep.append(entry.name)
+        else:
+            refused.append({"file": entry.name, "status": "rejected", "reason": "not a regular file (a broken link, a pipe...)"})
+    return keep, refused
+
+
 def prepare_subject_images(spec: SubjectSpec, *, resolution: int, min_size: int, near_duplicate: int,
                            staging: Path, bar) -> tuple[list[dict], list[Image.Image]]:
     """Every file's fate, and the accepted images (original orientation, RGB) for classification."""
     try:
-        names = storage.list_files(spec.source)
+        names, fates = subject_entries(spec.source)
     except storage.StorageError as e:
         raise PrepareError(f"subject {spec.name}: {e}") from e
     if not names:
-        raise PrepareError(f"subject {spec.name}: {spec.source} holds no files; put 1-5 photos of the subject there")
+        raise PrepareError(f"subject {spec.name}: {spec.source} holds no photos; put 1-5 photos of the subject there")
     bar.total = (bar.total or 0) + len(names)
-    fates, accepted, seen_sha, seen_hash = [], [], {}, []
+    accepted, seen_sha, seen_hash = [], {}, []
     for name in names:
         data = storage.read_bytes(storage.join(spec.source, name))
         sha = hashlib.sha256(data).hexdigest()
@@ -187,14 +218,17 @@ def model_resolution(pretrained_model: str) -> int:
 
 
 def check_truth(s: SubjectSpec) -> None:
-    """A subject's truth is a small JSON object of names to names (what it holds is checked by
-    whoever reads it: the toy world's judge)."""
+    """A subject's truth is what the toy world's judge reads: its class and identity attributes."""
     if s.truth is None:
         return
-    ok = isinstance(s.truth, dict) and len(s.truth) <= 64 and all(isinstance(k, str) for k in s.truth)
-    if not ok or len(json.dumps(s.truth)) > 10_000:
-        raise PrepareError(f"truth of subject {s.name} must be a small mapping of attribute names to values "
-                           f"(a toy-world subject file's content), got {str(s.truth)[:80]!r}")
+    from palp.toyworld.judge import truth_identity  # the only reader of a truth today: the toy world's judge
+
+    try:
+        if len(json.dumps(s.truth)) > 10_000:
+            raise ValueError("it is larger than a subject's attributes can be")
+        truth_identity(s.truth)
+    except (TypeError, ValueError) as e:
+        raise PrepareError(f"truth of subject {s.name}: {e} (give a toy-world subject file, examples/toyworld/NAME.json)") from e
 
 
 def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str, *,
@@ -211,6 +245,7 @@ def prepare(subjects: list[SubjectSpec], prompts: list[PromptSpec], output: str,
         raise PrepareError("give at least one --subject NAME=DIR_OR_GS_URI")
     storage.check_folder_output(output)
     by_name = {}
+    check_distinct([s.name for s in subjects], "subject name", PrepareError)
     for s in subjects:
         check_name(s.name, "subject name", PrepareError)
         if s.name in by_name:

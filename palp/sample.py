@@ -22,9 +22,11 @@ texts), ``prompts.json`` (the same texts per task, for people to read). That boo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +37,8 @@ from tqdm.auto import tqdm
 from palp import storage
 from palp.elements import elements_of
 from palp.locks import output_lock
+from palp.memory import is_out_of_memory, release_memory
+from palp.preemption import Preempted, StopRequests
 from palp.export import CONFIG_FILE, EMBEDS_FILE, LORA_FILE
 from palp.config import SampleSettings as _S
 from palp.config import method_label
@@ -201,7 +205,8 @@ def texts_to_sample(config: dict, *, prompts: list[str] | None, tasks: list[str]
         return out
     out = []
     for p in dict.fromkeys(prompts or [config["target_prompt"]]):
-        prompt = CheckedPrompt(p, words)
+        prompt = CheckedPrompt(p, words, what="--prompts entry")
+        prompt.check_length()  # the limit training applies: a longer prompt would be cut silently
         explicit = p == config["target_prompt"]
         out.append({"task": own, "prompt": p, "clean_prompt": config["clean_prompt"] if explicit else prompt.clean,
                     "elements": (config.get("elements") if explicit else None) or elements_of(prompt)})
@@ -257,7 +262,10 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
     jobs = make_jobs(texts, weights, num_samples=num_samples, seed=seed, key=key, run_tag=run_tag, subject=subject,
                      method=method, model=model)
     # One writer per output (locks.py); the table merge below reads and rewrites samples.csv.
-    with output_lock(output, "palp sample", wait=True) as held:
+    # SIGTERM/SIGINT stops at once: the images already written are whole files (each written
+    # atomically) and are kept, the lock is released, and a rerun makes only the rest.
+    with StopRequests("palp sample", immediate=True), output_lock(output, "palp sample", wait=True) as held, \
+            _kept_on_stop(output, [j["file"] for j in jobs]):
         done = finished(output)
         todo = unfinished_batches(jobs, weights, batch_size, done)
         remaining = sum(len(b) for b in todo)
@@ -275,6 +283,17 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
         held.check()
         merge_tables(output, rows, texts_by_task(texts))
         return rows
+
+
+@contextlib.contextmanager
+def _kept_on_stop(output: str, files: list[str]):
+    """A stop request's Preempted, its message saying how many of this call's images are kept."""
+    try:
+        yield
+    except Preempted as e:
+        kept = len(set(files) & finished(output))
+        raise Preempted(e.signum, f"{e}: {kept} of {len(files)} images are written in {output} and kept; rerun the "
+                                  f"same command to make the rest") from None
 
 
 def _run_names(config: dict, texts: list[dict], *, model: str, reference: bool) -> tuple[str, str, str]:
@@ -322,32 +341,58 @@ def _load_pipeline(config: dict, *, scheduler: str, device: torch.device, dtype:
 def _render(pipe, compiled, todo: list[list[dict]], *, output: str, reference: bool, sampler: str, steps: int,
             guidance: float, batch_size: int, dtype: torch.dtype, on_batch) -> None:
     """Make and write every batch of ``todo``, swapping in each batch's weights; PNG encoding
-    and writing (slow on gs://) run beside the device's work on the next batch."""
+    and writing (slow on gs://) run beside the device's work on the next batch.
+
+    A batch that runs out of device memory is made in halves, and the size that fits is used
+    from then on (said once on stderr): ``--batch-size`` is the most a batch holds. Each image's
+    noise comes from its own seed, so the images are those of a run given that size."""
     latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    loaded, writes = None, []
+    loaded, writes, size = None, [], batch_size
+
+    def make(part: list[dict]) -> np.ndarray:
+        text = [to_token_prompt(j["clean_prompt"] if reference else j["prompt"]) for j in part]
+        latents = initial_latents([j["seed"] for j in part], latent_shape)
+        if sampler == "stock":
+            images = pipe(text, num_inference_steps=steps, guidance_scale=guidance,
+                          latents=latents.to(pipe.unet.device, dtype), output_type="np").images
+            return (images * 255).round().astype(np.uint8)  # as the pipeline's own PIL output
+        pad = size - len(part) if compiled.active else 0  # compiled: one batch shape for every batch
+        rows = (text + text[-1:] * pad, torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)]))
+        return compiled.call(lambda: generate(pipe, *rows, steps=steps, guidance=guidance)[: len(part)], doing="sampling")
+
+    def fitting(part: list[dict]) -> np.ndarray:
+        nonlocal size
+        try:
+            return make(part)
+        except Exception as e:  # noqa: BLE001 (only out-of-memory is caught; anything else is raised again)
+            if not is_out_of_memory(e):
+                raise
+        release_memory(pipe.unet.device)
+        if len(part) == 1:
+            raise SampleError(f"one image does not fit in the memory of {pipe.unet.device}; use a device with more "
+                              f"memory or --precision fp16/bf16") from None
+        size = (len(part) + 1) // 2
+        print(f"palp sample: a batch of {len(part)} ran out of memory on {pipe.unet.device}; batches of {size} from now "
+              f"on", file=sys.stderr)
+        return np.concatenate([fitting(part[:size]), fitting(part[size:])])
+
     with ThreadPoolExecutor(max_workers=4) as writer:
-        for batch in todo:
-            w = batch[0]["_weights"]
+        for whole in todo:
+            w = whole[0]["_weights"]
             if w is not loaded and w.folder is not None:
                 load_weights(pipe, w.folder)
             loaded = w
-            text = [to_token_prompt(j["clean_prompt"] if reference else j["prompt"]) for j in batch]
-            latents = initial_latents([j["seed"] for j in batch], latent_shape)
-            if sampler == "stock":
-                images = pipe(text, num_inference_steps=steps, guidance_scale=guidance,
-                              latents=latents.to(pipe.unet.device, dtype), output_type="np").images
-                images = (images * 255).round().astype(np.uint8)  # as the pipeline's own PIL output
-            else:
-                pad = batch_size - len(batch) if compiled.active else 0  # compiled: one batch shape for every batch
-                rows = (text + text[-1:] * pad, torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)]))
-                images = compiled.call(lambda: generate(pipe, *rows, steps=steps, guidance=guidance)[: len(batch)],
-                                       doing="sampling")
-            compiled.save_once()
-            for j, im in zip(batch, images):
-                writes.append(writer.submit(write_png, storage.join(output, j["file"]), im))
-            for f in [f for f in writes if f.done()]:
-                f.result()  # a failed write stops the run
-            on_batch(batch)
+            done = 0
+            while done < len(whole):
+                batch = whole[done : done + size]  # the size that fits so far
+                images = fitting(batch)
+                compiled.save_once()
+                for j, im in zip(batch, images):
+                    writes.append(writer.submit(write_png, storage.join(output, j["file"]), im))
+                for f in [f for f in writes if f.done()]:
+                    f.result()  # a failed write stops the run
+                on_batch(batch)
+                done += len(batch)
         for f in writes:
             f.result()
 

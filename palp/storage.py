@@ -26,6 +26,34 @@ from palp.gcs import (GS, StorageError, gcs_client, is_gcs, object_generations, 
 log = logging.getLogger(__name__)
 
 
+class DiskFullError(StorageError):
+    """A write ran out of space; the message names where, and what was kept."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An OSError ENOSPC/EDQUOT, or a safetensors error that wraps one (it reports I/O errors
+    as text)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return type(e).__name__ == "SafetensorError" and ("No space left" in str(e) or "Disk quota" in str(e))
+
+
+def disk_full_error(e: BaseException, where: str | os.PathLike, *, needed: int | None = None, kept: str = "") -> DiskFullError:
+    """The one-line error for a full disk while writing ``where``."""
+    import shutil as _shutil
+
+    try:
+        free = _shutil.disk_usage(Path(where).parent if not Path(where).exists() else where).free
+        space = f" ({free / 2**20:.1f} MB free"
+        space += f", about {needed / 2**20:.1f} MB needed)" if needed else ")"
+    except OSError:
+        space = f" (about {needed / 2**20:.1f} MB needed)" if needed else ""
+    return DiskFullError(f"no space left on the device while writing {getattr(e, 'filename', None) or where}{space}; "
+                         f"free some space or choose another output{'; ' + kept if kept else ''}")
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """Join path parts onto a local path or a gs:// URI."""
     if is_gcs(base):

@@ -21,7 +21,7 @@ import torch
 
 TINY_NAME = "tiny"
 # Bump when the architecture or seed below changes: cached copies are keyed by it.
-TINY_VERSION = "1"
+TINY_VERSION = "2"  # 2: the tokenizer config no longer records HF_HUB_OFFLINE (local_files_only)
 TINY_RESOLUTION = 64
 TINY_SEED = 0
 
@@ -165,8 +165,17 @@ def save_tiny_model(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
     """Build the tiny model and write it atomically to ``out_dir`` in the diffusers layout."""
     from palp.storage import atomic_directory
 
+    import json
+
     with atomic_directory(out_dir) as tmp:
         build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        # transformers records how the tokenizer was loaded (local_files_only follows
+        # HF_HUB_OFFLINE): that would make the model's files, and so its pin, depend on the
+        # environment it was built in, and a run trained offline be refused when sampled online.
+        config = tmp / "tokenizer" / "tokenizer_config.json"
+        settings = json.loads(config.read_text())
+        settings.pop("local_files_only", None)
+        config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
 
 

@@ -1,6 +1,6 @@
 """PALP training: one step (``step_losses``; its inputs in palp/step_inputs.py) and a short loop (``train``).
 
-A step, per ../shared/PALP.md: the personalization loss on the subject's images (Eq. 1) and,
+A step, per docs/method.md: the personalization loss on the subject's images (Eq. 1) and,
 for ``palp``/``sds``/``nfsd``, a score-sampling term on the re-noised clean estimate (Eq. 6)
 that flows into the parameters through the same graph (Eq. 7): one backward per step.
 """
@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +22,15 @@ from tqdm.auto import tqdm
 
 from palp import __version__, checkpoints, fast, guidance, tracking
 from palp.checkpoints import RunOutput
-from palp.config import TrainConfig, method_label
+from palp.config import ConfigError, TrainConfig, method_label
 from palp.data import load_subject_images
 from palp.fast import row_flags
 from palp.locks import Held, output_lock
+from palp.memory import is_out_of_memory, release_memory
 from palp.export import LORA_FILE, REPORT_FILE
 from palp.models import load_base_model, portable_reference
 from palp.personalize import PersonalizedModel
+from palp.preemption import Preempted, StopRequests
 from palp.precision import weight_dtype
 from palp.prompts import placeholder_token, to_token_prompt
 from palp.reproducible import reproducible, resolve_threads
@@ -161,17 +165,10 @@ def train_step(ctx: StepContext, cfg: TrainConfig, full: Draws, *, micro: int) -
     micro-batch: the measurements are read together, after the backward has been queued.
     """
     acc, accum = ctx.accelerator, len(full.t) // micro
-    device = ctx.mean.device
     sums: dict[str, float] = {}
     for i in range(accum):
         with acc.accumulate(ctx.wrapped):
-            d = Draws(*(None if x is None else x[i * micro : (i + 1) * micro].to(device, non_blocking=True)
-                        for x in dataclasses.astuple(full)))
-            z0 = (ctx.mean[d.index] + ctx.std[d.index] * d.latent_noise).to(ctx.dtype)  # (B, 4, h, w)
-            d.noise, d.noise_align = d.noise.to(ctx.dtype), d.noise_align.to(ctx.dtype)
-            with acc.autocast():
-                loss, m = step_losses(ctx.wrapped, z0=z0, input_ids=ctx.image_ids[d.index], draws=d, cond=ctx.cond,
-                                      alphas_cumprod=ctx.alphas_cumprod, cfg=cfg, pretrained=ctx.model)
+            loss, m = _micro_batch_loss(ctx, cfg, full, i * micro, micro, ctx.wrapped)
             acc.backward(loss)
             norm = acc.clip_grad_norm_(ctx.trainable, cfg.max_grad_norm or math.inf) if acc.sync_gradients else None
             values = torch.stack([loss.detach().float(), *(v.float() for v in m.values())]
@@ -189,6 +186,63 @@ def train_step(ctx: StepContext, cfg: TrainConfig, full: Draws, *, micro: int) -
     return sums
 
 
+def _micro_batch_loss(ctx: StepContext, cfg: TrainConfig, full: Draws, start: int, size: int, module):
+    """(loss, measurements) of rows [start, start + size) of the per-process draws ``full``,
+    the gradient branch run through ``module`` (the wrapped model, or the bare one to probe)."""
+    device = ctx.mean.device
+    d = Draws(*(None if x is None else x[start : start + size].to(device, non_blocking=True) for x in dataclasses.astuple(full)))
+    z0 = (ctx.mean[d.index] + ctx.std[d.index] * d.latent_noise).to(ctx.dtype)  # (B, 4, h, w)
+    d.noise, d.noise_align = d.noise.to(ctx.dtype), d.noise_align.to(ctx.dtype)
+    with ctx.accelerator.autocast():
+        return step_losses(module, z0=z0, input_ids=ctx.image_ids[d.index], draws=d, cond=ctx.cond,
+                           alphas_cumprod=ctx.alphas_cumprod, cfg=cfg, pretrained=ctx.model)
+
+
+def fit_micro_batch(ctx: StepContext, cfg: TrainConfig, full: Draws, compiled=None) -> tuple[int, list[int]]:
+    """The largest divisor m of the per-process batch whose forward and backward (the step's
+    whole graph, guidance branches included) fit in the device's memory, tried from the whole
+    batch down on the first step's draws; and the sizes that ran out of memory.
+
+    The probe changes nothing a run computes: it draws from the global generators only inside
+    ``fork_rng``, its gradients are dropped, and the optimizer does not step. Every process
+    probes the same sizes in step, and a size counts as fitting only where it fits on all. With
+    --align-fraction every probed row takes the alignment term (the most a micro-batch can
+    need); with torch.compile, a compile failure falls back to eager as in training
+    (``compiled``: the run's CompiledUNet)."""
+    if full.align_weight is not None:
+        full = dataclasses.replace(full, align_weight=torch.ones_like(full.align_weight))
+    per_process = len(full.t)
+    acc = ctx.accelerator
+    failed = []
+    for m in sorted((d for d in range(1, per_process + 1) if per_process % d == 0), reverse=True):
+        oom = False
+        try:
+            def probe(m=m):
+                with torch.random.fork_rng(devices=[ctx.mean.device] if ctx.mean.device.type == "cuda" else []):
+                    loss, _ = _micro_batch_loss(ctx, cfg, full, 0, m, ctx.model)  # unwrapped: no gradient all-reduce
+                    loss.backward()
+
+            if compiled is not None:
+                compiled.call(probe, before_retry=lambda: ctx.optimizer.zero_grad(set_to_none=True), doing="probing")
+            else:
+                probe()
+        except Exception as e:  # noqa: BLE001 (only out-of-memory is caught; anything else is raised again)
+            if not is_out_of_memory(e):
+                raise
+            oom = True
+        finally:
+            ctx.optimizer.zero_grad(set_to_none=True)
+            release_memory(ctx.mean.device)
+        if acc.num_processes > 1:
+            oom = bool(acc.reduce(torch.tensor([float(oom)], device=ctx.mean.device), reduction="sum").item() > 0)
+        if not oom:
+            return m, failed
+        failed.append(m)
+    raise TrainingError(f"one training image's step does not fit in the memory of {ctx.mean.device} even at "
+                        f"--micro-batch-size 1; use a device with more memory, --mixed-precision bf16, "
+                        f"--gradient-checkpointing on, or a smaller model")
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Fine-tune LoRA + [V] tokens with the configured method; write a loadable result."""
     # A gs:// output trains in a local working folder mirrored to the bucket: checkpoints are
@@ -199,7 +253,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     from accelerate import PartialState
 
     state = PartialState()
-    with output_lock(cfg.output, "palp train", wait=resume) if state.is_main_process else contextlib.nullcontext(Held(cfg.output)) as held:
+    # SIGTERM/SIGINT (preemption): the step being taken is finished and checkpointed, then
+    # Preempted is raised, and the lock is released on the way out (palp/preemption.py).
+    with StopRequests("palp train") as stops, \
+            output_lock(cfg.output, "palp train", wait=resume) if state.is_main_process else contextlib.nullcontext(Held(cfg.output)) as held:
         if state.is_main_process:
             RunOutput.open(cfg.output, resume=resume, main=True)
         state.wait_for_everyone()
@@ -209,7 +266,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         threads = resolve_threads(cfg.threads, checkpoints.recorded_setting(out.local, "num_threads") if resume else None)
         with reproducible(deterministic=cfg.deterministic, threads=threads):
             run = _setup(cfg, out.local, resume=resume, threads=threads)
-            _loop(run, cfg, out, held, progress=progress)
+            _loop(run, cfg, out, held, stops, progress=progress)
             run.accelerator.end_training()  # the trackers' files closed
             if run.accelerator.is_main_process:
                 held.check()
@@ -247,7 +304,14 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
 
     base = load_base_model(cfg.pretrained_model)
     images = [load_subject_images(s.placeholder, s.images, resolution=base.resolution, min_size=cfg.min_image_size) for s in cfg.subjects]
-    micro, accum = cfg.accumulation(PartialState().num_processes)
+    # --micro-batch-size auto: a resumed run keeps the size its checkpoints were made with (a
+    # resume stays bit-identical); a new one probes once its model is on the device (below).
+    recorded = checkpoints.recorded_setting(out, "micro_batch_size") if resume and cfg.micro_batch_size is None else None
+    if recorded is not None and (not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 1):
+        raise ConfigError(f"{out / checkpoints.DIR / 'config.json'} records micro_batch_size {recorded!r}, not a size; "
+                          f"give --micro-batch-size N, or train into a new --output")
+    micro, accum = cfg.accumulation(PartialState().num_processes, recorded)
+    probe = cfg.micro_batch_size is None and recorded is None
     # accelerate keeps its settings in process-wide singletons; one process may train several
     # times (a local pipeline, a notebook) with other precisions or accumulation.
     AcceleratorState._reset_state()
@@ -267,11 +331,22 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
     ctx = make_context(model, accelerator, cfg, mean=mean, std=std, image_ids=image_ids.to(device),
                        cond=encode_fixed_prompts(model, base.tokenizer, cfg, device),
                        alphas_cumprod=base.noise_scheduler.alphas_cumprod.to(device), dtype=dtype)
+    if probe:
+        first = draw(step_generator(cfg.seed, 1, accelerator.process_index), cfg, n_images=len(mean), batch=micro * accum,
+                     latent_shape=mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
+        micro, failed = fit_micro_batch(ctx, cfg, first, compiled)
+        micro, accum = cfg.accumulation(accelerator.num_processes, micro)
+        accelerator.gradient_accumulation_steps = accum
+        if accelerator.is_main_process:  # said once, in one line: the run's memory plan
+            tried = f" ({', '.join(map(str, failed))} ran out of memory)" if failed else ""
+            print(f"palp train: --micro-batch-size auto: {micro} of {micro * accum} per process fits on {device}{tried}; "
+                  f"{accum} accumulation step(s)", file=sys.stderr)
     config = {
         **cfg.to_dict(), "palp_version": __version__, "pretrained_model": portable_reference(cfg.pretrained_model),
         "base_model_pin": base.pin, "resolution": base.resolution,
         "placeholder_tokens": dict(zip(token_ids, tokens)), "class_words": cfg.class_words,
-        "micro_batch_size": micro, "gradient_accumulation_steps": accum, "num_processes": accelerator.num_processes,
+        "micro_batch_size": micro, "micro_batch_auto": cfg.micro_batch_size is None,
+        "gradient_accumulation_steps": accum, "num_processes": accelerator.num_processes,
         "num_threads": threads, "report_to": report_to,
         "training_images": {im.placeholder: [str(p) for p in im.paths] for im in images},
     }
@@ -279,7 +354,7 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
     if accelerator.is_main_process:
         checkpoints.record_config(out, config, resume=resume)
     if resume:
-        start, rows = checkpoints.load_latest(out, model, ctx.optimizer)
+        start, rows = checkpoints.load_latest(out, model, ctx.optimizer, max_step=cfg.steps)
         for group in ctx.optimizer.param_groups:  # the optimizer state carries the old lr
             group["lr"] = cfg.lr
     validator = _validator(cfg, model, base, ctx, accelerator) if cfg.validation_every else None
@@ -299,8 +374,9 @@ def _validator(cfg: TrainConfig, model: PersonalizedModel, base, ctx: StepContex
                      autocast=accelerator.autocast)
 
 
-def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, *, progress: bool) -> None:
-    """Take the run's remaining steps, with its snapshots and checkpoints; appends to run.rows."""
+def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: StopRequests, *, progress: bool) -> None:
+    """Take the run's remaining steps, with its snapshots and checkpoints; appends to run.rows.
+    A stop request (SIGTERM/SIGINT) ends it after the step it arrived in, checkpointed."""
     ctx, accelerator = run.ctx, run.accelerator
     device = accelerator.device
 
@@ -310,6 +386,11 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, *, progress: 
                     batch=run.micro * run.accum, latent_shape=ctx.mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
         return Draws(*(None if x is None else x.pin_memory() for x in dataclasses.astuple(full))) if device.type == "cuda" else full
 
+    if _stop_agreed(accelerator, stops):  # asked while the lock was waited for or the model loaded
+        name = signal.Signals(stops.signum or signal.SIGTERM).name
+        kept = f"the checkpoint of step {run.start} is kept" if run.start else "nothing was trained yet"
+        raise Preempted(stops.signum or signal.SIGTERM, f"palp train stopped by {name} before its first step ({kept}); "
+                                                        f"rerun with --resume to continue")
     bar = tqdm(range(run.start + 1, cfg.steps + 1), initial=run.start, total=cfg.steps, desc=f"palp train ({cfg.method})",
                disable=not (progress and accelerator.is_local_main_process))
     # The next step's draws are made on the CPU while the device runs this step.
@@ -343,13 +424,28 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, *, progress: 
                         _validate(run, step, out)
                     if step in cfg.save_steps:
                         out.snapshot(step, run.model, run.tokens)
-                    if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                        held.check()  # a lost gs:// lease: stop before writing over the new holder's run
-                        out.checkpoint(step, run.model, ctx.optimizer, run.rows, keep=cfg.checkpoints_total_limit)
-                        out.publish(out.local / tracking.LOG_FOLDER)
+                stop = _stop_agreed(accelerator, stops) and step < cfg.steps
+                if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop):
+                    held.check()  # a lost gs:// lease: stop before writing over the new holder's run
+                    out.checkpoint(step, run.model, ctx.optimizer, run.rows, keep=cfg.checkpoints_total_limit)
+                    out.publish(out.local / tracking.LOG_FOLDER)
                 accelerator.wait_for_everyone()
+                if stop:
+                    where = f" and pushed to {out.remote}" if out.remote else ""
+                    raise Preempted(stops.signum or signal.SIGTERM,
+                                    f"palp train stopped by {signal.Signals(stops.signum or signal.SIGTERM).name} after step "
+                                    f"{step} of {cfg.steps}: checkpoint step-{step:06d} written to {out.local / checkpoints.DIR}"
+                                    f"{where}; rerun with --resume to continue")
     finally:
         ahead.shutdown(cancel_futures=True)
+
+
+def _stop_agreed(accelerator, stops: StopRequests) -> bool:
+    """Whether any process was asked to stop: every process stops after the same step."""
+    if accelerator.num_processes == 1:
+        return stops.requested
+    flag = torch.tensor([1.0 if stops.requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def _validate(run: _Run, step: int, out: RunOutput) -> None:
@@ -372,6 +468,15 @@ def _step(ctx: StepContext, cfg: TrainConfig, full: Draws, micro: int, step: int
         return train_step(ctx, cfg, full, micro=micro)
     except NonFiniteError as e:
         raise TrainingError(_non_finite(step, str(e), out)) from None
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        last = checkpoints.latest_step(out)
+        smaller = max([d for d in range(1, micro) if micro % d == 0] or [1])
+        keep = (f"the checkpoint of step {last} is intact: rerun with --resume --micro-batch-size {smaller}" if last else
+                f"nothing was checkpointed yet: rerun with --micro-batch-size auto or {smaller}")
+        raise TrainingError(f"out of memory at step {step} with micro-batches of {micro} on {ctx.mean.device}; "
+                            f"{keep}") from None
 
 
 def _non_finite(step: int, what: str, out: Path) -> str:

@@ -9,6 +9,7 @@ import yaml
 
 from conftest import REPO
 from palp.safecsv import read_csv
+from palp.tiny import TINY_VERSION
 
 PROMPTS = ["A sketch of [V] in Paris at night", "A watercolour of [V] on the beach at sunset"]
 
@@ -30,7 +31,7 @@ def test_steps_share_nothing_but_artifacts_and_ti_db_trains_once_per_subject(tmp
 
     # Each step built the tiny model in its own cache (gone when the step ended): prepare, every
     # train and every sample.
-    caches = [c for c in (root / STEP_CACHES).iterdir() if (c / "models" / "tiny-sd-v1" / "model_index.json").exists()]
+    caches = [c for c in (root / STEP_CACHES).iterdir() if (c / "models" / f"tiny-sd-v{TINY_VERSION}" / "model_index.json").exists()]
     assert all(c.name.endswith(".ended") for c in caches)
     assert len(caches) == 1 + len(trains) * 2
 

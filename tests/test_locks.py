@@ -100,3 +100,26 @@ def test_a_holder_whose_gcs_lease_was_taken_over_stops_before_writing(gcs_emulat
         with pytest.raises(LockError, match=r"lost the lock of gs://locks/stalled to palp train \(pid 7 on other\)"):
             held.check()
     assert json.loads(bucket.blob(f"stalled/{LOCK_FILE}").download_as_bytes())["token"] == "theirs"  # theirs is kept
+
+
+def test_releasing_a_gcs_lock_in_an_outage_does_not_wait_out_the_retries(monkeypatch):
+    """The storage goes down while the lock is held (the failed push that is ending the run):
+    leaving the block tries the release once, briefly, and returns; the lease expires by itself."""
+    from conftest import free_port, start_emulator
+    from palp import storage
+    from palp.locks import RELEASE_TIMEOUT_S
+
+    port = free_port()
+    proc = start_emulator(port)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    try:
+        storage.gcs_client().create_bucket("palp-outage-lock")
+        with output_lock("gs://palp-outage-lock/run", "palp train"):
+            proc.kill()
+            proc.wait()
+            start = time.monotonic()
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert took < 6 * RELEASE_TIMEOUT_S  # the client's default retries would take about 120 s

@@ -218,7 +218,8 @@ def test_run_stopped_by_a_non_finite_loss_resumes_from_its_checkpoint(cat_images
 
     out = tmp_path / "run"
     monkeypatch.setattr(tr, "step_losses", nan_at_third_call)
-    assert main(train_args(cat_images, out, "--checkpoint-every", "1", steps=5)) == 2
+    # an explicit micro-batch: no memory probe, so step_losses' third call is step 3's
+    assert main(train_args(cat_images, out, "--checkpoint-every", "1", "--micro-batch-size", "2", steps=5)) == 2
     assert "non-finite loss at step 3" in capsys.readouterr().err
     monkeypatch.setattr(tr, "step_losses", real)
     assert main(train_args(cat_images, out, "--checkpoint-every", "1", "--lr", "1e-4", "--resume", steps=5)) == 0

@@ -12,6 +12,7 @@ import sys
 
 from palp import cli
 from pipelines.errors import PipelineError
+from pipelines.quota import DEFAULT_MAX_PARALLEL
 from pipelines.runs_compare import add_runs_parser
 
 
@@ -24,6 +25,9 @@ def add_pipeline_parser(sub) -> None:
                                          "vertex-tpu: TPU_V3 or TPU_V5_LITE_PODSLICE")
     c.add_argument("--image", help="step image (default: the palp image of this version)")
     c.add_argument("--output", required=True)
+    c.add_argument("--max-parallel", type=int, default=DEFAULT_MAX_PARALLEL, metavar="N",
+                   help=f"trainings running at once (KFP ParallelFor parallelism; default {DEFAULT_MAX_PARALLEL}: a new "
+                        f"project's GPU quota is a handful per region)")
     c.set_defaults(func=run_pipeline_compile)
     r = psub.add_parser("run-local", help="run the whole DAG with kfp.local", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--config", help="experiment YAML (default: evaluation/experiments/demo.yaml, the embedded demo)")
@@ -49,15 +53,25 @@ def add_pipeline_parser(sub) -> None:
     s.add_argument("--service-account", help="Vertex: service account the run uses")
     s.add_argument("--host", help="Kubeflow: the KFP API endpoint")
     s.add_argument("--experiment", help="Vertex Experiments / KFP experiment name")
+    s.add_argument("--max-parallel", type=int, default=DEFAULT_MAX_PARALLEL, metavar="N",
+                   help=f"trainings running at once (default {DEFAULT_MAX_PARALLEL}; each holds one GPU at a time)")
     s.add_argument("--dry-run", action="store_true",
                    help="print the parameter values the cluster would receive (JSON) and stop: nothing uploaded or submitted")
     s.set_defaults(func=run_pipeline_submit)
 
 
 def run_pipeline_compile(args) -> int:
-    from pipelines.palp_pipeline import compile_pipeline
+    import inspect
 
-    print(compile_pipeline(args.backend, args.output, accelerator=args.accelerator, image=args.image))
+    from pipelines.memory import table
+    from pipelines.palp_pipeline import DEFAULT_ACCELERATOR, build_pipeline, compile_pipeline
+
+    print(compile_pipeline(args.backend, args.output, accelerator=args.accelerator, image=args.image,
+                           max_parallel=args.max_parallel))
+    defaults = {n: p.default for n, p in inspect.signature(build_pipeline().pipeline_func).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    print("with the pipeline's default settings, " + table(defaults, args.accelerator or DEFAULT_ACCELERATOR[args.backend]),
+          end="", file=sys.stderr)
     return 0
 
 
@@ -77,11 +91,11 @@ def run_pipeline_local(args) -> int:
 
 def print_summary(root) -> None:
     """Where a finished local run's artifacts and logs are, its comparison table and its report."""
-    from pipelines.console import LOGS
+    from pipelines.console import newest_logs
     from pipelines.run import find_outputs, newest_run
 
     run = newest_run(root)
-    print(f"\nartifacts under {run}/ (logs: {root / LOGS}/):")
+    print(f"\nartifacts under {run}/ (logs: {newest_logs(root)}/):")
     outputs = find_outputs(root)
     for task, paths in outputs.items():
         print(f"  {task}/: {' '.join(p.name for p in paths)}")
@@ -101,7 +115,15 @@ def run_pipeline_submit(args) -> int:
     from pipelines.inputs import portable_inputs
     from pipelines.submit import submit_kubeflow, submit_vertex
 
+    from pipelines.experiment import ExperimentError
+    from pipelines.memory import refusal, table
+    from pipelines.palp_pipeline import DEFAULT_ACCELERATOR
+
     params = load_experiment(args.config)
+    card = args.accelerator or DEFAULT_ACCELERATOR[args.backend]
+    why = refusal(params, card)  # before anything is uploaded or submitted
+    if why:
+        raise ExperimentError(f"{args.config or 'the demo'}: {why}")
     if not args.dry_run:  # checked before anything is uploaded
         if args.backend == "kubeflow" and not args.host:
             raise ConfigError("--backend kubeflow needs --host")
@@ -109,20 +131,27 @@ def run_pipeline_submit(args) -> int:
                    if not v]
         if args.backend != "kubeflow" and missing:
             raise ConfigError(f"--backend {args.backend} needs {', '.join(missing)}")
+    from pipelines.palp_pipeline import fan_out_size
+
+    trainings = fan_out_size(params)  # from the local files, before they become gs:// copies
     # Nothing of this machine travels: local inputs become content-addressed gs:// copies.
     params = portable_inputs(params, args.pipeline_root, upload=not args.dry_run, say=lambda line: print(line, file=sys.stderr))
     if args.dry_run:
         print(json.dumps(params, indent=2, sort_keys=True))
+        n = trainings
+        print(f"fan-out: {n} training(s), each a train, a sample and a score step on one GPU: {3 * n} GPU jobs, at most "
+              f"{min(n, args.max_parallel)} at once (--max-parallel {args.max_parallel})", file=sys.stderr)
+        print(table(params, card), end="", file=sys.stderr)
         print("dry run: nothing uploaded, nothing submitted", file=sys.stderr)
         return 0
     if args.backend == "kubeflow":
         run = submit_kubeflow(params, host=args.host, experiment=args.experiment, accelerator=args.accelerator,
-                              pipeline_root=args.pipeline_root)
+                              pipeline_root=args.pipeline_root, max_parallel=args.max_parallel)
         print(f"submitted: run {getattr(run, 'run_id', run)}")
         return 0
     job = submit_vertex(params, project=args.project, region=args.region, pipeline_root=args.pipeline_root,
                         experiment=args.experiment, service_account=args.service_account, accelerator=args.accelerator,
-                        backend=args.backend)
+                        backend=args.backend, max_parallel=args.max_parallel)
     print(f"submitted: {job.resource_name}")
     return 0
 

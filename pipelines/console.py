@@ -8,7 +8,7 @@ passes to ``print``. So ``sys.stdout`` and ``sys.stderr`` are the one funnel, an
 ``kfp.local.task_dispatcher.run_single_task_implementation``, which every orchestrator
 calls for each task in the thread that runs it, is where a task starts and ends.
 ``RunConsole`` replaces the two streams for the run with ones that write to the log of the
-task their writing thread runs (``<root>/logs/pipeline.log`` outside tasks), wraps that
+task their writing thread runs (``<root>/logs/<start time>/pipeline.log`` outside tasks), wraps that
 function to print the one-liners, and, ``verbose``, also streams everything as kfp does.
 """
 
@@ -105,12 +105,40 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def new_logs_folder(root: Path) -> Path:
+    """``root/logs/<start time>``, made: each local run into a root keeps its own logs."""
+    from datetime import datetime
+
+    stamp = datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    for n in range(1, 1000):
+        folder = root / LOGS / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot make a logs folder under {root / LOGS}")
+
+
+def newest_logs(root: Path) -> Path | None:
+    """The logs folder of the newest local run into ``root`` (folders are named by start time,
+    a second run in the same second gets '-2')."""
+    import re
+
+    def order(folder: Path):
+        m = re.fullmatch(r"(\d{4}(?:-\d\d){5})(?:-(\d+))?", folder.name)
+        return (m.group(1), int(m.group(2) or 1)) if m else ("", 0)
+
+    folders = sorted((p for p in (Path(root) / LOGS).glob("*") if p.is_dir() and order(p)[1]), key=order)
+    return folders[-1] if folders else None
+
+
 class RunConsole:
-    """Route a local run's output to per-task logs under ``root/logs`` and print one line per
+    """Route a local run's output to per-task logs under ``root/logs/<start time>`` and print one line per
     task start and end (``verbose``: also everything kfp.local prints, as it prints it)."""
 
     def __init__(self, root: Path, *, verbose: bool = False):
-        self.logs = Path(root) / LOGS
+        self.logs = new_logs_folder(Path(root))
         self.verbose = verbose
         self.failures: list[TaskRun] = []
         self._local = threading.local()
@@ -123,9 +151,6 @@ class RunConsole:
     # -- entering and leaving ---------------------------------------------------------------
 
     def __enter__(self) -> "RunConsole":
-        self.logs.mkdir(parents=True, exist_ok=True)
-        for old in self.logs.glob("*.log"):  # the logs are the newest run's
-            old.unlink()
         self._pipeline_log = (self.logs / PIPELINE_LOG).open("w", encoding="utf-8")
         self.out = sys.stdout
         self._swap_streams()

@@ -55,6 +55,7 @@ def local_inputs(params: dict) -> dict[tuple, LocalInput]:
     each with the files that travel and their digest. Hub ids, ``tiny``, ``toyworld``, open_clip
     tags and gs:// URIs are not local. A local input that cannot be used is refused here."""
     from palp import storage
+    from palp.prepare import subject_entries
 
     found: dict[tuple, LocalInput] = {}
     for i, s in enumerate(params.get("subjects") or []):
@@ -64,7 +65,7 @@ def local_inputs(params: dict) -> dict[tuple, LocalInput]:
         path = Path(value).expanduser()
         if not path.is_dir():
             raise ExperimentError(f"{what}: {value} is not a folder; give a folder of 1-5 photos or a gs:// prefix")
-        names = storage.list_files(path)  # what prepare reads: the folder's files, not its subfolders
+        names = subject_entries(str(path))[0]  # what prepare reads: the folder's files, no links out of it
         if not names:
             raise ExperimentError(f"{what}: {value} holds no files; put 1-5 photos of the subject there")
         found[("subjects", i, "images")] = LocalInput(what, value, path, names)

@@ -21,6 +21,7 @@ from palp.config import ScoreSettings as Sc
 from palp.config import StudySettings as St
 from palp.config import TrainConfig as T
 from pipelines.errors import PipelineError
+from pipelines.quota import DEFAULT_MAX_PARALLEL
 
 PIPELINE_NAME = "palp"
 BACKENDS = ("vertex", "kubeflow", "vertex-tpu")
@@ -85,18 +86,22 @@ def check_backend(backend: str, accelerator: Optional[str]) -> str:
 DIFFERENT_DEFAULTS = {
     "mixed_precision": ("bf16", "the pipeline trains on GPUs, where bf16 halves memory and time; the library's "
                                 "default, fp32, runs on every CPU and reproduces bit for bit"),
-    "micro_batch_size": (0, "a KFP parameter cannot be None: 0 is the library's None (as large as the batch allows)"),
+    "micro_batch_size": (0, "a KFP parameter cannot be None: 0 is the library's None (auto: the largest micro-batch that "
+                               "fits the device's memory, found before the first step)"),
 }
 
 
 def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None, image: Optional[str] = None,
-                   retries: bool = True):
+                   retries: bool = True, max_parallel: int = DEFAULT_MAX_PARALLEL):
     """The pipeline function for one backend (resources differ; the DAG is the same).
 
     ``retries=False`` drops the preemption retries, for local runs where a failure is final.
+    ``max_parallel``: trainings at once (the ParallelFor's parallelism, in the compiled YAML).
     (Longer than most functions here: the inner pipeline function's parameter list is the
     pipeline's interface, one line per parameter, and KFP needs it spelled out.)"""
     accelerator = check_backend(backend, accelerator)
+    if not isinstance(max_parallel, int) or max_parallel < 1:
+        raise PipelineError(f"--max-parallel must be a whole number >= 1, not {max_parallel!r}")
     comps = make_components(image)
     train_op = _tpu_train(comps, accelerator, None if image is None else image) if backend == "vertex-tpu" else comps.train
 
@@ -139,7 +144,7 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
                                         inputs_fingerprint=inputs_fingerprint),
                           "prepare", backend, accelerator)
         prep.set_display_name("prepare")
-        with dsl.ParallelFor(prep.outputs["Output"], name="trainings") as run:
+        with dsl.ParallelFor(prep.outputs["Output"], name="trainings", parallelism=max_parallel) as run:
             tr = _configure(train_op(prepared=prep.outputs["prepared"], task=run.task_id, method=run.method,
                                      pretrained_model=pretrained_model, steps=train_steps, batch_size=batch_size,
                                      micro_batch_size=micro_batch_size, lr=lr, lam=lam, lora_rank=lora_rank, lora_targets=lora_targets,
@@ -165,8 +170,25 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
     return palp_pipeline
 
 
-def compile_pipeline(backend: str, output: str, *, accelerator: Optional[str] = None, image: Optional[str] = None) -> str:
+def compile_pipeline(backend: str, output: str, *, accelerator: Optional[str] = None, image: Optional[str] = None,
+                     max_parallel: int = DEFAULT_MAX_PARALLEL) -> str:
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(backend, accelerator, image), package_path=output)
+    compiler.Compiler().compile(build_pipeline(backend, accelerator, image, max_parallel=max_parallel), package_path=output)
     return output
+
+
+def fan_out_size(params: dict) -> int:
+    """How many trainings an experiment's parameters fan out to (what prepare will return:
+    palp.prepare.fan_out over its tasks), counted without reading any photo. A prompts file
+    that is not on this machine is not read (its prompts are not counted)."""
+    from palp.prepare import PromptSpec, SubjectSpec, build_tasks, fan_out, load_prompts_file
+
+    subjects = {s["name"]: SubjectSpec(s["name"], s["images"], s.get("class_word") or "thing", s.get("placeholder") or "[V]",
+                                       s.get("personalization_prompt") or "") for s in params["subjects"]}
+    prompts = [PromptSpec(p) for p in params.get("prompts") or []]
+    if params.get("prompts_file") and "://" not in str(params["prompts_file"]):
+        prompts += load_prompts_file(params["prompts_file"])
+    words = {n: s.class_word for n, s in subjects.items()}
+    tasks = build_tasks(subjects, prompts, words)
+    return len(fan_out({"tasks": tasks}, list(params.get("methods") or ["palp", "ti-db"])))

@@ -92,8 +92,7 @@ def run_local(config: Optional[str] = None, *, runner: str = "subprocess", pipel
 
     params = load_experiment(config)
     params["inputs_fingerprint"] = inputs_fingerprint(params)  # recorded in the manifest, as on a cluster
-    root = Path(pipeline_root or tempfile.mkdtemp(prefix="palp-pipeline-")).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    root = writable_root(Path(pipeline_root or tempfile.mkdtemp(prefix="palp-pipeline-")).resolve())
     chosen, params, image = _runner(runner, root, params, image=image, gpus=gpus, share_cache=share_cache)
     local.init(runner=chosen, pipeline_root=str(root), raise_on_error=True)
     with RunConsole(root, verbose=verbose) as console, _threads_per_step(runner), _cache_per_step(runner, root, share_cache):
@@ -103,6 +102,18 @@ def run_local(config: Optional[str] = None, *, runner: str = "subprocess", pipel
             if not console.failures:
                 raise
             raise console.failed() from e
+    return root
+
+
+def writable_root(root: Path) -> Path:
+    """``root``, created, after a write into it: ExperimentError naming it if it cannot be written."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".palp-write-check-"):
+            pass
+    except OSError as e:
+        raise ExperimentError(f"--pipeline-root {root} cannot be written ({e.strerror or e}); choose a folder you can "
+                              f"write to") from None
     return root
 
 

@@ -4,6 +4,7 @@ import tempfile
 from typing import Optional
 
 from pipelines.palp_pipeline import PIPELINE_NAME, compile_pipeline
+from pipelines.quota import DEFAULT_MAX_PARALLEL
 
 
 def _temp_yaml() -> str:
@@ -23,8 +24,9 @@ def vertex_job(package: str, params: dict, *, project: str, region: str, pipelin
 
 
 def submit_vertex(params: dict, *, project: str, region: str, pipeline_root: str, experiment: Optional[str] = None,
-                  service_account: Optional[str] = None, accelerator: Optional[str] = None, backend: str = "vertex"):
-    package = compile_pipeline(backend, _temp_yaml(), accelerator=accelerator)
+                  service_account: Optional[str] = None, accelerator: Optional[str] = None, backend: str = "vertex",
+                  max_parallel: int = DEFAULT_MAX_PARALLEL):
+    package = compile_pipeline(backend, _temp_yaml(), accelerator=accelerator, max_parallel=max_parallel)
     job = vertex_job(package, params, project=project, region=region, pipeline_root=pipeline_root)
     job.submit(service_account=service_account, experiment=experiment)
     return job
@@ -39,9 +41,9 @@ def kubeflow_run_args(package: str, params: dict, *, experiment: Optional[str] =
 
 
 def submit_kubeflow(params: dict, *, host: str, experiment: Optional[str] = None, accelerator: Optional[str] = None,
-                    pipeline_root: Optional[str] = None):
+                    pipeline_root: Optional[str] = None, max_parallel: int = DEFAULT_MAX_PARALLEL):
     import kfp
 
-    package = compile_pipeline("kubeflow", _temp_yaml(), accelerator=accelerator)
+    package = compile_pipeline("kubeflow", _temp_yaml(), accelerator=accelerator, max_parallel=max_parallel)
     args = kubeflow_run_args(package, params, experiment=experiment, pipeline_root=pipeline_root)
     return kfp.Client(host=host).create_run_from_pipeline_package(**args)

@@ -476,20 +476,24 @@ def _check_console(out: str, root: Path, run: Path) -> None:
         assert sorted((step, label) for s, step, label, _ in tasks if s == status) == sorted(expected), status
     assert all(seconds for status, *_, seconds in tasks if status == "done")
     assert not [t for t in tasks if t[0] == "FAILED"]
-    assert lines[0].startswith("running the pipeline locally") and f"{root / 'logs'}/" in lines[0]
+    from pipelines.console import newest_logs
+
+    logs_dir = newest_logs(root)
+    assert logs_dir.parent == root / "logs" and len(list((root / "logs").iterdir())) == 1
+    assert lines[0].startswith("running the pipeline locally") and f"{logs_dir}/" in lines[0]
     assert lines[1:1 + len(tasks)] == [line for line in lines if CONSOLE_LINE.match(line)]  # the one-liners first
     table = lines.index("comparison (Table 2 shape):")
     assert lines[table + 1].startswith("| method") and lines[-1] == f"report: {run / 'compare' / 'scores' / 'report.html'}"
     assert (run / "compare" / "scores" / "report.html").is_file()
-    logs = sorted(p.name for p in (root / "logs").iterdir())
+    logs = sorted(p.name for p in logs_dir.iterdir())
     assert logs == sorted(["pipeline.log", "prepare.log", "compare.log"] + [
         f"{step}-{subject}-00-{method}.log" for step in ("train", "sample", "score")
         for subject in ("purple-cat", "pink-robot") for method in ("palp", "ti-db")])
     for name in logs:  # every task's whole output: kfp's executor, its input, what the step printed
-        text = (root / "logs" / name).read_text()
+        text = (logs_dir / name).read_text()
         if name != "pipeline.log":
             assert "Got executor_input" in text and "Wrote executor output file" in text and "finished with status SUCCESS" in text, name
-    assert "Running pipeline" in (root / "logs" / "pipeline.log").read_text()
+    assert "Running pipeline" in (logs_dir / "pipeline.log").read_text()
 
 
 def test_a_failing_step_prints_its_error_and_its_log(tmp_path, capsys):
@@ -506,7 +510,9 @@ def test_a_failing_step_prints_its_error_and_its_log(tmp_path, capsys):
     assert main(["pipeline", "run-local", "--config", str(tmp_path / "c.yaml"), "--pipeline-root", str(root)]) == 1
     captured = capsys.readouterr()
     error = "palp.config.ConfigError: unknown method 'bogus'; choose one of palp, ti-db"
-    log = root / "logs" / "prepare.log"
+    from pipelines.console import newest_logs
+
+    log = newest_logs(root) / "prepare.log"
     assert [t[:2] for t in _task_lines(captured.out)] == [("start", "prepare"), ("FAILED", "prepare")]
     after = captured.out.split("FAILED")[1].splitlines()[1:]
     assert after[0].strip().startswith(error) and after[-1].strip() == f"its log: {log}"

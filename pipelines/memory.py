@@ -1,0 +1,106 @@
+"""Will a run's training step fit the accelerator it is sent to? A memory model per step, from
+the GPU measurements that exist, so that `palp pipeline submit --dry-run` and `compile` can
+say what micro-batch ``--micro-batch-size auto`` will pick on each card, and a run that cannot
+fit even at micro-batch 1 is refused before anything is uploaded.
+
+The model: peak = fixed + micro-batch x per-sample. Its numbers come from one measurement of
+the training step on an H200 (evaluation/bench/RESULTS.md, 2026-11-26): an SD-1.4-shaped
+UNet at 512 px, bf16 weights with an fp32 LoRA of rank 32, batch 32 in one micro-batch, eager
+PALP (fused guidance) 45.5 GiB and TI+DB 37.7 GiB at peak. The fixed part is the frozen
+weights in bf16 (UNet, text encoder, VAE: 2.1 GiB) and the CUDA context (about 0.5 GiB); the
+rest is divided evenly over the batch. Every number derived from it is a **prediction**,
+labelled so; other base models or resolutions are not predicted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 2**30
+# What the H200 measured at batch 32 (GiB), and the fixed part of it.
+MEASURED_BATCH = 32
+MEASURED_PEAK = {"palp": 45.5, "ti-db": 37.7}
+FIXED = 2.6
+# Methods whose step runs PALP's guidance forwards (no-grad, two or three per row) are
+# predicted like PALP; TI+DB's step is the personalization forward and backward alone.
+ALIGNING = ("palp", "palp-iid", "sds", "sds-iid", "nfsd")
+# Memory of each accelerator the pipeline offers (GiB), and the share an allocator can use.
+CARDS = {"NVIDIA_L4": 22.5, "NVIDIA_TESLA_T4": 15.0, "NVIDIA_TESLA_A100": 39.4, "NVIDIA_A100_80GB": 79.2,
+         "NVIDIA_H100_80GB": 79.6, "NVIDIA_H200_141GB": 139.8}
+USABLE = 0.92
+# Base models of SD-1.x's shape at 512 px (what was measured).
+SD1_512 = ("CompVis/stable-diffusion-v1-4", "runwayml/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: str
+    card: str
+    micro: int | None  # None: not even 1 fits
+    peak_gib: float  # predicted at ``micro`` (at 1 when nothing fits)
+    usable_gib: float
+
+
+def per_sample(method: str) -> float:
+    measured = MEASURED_PEAK["palp" if method in ALIGNING else "ti-db"]
+    return (measured - FIXED) / MEASURED_BATCH
+
+
+def plan(method: str, card: str, batch: int) -> Plan:
+    """The micro-batch auto would pick for ``method`` at global ``batch`` on ``card`` (the
+    largest divisor of the batch whose predicted peak fits), and that peak."""
+    usable = CARDS[card] * USABLE
+    for m in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
+        peak = FIXED + m * per_sample(method)
+        if peak <= usable:
+            return Plan(method, card, m, peak, usable)
+    return Plan(method, card, None, FIXED + per_sample(method), usable)
+
+
+def predicted(params: dict) -> bool:
+    """Whether the memory model covers this run's base model (SD-1.x at 512 px)."""
+    return str(params.get("pretrained_model") or SD1_512[0]) in SD1_512
+
+
+def table(params: dict, card: str) -> str:
+    """The train step's predicted peak and micro-batch per method on ``card`` (markdown), or a
+    line saying why there is no prediction."""
+    methods = list(params.get("methods") or ["palp", "ti-db"])
+    batch = int(params.get("batch_size") or MEASURED_BATCH)
+    if card not in CARDS:
+        return f"train step memory on {card}: not predicted (no memory size known for it)\n"
+    if not predicted(params):
+        return (f"train step memory: not predicted for base model {params.get('pretrained_model')} (the model is "
+                f"SD-1.x at 512 px, from one H200 measurement); --micro-batch-size auto finds the size on the card\n")
+    micro = int(params.get("micro_batch_size") or 0)
+    lines = [f"train step on {card} ({CARDS[card]:g} GiB, {USABLE:.0%} usable), global batch {batch}: PREDICTED from "
+             f"one H200 measurement at batch {MEASURED_BATCH}, not measured on this card",
+             "| method | micro-batch | accumulation | predicted peak GiB |", "|---|---|---|---|"]
+    for method in methods:
+        p = plan(method, card, batch)
+        if micro:  # a size the experiment fixes: its own peak
+            peak = FIXED + micro * per_sample(method)
+            lines.append(f"| {method} | {micro} (given) | {batch // micro} | {peak:.1f}"
+                         + (" — does not fit" if peak > p.usable_gib else "") + " |")
+        elif p.micro is None:
+            lines.append(f"| {method} | none fits | - | {p.peak_gib:.1f} at 1 |")
+        else:
+            lines.append(f"| {method} | {p.micro} (auto) | {batch // p.micro} | {p.peak_gib:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def refusal(params: dict, card: str) -> str | None:
+    """Why this run cannot fit ``card`` even at micro-batch 1 (or at the size it fixes), or None."""
+    if card not in CARDS or not predicted(params):
+        return None
+    batch = int(params.get("batch_size") or MEASURED_BATCH)
+    micro = int(params.get("micro_batch_size") or 0)
+    for method in params.get("methods") or ["palp", "ti-db"]:
+        p = plan(method, card, batch)
+        if p.micro is None:
+            return (f"{method}'s training step is predicted to need {p.peak_gib:.1f} GiB even at micro-batch 1, more than "
+                    f"{card}'s usable {p.usable_gib:.1f} GiB: choose a larger --accelerator")
+        if micro and FIXED + micro * per_sample(method) > p.usable_gib:
+            return (f"micro_batch_size {micro} is predicted to need {FIXED + micro * per_sample(method):.1f} GiB for "
+                    f"{method} on {card} (usable {p.usable_gib:.1f} GiB): use micro_batch_size 0 (auto) or at most {p.micro}")
+    return None

@@ -22,8 +22,10 @@ ROOT = os.geteuid() == 0
 
 
 def _lines(err: str) -> list[str]:
-    """What a command said on stderr, less the progress bars of model loading (transformers')."""
-    return [line for line in err.splitlines() if line.strip() and "\r" not in line and "it/s]" not in line]
+    """What palp said on stderr (its lines start with 'palp '), without what the libraries it
+    loads print there (progress bars, warnings). An uncaught exception would not be printed: it
+    would fail the test where the command is called in-process."""
+    return [line for line in err.splitlines() if line.startswith("palp ")]
 
 
 def _pipeline(argv) -> int:
@@ -162,19 +164,30 @@ def test_a_checkpoint_beyond_the_runs_steps_is_not_a_finished_run(checkpointed, 
 
 # -- a full disk ----------------------------------------------------------------------------------
 
+def _tmpfs(mnt: Path, options: str):
+    """A real tmpfs mounted at ``mnt`` for the block (root only: mounting needs it)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def mounted():
+        if not ROOT or not shutil.which("mount"):
+            pytest.skip("mounting a tmpfs needs root (as root, permission bits do not stop writes either)")
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True).returncode:
+            pytest.skip("this machine does not let the tests mount a tmpfs")
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+    return mounted()
+
+
 @pytest.fixture()
 def small_disk(tmp_path):
-    """A real 6 MB tmpfs (root only: mounting needs it)."""
-    if not ROOT or not shutil.which("mount"):
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("this machine does not let the tests mount a tmpfs")
-    try:
+    """A real 6 MB tmpfs."""
+    with _tmpfs(tmp_path / "small", "size=6m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(folder: Path, leave: int) -> None:
@@ -220,20 +233,12 @@ def test_a_full_disk_during_sampling_says_so_and_a_rerun_finishes(small_disk, tm
 
 
 def test_a_read_only_pipeline_root_is_one_line(tmp_path, capsys):
-    if not ROOT:
-        pytest.skip("a read-only mount needs root (as root, permission bits do not stop writes)")
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("this machine does not let the tests mount a tmpfs")
-    try:
+    with _tmpfs(tmp_path / "ro", "size=1m,ro") as mnt:
         config = tmp_path / "exp.yaml"
         config.write_text(yaml.safe_dump(BASE))
         assert _pipeline(["pipeline", "run-local", "--config", str(config), "--pipeline-root", str(mnt)]) == 2
         err = capsys.readouterr().err
         assert f"--pipeline-root {mnt} cannot be written (Read-only file system)" in err and len(_lines(err)) == 1
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # -- the study key, sampling prompts, the fan-out -----------------------------------------------

@@ -38,10 +38,15 @@ BATCH = 64
 
 
 def _train(out, *extra, limit: int = 0, steps: int = 1) -> tuple[int, int, str]:
-    """(exit code, peak address space in bytes, stderr) of a toy-world TI+DB training."""
+    """A toy-world TI+DB training (``_limited``'s result)."""
     argv = ["train", "--images", str(REPO / "examples/toyworld/purple-cat"), "--class-word", "cat", "--prompt",
             "A sketch of [V] in the snow at night", "--pretrained-model", "toyworld", "--method", "ti-db",
             "--steps", str(steps), "--batch-size", str(BATCH), "--lora-rank", "4", "--output", str(out), "--quiet", *extra]
+    return _limited(argv, limit)
+
+
+def _limited(argv: list[str], limit: int) -> tuple[int, int, str]:
+    """(exit code, peak address space in bytes, stderr) of ``palp ARGV`` under ``limit`` bytes."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="1")  # fewer threads and arenas: a steadier peak
     proc = subprocess.run([sys.executable, "-c", WRAPPER, str(limit), *argv], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -90,11 +95,7 @@ def test_micro_batch_size_flag_takes_auto_or_a_number(capsys):
 def _sample(run, out, *extra, limit: int = 0) -> tuple[int, int, str]:
     argv = ["sample", "--model", str(run), "--output", str(out), "--num-samples", str(BATCH), "--steps", "2",
             "--batch-size", str(BATCH), "--quiet", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="1")
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, str(limit), *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    peak = next((json.loads(line[5:])["vmpeak"] for line in proc.stderr.splitlines() if line.startswith("PEAK ")), 0)
-    return proc.returncode, peak, proc.stderr
+    return _limited(argv, limit)
 
 
 @pytest.mark.slow

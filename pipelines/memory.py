@@ -24,6 +24,8 @@ FIXED = 2.6
 # Methods whose step runs PALP's guidance forwards (no-grad, two or three per row) are
 # predicted like PALP; TI+DB's step is the personalization forward and backward alone.
 ALIGNING = ("palp", "palp-iid", "sds", "sds-iid", "nfsd")
+# The sampler on the same H200 (fp16, batch 16, 50 DDIM steps, a LoRA loaded): 10.08 GiB at peak.
+SAMPLE_MEASURED_BATCH, SAMPLE_MEASURED_PEAK = 16, 10.08
 # Memory of each accelerator the pipeline offers (GiB), and the share an allocator can use.
 CARDS = {"NVIDIA_L4": 22.5, "NVIDIA_TESLA_T4": 15.0, "NVIDIA_TESLA_A100": 39.4, "NVIDIA_A100_80GB": 79.2,
          "NVIDIA_H100_80GB": 79.6, "NVIDIA_H200_141GB": 139.8}
@@ -86,7 +88,22 @@ def table(params: dict, card: str) -> str:
             lines.append(f"| {method} | none fits | - | {p.peak_gib:.1f} at 1 |")
         else:
             lines.append(f"| {method} | {p.micro} (auto) | {batch // p.micro} | {p.peak_gib:.1f} |")
+    lines.append(sample_line(params, card))
+    lines.append("score step: CLIP ViT-B/32 (151M parameters) on batches of 64 images: not measured")
     return "\n".join(lines) + "\n"
+
+
+def sample_line(params: dict, card: str) -> str:
+    """The sample step's predicted peak at the experiment's sample batch, and the batch it keeps
+    if it has to halve (``palp sample`` makes a batch that runs out of memory in halves)."""
+    batch = int(params.get("sample_batch_size") or 8)
+    per = (SAMPLE_MEASURED_PEAK - FIXED) / SAMPLE_MEASURED_BATCH
+    usable = CARDS[card] * USABLE
+    fits = batch
+    while fits > 1 and FIXED + fits * per > usable:
+        fits = (fits + 1) // 2
+    said = f"sample step: batch {batch}, predicted peak {FIXED + batch * per:.1f} GiB (PREDICTED from the H200's batch-16 sampler)"
+    return said + ("" if fits == batch else f"; it would halve to batches of {fits} ({FIXED + fits * per:.1f} GiB)")
 
 
 def refusal(params: dict, card: str) -> str | None:

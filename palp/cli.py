@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from palp import __version__
@@ -89,6 +90,8 @@ def run_train(args) -> int:
 
     cfg = config_from_args(args)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # one line per run, from its first process
+        return 0
     last = result.metrics[-1] if result.metrics else {}
     print(f"trained {cfg.steps} steps ({cfg.method}) -> {result.output}  "
           f"rec_loss {last.get('rec_loss', float('nan')):.4f}  align_loss {last.get('align_loss', float('nan')):.4f}")

@@ -10,9 +10,11 @@ import sys
 
 import torch
 
-# How an allocation that failed reads: the CPU allocator's, CUDA's, oneDNN's (a convolution
-# whose scratch memory cannot be allocated fails to "create a primitive"), C++'s.
-OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "could not create a primitive", "std::bad_alloc")
+# How an allocation that failed reads: the CPU allocator's (its own words, or posix_memalign's
+# ENOMEM), CUDA's, oneDNN's (a convolution whose scratch memory cannot be allocated fails to
+# "create a primitive"), C++'s.
+OUT_OF_MEMORY = ("can't allocate memory", "Cannot allocate memory", "out of memory", "could not create a primitive",
+                 "std::bad_alloc")
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -371,12 +371,14 @@ def _render(pipe, compiled, todo: list[list[dict]], *, output: str, reference: b
         if len(part) == 1:
             raise SampleError(f"one image does not fit in the memory of {pipe.unet.device}; use a device with more "
                               f"memory or --precision fp16/bf16") from None
-        size = (len(part) + 1) // 2
+        half = (len(part) + 1) // 2  # a local: the first half's own back-off may lower ``size`` again
+        size = min(size, half)
         print(f"palp sample: a batch of {len(part)} ran out of memory on {pipe.unet.device}; batches of {size} from now "
               f"on", file=sys.stderr)
-        return np.concatenate([fitting(part[:size]), fitting(part[size:])])
+        return np.concatenate([fitting(part[:half]), fitting(part[half:])])
 
-    with ThreadPoolExecutor(max_workers=4) as writer:
+    with ThreadPoolExecutor(max_workers=WRITERS) as writer:
+        _start_all(writer, WRITERS)  # before the batches fill memory: a thread needs its stack mapped
         for whole in todo:
             w = whole[0]["_weights"]
             if w is not loaded and w.folder is not None:
@@ -395,6 +397,19 @@ def _render(pipe, compiled, todo: list[list[dict]], *, output: str, reference: b
                 done += len(batch)
         for f in writes:
             f.result()
+
+
+WRITERS = 4  # PNG writer threads beside the device's work
+
+
+def _start_all(pool: ThreadPoolExecutor, n: int) -> None:
+    """Start the pool's ``n`` threads now (a pool starts them lazily, one per busy submit)."""
+    import threading
+
+    gate = threading.Barrier(n + 1)
+    for _ in range(n):
+        pool.submit(gate.wait)
+    gate.wait()
 
 
 def write_png(uri: str, pixels: np.ndarray) -> None:

@@ -161,13 +161,21 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
     )
 
 
-def save_tiny_model(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
-    """Build the tiny model and write it atomically to ``out_dir`` in the diffusers layout."""
+# What a complete tiny model folder holds (save_pretrained's layout).
+TINY_FILES = ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+              "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json",
+              "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+              "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
+
+
+def save_tiny_model(out_dir: str | Path, seed: int = TINY_SEED, *, replace: bool = False) -> Path:
+    """Build the tiny model and write it atomically to ``out_dir`` in the diffusers layout
+    (``replace``: over an incomplete folder there)."""
     from palp.storage import atomic_directory
 
     import json
 
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, replace=replace) as tmp:
         build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
         # transformers records how the tokenizer was loaded (local_files_only follows
         # HF_HUB_OFFLINE): that would make the model's files, and so its pin, depend on the
@@ -180,8 +188,18 @@ def save_tiny_model(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
 
 
 def tiny_model_dir() -> Path:
-    """The cached tiny model, built on first use."""
+    """The cached tiny model, built on first use, and again if the folder is incomplete.
+
+    In a multi-process run (torch.distributed initialized) rank 0 builds it while the others
+    wait: transformers writes a model's weights from rank 0 only, so a folder built by another
+    rank would lack the text encoder's."""
+    import torch.distributed as dist
+
     path = cache_root() / "models" / f"tiny-sd-v{TINY_VERSION}"
-    if not (path / "model_index.json").exists():
-        save_tiny_model(path)
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        if not all((path / f).is_file() for f in TINY_FILES):
+            save_tiny_model(path, replace=path.exists())
+    if distributed:
+        dist.barrier()
     return path

@@ -252,7 +252,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     # lease on gs://.
     from accelerate import PartialState
 
-    state = PartialState()
+    # Without a GPU, processes started by torchrun or `accelerate launch` train on the CPU over
+    # gloo: accelerate finds that setting only when asked for the CPU (cpu=True).
+    state = PartialState(cpu=not torch.cuda.is_available())
     # SIGTERM/SIGINT (preemption): the step being taken is finished and checkpointed, then
     # Preempted is raised, and the lock is released on the way out (palp/preemption.py).
     with StopRequests("palp train") as stops, \
@@ -267,12 +269,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         with reproducible(deterministic=cfg.deterministic, threads=threads):
             run = _setup(cfg, out.local, resume=resume, threads=threads)
             _loop(run, cfg, out, held, stops, progress=progress)
-            run.accelerator.end_training()  # the trackers' files closed
+            for tracker in run.accelerator.trackers:  # the trackers' files closed before they are published
+                tracker.finish()
             if run.accelerator.is_main_process:
                 held.check()
                 out.finish(run.model, run.tokens, run.rows, {**run.config, "completed_steps": cfg.steps},
                            before_config=lambda: _write_report(out, cfg))
             run.accelerator.wait_for_everyone()
+            run.accelerator.state.destroy_process_group()  # what accelerate's end_training does last
             return TrainResult(out.local, run.model, run.tokenizer, run.rows)
 
 
@@ -332,8 +336,8 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
                        cond=encode_fixed_prompts(model, base.tokenizer, cfg, device),
                        alphas_cumprod=base.noise_scheduler.alphas_cumprod.to(device), dtype=dtype)
     if probe:
-        first = draw(step_generator(cfg.seed, 1, accelerator.process_index), cfg, n_images=len(mean), batch=micro * accum,
-                     latent_shape=mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
+        first = process_draws(cfg, 1, accelerator, per_process=micro * accum, n_images=len(mean), latent_shape=mean.shape[1:],
+                              num_timesteps=len(ctx.alphas_cumprod))
         micro, failed = fit_micro_batch(ctx, cfg, first, compiled)
         micro, accum = cfg.accumulation(accelerator.num_processes, micro)
         accelerator.gradient_accumulation_steps = accum
@@ -381,9 +385,8 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: StopRe
     device = accelerator.device
 
     def draws_of(step: int) -> Draws:
-        # One draw for the whole per-process batch: results do not depend on the micro-batch size.
-        full = draw(step_generator(cfg.seed, step, accelerator.process_index), cfg, n_images=len(ctx.mean),
-                    batch=run.micro * run.accum, latent_shape=ctx.mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
+        full = process_draws(cfg, step, accelerator, per_process=run.micro * run.accum, n_images=len(ctx.mean),
+                             latent_shape=ctx.mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
         return Draws(*(None if x is None else x.pin_memory() for x in dataclasses.astuple(full))) if device.type == "cuda" else full
 
     if _stop_agreed(accelerator, stops):  # asked while the lock was waited for or the model loaded
@@ -414,6 +417,9 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: StopRe
                                          doing="training")
                 if step == run.start + 1:
                     run.compiled.save_once(writer=accelerator.is_main_process)  # every shape has been compiled by now
+                if accelerator.num_processes > 1:  # the step's measurements over the whole global batch
+                    means = accelerator.reduce(torch.tensor(list(sums.values()), device=device), reduction="mean")
+                    sums = dict(zip(sums, means.tolist()))
                 row = {"step": step, "loss": sums["loss"], "rec_loss": sums["rec_loss"], "align_loss": sums.get("align_loss", 0.0),
                        "grad_norm": sums["grad_norm"], "lr": ctx.optimizer.param_groups[0]["lr"]}
                 run.rows.append(row)
@@ -438,6 +444,19 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: StopRe
                                     f"{where}; rerun with --resume to continue")
     finally:
         ahead.shutdown(cancel_futures=True)
+
+
+def process_draws(cfg: TrainConfig, step: int, accelerator, *, per_process: int, n_images: int, latent_shape,
+                  num_timesteps: int) -> Draws:
+    """This process's rows of step ``step``'s draws. One draw is made for the whole global
+    batch, from a generator of (seed, step), and each process takes its slice: results depend
+    neither on the micro-batch size nor on how many processes share the batch."""
+    n, rank = accelerator.num_processes, accelerator.process_index
+    full = draw(step_generator(cfg.seed, step, 0), cfg, n_images=n_images, batch=per_process * n,
+                latent_shape=latent_shape, num_timesteps=num_timesteps)
+    if n == 1:
+        return full
+    return Draws(*(None if x is None else x[rank * per_process : (rank + 1) * per_process] for x in dataclasses.astuple(full)))
 
 
 def _stop_agreed(accelerator, stops: StopRequests) -> bool:

@@ -101,8 +101,9 @@ def _sample(run, out, *extra, limit: int = 0) -> tuple[int, int, str]:
 @pytest.mark.slow
 def test_sampling_backs_off_from_a_real_out_of_memory(tmp_path):
     """`palp sample --batch-size 64` under a limit that holds a batch of 8: the batch is made in
-    halves until it fits, that size is kept, and the images are byte for byte those of a run
-    given that batch size."""
+    halves until it fits, that size is kept, and every image is that of a run given the final
+    size within one 8-bit level (CPU kernels differ by batch size by ~1e-6; a batch made before
+    the size settled may have been larger, as tests/test_sample_score.py allows for)."""
     if not sys.platform.startswith("linux"):
         pytest.skip("RLIMIT_AS and /proc/self/status are Linux's")
     code, _, err = _train(tmp_path / "run", "--micro-batch-size", "8")
@@ -119,6 +120,12 @@ def test_sampling_backs_off_from_a_real_out_of_memory(tmp_path):
     assert fitted < BATCH
     code, _, _ = _sample(tmp_path / "run", tmp_path / "explicit", "--batch-size", str(fitted))
     assert code == 0
-    auto = {p.relative_to(tmp_path / "auto"): p.read_bytes() for p in (tmp_path / "auto").rglob("*.png")}
-    explicit = {p.relative_to(tmp_path / "explicit"): p.read_bytes() for p in (tmp_path / "explicit").rglob("*.png")}
-    assert len(auto) == BATCH and auto == explicit
+    import numpy as np
+    from PIL import Image
+
+    def pixels(root):
+        return {p.relative_to(root): np.asarray(Image.open(p), dtype=np.int16) for p in root.rglob("*.png")}
+
+    auto, explicit = pixels(tmp_path / "auto"), pixels(tmp_path / "explicit")
+    assert len(auto) == BATCH and auto.keys() == explicit.keys()
+    assert max(int(np.abs(auto[k] - explicit[k]).max()) for k in auto) <= 1

@@ -19,13 +19,12 @@ def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pre
     ``inputs_fingerprint`` (a digest of the photos and prompts) only enters KFP's cache key,
     so that replaced photos under the same gs:// prefix give a fresh prepare."""
     from palp.config import split_method
-    from palp.prepare import PromptSpec, SubjectSpec, fan_out, load_prompts_file
+    from palp.prepare import PromptSpec, fan_out, load_prompts_file, subject_specs
     from palp.prepare import prepare as prepare_dataset
 
     for m in methods:  # fail before any branch starts
         split_method(m)
-    specs = [SubjectSpec(s["name"], s["images"], s.get("class_word") or None, s.get("placeholder") or "[V]",
-                         s.get("personalization_prompt") or "", s.get("truth")) for s in subjects]
+    specs = subject_specs(subjects)
     texts = [PromptSpec(p) for p in prompts] + (load_prompts_file(prompts_file) if prompts_file else [])
     manifest = prepare_dataset(specs, texts, prepared.path, pretrained_model=pretrained_model, clip_model=clip_model,
                                clip_weights=clip_weights, inputs_fingerprint=inputs_fingerprint, pin_clip=True, progress=False)

@@ -145,24 +145,9 @@ def add_prepare_parser(sub) -> None:
     p.set_defaults(func=run_prepare)
 
 
-def _truth_file(uri: str) -> dict:
-    """--truth NAME=FILE: the JSON object in FILE (PrepareError naming the file otherwise)."""
-    import json
-
-    from palp import storage
-    from palp.prepare import PrepareError
-
-    try:
-        truth = json.loads(storage.read_text(uri))
-    except (OSError, ValueError, storage.StorageError) as e:
-        raise PrepareError(f"--truth {uri}: not a readable JSON file ({e})") from e
-    if not isinstance(truth, dict):
-        raise PrepareError(f"--truth {uri}: expected a JSON object of the subject's attributes")
-    return truth
-
-
 def run_prepare(args) -> int:
-    from palp.prepare import PrepareError, PromptSpec, SubjectSpec, load_prompts_file, prepare, summary_table
+    from palp.prepare import (PrepareError, PromptSpec, SubjectSpec, load_prompts_file, prepare, read_truth_file,
+                              summary_table)
 
     sources = _named(args.subject, "--subject")
     words, phs = _named(args.class_word, "--class-word"), _named(args.placeholder, "--placeholder")
@@ -171,7 +156,7 @@ def run_prepare(args) -> int:
     for flag, keyed in (("--class-word", words), ("--placeholder", phs), ("--personalization-prompt", y_p), ("--truth", truths)):
         if set(keyed) - set(sources):
             raise PrepareError(f"{flag} names {sorted(set(keyed) - set(sources))[0]!r}, which is not a --subject")
-    subjects = [SubjectSpec(n, src, words.get(n), phs.get(n, "[V]"), y_p.get(n, ""), _truth_file(truths[n]) if n in truths else None)
+    subjects = [SubjectSpec(n, src, words.get(n), phs.get(n, "[V]"), y_p.get(n, ""), read_truth_file(truths[n]) if n in truths else None)
                 for n, src in sources.items()]
     prompts = [PromptSpec(p) for p in args.prompt or []]
     if args.clean_prompt:

@@ -61,8 +61,14 @@ class StopRequests:
         first = self.signum is None
         self.signum = signum
         if self.immediate or not first:
-            raise Preempted(signum, f"{self.what} stopped by {signal.Signals(signum).name}")
+            raise self.preempted()
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    def preempted(self, detail: str = "") -> Preempted:
+        """The Preempted to raise: '<what> stopped by SIGTERM<detail>' (SIGTERM where no signal
+        came here but another process was asked)."""
+        signum = self.signum or signal.SIGTERM
+        return Preempted(signum, f"{self.what} stopped by {signal.Signals(signum).name}{detail}")

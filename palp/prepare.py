@@ -217,6 +217,26 @@ def model_resolution(pretrained_model: str) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def subject_specs(entries: list[dict]) -> list[SubjectSpec]:
+    """An experiment's (a pipeline parameter's) subject entries as SubjectSpecs: ``name`` and
+    ``images``, and optionally ``class_word``, ``placeholder``, ``personalization_prompt`` and
+    ``truth`` (a mapping)."""
+    return [SubjectSpec(s["name"], s["images"], s.get("class_word") or None, s.get("placeholder") or DEFAULT_PLACEHOLDER,
+                        s.get("personalization_prompt") or "", s.get("truth")) for s in entries]
+
+
+def read_truth_file(uri: str) -> dict:
+    """A subject's truth file (a toy-world subject file, examples/toyworld/NAME.json): its JSON
+    object; PrepareError naming the file otherwise."""
+    try:
+        truth = json.loads(storage.read_text(uri))
+    except (OSError, ValueError, storage.StorageError) as e:
+        raise PrepareError(f"truth file {uri}: not a readable JSON file ({e})") from e
+    if not isinstance(truth, dict):
+        raise PrepareError(f"truth file {uri}: expected a JSON object of the subject's attributes")
+    return truth
+
+
 def check_truth(s: SubjectSpec) -> None:
     """A subject's truth is what the toy world's judge reads: its class and identity attributes."""
     if s.truth is None:

@@ -106,8 +106,8 @@ th { background: #f3f3f3; }
 """
 
 
-def _final(scores: pd.DataFrame) -> pd.DataFrame:
-    """Each run's samples at its last step."""
+def last_steps(scores: pd.DataFrame) -> pd.DataFrame:
+    """Each run's samples at its last step (what Table 2, the verdict and the galleries show)."""
     last = scores.groupby(["method", "run"])["step"].transform("max")
     return scores[scores["step"] == last]
 
@@ -135,7 +135,7 @@ def verdict(scores: pd.DataFrame, method: str = "palp", baseline: str = "ti-db")
     where both methods' intervals include the base model's value (neither shows the subject
     learned, or the prompt lost, beyond what the base model does), nor where the difference's
     interval includes zero. None without both methods."""
-    final = _final(scores)
+    final = last_steps(scores)
     methods = set(final["method"])
     if method not in methods or baseline not in methods:
         return None
@@ -220,9 +220,7 @@ def html_report(scores: pd.DataFrame, t2: pd.DataFrame, subjects: dict[str, list
         thumbs = "".join(f"<img alt='{esc(name)}' src='{thumbnail(u)}'>" for u in subjects[name])
         parts.append(f"<div class='label'>{esc(name)}</div><div class='row'>{thumbs}</div>")
     parts.append("<h2>Samples (last step of each run)</h2>")
-    last = scores.groupby(["method", "run"])["step"].transform("max")
-    final = scores[scores["step"] == last]
-    for (subject, prompt), by_prompt in final.groupby(["subject", "prompt"], sort=True):
+    for (subject, prompt), by_prompt in last_steps(scores).groupby(["subject", "prompt"], sort=True):
         parts.append(f"<h3>{esc(subject)}: {esc(by_prompt['clean_prompt'].iloc[0])}</h3>")
         for method, df in by_prompt.groupby("method"):
             label = f"{method} — text {df[TARGET].mean():.3f}, image {df[IMAGE].mean():.3f}"

@@ -20,7 +20,7 @@ from palp import storage
 from palp.config import ScoreSettings as _S
 from palp.data import read_image
 from palp.prepare import load_manifest
-from palp.report import IMAGE, TARGET
+from palp.report import IMAGE, TARGET, last_steps
 from palp.sample import SAMPLES_CSV, read_table
 
 KEYS = ["subject", "prompt", "method", "step"]
@@ -187,8 +187,8 @@ def unit_table(scores: pd.DataFrame, identity: dict, judge) -> pd.DataFrame | No
     from palp.toyworld.judge import JUDGE_COLUMNS
 
     ident = JUDGE_COLUMNS["identity"]
-    last = scores.groupby(["method", "run"])["step"].transform("max")
-    final = scores[(scores["step"] == last) & scores[ident].notna()]
+    final = last_steps(scores)
+    final = final[final[ident].notna()]
     if final.empty:
         return None
     vae = load_vae()
@@ -220,9 +220,7 @@ def summary_table(scores: pd.DataFrame, metric_cols: list[str]) -> pd.DataFrame:
 
 def table2(scores: pd.DataFrame, metric_cols: list[str]) -> pd.DataFrame:
     """Rows = methods, at each run's last step; columns as the paper's Table 2."""
-    last = scores.groupby(["method", "run"])["step"].transform("max")
-    final = scores[scores["step"] == last]
-    return final.groupby("method")[metric_cols].mean().reindex(columns=metric_cols)
+    return last_steps(scores).groupby("method")[metric_cols].mean().reindex(columns=metric_cols)
 
 
 def _slug(name: str) -> str:
@@ -241,13 +239,14 @@ def write_outputs(scores: pd.DataFrame, metric_cols: list[str], output: str, man
     storage.write_text(storage.join(output, "scores.csv"), to_csv(scores, index=False))
     storage.write_text(storage.join(output, "summary.csv"), to_csv(summary_table(scores, metric_cols), index=False))
     storage.write_text(storage.join(output, "table2.csv"), to_csv(t2))
+    unit_md = ""
     if units is not None:
+        units_table = units.to_markdown(index=False, floatfmt=".3f") + "\n"
         storage.write_text(storage.join(output, "judge_units.csv"), to_csv(units, index=False))
-        storage.write_text(storage.join(output, "judge_units.md"), units.to_markdown(index=False, floatfmt=".3f") + "\n")
+        storage.write_text(storage.join(output, "judge_units.md"), units_table)
+        unit_md = ("\nWhat the judge can read of each unit (identity at the last step; ceilings on clean renders and VAE "
+                   "round trips of the subject's truth; chance):\n\n" + units_table)
     said = verdict(scores)
-    unit_md = ("\nWhat the judge can read of each unit (identity at the last step; ceilings on clean renders and VAE "
-               "round trips of the subject's truth; chance):\n\n" + units.to_markdown(index=False, floatfmt=".3f") + "\n"
-               if units is not None else "")
     storage.write_text(storage.join(output, "table2.md"),
                        t2.to_markdown(floatfmt=".3f") + "\n" + (f"\n{said}\n" if said else "") + unit_md)
     metrics = {f"{_slug(m)}/{_slug(c)}": round(float(v), 6) for m, row in t2.iterrows() for c, v in row.items() if not math.isnan(v)}

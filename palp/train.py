@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from palp.memory import is_out_of_memory, release_memory
 from palp.export import LORA_FILE, REPORT_FILE
 from palp.models import load_base_model, portable_reference
 from palp.personalize import PersonalizedModel
-from palp.preemption import Preempted, StopRequests
+from palp.preemption import StopRequests
 from palp.precision import weight_dtype
 from palp.prompts import placeholder_token, to_token_prompt
 from palp.reproducible import reproducible, resolve_threads
@@ -233,9 +232,7 @@ def fit_micro_batch(ctx: StepContext, cfg: TrainConfig, full: Draws, compiled=No
         finally:
             ctx.optimizer.zero_grad(set_to_none=True)
             release_memory(ctx.mean.device)
-        if acc.num_processes > 1:
-            oom = bool(acc.reduce(torch.tensor([float(oom)], device=ctx.mean.device), reduction="sum").item() > 0)
-        if not oom:
+        if not _any_process(acc, oom):
             return m, failed
         failed.append(m)
     raise TrainingError(f"one training image's step does not fit in the memory of {ctx.mean.device} even at "
@@ -389,11 +386,9 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: StopRe
                              latent_shape=ctx.mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
         return Draws(*(None if x is None else x.pin_memory() for x in dataclasses.astuple(full))) if device.type == "cuda" else full
 
-    if _stop_agreed(accelerator, stops):  # asked while the lock was waited for or the model loaded
-        name = signal.Signals(stops.signum or signal.SIGTERM).name
+    if _any_process(accelerator, stops.requested):  # asked while the lock was waited for or the model loaded
         kept = f"the checkpoint of step {run.start} is kept" if run.start else "nothing was trained yet"
-        raise Preempted(stops.signum or signal.SIGTERM, f"palp train stopped by {name} before its first step ({kept}); "
-                                                        f"rerun with --resume to continue")
+        raise stops.preempted(f" before its first step ({kept}); rerun with --resume to continue")
     bar = tqdm(range(run.start + 1, cfg.steps + 1), initial=run.start, total=cfg.steps, desc=f"palp train ({cfg.method})",
                disable=not (progress and accelerator.is_local_main_process))
     # The next step's draws are made on the CPU while the device runs this step.
@@ -430,7 +425,7 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: StopRe
                         _validate(run, step, out)
                     if step in cfg.save_steps:
                         out.snapshot(step, run.model, run.tokens)
-                stop = _stop_agreed(accelerator, stops) and step < cfg.steps
+                stop = _any_process(accelerator, stops.requested) and step < cfg.steps
                 if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop):
                     held.check()  # a lost gs:// lease: stop before writing over the new holder's run
                     out.checkpoint(step, run.model, ctx.optimizer, run.rows, keep=cfg.checkpoints_total_limit)
@@ -438,10 +433,8 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: StopRe
                 accelerator.wait_for_everyone()
                 if stop:
                     where = f" and pushed to {out.remote}" if out.remote else ""
-                    raise Preempted(stops.signum or signal.SIGTERM,
-                                    f"palp train stopped by {signal.Signals(stops.signum or signal.SIGTERM).name} after step "
-                                    f"{step} of {cfg.steps}: checkpoint step-{step:06d} written to {out.local / checkpoints.DIR}"
-                                    f"{where}; rerun with --resume to continue")
+                    raise stops.preempted(f" after step {step} of {cfg.steps}: checkpoint step-{step:06d} written to "
+                                          f"{out.local / checkpoints.DIR}{where}; rerun with --resume to continue")
     finally:
         ahead.shutdown(cancel_futures=True)
 
@@ -459,12 +452,12 @@ def process_draws(cfg: TrainConfig, step: int, accelerator, *, per_process: int,
     return Draws(*(None if x is None else x[rank * per_process : (rank + 1) * per_process] for x in dataclasses.astuple(full)))
 
 
-def _stop_agreed(accelerator, stops: StopRequests) -> bool:
-    """Whether any process was asked to stop: every process stops after the same step."""
+def _any_process(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (every process gets the same answer: a stop
+    request, an out-of-memory in the probe)."""
     if accelerator.num_processes == 1:
-        return stops.requested
-    flag = torch.tensor([1.0 if stops.requested else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0)
 
 
 def _validate(run: _Run, step: int, out: RunOutput) -> None:

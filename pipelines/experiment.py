@@ -125,16 +125,12 @@ def typed_value(value, kind):
 
 def _truth_file(value: str, name: str) -> dict:
     """A subject's ``truth:`` given as a JSON file (a toy-world subject file): its object."""
-    import json
+    from palp.prepare import PrepareError, read_truth_file
 
-    path = _resolve(value)
     try:
-        truth = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ExperimentError(f"truth of subject {name}: cannot read {value} as JSON ({e})") from e
-    if not isinstance(truth, dict):
-        raise ExperimentError(f"truth of subject {name}: {value} does not hold a JSON object")
-    return truth
+        return read_truth_file(_resolve(value))
+    except PrepareError as e:
+        raise ExperimentError(f"truth of subject {name}: {e}") from e
 
 
 def check_judged_units(params: dict, path) -> None:

@@ -182,13 +182,12 @@ def fan_out_size(params: dict) -> int:
     """How many trainings an experiment's parameters fan out to (what prepare will return:
     palp.prepare.fan_out over its tasks), counted without reading any photo. A prompts file
     that is not on this machine is not read (its prompts are not counted)."""
-    from palp.prepare import PromptSpec, SubjectSpec, build_tasks, fan_out, load_prompts_file
+    from palp.prepare import PromptSpec, build_tasks, fan_out, load_prompts_file, subject_specs
 
-    subjects = {s["name"]: SubjectSpec(s["name"], s["images"], s.get("class_word") or "thing", s.get("placeholder") or "[V]",
-                                       s.get("personalization_prompt") or "") for s in params["subjects"]}
+    subjects = {s.name: s for s in subject_specs(params["subjects"])}
     prompts = [PromptSpec(p) for p in params.get("prompts") or []]
     if params.get("prompts_file") and "://" not in str(params["prompts_file"]):
         prompts += load_prompts_file(params["prompts_file"])
-    words = {n: s.class_word for n, s in subjects.items()}
+    words = {n: s.class_word or "thing" for n, s in subjects.items()}  # any word: only the count is wanted
     tasks = build_tasks(subjects, prompts, words)
     return len(fan_out({"tasks": tasks}, list(params.get("methods") or ["palp", "ti-db"])))

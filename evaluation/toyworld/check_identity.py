@@ -22,15 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from diffusers import AutoencoderKL
 from PIL import Image
 
 from palp import safecsv
 from palp.cli import main as palp
 from palp.data import read_image
-from palp.models import resolve_model_dir
 from palp.storage import write_bytes, write_text
-from palp.toyworld.ceiling import vae_round_trip
+from palp.toyworld.ceiling import load_vae, vae_round_trip
 from palp.toyworld.judge import IDENTITY_ATTRIBUTES, predict, reference_identity, resolve_judge
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +63,7 @@ def main(argv=None):
     root = REPO / "examples" / "toyworld"
     names = args.subjects or sorted(p.stem for p in root.glob("*.json"))
     judge = resolve_judge("toyworld")
-    vae = AutoencoderKL.from_pretrained(resolve_model_dir("toyworld"), subfolder="vae").eval()
+    vae = load_vae()
     out = Path(args.out)
     results, grids = {}, []
     for name in names:

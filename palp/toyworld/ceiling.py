@@ -43,9 +43,6 @@ class UnitCeiling:
         """Each threshold this unit misses, as 'identity_clean 0.812 < 0.95'."""
         return [f"{k} {getattr(self, k):.3f} < {v}" for k, v in THRESHOLDS.items() if getattr(self, k) < v]
 
-    def row(self) -> dict:
-        return asdict(self)
-
 
 def unit_scenes(identity: Identity, prompt: str, n: int = RENDERS, seed: int = 0) -> list[Scene]:
     """``n`` scenes of ``identity`` in the style, place and time ``prompt`` names ('[V]' or a
@@ -164,7 +161,6 @@ def table(ceilings: list[UnitCeiling]) -> str:
 
 def main(argv=None) -> int:
     import argparse
-    import json
     import sys
 
     import yaml
@@ -188,9 +184,11 @@ def main(argv=None) -> int:
         return 0
     if args.config:
         params = yaml.safe_load(open(args.config)) or {}
+        from palp.prepare import read_truth_file
+
         for s in params.get("subjects") or []:
             if isinstance(s.get("truth"), str):
-                s["truth"] = json.load(open(s["truth"]))
+                s["truth"] = read_truth_file(s["truth"])
         units = experiment_units(params)
     else:
         units = [(s.name, truth_identity(asdict(s.identity)), p) for s in PERSONAL_SUBJECTS for p in TARGET_PROMPTS]

@@ -14,13 +14,14 @@ from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pretrained_model: str, clip_model: str,
             clip_weights: str, prepared: Output[Dataset], inputs_fingerprint: str = "") -> list:
     """palp prepare; returns the trainings to fan out, ``{task_id, method, tasks}`` each
-    (palp.prepare.fan_out: TI+DB once per subject, sampled on each of its tasks).
+    (palp.steps.prepare.fan_out: TI+DB once per subject, sampled on each of its tasks).
 
     ``inputs_fingerprint`` (a digest of the photos and prompts) only enters KFP's cache key,
     so that replaced photos under the same gs:// prefix give a fresh prepare."""
-    from palp.config import split_method
-    from palp.prepare import PromptSpec, fan_out, load_prompts_file, subject_specs
-    from palp.prepare import prepare as prepare_dataset
+    from palp.core.settings import split_method
+    from palp.steps.prepare import PromptSpec, fan_out, load_prompts_file
+    from palp.steps.prepare import prepare as prepare_dataset
+    from palp.steps.prepare import subject_specs
 
     for m in methods:  # fail before any branch starts
         split_method(m)
@@ -44,18 +45,18 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
     import shutil
     from pathlib import Path
 
-    from palp.config import parse_steps, split_method
-    from palp.export import METRICS_FILE, REPORT_FILE, read_metrics_csv
-    from palp.prepare import task_config
-    from palp.train import train as train_run
-    from palp.training_report import final_scalars
+    from palp.core.settings import parse_steps, split_method
+    from palp.models.run_weights import METRICS_FILE, REPORT_FILE, read_metrics_csv
+    from palp.steps.prepare import task_config
+    from palp.steps.run_page import final_scalars
+    from palp.steps.train import train as train_run
 
     base_method, noise = split_method(method)  # "palp-iid": PALP with i.i.d. re-noising
     cfg = task_config(prepared.path, task, method=base_method, noise=noise, pretrained_model=pretrained_model, steps=steps,
                       batch_size=batch_size, micro_batch_size=micro_batch_size or None, lr=lr, lam=lam, lora_rank=lora_rank,
                       lora_targets=lora_targets, save_steps=parse_steps(save_steps), checkpoint_every=checkpoint_every,
                       mixed_precision=mixed_precision, seed=seed, validation_every=validation_every, output=model.path)
-    from palp.preemption import Preempted
+    from palp.core.preemption import Preempted
 
     try:
         train_run(cfg, resume=True, progress=False)
@@ -72,9 +73,8 @@ def sample(model: Input[Model], prepared: Input[Dataset], tasks: list, num_sampl
            scheduler: str, guidance: float, checkpoints: str, reference: bool, seed: int, samples: Output[Dataset]):
     """palp sample of the trained run on each of its ``tasks`` (and, with ``reference``, of its
     base model on their clean prompts)."""
-    from palp.sample import sample as sample_run
-
-    from palp.preemption import Preempted
+    from palp.core.preemption import Preempted
+    from palp.steps.sample import sample as sample_run
 
     settings = dict(prepared=prepared.path, tasks=tasks, num_samples=num_samples, steps=steps, batch_size=batch_size,
                     scheduler=scheduler, guidance=guidance, seed=seed, progress=False)
@@ -91,41 +91,24 @@ def sample(model: Input[Model], prepared: Input[Dataset], tasks: list, num_sampl
 def score(samples: Input[Dataset], prepared: Input[Dataset], clip_model: str, clip_weights: str, judge: str,
           scores: Output[Dataset], metrics: Output[Metrics], table: Output[Markdown], report: Output[HTML]):
     """palp score of one branch: its Table 2 row, metrics and report."""
-    import json
-    import os
-    import shutil
-
-    from palp.score import score as score_run
+    from palp.steps.score import hand_over
+    from palp.steps.score import score as score_run
 
     score_run([samples.path], prepared.path, scores.path, clip_model=clip_model, clip_weights=clip_weights, judge=judge,
               progress=False)
-    with open(os.path.join(scores.path, "metrics.json")) as f:
-        for name, value in json.load(f).items():
-            metrics.log_metric(name, value)
-    shutil.copyfile(os.path.join(scores.path, "table2.md"), table.path)
-    shutil.copyfile(os.path.join(scores.path, "report.html"), report.path)
-    with open(table.path) as f:
-        print(f.read())  # the step's log shows its Table 2
+    hand_over(scores.path, log_metric=metrics.log_metric, table=table.path, report=report.path)
 
 
 def compare(samples: Input[List[Dataset]], prepared: Input[Dataset], clip_model: str, clip_weights: str, judge: str, forms: int,
             study_seed: int, study_image_size: int, scores: Output[Dataset], metrics: Output[Metrics],
             table: Output[Markdown], report: Output[HTML], study: Output[Dataset]):
     """Every branch together: the Table-2 comparison across methods, its report, the study forms."""
-    import json
-    import os
-    import shutil
-
-    from palp.score import score as score_run
-    from palp.study import export
+    from palp.steps.score import hand_over
+    from palp.steps.score import score as score_run
+    from palp.steps.study import export
 
     dirs = [s.path for s in samples]
     score_run(dirs, prepared.path, scores.path, clip_model=clip_model, clip_weights=clip_weights, judge=judge, progress=False)
-    with open(os.path.join(scores.path, "metrics.json")) as f:
-        for name, value in json.load(f).items():
-            metrics.log_metric(name, value)
-    shutil.copyfile(os.path.join(scores.path, "table2.md"), table.path)
-    shutil.copyfile(os.path.join(scores.path, "report.html"), report.path)
-    with open(table.path) as f:
-        print(f.read())  # the step's log shows its Table 2
+    hand_over(scores.path, log_metric=metrics.log_metric, table=table.path, report=report.path)
+
     export(dirs, prepared.path, study.path, forms=forms, seed=study_seed, image_size=study_image_size)

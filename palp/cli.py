@@ -8,11 +8,11 @@ import os
 import sys
 
 from palp import __version__
-from palp.flags import arguments, finite_float, settings
+from palp.core.flags import arguments, finite_float, settings
 
 
 def _add_flags(parser, cls, sections=None, **choices) -> None:
-    """The flags of the settings dataclass ``cls`` (palp.flags), each in its --help section."""
+    """The flags of the settings dataclass ``cls`` (palp.core.flags), each in its --help section."""
     for section, name, keywords in arguments(cls, **choices):
         (sections[section] if section else parser).add_argument(name, **keywords)
 
@@ -20,7 +20,7 @@ def _add_flags(parser, cls, sections=None, **choices) -> None:
 def add_train_parser(sub) -> None:
     """The task's flags (subjects and prompts, assembled by ``config_from_args``), then every
     TrainConfig flag, each in its section."""
-    from palp.config import CHECKPOINTS, SUBJECT, TRAIN_SECTIONS, TrainConfig
+    from palp.core.settings import CHECKPOINTS, SUBJECT, TRAIN_SECTIONS, TrainConfig
 
     p = sub.add_parser("train", help="fine-tune LoRA + [V] on a subject with prompt-aligned guidance",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -45,17 +45,17 @@ def add_train_parser(sub) -> None:
 
 def _train_settings(args) -> dict:
     """The TrainConfig fields the train flags set (each flag's dest is its field's name)."""
-    from palp.config import TrainConfig
+    from palp.core.settings import TrainConfig
 
     return {**settings(args, TrainConfig), "max_grad_norm": args.max_grad_norm or None}  # 0 turns clipping off
 
 
 def config_from_args(args):
-    from palp.config import ConfigError, Subject, TrainConfig
-    from palp.prompts import PromptError, parse_keyed
+    from palp.core.prompts import PromptError, parse_keyed
+    from palp.core.settings import ConfigError, Subject, TrainConfig
 
     if args.prepared:
-        from palp.prepare import task_config
+        from palp.steps.prepare import task_config
 
         given = [f for f, v in (("--images", args.images), ("--class-word", args.class_word), ("--prompt", args.prompt),
                                 ("--personalization-prompt", args.personalization_prompt),
@@ -86,7 +86,7 @@ def config_from_args(args):
 
 
 def run_train(args) -> int:
-    from palp.train import train
+    from palp.steps.train import train
 
     cfg = config_from_args(args)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
@@ -99,7 +99,7 @@ def run_train(args) -> int:
 
 
 def _named(values, flag: str) -> dict[str, str]:
-    from palp.prepare import PrepareError
+    from palp.steps.prepare import PrepareError
 
     out = {}
     for raw in values or ():
@@ -113,7 +113,7 @@ def _named(values, flag: str) -> dict[str, str]:
 
 
 def add_prepare_parser(sub) -> None:
-    from palp.config import DEFAULT_BASE_MODEL, ScoreSettings
+    from palp.core.settings import DEFAULT_BASE_MODEL, ScoreSettings
 
     p = sub.add_parser("prepare", help="validate and prepare subject photos and target prompts",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -146,12 +146,13 @@ def add_prepare_parser(sub) -> None:
 
 
 def run_prepare(args) -> int:
-    from palp.prepare import (PrepareError, PromptSpec, SubjectSpec, load_prompts_file, prepare, read_truth_file,
-                              summary_table)
+    from palp.steps.prepare import PrepareError, PromptSpec, SubjectSpec, load_prompts_file, prepare, summary_table
 
     sources = _named(args.subject, "--subject")
     words, phs = _named(args.class_word, "--class-word"), _named(args.placeholder, "--placeholder")
     y_p = _named(args.personalization_prompt, "--personalization-prompt")
+    from palp.toyworld.truth import read_truth_file
+
     truths = _named(args.truth, "--truth")
     for flag, keyed in (("--class-word", words), ("--placeholder", phs), ("--personalization-prompt", y_p), ("--truth", truths)):
         if set(keyed) - set(sources):
@@ -175,9 +176,8 @@ def run_prepare(args) -> int:
 
 
 def add_sample_parser(sub) -> None:
-    from palp.config import SampleSettings
-    from palp.fast import ATTENTION_BACKENDS, COMPILE_CHOICES
-    from palp.sample import SAMPLERS, SCHEDULERS
+    from palp.core.settings import ATTENTION_BACKENDS, COMPILE_CHOICES, SampleSettings
+    from palp.steps.sample import SAMPLERS, SCHEDULERS
 
     p = sub.add_parser("sample", help="sample a trained run (or its base model) in batches",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -206,8 +206,8 @@ def add_sample_parser(sub) -> None:
 
 
 def run_sample(args) -> int:
-    from palp.config import SampleSettings
-    from palp.sample import sample
+    from palp.core.settings import SampleSettings
+    from palp.steps.sample import sample
 
     rows = sample(args.model, args.output, prompts=args.prompts, tasks=args.task, prepared=args.prepared,
                   **settings(args, SampleSettings), reference=args.reference, precision=args.precision,
@@ -218,7 +218,7 @@ def run_sample(args) -> int:
 
 
 def add_score_parser(sub) -> None:
-    from palp.config import ScoreSettings
+    from palp.core.settings import ScoreSettings
 
     p = sub.add_parser("score", help="CLIP text and image alignment: Table 2, Fig. 6, an HTML report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -231,8 +231,8 @@ def add_score_parser(sub) -> None:
 
 
 def run_score(args) -> int:
-    from palp.config import ScoreSettings
-    from palp.score import score
+    from palp.core.settings import ScoreSettings
+    from palp.steps.score import score
 
     scores = score(args.samples, args.prepared, args.output, **settings(args, ScoreSettings), progress=not args.quiet)
     print(storage_text(args.output, "table2.md"))
@@ -241,13 +241,13 @@ def run_score(args) -> int:
 
 
 def storage_text(folder: str, name: str) -> str:
-    from palp import storage
+    from palp.core import storage
 
     return storage.read_text(storage.join(folder, name))
 
 
 def add_study_parser(sub) -> None:
-    from palp.config import StudySettings
+    from palp.core.settings import StudySettings
 
     study = sub.add_parser("study", help="user-study forms (export) and their analysis (Table 3)")
     ssub = study.add_subparsers(dest="study_command", required=True)
@@ -274,8 +274,8 @@ def add_study_parser(sub) -> None:
 
 
 def run_study_export(args) -> int:
-    from palp.config import StudySettings
-    from palp.study import export
+    from palp.core.settings import StudySettings
+    from palp.steps.study import export
 
     summary = export(args.samples, args.prepared, args.output, **settings(args, StudySettings), links=args.links,
                      expiry_hours=args.expiry_hours, methods=args.methods, salt=args.salt)
@@ -284,7 +284,7 @@ def run_study_export(args) -> int:
 
 
 def run_study_analyze(args) -> int:
-    from palp.analyze import analyze, markdown
+    from palp.steps.analyze import analyze, markdown
 
     t3 = analyze(args.responses, args.key, args.output, n_boot=args.bootstrap, seed=args.seed)
     print(markdown(t3))
@@ -309,7 +309,7 @@ def add_image_parser(sub) -> None:
 
 
 def run_image_build(args) -> int:
-    from palp.image import build
+    from palp.step_image import build
 
     tag = build(args.target, tag=args.tag, base_image=args.base_image, index_url=args.index_url,
                 extra_index_urls=args.extra_index_url, trusted_hosts=args.trusted_host, find_links=args.find_links,
@@ -337,22 +337,23 @@ def build_parser(commands=()) -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    from palp.config import ConfigError
-    from palp.data import SubjectImageError
-    from palp.models import ModelError
-    from palp.prompts import PromptError
-    from palp.storage import StorageError
-    from palp.clip import ClipError
-    from palp.prepare import PrepareError
-    from palp.sample import SampleError
-    from palp.score import ScoreError
-    from palp.study import StudyError
-    from palp.image import ImageError
-    from palp.train import TrainingError
-    from palp.locks import LockError
+    from palp.core.gcs import StorageError
+    from palp.core.locks import LockError
+    from palp.core.prompts import PromptError
+    from palp.core.settings import ConfigError
+    from palp.core.subject_images import SubjectImageError
+    from palp.models.base_model import ModelError
+    from palp.models.clip import ClipError
+    from palp.step_image import ImageError
+    from palp.steps.prepare import PrepareError
+    from palp.steps.sample_jobs import SampleError
+    from palp.steps.score import ScoreError
+    from palp.steps.study import StudyError
+    from palp.steps.train import TrainingError
+    from palp.toyworld.truth import TruthFileError
 
     return (ConfigError, SubjectImageError, ModelError, PromptError, StorageError, TrainingError, PrepareError, ClipError,
-            SampleError, ScoreError, StudyError, ImageError, LockError)
+            SampleError, ScoreError, StudyError, ImageError, LockError, TruthFileError)
 
 
 def main(argv: list[str] | None = None, *, raise_errors: bool = False, commands=(), errors: tuple = ()) -> int:
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None, *, raise_errors: bool = False, commands=
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if raise_errors:
         return args.func(args)
-    from palp.preemption import Preempted
+    from palp.core.preemption import Preempted
 
     try:
         return args.func(args)
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None, *, raise_errors: bool = False, commands=
         print(f"{e}", file=sys.stderr)
         return e.exit_code
     except Exception as e:
-        from palp import storage
+        from palp.core import storage
 
         if storage.is_disk_full(e) and not isinstance(e, storage.DiskFullError):  # a write no step wrapped
             e = storage.disk_full_error(e, getattr(args, "output", None) or ".",

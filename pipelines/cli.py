@@ -110,14 +110,12 @@ def print_summary(root) -> None:
 def run_pipeline_submit(args) -> int:
     import json
 
-    from palp.config import ConfigError
-    from pipelines.experiment import load_experiment
+    from palp.core.settings import ConfigError
+    from pipelines.experiment import ExperimentError, load_experiment
     from pipelines.inputs import portable_inputs
-    from pipelines.submit import submit_kubeflow, submit_vertex
-
-    from pipelines.experiment import ExperimentError
     from pipelines.memory import refusal, table
     from pipelines.palp_pipeline import DEFAULT_ACCELERATOR
+    from pipelines.submit import submit_kubeflow, submit_vertex
 
     params = load_experiment(args.config)
     card = args.accelerator or DEFAULT_ACCELERATOR[args.backend]

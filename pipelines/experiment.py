@@ -125,11 +125,11 @@ def typed_value(value, kind):
 
 def _truth_file(value: str, name: str) -> dict:
     """A subject's ``truth:`` given as a JSON file (a toy-world subject file): its object."""
-    from palp.prepare import PrepareError, read_truth_file
+    from palp.toyworld.truth import TruthFileError, read_truth_file
 
     try:
         return read_truth_file(_resolve(value))
-    except PrepareError as e:
+    except TruthFileError as e:
         raise ExperimentError(f"truth of subject {name}: {e}") from e
 
 
@@ -137,7 +137,7 @@ def check_judged_units(params: dict, path) -> None:
     """With the toy world's judge, every (subject, prompt) unit whose subject carries its truth
     must be one the judge can read (palp.toyworld.ceiling): a unit below the thresholds is
     excluded by rule before anything trains, so the experiment is refused, naming each."""
-    from palp.prepare import PrepareError, load_prompts_file
+    from palp.steps.prepare import PrepareError, load_prompts_file
     from palp.toyworld.ceiling import THRESHOLDS, check_units, experiment_units
     from palp.toyworld.judge import resolve_judge
 

@@ -27,7 +27,7 @@ class LocalInput:
 
     def uri(self, pipeline_root: str) -> str:
         """Where the files go: ``<pipeline-root>/inputs/<digest>`` (a file keeps its name in it)."""
-        from palp import storage
+        from palp.core import storage
 
         folder = storage.join(pipeline_root, "inputs", self.digest)
         return storage.join(folder, self.file) if self.file else folder
@@ -38,9 +38,9 @@ def _is_url(value: str) -> bool:
 
 
 def _sd_names(path: Path, what: str) -> list[str]:
-    """The files of a local diffusers folder that palp loads (and pins): palp.models.loaded_files."""
-    from palp import storage
-    from palp.models import ModelError, check_sd_layout, loaded_files
+    """The files of a local diffusers folder that palp loads (and pins): palp.models.base_model.loaded_files."""
+    from palp.core import storage
+    from palp.models.base_model import ModelError, check_sd_layout, loaded_files
 
     try:
         check_sd_layout(path, spec=f"{what} {path}")
@@ -54,8 +54,8 @@ def local_inputs(params: dict) -> dict[tuple, LocalInput]:
     (("subjects", 0, "images"), ("prompts_file",), ("pretrained_model",), ("clip_weights",)),
     each with the files that travel and their digest. Hub ids, ``tiny``, ``toyworld``, open_clip
     tags and gs:// URIs are not local. A local input that cannot be used is refused here."""
-    from palp import storage
-    from palp.prepare import subject_entries
+    from palp.core import storage
+    from palp.steps.prepare import subject_entries
 
     found: dict[tuple, LocalInput] = {}
     for i, s in enumerate(params.get("subjects") or []):
@@ -92,9 +92,9 @@ def local_inputs(params: dict) -> dict[tuple, LocalInput]:
 def _prefix_version(uri: str, what: str, *, top_level: bool) -> str:
     """The generations of the objects under a gs:// prefix (``top_level``: only the files
     directly in it, which is what prepare reads of a subject's folder)."""
-    from palp import storage
+    from palp.core import gcs, storage
 
-    versions = storage.object_generations(uri)
+    versions = gcs.object_generations(uri)
     if top_level:
         versions = {n: g for n, g in versions.items() if "/" not in n}
     if not versions:
@@ -107,7 +107,7 @@ def _fingerprint(params: dict, local: dict[tuple, LocalInput]) -> str:
     import hashlib
     import json
 
-    from palp import storage
+    from palp.core import gcs, storage
 
     entries: dict[str, str] = {}
     for i, s in enumerate(params.get("subjects") or []):
@@ -117,7 +117,7 @@ def _fingerprint(params: dict, local: dict[tuple, LocalInput]) -> str:
         item = local.get(("subjects", i, "images"))
         entries[f"subjects/{i}/images"] = ("sha256:" + item.digest) if item else (
             _prefix_version(str(s["images"]), f"subject {s['name']}'s images", top_level=True)
-            if storage.is_gcs(s["images"]) else str(s["images"]))
+            if gcs.is_gcs(s["images"]) else str(s["images"]))
     entries["prompts"] = json.dumps(list(params.get("prompts") or []))
     prompts_file = str(params.get("prompts_file") or "")
     if prompts_file:  # its text: the same on this machine and once uploaded
@@ -125,7 +125,7 @@ def _fingerprint(params: dict, local: dict[tuple, LocalInput]) -> str:
     model = str(params.get("pretrained_model") or "")
     item = local.get(("pretrained_model",))
     entries["pretrained_model"] = ("sha256:" + item.digest) if item else (
-        _prefix_version(model, "pretrained_model", top_level=False) if storage.is_gcs(model) else model)
+        _prefix_version(model, "pretrained_model", top_level=False) if gcs.is_gcs(model) else model)
     item = local.get(("clip_weights",))
     entries["clip_weights"] = ("sha256:" + item.digest) if item else str(params.get("clip_weights") or "")
     return storage.versions_digest(entries)
@@ -163,10 +163,10 @@ def _upload(item: LocalInput, folder: str) -> int:
     """Complete the content-addressed copy of ``item`` under ``folder``; returns how many files were uploaded."""
     from google.api_core.exceptions import GoogleAPIError
 
-    from palp import storage
+    from palp.core import gcs, storage
 
     try:
-        present = storage.object_generations(folder)
+        present = gcs.object_generations(folder)
         foreign = sorted(set(present) - set(item.names))
         if foreign:
             raise ExperimentError(f"{folder} should hold only the files of {item.what} ({item.source}) but also holds "
@@ -175,7 +175,7 @@ def _upload(item: LocalInput, folder: str) -> int:
         for name in missing:  # each object appears whole; an interrupted upload is completed next time
             storage.write_bytes(storage.join(folder, name), (item.folder / name).read_bytes())
     except GoogleAPIError as e:  # a missing bucket, no permission
-        raise storage.StorageError(f"cannot upload {item.what} to {folder}: {type(e).__name__}: {e}") from e
+        raise gcs.StorageError(f"cannot upload {item.what} to {folder}: {type(e).__name__}: {e}") from e
     return len(missing)
 
 
@@ -190,7 +190,7 @@ def portable_inputs(params: dict, pipeline_root: Optional[str], *, upload: bool 
     completed. ``upload=False`` (a dry run) computes the URIs and writes nothing. A local input
     with a pipeline root that is not gs:// is refused with one ExperimentError naming it.
     ``say`` hears one line per local input."""
-    from palp import storage
+    from palp.core import gcs, storage
 
     value = str(params.get("clip_model") or "")
     if value.startswith("local-dir:"):  # open_clip reads such a folder from local disk only
@@ -198,7 +198,7 @@ def portable_inputs(params: dict, pipeline_root: Optional[str], *, upload: bool 
             f"clip_model {value} is a folder on this machine, which the cluster cannot read: give an open_clip name "
             f"(ViT-B-32) with clip_weights a checkpoint file (local files are uploaded, gs:// ones used as they are)")
     local = local_inputs(params)
-    if local and not (pipeline_root and storage.is_gcs(pipeline_root)):
+    if local and not (pipeline_root and gcs.is_gcs(pipeline_root)):
         raise _not_on_this_machine(local, pipeline_root)
     out = dict(params, subjects=[dict(s) for s in params["subjects"]])
     out["inputs_fingerprint"] = _fingerprint(params, local)

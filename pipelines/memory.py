@@ -4,7 +4,7 @@ say what micro-batch ``--micro-batch-size auto`` will pick on each card, and a r
 fit even at micro-batch 1 is refused before anything is uploaded.
 
 The model: peak = fixed + micro-batch x per-sample. Its numbers come from one measurement of
-the training step on an H200 (evaluation/bench/RESULTS.md, 2026-11-26): an SD-1.4-shaped
+the training step on an H200 (evaluation/benchmarks/RESULTS.md, 2026-11-26): an SD-1.4-shaped
 UNet at 512 px, bf16 weights with an fp32 LoRA of rank 32, batch 32 in one micro-batch, eager
 PALP (fused guidance) 45.5 GiB and TI+DB 37.7 GiB at peak. The fixed part is the frozen
 weights in bf16 (UNet, text encoder, VAE: 2.1 GiB) and the CUDA context (about 0.5 GiB); the

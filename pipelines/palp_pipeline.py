@@ -2,7 +2,7 @@
 
 A training is one (task, method), except for TI+DB, whose training ignores the target prompt:
 it is trained once per subject and samples every prompt of that subject
-(``palp.prepare.fan_out``).
+(``palp.steps.prepare.fan_out``).
 
 Wiring only: every step is a component from ``components``. Resources are set per backend at
 compile time (``build_pipeline(backend=...)``); locally they are ignored.
@@ -15,11 +15,11 @@ from typing import Optional
 from kfp import dsl
 
 from components import Components, default_image, make_components
-from palp.config import DEFAULT_SAVE_STEPS
-from palp.config import SampleSettings as Sa
-from palp.config import ScoreSettings as Sc
-from palp.config import StudySettings as St
-from palp.config import TrainConfig as T
+from palp.core.settings import DEFAULT_SAVE_STEPS
+from palp.core.settings import SampleSettings as Sa
+from palp.core.settings import ScoreSettings as Sc
+from palp.core.settings import StudySettings as St
+from palp.core.settings import TrainConfig as T
 from pipelines.errors import PipelineError
 from pipelines.quota import DEFAULT_MAX_PARALLEL
 
@@ -81,7 +81,7 @@ def check_backend(backend: str, accelerator: Optional[str]) -> str:
     return accelerator
 
 
-# The pipeline's defaults are the library's (palp.config), except these, each with its reason
+# The pipeline's defaults are the library's (palp.core.settings), except these, each with its reason
 # (tests/test_defaults.py holds every other parameter to the library's default).
 DIFFERENT_DEFAULTS = {
     "mixed_precision": ("bf16", "the pipeline trains on GPUs, where bf16 halves memory and time; the library's "
@@ -180,9 +180,9 @@ def compile_pipeline(backend: str, output: str, *, accelerator: Optional[str] = 
 
 def fan_out_size(params: dict) -> int:
     """How many trainings an experiment's parameters fan out to (what prepare will return:
-    palp.prepare.fan_out over its tasks), counted without reading any photo. A prompts file
+    palp.steps.prepare.fan_out over its tasks), counted without reading any photo. A prompts file
     that is not on this machine is not read (its prompts are not counted)."""
-    from palp.prepare import PromptSpec, build_tasks, fan_out, load_prompts_file, subject_specs
+    from palp.steps.prepare import PromptSpec, build_tasks, fan_out, load_prompts_file, subject_specs
 
     subjects = {s.name: s for s in subject_specs(params["subjects"])}
     prompts = [PromptSpec(p) for p in params.get("prompts") or []]

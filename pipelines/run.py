@@ -67,7 +67,7 @@ def _runner(runner: str, root: Path, params: dict, *, image: Optional[str], gpus
     """The kfp.local runner, the parameters it gets (docker: inputs staged under the root) and the image."""
     from kfp import local
 
-    from palp.image import default_tag
+    from palp.step_image import default_tag
 
     if runner == "subprocess":
         return local.SubprocessRunner(use_venv=False), params, image
@@ -124,7 +124,7 @@ STEP_CACHES = ".step-caches"
 def _cache_per_step(runner: str, root: Path, share_cache: bool):
     """Subprocess steps share the machine's disk; each gets its own empty PALP_CACHE (under
     ``root/.step-caches``, removed afterwards) unless ``share_cache``. Docker steps: docker_runner."""
-    from palp.tiny import PROCESS_FIELD
+    from palp.core.cache import PROCESS_FIELD
 
     if runner != "subprocess" or share_cache:
         yield

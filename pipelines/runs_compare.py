@@ -72,7 +72,7 @@ class Run:
 # -- finding what a ROOT is ---------------------------------------------------------------------
 
 def _is_scores_folder(path: str) -> bool:
-    from palp import storage
+    from palp.core import storage
 
     return storage.exists(storage.join(path, SCORES_CSV)) and storage.exists(storage.join(path, TABLE2_CSV))
 
@@ -90,13 +90,13 @@ def newest_run(root: Path) -> Path | None:
 
 def locate(root: str) -> tuple[Path | None, str]:
     """(the run folder, or None for a scores folder; the scores folder) of a ROOT."""
-    from palp import storage
+    from palp.core import gcs
 
-    if not storage.is_gcs(root) and not Path(root).is_dir():
+    if not gcs.is_gcs(root) and not Path(root).is_dir():
         raise RunsCompareError(f"ROOT {root} does not exist or is not a folder")
     if _is_scores_folder(root):
         return None, root
-    if storage.is_gcs(root):
+    if gcs.is_gcs(root):
         raise RunsCompareError(f"ROOT {root} holds no {SCORES_CSV} and {TABLE2_CSV}: on gs:// give a scores folder "
                                f"(a run's {'/'.join(COMPARE_SCORES)})")
     path = Path(root).resolve()
@@ -189,7 +189,7 @@ def sample_params(samples_dir: Path) -> dict[str, str]:
     """``sample.*`` of one training's samples: its settings folders' ``settings.json`` and,
     from ``samples.csv``, the samples per prompt, the sampled steps and whether the base
     model's reference was sampled."""
-    from palp.sample import SAMPLES_CSV, SETTINGS_FILE, read_table
+    from palp.steps.sample_jobs import SAMPLES_CSV, SETTINGS_FILE, read_table
 
     table = read_table(str(samples_dir / SAMPLES_CSV))
     trained = table[table["method"] != "base"]
@@ -210,7 +210,7 @@ def sample_params(samples_dir: Path) -> dict[str, str]:
 def training_params(run: Path) -> tuple[dict[str, str], set[str]]:
     """``train.*`` and ``sample.*`` of a run, combined over its trainings (``combine``), and the
     sections found (its scopes). Paths inside the run read ``<run>/…``, so two runs' equal settings match."""
-    from palp.export import CONFIG_FILE
+    from palp.models.run_weights import CONFIG_FILE
 
     here = str(run)
     trains, samples = [], []
@@ -246,7 +246,7 @@ def scores_params(scores, table2) -> dict[str, str]:
 
 def read_scores(folder: str):
     """(scores.csv, table2.csv indexed by method) of a scores folder."""
-    from palp import safecsv, storage
+    from palp.core import safecsv, storage
 
     text = ("task", "subject", "method", "prompt", "clean_prompt", "settings", "file", "run", "path")
     scores = safecsv.read_csv(storage.read_bytes(storage.join(folder, SCORES_CSV)), dtype={c: str for c in text})
@@ -257,7 +257,7 @@ def read_scores(folder: str):
 
 def load_run(root: str, label: str) -> Run:
     """Everything compared of one ROOT."""
-    from palp.prepare import MANIFEST, load_manifest
+    from palp.steps.prepare import MANIFEST, load_manifest
 
     run_dir, scores_dir = locate(root)
     out = Run(label=label, root=root, source=str(run_dir or scores_dir), scores_dir=scores_dir)
@@ -344,7 +344,7 @@ def markdown(runs: list[Run], diff, t2) -> str:
 def compare_runs(roots: list[str], output: str) -> str:
     """Compare the runs of ``roots``; write ``compare.md`` and ``compare.html`` under ``output``
     (atomically) and return the Markdown."""
-    from palp import storage
+    from palp.core import storage
 
     storage.check_folder_output(output)
     runs = [load_run(root, label) for root, label in zip(roots, _labels(roots))]
@@ -373,11 +373,11 @@ def add_runs_parser(sub) -> None:
 def run_runs_compare(args) -> int:
     """``palp runs compare``: prints the Markdown and where both files went; a ROOT it cannot
     read or an unusable --output is one error line and exit status 2."""
-    from palp import storage
+    from palp.core import gcs, storage
 
     try:
         text = compare_runs(args.roots, args.output)
-    except (RunsCompareError, storage.StorageError) as e:
+    except (RunsCompareError, gcs.StorageError) as e:
         print(f"palp runs compare: error: {e}", file=sys.stderr)
         return 2
     print(text)

@@ -24,9 +24,10 @@ def _html_table(df, *, floats: bool = False) -> str:
 
 
 def _thumbs(rows) -> str:
-    from palp.data import SubjectImageError
-    from palp.report import IMAGE, TARGET, thumbnail
-    from palp.storage import StorageError
+    from palp.core.gcs import StorageError
+    from palp.core.pages import thumbnail
+    from palp.core.subject_images import SubjectImageError
+    from palp.steps.score_report import IMAGE, TARGET
 
     esc = html.escape
     imgs = []

@@ -30,7 +30,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
-    from palp.tiny import tiny_model_dir
+    from palp.models.tiny import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -100,7 +100,7 @@ def gcs_emulator():
 
 def upload_folder(local: Path, uri: str) -> None:
     """Put a local folder's files under a gs:// prefix (creating the bucket) with the stock client."""
-    from palp.storage import gcs_client, split_gcs
+    from palp.core.gcs import gcs_client, split_gcs
 
     bucket_name, prefix = split_gcs(uri)
     client = gcs_client()
@@ -128,7 +128,7 @@ def run_weights(out: Path) -> dict:
     """The trained tensors of a run folder (LoRA + learned embeddings)."""
     from safetensors.torch import load_file
 
-    from palp.export import EMBEDS_FILE, LORA_FILE
+    from palp.models.run_weights import EMBEDS_FILE, LORA_FILE
 
     return {**load_file(out / LORA_FILE), **load_file(out / EMBEDS_FILE)}
 

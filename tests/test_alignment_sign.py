@@ -14,7 +14,7 @@ STEPS, LR, LAM, SAMPLES = 100, 3e-3, 3.0, 8
 
 
 def _photos_of_v(tmp_path: Path, method: str, *extra: str) -> list[dict]:
-    from palp.data import read_image
+    from palp.core.subject_images import read_image
     from palp.toyworld.judge import load_judge, predict
 
     out = tmp_path / method

@@ -119,7 +119,7 @@ def test_class_word_without_images_and_images_without_class_word(tmp_path, capsy
 
 def test_images_that_need_converting_are_accepted(tmp_path):
     """EXIF orientation, palette, alpha, CMYK and 16-bit images all become RGB at the model size."""
-    from palp.data import load_subject_images
+    from palp.core.subject_images import load_subject_images
 
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -285,7 +285,7 @@ def _clip_token_count(tiny_dir, prompt: str) -> int:
     """What the model's own tokenizer (with the placeholder token added) makes of the prompt."""
     from transformers import CLIPTokenizer
 
-    from palp.prompts import to_token_prompt
+    from palp.core.prompts import to_token_prompt
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_dir, subfolder="tokenizer")
     tokenizer.add_tokens(["<v>"])
@@ -308,7 +308,7 @@ def test_prompt_over_the_text_encoders_limit(tmp_path, capsys, cat_images, tiny_
     assert not (tmp_path / "run").exists() and not (tmp_path / "prep").exists()
     exactly = "A sketch of [V] " + "x " * (77 - _clip_token_count(tiny_dir, "A sketch of [V]"))
     assert _clip_token_count(tiny_dir, exactly) == 77
-    from palp.prompts import check_token_length
+    from palp.core.prompts import check_token_length
 
     check_token_length(exactly)  # 77 is allowed
 
@@ -326,10 +326,35 @@ def test_storage_outage_is_one_storage_error(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "scores").exists()
 
 
-def test_bucket_keeps_as_many_checkpoints_as_the_local_folder(gcs_emulator, cat_images):
-    from palp import storage
+def test_gs_without_credentials_is_one_clear_error(tmp_path):
+    """No emulator and no Google Cloud credentials anywhere: one line that says how to give them,
+    not the auth library's traceback. The auth library's probe for a metadata server is pointed
+    at a closed loopback port (it reads the address when first imported: a fresh process), so
+    nothing leaves the machine."""
+    import os
+    import subprocess
+    import sys
 
-    storage.gcs_client().create_bucket("palp-prune")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT")}
+    env.update(HOME=str(tmp_path / "home"), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"), GCE_METADATA_TIMEOUT="1",
+               GCE_METADATA_HOST=f"127.0.0.1:{free_port()}", GCE_METADATA_IP=f"127.0.0.1:{free_port()}")
+    out = subprocess.run([sys.executable, "-m", "palp", "prepare", "--subject", "cat=gs://palp-no-credentials/cat",
+                          "--class-word", "cat=cat", "--prompt", PROMPT, "--output", str(tmp_path / "prep"),
+                          "--pretrained-model", "tiny"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if "error" in line.lower()]
+    assert lines == ["palp prepare: error: subject cat: gs:// needs Google Cloud credentials and none were found: run `gcloud auth "
+                     "application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file "
+                     "(on GKE and Vertex the node's service account is used)"], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "prep").exists()
+
+
+def test_bucket_keeps_as_many_checkpoints_as_the_local_folder(gcs_emulator, cat_images):
+    from palp.core import gcs, storage
+
+    gcs.gcs_client().create_bucket("palp-prune")
     argv = train_args(cat_images, "gs://palp-prune/run", "--checkpoints-total-limit", "1", "--checkpoint-every", "1")
     assert main(argv) == 0
     names = storage.list_files("gs://palp-prune/run/checkpoints", recursive=True)

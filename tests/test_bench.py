@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO
 
-BENCH = REPO / "evaluation" / "bench"
+BENCH = REPO / "evaluation" / "benchmarks"
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -95,8 +95,8 @@ def test_a_bad_setting_is_one_clear_error_on_the_command_line():
 
 
 def _tiny_pipe(scheduler: str, dtype: torch.dtype):
-    from palp.sample import build_pipeline
-    from palp.tiny import tiny_model_dir
+    from palp.models.tiny import tiny_model_dir
+    from palp.steps.sample import build_pipeline
 
     return build_pipeline(tiny_model_dir(), scheduler=scheduler, device=torch.device("cpu"), dtype=dtype)
 
@@ -104,7 +104,7 @@ def _tiny_pipe(scheduler: str, dtype: torch.dtype):
 def test_palp_sampler_equals_the_stock_pipeline_in_bf16_with_dpm(tiny_dir):
     """The same denoising steps as StableDiffusionPipeline.__call__: the same images, also in bf16
     and with a multistep scheduler (the smoke run above checks DDIM in fp32)."""
-    from palp.sample import generate, initial_latents
+    from palp.models.denoising import generate, initial_latents
 
     dtype = torch.bfloat16
     pipe = _tiny_pipe("dpm++", dtype)

@@ -8,8 +8,8 @@ import json
 import yaml
 
 from conftest import REPO
-from palp.safecsv import read_csv
-from palp.tiny import TINY_VERSION
+from palp.core.safecsv import read_csv
+from palp.models.tiny import TINY_VERSION
 
 PROMPTS = ["A sketch of [V] in Paris at night", "A watercolour of [V] on the beach at sunset"]
 

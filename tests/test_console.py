@@ -16,9 +16,9 @@ Traceback (most recent call last):
 During handling of the above exception, another exception occurred:
 
 Traceback (most recent call last):
-  File "/x/palp/config.py", line 35, in split_method
+  File "/x/palp/core/settings.py", line 35, in split_method
     raise ConfigError(msg)
-palp.config.ConfigError: unknown method 'bogus'
+palp.core.settings.ConfigError: unknown method 'bogus'
   choose one of palp, ti-db
 
 [KFP Executor 2026-12-02 05:56:20,300 INFO]: something after
@@ -26,7 +26,7 @@ palp.config.ConfigError: unknown method 'bogus'
 
 
 def test_the_error_is_the_last_tracebacks_exception():
-    assert error_lines(TRACEBACK.splitlines()) == ["palp.config.ConfigError: unknown method 'bogus'", "  choose one of palp, ti-db"]
+    assert error_lines(TRACEBACK.splitlines()) == ["palp.core.settings.ConfigError: unknown method 'bogus'", "  choose one of palp, ti-db"]
 
 
 def test_without_a_traceback_the_last_lines_that_say_something():

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import EXAMPLE_CAT, REPO, free_port, train_args
-from palp.export import EMBEDS_FILE, LORA_FILE
+from palp.models.run_weights import EMBEDS_FILE, LORA_FILE
 
 ARGS = ("--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "2")
 

@@ -1,4 +1,4 @@
-"""Every setting's default is defined once (palp.config) and the CLI, the library functions
+"""Every setting's default is defined once (palp.core.settings) and the CLI, the library functions
 and the pipeline agree with it; the pipeline's deliberate differences are named with a reason."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from palp import config
 from palp.cli import build_parser
+from palp.core import settings as config
 
 
 def _default(cls, name):
@@ -39,9 +39,9 @@ def test_the_cli_takes_its_defaults_from_the_configs():
 
 
 def test_the_train_flags_are_the_configs_fields():
-    """Every TrainConfig setting is a flag made from its field (palp.flags), the task's fields
+    """Every TrainConfig setting is a flag made from its field (palp.core.flags), the task's fields
     (subjects and prompts, which the CLI assembles) excepted; and the other way round."""
-    from palp.flags import flag_fields
+    from palp.core.flags import flag_fields
 
     task = {"subjects", "target_prompt", "clean_prompt", "task_id", "elements"}
     flagged = {f.name for f in flag_fields(config.TrainConfig)}
@@ -56,10 +56,10 @@ def test_the_train_flags_are_the_configs_fields():
 
 
 def test_the_library_functions_take_their_defaults_from_the_configs():
-    from palp.prepare import prepare
-    from palp.sample import sample
-    from palp.score import score
-    from palp.study import export
+    from palp.steps.prepare import prepare
+    from palp.steps.sample import sample
+    from palp.steps.score import score
+    from palp.steps.study import export
 
     for fn, cls in ((sample, config.SampleSettings), (score, config.ScoreSettings), (export, config.StudySettings)):
         params = inspect.signature(fn).parameters

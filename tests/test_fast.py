@@ -1,4 +1,4 @@
-"""The speed options change how a step runs, never what it computes (palp/fast.py).
+"""The speed options change how a step runs, never what it computes (palp/models/speed.py).
 
 Each is checked against the plain formulation on the tiny model: the per-row LoRA gate against
 separate calls with the adapters disabled and enabled (fp64, so batching cannot hide an
@@ -11,12 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from palp import fast
-from palp.config import Subject, TrainConfig
-from palp.models import load_base_model
-from palp.personalize import build_personalized_model
-from palp.prompts import to_token_prompt
-from palp.train import Draws, encode_fixed_prompts, step_losses, tokenize
+from palp.core import settings
+from palp.core.prompts import to_token_prompt
+from palp.core.settings import Subject, TrainConfig
+from palp.method.step_inputs import Draws, encode_fixed_prompts, tokenize
+from palp.models import lora_gate
+from palp.models import speed as fast
+from palp.models.base_model import load_base_model
+from palp.models.personalize import build_personalized_model
+from palp.steps.train import step_losses
 
 
 def _model(dtype=torch.float32, targets="attention"):
@@ -47,7 +50,7 @@ def test_gated_call_equals_separate_calls(tiny64):
             pre = model.predict(x, t, s_pre)
         pers = model.predict(x, t, s_pers)
         assert (pre - pers).abs().max() > 1e-2  # the two models differ
-        lora = fast.row_flags([(B, 0.0), (B, 1.0)], device="cpu")
+        lora = lora_gate.row_flags([(B, 0.0), (B, 1.0)], device="cpu")
         both = model.predict_gated(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s_pre, s_pers]), lora)
         # Interleaved rows too: the gate follows each row, not a split point.
         order = torch.tensor([3, 0, 4, 1, 5, 2])
@@ -180,7 +183,7 @@ def test_attention_choice_falls_back_where_its_kernel_cannot_run():
         reference = F.scaled_dot_product_attention(q, k, v)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), pytest.raises(RuntimeError):
         F.scaled_dot_product_attention(q, k, v)  # what a strict choice did
-    for name in fast.ATTENTION_BACKENDS:
+    for name in settings.ATTENTION_BACKENDS:
         with fast.attention_backend(name):
             torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), reference)
 
@@ -241,7 +244,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_step(cat_images, tmp_path, m
     monkeypatch.setattr(fast, "compile_unet", lambda unet, how, **kw: real(unet, how, backend=broken_backend))
     torch._dynamo.reset()
     try:
-        with caplog.at_level(logging.WARNING, logger="palp.train"):
+        with caplog.at_level(logging.WARNING, logger="palp.steps.train"):
             assert main(train_args(cat_images, tmp_path / "fallback", "--compile", "transformers", steps=1)) == 0
     finally:
         torch._dynamo.reset()

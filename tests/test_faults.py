@@ -244,8 +244,8 @@ def test_a_read_only_pipeline_root_is_one_line(tmp_path, capsys):
 # -- the study key, sampling prompts, the fan-out -----------------------------------------------
 
 def test_a_malformed_answer_key_is_named(tmp_path, capsys):
-    from palp.analyze import read_key
-    from palp.study import StudyError
+    from palp.steps.analyze import read_key
+    from palp.steps.study import StudyError
 
     header = "question_id,kind,elements,method,subject,prompt,clean_prompt\n"
     (tmp_path / "k1.csv").write_text(header + 'q1,elements,not json,palp,cat,p,c\n')
@@ -321,7 +321,7 @@ def test_links_and_folders_in_a_subject_folder_each_get_a_line(tmp_path):
     assert fates["x.png"]["reason"].startswith("a folder, not a photo")
     assert fates["broken.png"]["reason"].startswith("not a regular file")
     assert "duplicate" in fates["link_inside.jpg"]["reason"]  # followed inside the folder: read, a duplicate
-    from palp.prepare import summary_table
+    from palp.steps.prepare import summary_table
 
     table = summary_table(manifest)
     assert "link_outside.jpg" in table and "x.png" in table
@@ -339,7 +339,7 @@ def test_subject_names_fit_every_later_step_and_differ_by_more_than_case(tmp_pat
 def test_the_memory_plan_per_card_is_the_model_and_refuses_what_cannot_fit(tmp_path, capsys):
     """The dry run's memory table follows its stated model (fixed + micro x per-sample, from the
     H200 measurement), and a size that cannot fit the card is refused before submission."""
-    from pipelines.memory import FIXED, MEASURED_BATCH, MEASURED_PEAK, USABLE, CARDS, plan, refusal, table
+    from pipelines.memory import CARDS, FIXED, MEASURED_BATCH, MEASURED_PEAK, USABLE, plan, refusal, table
 
     per = (MEASURED_PEAK["palp"] - FIXED) / MEASURED_BATCH
     usable = CARDS["NVIDIA_L4"] * USABLE

@@ -14,9 +14,9 @@ import pytest
 
 from conftest import EXAMPLE_CAT, upload_folder
 from palp.cli import main
-from palp.models import ModelError
-from palp.safecsv import read_csv
-from palp.sample import sample
+from palp.core.safecsv import read_csv
+from palp.models.base_model import ModelError
+from palp.steps.sample import sample
 
 PROMPT = "A sketch of [V] in Paris at night"
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"

@@ -1,4 +1,4 @@
-"""The frontier report (evaluation/toyworld/frontier.py): Pareto sets, interpolated headlines
+"""The frontier report (evaluation/toyworld/frontier/frontier.py): Pareto sets, interpolated headlines
 against closed forms, and the report on a real pipeline root written by `palp pipeline run-local`."""
 
 import json
@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from palp import safecsv
+from palp.core import safecsv
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "evaluation" / "toyworld"))
+sys.path.insert(0, str(REPO / "evaluation" / "toyworld" / "frontier"))
 import frontier  # noqa: E402
 
 STEPS = [250, 500, 1000, 2000]

@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from palp.config import Subject, TrainConfig
-from palp.models import load_base_model
-from palp.personalize import build_personalized_model
-from palp.prompts import to_token_prompt
-from palp.train import Draws, encode_fixed_prompts, step_losses, tokenize
+from palp.core.prompts import to_token_prompt
+from palp.core.settings import Subject, TrainConfig
+from palp.method.step_inputs import Draws, encode_fixed_prompts, tokenize
+from palp.models.base_model import load_base_model
+from palp.models.personalize import build_personalized_model
+from palp.steps.train import step_losses
 
 TARGET = "A sketch of [V] in Paris at night"
 CLEAN = "A sketch of a cat in Paris at night"
@@ -196,9 +197,8 @@ def test_sub_sampled_alignment_term_is_unbiased(setup, method):
     """--align-fraction: the gradient averaged over every k-of-B choice of rows equals the full
     batch's exactly (each row is drawn with probability k/B and weighted B/k); one choice alone
     differs from it; and the choices draw() makes have that law (each row k/B of the time)."""
-    import itertools
 
-    from palp.step_inputs import draw
+    from palp.method.step_inputs import draw
 
     cfg = make_cfg(method=method)
     draws = draws_for(setup, [150, 640], [90, 870])
@@ -229,7 +229,7 @@ def test_sub_sampled_alignment_term_is_unbiased(setup, method):
 def test_sub_sampled_gradient_mean_over_draws_is_the_full_one(setup):
     """The option as training draws it: the mean over many draw() choices (B = 4, k = 2) of the
     step's gradient is within 4 standard errors of the full batch's, coordinate by coordinate."""
-    from palp.step_inputs import draw
+    from palp.method.step_inputs import draw
 
     cfg, sub_cfg = make_cfg(method="palp"), make_cfg(method="palp", align_fraction=0.5)
     B = 4

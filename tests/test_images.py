@@ -55,7 +55,7 @@ def image(wheelhouse):
     assert _docker_ok(), "docker is needed: install docker.io and start dockerd (see .ci/run)"
     if subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode != 0:
         subprocess.run(["bash", str(REPO / "images" / "make-base.sh"), BASE], check=True)
-    from palp.image import build
+    from palp.step_image import build
 
     ca = "/etc/ssl/certs/ca-certificates.crt"
     return build("cpu", base_image=BASE, find_links=[wheelhouse], trusted_hosts=["127.0.0.1"],
@@ -103,7 +103,7 @@ def test_every_step_runs_in_a_container(image, tmp_path, gcs_emulator):
     docker_run(image, data, "prepare", "--subject", "cat=gs://palp-image-test/subjects/cat", "--class-word", "cat=cat",
                "--prompt", "A sketch of [V] in Paris at night", "--pretrained-model", "tiny", "--output",
                "gs://palp-image-test/prep", "--quiet", env={"STORAGE_EMULATOR_HOST": gcs_emulator})
-    from palp import storage
+    from palp.core import storage
 
     manifest = json.loads((data / "prep" / "manifest.json").read_text())
     for rel in manifest["subjects"]["cat"]["images"]:

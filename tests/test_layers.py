@@ -1,6 +1,9 @@
-"""The layers import one way: palp (the library) <- components <- pipelines. No chain of
-imports from any palp module reaches kfp, and no two files import each other, directly or
-round a longer loop (function-level imports count: they run too)."""
+"""The layers import one way: palp (the library) <- components <- pipelines. Inside palp, the
+subpackages follow the pipeline: core <- models (and the toy world) <- method <- steps, each
+step importing no later step, and the command modules (cli, step_image) above them all. No
+chain of imports from any palp module reaches kfp, importing the settings loads no torch, and
+no two files import each other, directly or round a longer loop (function-level imports
+count: they run too)."""
 
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ def test_no_import_cycle_between_files():
     assert graph["palp.cli"] and graph["pipelines.cli"] >= {"palp.cli"}  # the scan sees imports at all
     assert _cycles(graph) == []
     # The finder finds a loop where there is one.
-    assert _cycles({**graph, "palp.storage": graph["palp.storage"] | {"palp.cli"}}) != []
+    assert _cycles({**graph, "palp.core.storage": graph["palp.core.storage"] | {"palp.cli"}}) != []
 
 
 def test_layers_import_one_way():
@@ -144,3 +147,66 @@ def test_the_project_refers_to_nothing_outside_its_repository():
         if any(needle in text for needle in needles):
             offenders.append(name)
     assert offenders == [], f"these refer to a path outside the repository: {offenders}"
+
+
+# palp's floors, lowest first: a module may import its own floor and those below.
+PALP_FLOORS = {"core": 0, "models": 1, "toyworld": 1, "method": 2, "steps": 3}
+COMMAND_MODULES = ("palp.cli", "palp.__main__", "palp.step_image")
+# The steps in the pipeline's order; a step's helper modules share its place.
+STEP_ORDER = {"prepare": 0, "train": 1, "checkpoints": 1, "validation": 1, "run_page": 1, "sample": 2, "sample_jobs": 2,
+              "score": 3, "score_report": 3, "study": 4, "analyze": 5}
+
+
+def _palp_rank(module: str) -> tuple[int, int]:
+    """(floor, place in the pipeline) of a palp module; the package's face (its version) is core."""
+    parts = module.split(".")
+    if module in COMMAND_MODULES:
+        return (9, 0)
+    if module == "palp" or parts[1] == "__init__":
+        return (0, 0)
+    if parts[1] == "steps" and len(parts) > 2:
+        return (PALP_FLOORS["steps"], STEP_ORDER[parts[2]])
+    return (PALP_FLOORS[parts[1]], -1 if len(parts) == 2 else 0)
+
+
+def _upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((a, b) for a, deps in graph.items() if a.startswith("palp")
+                  for b in deps if b.startswith("palp") and _palp_rank(b) > _palp_rank(a))
+
+
+def test_every_palp_module_has_a_floor():
+    """A new module goes into a subpackage (or is a command): its floor, and a step's place, is known."""
+    unknown = []
+    for name in _modules():
+        if name.split(".")[0] == "palp":
+            try:
+                _palp_rank(name)
+            except (KeyError, IndexError):
+                unknown.append(name)
+    assert unknown == []
+
+
+def test_a_step_imports_no_later_step_and_no_command_module():
+    """core <- models <- method <- steps, prepare <- train <- sample <- score <- study export <- analyze;
+    nothing in the library but the command modules imports a command module."""
+    graph = _graph()
+    assert graph["palp.steps.score"] >= {"palp.steps.sample_jobs"}  # the scan sees the steps' imports
+    assert _upward(graph) == []
+    # The rule sees an arrow that runs back up the pipeline, and one up to a command module.
+    assert _upward({**graph, "palp.steps.sample": graph["palp.steps.sample"] | {"palp.steps.score"}}) == [
+        ("palp.steps.sample", "palp.steps.score")]
+    assert _upward({**graph, "palp.core.storage": {"palp.cli"}}) == [("palp.core.storage", "palp.cli")]
+    assert _upward({**graph, "palp.models.clip": {"palp.method.guidance"}}) == [("palp.models.clip", "palp.method.guidance")]
+
+
+def test_importing_the_settings_loads_no_torch():
+    """The pipeline module reads the settings' defaults and choices: that costs no torch import."""
+    code = ("import sys\nimport palp.core.settings, palp.core.methods\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'peft')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+    # The check can fail: a module that imports torch is seen.
+    out = subprocess.run([sys.executable, "-c", code.replace("palp.core.methods", "palp.method.guidance")], cwd=REPO,
+                         capture_output=True, text=True)
+    assert "torch" in out.stdout

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, train_args
 from palp.cli import main
-from palp.locks import LOCK_FILE, LockError, output_lock
+from palp.core.locks import LOCK_FILE, LockError, output_lock
 
 
 def test_a_concurrent_second_train_is_refused(cat_images, tmp_path, capsys):
@@ -57,7 +57,7 @@ def test_a_failed_train_leaves_no_output_folder(tmp_path):
 
 
 def test_gcs_lock_is_exclusive_renewed_and_taken_over_when_expired(gcs_emulator, monkeypatch):
-    from palp.storage import gcs_client
+    from palp.core.gcs import gcs_client
 
     monkeypatch.setenv("PALP_LOCK_LEASE_S", "1.5")
     client = gcs_client()
@@ -86,7 +86,7 @@ def test_gcs_lock_is_exclusive_renewed_and_taken_over_when_expired(gcs_emulator,
 def test_a_holder_whose_gcs_lease_was_taken_over_stops_before_writing(gcs_emulator, monkeypatch):
     """A holder that could not renew in time (a network stall) and was taken over learns it at its
     next renewal, and ``check()`` stops it before it writes over the new holder's run."""
-    from palp.storage import gcs_client
+    from palp.core.gcs import gcs_client
 
     monkeypatch.setenv("PALP_LOCK_LEASE_S", "0.9")
     bucket = gcs_client().lookup_bucket("locks") or gcs_client().create_bucket("locks")
@@ -106,14 +106,14 @@ def test_releasing_a_gcs_lock_in_an_outage_does_not_wait_out_the_retries(monkeyp
     """The storage goes down while the lock is held (the failed push that is ending the run):
     leaving the block tries the release once, briefly, and returns; the lease expires by itself."""
     from conftest import free_port, start_emulator
-    from palp import storage
-    from palp.locks import RELEASE_TIMEOUT_S
+    from palp.core import gcs
+    from palp.core.locks import RELEASE_TIMEOUT_S
 
     port = free_port()
     proc = start_emulator(port)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
     try:
-        storage.gcs_client().create_bucket("palp-outage-lock")
+        gcs.gcs_client().create_bucket("palp-outage-lock")
         with output_lock("gs://palp-outage-lock/run", "palp train"):
             proc.kill()
             proc.wait()

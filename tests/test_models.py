@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import upload_folder
-from palp.models import ModelError, load_base_model, resolve_model_dir
-from palp.tiny import save_tiny_model
+from palp.models.base_model import ModelError, load_base_model, resolve_model_dir
+from palp.models.tiny import save_tiny_model
 
 
 def test_tiny_model_loads_with_stock_pipeline(tiny_dir):
@@ -87,14 +87,14 @@ def test_hub_id_resolves_from_the_hub_cache(tmp_path, tiny_dir):
     shutil.copytree(tiny_dir, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    code = "from palp.models import resolve_model_dir; print(resolve_model_dir('palp-test/tiny-sd'))"
+    code = "from palp.models.base_model import resolve_model_dir; print(resolve_model_dir('palp-test/tiny-sd'))"
     out = subprocess.run([sys.executable, "-c", code], env=_hub_env(tmp_path), capture_output=True, text=True, check=True)
     assert Path(out.stdout.strip()) == repo / "snapshots" / commit
 
 
 def test_unknown_hub_id_is_a_clear_error(tmp_path):
     code = (
-        "from palp.models import resolve_model_dir, ModelError\n"
+        "from palp.models.base_model import resolve_model_dir, ModelError\n"
         "try:\n    resolve_model_dir('nobody-here/no-such-model')\nexcept ModelError as e:\n    print(e)"
     )
     out = subprocess.run([sys.executable, "-c", code], env=_hub_env(tmp_path), capture_output=True, text=True, check=True)

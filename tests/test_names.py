@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from palp import storage
 from palp.cli import main
+from palp.core import gcs, storage
 
 RULE = "it becomes a folder name, so use only letters, digits, '_', '.' and '-' (not '.' or '..')"
 
@@ -71,8 +71,8 @@ def test_join_under_refuses_paths_that_leave_the_root(tmp_path):
     (tmp_path / "root" / "link").symlink_to(tmp_path)
     assert storage.join_under(tmp_path / "root", "subjects", "cat", "000.png") == str(tmp_path / "root/subjects/cat/000.png")
     for parts in [("..", "x"), ("subjects", "../../x"), ("/etc",), ("link", "x")]:
-        with pytest.raises(storage.StorageError, match="would be written outside"):
+        with pytest.raises(gcs.StorageError, match="would be written outside"):
             storage.join_under(tmp_path / "root", *parts)
     assert storage.join_under("gs://b/root", "subjects", "cat.png") == "gs://b/root/subjects/cat.png"
-    with pytest.raises(storage.StorageError, match=r"subjects/\.\./x would be written outside gs://b/root; refused"):
+    with pytest.raises(gcs.StorageError, match=r"subjects/\.\./x would be written outside gs://b/root; refused"):
         storage.join_under("gs://b/root", "subjects", "../x")

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from palp.cli import main
-from palp.prepare import fan_out
-from palp.safecsv import read_csv
-from palp.sample import SampleError, sample
+from palp.core.safecsv import read_csv
+from palp.steps.prepare import fan_out
+from palp.steps.sample import sample
+from palp.steps.sample_jobs import SampleError
 
 PROMPTS = ["A watercolour of [V] on the beach at sunset", "A sketch of [V] in the snow at night"]
 SUBJECTS = {"cat": "cat", "cup": "cup"}

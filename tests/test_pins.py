@@ -14,7 +14,7 @@ import pytest
 
 from conftest import EXAMPLE_CAT, upload_folder
 from palp.cli import main
-from palp.models import ModelError, load_base_model, portable_reference, resolve_model, resolve_model_dir
+from palp.models.base_model import ModelError, load_base_model, portable_reference, resolve_model, resolve_model_dir
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 PROMPT = "A sketch of [V] in Paris at night"
@@ -78,7 +78,7 @@ def test_portable_reference(tmp_path, tiny_dir, monkeypatch):
 # -- gs:// ---------------------------------------------------------------------------------------
 
 def test_gcs_pin_follows_generations_and_keys_the_cache(gcs_emulator, tiny_dir, tmp_path):
-    from palp.storage import gcs_client
+    from palp.core.gcs import gcs_client
 
     uri, cache = "gs://palp-pins-test/models/tiny-sd", tmp_path / "cache"
     upload_folder(tiny_dir, uri)
@@ -108,8 +108,8 @@ def test_gcs_pin_follows_generations_and_keys_the_cache(gcs_emulator, tiny_dir, 
 
 
 def test_gcs_object_replaced_mid_download_leaves_nothing(gcs_emulator, tiny_dir, tmp_path, monkeypatch):
-    import palp.models as models
-    from palp.storage import gcs_client
+    import palp.models.base_model as models
+    from palp.core.gcs import gcs_client
 
     uri, cache = "gs://palp-pins-test/models/racy", tmp_path / "cache"
     upload_folder(tiny_dir, uri)
@@ -139,7 +139,7 @@ def test_pinned_hub_revision_resolves_offline_and_a_missing_one_is_clear(tmp_pat
     (repo / "refs" / "main").write_text(new)
     code = f"""
 import json
-from palp.models import ModelError, resolve_model
+from palp.models.base_model import ModelError, resolve_model
 out = {{"main": resolve_model("palp-test/tiny-sd").pin, "old": str(resolve_model("palp-test/tiny-sd", pin="hub:{old}").path)}}
 try:
     resolve_model("palp-test/tiny-sd", pin="hub:{gone}")
@@ -179,7 +179,7 @@ def test_trained_run_records_a_portable_reference_and_its_pin(trained):
 
 
 def test_clip_pins(tmp_path):
-    from palp.clip import clip_pin, tiny_clip_dir
+    from palp.models.clip import clip_pin, tiny_clip_dir
 
     pin = clip_pin("tiny")
     assert pin.startswith("sha256:") and clip_pin("tiny", "openai") == pin  # tiny carries its weights
@@ -203,7 +203,7 @@ def test_open_clip_tag_pins_the_file_it_downloads(tmp_path):
     (repo / "snapshots" / commit / "open_clip_model.safetensors").write_bytes(b"stand-in weights")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    code = "from palp.clip import clip_pin; print(clip_pin('ViT-B-32', 'openai'))"
+    code = "from palp.models.clip import clip_pin; print(clip_pin('ViT-B-32', 'openai'))"
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "sha256:" + hashlib.sha256(b"stand-in weights").hexdigest()
@@ -212,8 +212,8 @@ def test_open_clip_tag_pins_the_file_it_downloads(tmp_path):
 def test_gcs_clip_checkpoint_is_cached_by_generation(gcs_emulator, tmp_path, monkeypatch):
     import open_clip
 
-    from palp.clip import load_clip, resolve_clip
-    from palp.storage import gcs_client
+    from palp.core.gcs import gcs_client
+    from palp.models.clip import load_clip, resolve_clip
 
     client = gcs_client()
     bucket = client.lookup_bucket("palp-clip-test") or client.create_bucket("palp-clip-test")
@@ -240,7 +240,7 @@ def test_gcs_clip_checkpoint_is_cached_by_generation(gcs_emulator, tmp_path, mon
 
 
 def test_prepare_records_the_clip_and_score_checks_it(trained, tmp_path, capsys):
-    from palp.clip import clip_pin
+    from palp.models.clip import clip_pin
 
     manifest = json.loads((trained / "prep" / "manifest.json").read_text())
     assert manifest["clip"] == {"model": "tiny", "weights": None, "pin": clip_pin("tiny")}
@@ -262,7 +262,7 @@ def test_prepare_records_the_clip_and_score_checks_it(trained, tmp_path, capsys)
 
 
 def test_prepare_records_the_clip_that_derives_class_words(tmp_path, cat_images):
-    from palp.clip import clip_pin
+    from palp.models.clip import clip_pin
 
     assert main(["prepare", "--subject", f"cat={cat_images}", "--prompt", "A sketch of [V]", "--pretrained-model", "tiny",
                  "--clip", "tiny", "--output", str(tmp_path / "out"), "--quiet"]) == 0

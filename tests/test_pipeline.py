@@ -18,8 +18,8 @@ BACKENDS = ("vertex", "kubeflow", "vertex-tpu")
 
 
 def test_import_palp_does_not_import_kfp():
-    code = ("import sys, palp, palp.cli, palp.train, palp.prepare, palp.sample, palp.score, palp.study, palp.analyze, "
-            "palp.report, palp.storage, palp.models\n"
+    code = ("import sys, palp, palp.cli, palp.steps.train, palp.steps.prepare, palp.steps.sample, palp.steps.score, palp.steps.study, palp.steps.analyze, "
+            "palp.steps.score_report, palp.core.storage, palp.models.base_model\n"
             "bad = sorted(m for m in sys.modules if m == 'kfp' or m.startswith(('kfp.', 'google_cloud_pipeline')))\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
@@ -49,7 +49,7 @@ def test_local_steps_get_their_share_of_the_cores(tmp_path, monkeypatch):
 def test_local_paths_need_no_cloud_client(tmp_path):
     """An image without google-cloud-storage (a GPU image, say) still reads and writes local paths."""
     code = ("import sys; sys.modules['google.api_core'] = sys.modules['google.cloud'] = None\n"
-            "from palp import storage\n"
+            "from palp.core import storage\n"
             f"p = {str(tmp_path / 'out.json')!r}\n"
             "storage.write_text(p, 'ok'); assert storage.exists(p) and storage.read_text(p) == 'ok'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
@@ -122,8 +122,8 @@ def no_network(monkeypatch):
 def test_vertex_job_up_to_the_network_boundary(tmp_path, no_network):
     from google.auth.credentials import AnonymousCredentials
 
-    from pipelines.palp_pipeline import compile_pipeline
     from pipelines.experiment import load_experiment
+    from pipelines.palp_pipeline import compile_pipeline
     from pipelines.submit import vertex_job
 
     params = load_experiment(str(REPO / "evaluation/experiments/paper_table2.yaml"))
@@ -252,10 +252,10 @@ def test_vertex_job_sends_nothing_of_this_machine(local_experiment, emulator_onl
     from google.auth.credentials import AnonymousCredentials
     from google.protobuf import json_format
 
-    from palp import storage
-    from pipelines.palp_pipeline import compile_pipeline
+    from palp.core import storage
     from pipelines.experiment import load_experiment
     from pipelines.inputs import inputs_fingerprint, portable_inputs
+    from pipelines.palp_pipeline import compile_pipeline
     from pipelines.submit import vertex_job
 
     bucket = _bucket("palp-submit")
@@ -322,7 +322,7 @@ def test_vertex_job_sends_nothing_of_this_machine(local_experiment, emulator_onl
 def test_photos_replaced_under_the_same_gs_prefix_change_the_fingerprint(emulator_only, cat_images, tmp_path):
     """gs:// inputs stay as they are (so do hub ids and open_clip tags); their generations and
     the prompts' text decide the fingerprint."""
-    from palp import storage
+    from palp.core import storage
     from pipelines.inputs import inputs_fingerprint, portable_inputs
 
     bucket = _bucket("palp-replaced")
@@ -509,7 +509,7 @@ def test_a_failing_step_prints_its_error_and_its_log(tmp_path, capsys):
     root = tmp_path / "root"
     assert main(["pipeline", "run-local", "--config", str(tmp_path / "c.yaml"), "--pipeline-root", str(root)]) == 1
     captured = capsys.readouterr()
-    error = "palp.config.ConfigError: unknown method 'bogus'; choose one of palp, ti-db"
+    error = "palp.core.settings.ConfigError: unknown method 'bogus'; choose one of palp, ti-db"
     from pipelines.console import newest_logs
 
     log = newest_logs(root) / "prepare.log"

@@ -70,10 +70,10 @@ def test_sigterm_checkpoints_the_step_it_was_on_and_resumes_bit_identically(stra
 
 @pytest.mark.slow
 def test_sigterm_on_a_gcs_output_releases_the_lock_so_the_retry_starts_at_once(tmp_path, gcs_emulator):
-    from palp import storage
-    from palp.locks import LOCK_FILE
+    from palp.core import gcs, storage
+    from palp.core.locks import LOCK_FILE
 
-    storage.gcs_client().create_bucket("palp-preempt")
+    gcs.gcs_client().create_bucket("palp-preempt")
     remote = "gs://palp-preempt/runs/cat"
     env = _env(STORAGE_EMULATOR_HOST=gcs_emulator, PALP_CACHE=str(tmp_path / "cache"), PALP_LOCK_LEASE_S="120")
     rc, err = _term_after(_cmd(remote), lambda: storage.exists(f"{remote}/checkpoints/config.json"), 0.5, env)

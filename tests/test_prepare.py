@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import REPO, free_port, start_emulator, upload_folder
 from palp.cli import main
-from palp.prepare import PromptSpec, SubjectSpec, prepare
+from palp.steps.prepare import PromptSpec, SubjectSpec, prepare
 
 RES = 64  # the tiny model's resolution; --min-image-size defaults to 32
 
@@ -128,7 +128,7 @@ def test_gcs_input_is_byte_identical_and_gcs_output_lands_complete(gcs_emulator,
         assert (tmp_path / "local" / out).read_bytes() == (tmp_path / "from-gcs" / out).read_bytes()
 
     assert _prepare_cli("gs://palp-prepare-test/photos/toy", "gs://palp-prepare-test/prepared/run1") == 0
-    from palp import storage
+    from palp.core import storage
 
     names = storage.list_files("gs://palp-prepare-test/prepared/run1", recursive=True)
     assert names == sorted(["manifest.json", *local["subjects"]["toy"]["images"]])
@@ -167,7 +167,7 @@ def test_transient_storage_failure_is_retried(tmp_path, monkeypatch):
         worker.join(timeout=120)
         assert "error" not in result, result.get("error")
         assert len(result["manifest"]["subjects"]["toy"]["images"]) == 5
-        from palp import storage
+        from palp.core import storage
 
         assert storage.exists("gs://palp-retry-test/out/manifest.json")
     finally:
@@ -178,7 +178,7 @@ def test_transient_storage_failure_is_retried(tmp_path, monkeypatch):
 # -- class words -----------------------------------------------------------------------------
 
 def test_zero_shot_decision_with_known_embeddings():
-    from palp.classify import zero_shot
+    from palp.models.zero_shot import zero_shot
 
     words = ["cat", "dog", "teapot", "vase"]
     classes = torch.eye(4, 8)  # unit class features along the first four axes
@@ -197,7 +197,7 @@ def test_zero_shot_decision_with_known_embeddings():
 
 
 def test_class_features_average_templates():
-    from palp.classify import class_features
+    from palp.models.zero_shot import class_features
 
     table = {"a photo of a cat.": [1.0, 0, 0], "a sketch of a cat.": [0, 1.0, 0],
              "a photo of an owl.": [0, 0, 2.0], "a sketch of an owl.": [0, 0, 1.0]}
@@ -215,7 +215,7 @@ def test_class_features_average_templates():
 def test_open_clip_path_end_to_end_with_tiny_clip(tmp_path, cat_images):
     from safetensors.torch import load_file
 
-    from palp.clip import load_clip, tiny_clip_dir
+    from palp.models.clip import load_clip, tiny_clip_dir
 
     assert main(["prepare", "--subject", f"cat={cat_images}", "--prompt", "A sketch of [V]", "--pretrained-model", "tiny",
                  "--clip", "tiny", "--output", str(tmp_path / "out"), "--quiet"]) == 0
@@ -233,7 +233,7 @@ def test_open_clip_path_end_to_end_with_tiny_clip(tmp_path, cat_images):
 
 
 def test_vocabulary_covers_dreambooth_and_is_large():
-    from palp.classify import load_vocabulary
+    from palp.models.zero_shot import load_vocabulary
 
     words, templates = load_vocabulary()
     assert len(words) >= 300 and len(set(words)) == len(words)
@@ -264,7 +264,7 @@ def test_paper_prompts_clean_prompts_and_elements(tmp_path, cat_images):
     manifest = prepare([SubjectSpec("cat", str(cat_images), "cat")], [PromptSpec(e["prompt"], elements=e["elements"]) for e in entries],
                        str(tmp_path / "out"), pretrained_model="tiny", progress=False)
     assert [t["clean_prompt"] for t in manifest["tasks"]] == PAPER_CLEAN
-    from palp.elements import element_list
+    from palp.core.elements import element_list
 
     for task, entry in zip(manifest["tasks"], entries):
         elements = task["elements"]
@@ -276,7 +276,7 @@ def test_paper_prompts_clean_prompts_and_elements(tmp_path, cat_images):
 
 
 def test_elements_rule_and_explicit_win():
-    from palp.elements import element_list
+    from palp.core.elements import element_list
 
     texts = lambda p, w, x=None: [(e["name"], e["text"]) for e in element_list(p, w, x)]  # noqa: E731
     assert texts("A sketch of my [V] in Paris at night", {"[V]": "owl"}) == [

@@ -1,13 +1,7 @@
 import pytest
 
-from palp.prompts import (
-    PromptError,
-    clean_prompt,
-    parse_keyed,
-    placeholder_token,
-    placeholders_in,
-    to_token_prompt,
-)
+from palp.core.prompts import (PromptError, clean_prompt, parse_keyed, placeholder_token, placeholders_in,
+                               to_token_prompt)
 
 
 @pytest.mark.parametrize(
@@ -73,9 +67,9 @@ def test_parse_keyed():
 def test_a_checked_prompt_is_made_only_by_checking_and_is_used_without_checking_again(monkeypatch):
     import dataclasses
 
-    from palp import prompts
-    from palp.elements import element_list, elements_of
-    from palp.prompts import CheckedPrompt
+    from palp.core import prompts
+    from palp.core.elements import element_list, elements_of
+    from palp.core.prompts import CheckedPrompt
 
     with pytest.raises(PromptError, match="no subject placeholder"):
         CheckedPrompt("A sketch of a cat", {"[V]": "cat"})

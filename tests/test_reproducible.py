@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, assert_identical_runs, kill_after_checkpoint, train_args
 from palp.cli import main
-from palp.export import CONFIG_FILE
+from palp.models.run_weights import CONFIG_FILE
 
 STEPS = 6
 ARGS = ("--batch-size", "16", "--lr", "1e-3", "--checkpoint-every", "2", "--save-steps", "6")

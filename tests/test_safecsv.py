@@ -1,4 +1,4 @@
-"""palp.safecsv: no CSV cell a spreadsheet would evaluate, and the text comes back exactly."""
+"""palp.core.safecsv: no CSV cell a spreadsheet would evaluate, and the text comes back exactly."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 
 import pandas as pd
 
-from palp.safecsv import DANGEROUS, neutralise, read_csv, to_csv
+from palp.core.safecsv import DANGEROUS, neutralise, read_csv, to_csv
 
 HOSTILE = ['=HYPERLINK("http://evil","click")', "=1+1", "+1", "-2", "@SUM(A1)", "\tx", "\rx", "-",
            "'=1", "''=1", "'+x", "'", "'x", "plain", "it's", "", "a=b", "1-2"]

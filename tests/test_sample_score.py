@@ -60,8 +60,8 @@ def test_lora_and_embedding_are_applied_like_stock_diffusers(workspace, tmp_path
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from palp.sample import initial_latents
-    from palp.tiny import tiny_model_dir
+    from palp.models.denoising import initial_latents
+    from palp.models.tiny import tiny_model_dir
 
     assert _sample(workspace, tmp_path / "s", "--batch-size", "2") == 0
     rows = pd.read_csv(tmp_path / "s" / "samples.csv")
@@ -143,7 +143,7 @@ def scored(workspace, tmp_path_factory):
 def test_scores_equal_an_independent_open_clip_computation(scored, workspace):
     import open_clip
 
-    from palp.clip import tiny_clip_dir
+    from palp.models.clip import tiny_clip_dir
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip_dir()}")
     model.eval()
@@ -228,7 +228,7 @@ def _final_rows(per_method: dict[str, dict[str, list[float]]]) -> pd.DataFrame:
 
 
 def test_the_report_says_who_wins_in_plain_words():
-    from palp.report import verdict
+    from palp.steps.score_report import verdict
 
     def judged(identity, found=(1.0,) * 8):
         return {"Judge: style": list(found), "Judge: place": list(found), "Judge: time": list(found),
@@ -262,7 +262,7 @@ def test_the_report_says_who_wins_in_plain_words():
 
 
 def test_bootstrap_interval_covers_the_mean_and_shrinks_with_samples():
-    from palp.report import mean_interval
+    from palp.steps.score_report import mean_interval
 
     rng = np.random.default_rng(1)
     widths = []
@@ -279,7 +279,7 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_samples():
 def test_steps_plot_draws_the_judges_trade_off_when_it_has_the_judge():
     import io
 
-    from palp.report import steps_plot
+    from palp.steps.score_report import steps_plot
 
     rows = [{"method": m, "step": s, "Target prompt": 0.3, "Image alignment": 0.5, "Judge: style": 1.0, "Judge: place": 1.0,
              "Judge: time": 0.0, "Judge: identity": s / 1000} for m in ("palp", "ti-db") for s in (250, 500)]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import REPO
 from palp.cli import main
-from palp.safecsv import read_csv
+from palp.core.safecsv import read_csv
 
 PROMPT = "A watercolour of [V] on the beach at sunset"
 CLASSES = {"cat": "cat", "cup": "cup"}
@@ -54,7 +54,7 @@ def test_scores_use_each_subjects_own_clean_prompt_and_class(shared):
     """Class and Target-prompt scores equal open_clip's cosine with the sample's own subject's texts."""
     import open_clip
 
-    from palp.clip import tiny_clip_dir
+    from palp.models.clip import tiny_clip_dir
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip_dir()}")
     model.eval()

@@ -13,10 +13,10 @@ import numpy as np
 import openpyxl
 import pandas as pd
 import pytest
+from test_prepare import _pattern
 
 from palp.cli import main
-from palp.study import HEADER_ROW, export
-from test_prepare import _pattern
+from palp.steps.study import HEADER_ROW, export
 
 METHODS = ("palp", "ti-db")
 
@@ -103,7 +103,7 @@ def _ids(out: Path) -> set[str]:
 def test_ids_are_secret_tokens_not_replayable_from_the_seed(study_inputs, tmp_path, monkeypatch):
     import copy
 
-    from palp import study
+    from palp.steps import study
 
     real_deal, seeded = study.deal_forms, []
 
@@ -306,7 +306,7 @@ def test_signed_urls_for_gcs_output(study_inputs, gcs_emulator, tmp_path, monkey
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from palp import storage
+    from palp.core import gcs, storage
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
@@ -315,7 +315,7 @@ def test_signed_urls_for_gcs_output(study_inputs, gcs_emulator, tmp_path, monkey
           "token_uri": "https://oauth2.googleapis.com/token"}
     (tmp_path / "sa.json").write_text(json.dumps(sa))
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "sa.json"))
-    storage.gcs_client().create_bucket("palp-study-test")
+    gcs.gcs_client().create_bucket("palp-study-test")
     root, samples = study_inputs
     export(samples, str(root / "prep"), "gs://palp-study-test/study1", forms=2, image_size=32, links="signed", expiry_hours=2)
     form = pd.read_csv(io.BytesIO(storage.read_bytes("gs://palp-study-test/study1/forms/form-1.csv")), keep_default_na=False)
@@ -341,8 +341,8 @@ HYPERLINK = '=HYPERLINK("http://evil","click")'
 def test_formula_texts_are_plain_text_in_xlsx_and_neutralised_in_csv(study_inputs, tmp_path, monkeypatch):
     import csv
 
-    from palp import study
-    from palp.safecsv import DANGEROUS, read_csv
+    from palp.core.safecsv import DANGEROUS, read_csv
+    from palp.steps import study
 
     real = study.build_questions
 

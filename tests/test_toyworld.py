@@ -10,19 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from palp.config import ConfigError, method_label, split_method
+from palp.core.settings import ConfigError, method_label, split_method
 from palp.toyworld import WEIGHTS
 from palp.toyworld.judge import JUDGE_COLUMNS, judge_row, reference_identity
-from palp.toyworld.render import (
-    PLACES,
-    STYLES,
-    TIMES,
-    Identity,
-    Scene,
-    compose_caption,
-    parse_caption,
-    render_array,
-)
+from palp.toyworld.render import PLACES, STYLES, TIMES, Identity, Scene, compose_caption, parse_caption, render_array
 from palp.toyworld.world import HELD_OUT_PAIRS, PERSONAL_SUBJECTS, TARGET_PROMPTS, random_scene, write_subjects
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,7 +224,7 @@ def test_toy_sd_loads_through_stock_diffusers():
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from palp.models import load_base_model, resolve_model_dir
+    from palp.models.base_model import load_base_model, resolve_model_dir
 
     pipe = StableDiffusionPipeline.from_pretrained(resolve_model_dir("toyworld"), safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
@@ -244,8 +235,9 @@ def test_toy_sd_loads_through_stock_diffusers():
 
 
 def test_toy_clip_knows_the_style_of_a_render():
-    from palp.clip import load_clip
     from PIL import Image
+
+    from palp.models.clip import load_clip
 
     clip = load_clip("toyworld")
     rng = random.Random(7)
@@ -264,7 +256,7 @@ def test_toy_clip_knows_the_style_of_a_render():
 def test_report_tables_and_intervals(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("toy_report", REPO / "evaluation/toyworld/report.py")
+    spec = importlib.util.spec_from_file_location("toy_report", REPO / "evaluation/toyworld/experiment_tables.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     rows = []

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import EXAMPLE_CAT, REPO, HtmlRefs, train_args
-from palp.export import CONFIG_FILE, REPORT_FILE
+from palp.models.run_weights import CONFIG_FILE, REPORT_FILE
 
 STEPS = 6
 ARGS = ("--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "2", "--save-steps", "6")
@@ -125,10 +125,10 @@ def test_report_to_a_tracker_that_is_not_installed_is_one_clear_error(tmp_path, 
 def test_a_gs_output_gets_the_grids_the_logs_and_the_page(gcs_emulator, cat_images):
     """A run into gs:// (a real emulator): each check's grid and the index are pushed as they are
     written, the TensorBoard logs with each checkpoint, the page with the final files."""
-    from palp import storage
     from palp.cli import main
+    from palp.core import gcs, storage
 
-    storage.gcs_client().create_bucket("palp-watch")
+    gcs.gcs_client().create_bucket("palp-watch")
     argv = train_args(cat_images, "gs://palp-watch/run", *VALIDATION, "--report-to", "tensorboard", steps=4)
     assert main(argv) == 0
     names = storage.list_files("gs://palp-watch/run", recursive=True)

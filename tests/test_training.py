@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 
 from conftest import REPO, train_args
 from palp.cli import main
-from palp.export import EMBEDS_FILE, LORA_FILE
-from palp.models import load_base_model
-from palp.personalize import LORA_TARGET_SETS, LORA_TARGETS, build_personalized_model
-from palp.prompts import to_token_prompt
-from palp.train import tokenize
+from palp.core.prompts import to_token_prompt
+from palp.core.settings import LORA_TARGET_SETS, LORA_TARGETS
+from palp.method.step_inputs import tokenize
+from palp.models.base_model import load_base_model
+from palp.models.personalize import build_personalized_model
+from palp.models.run_weights import EMBEDS_FILE, LORA_FILE
 
 
 def _train(images, out, *extra, steps=3):
@@ -49,8 +50,8 @@ def test_lora_wraps_only_the_four_projections_and_disabled_equals_base(tiny_dir)
 
 
 def test_training_leaves_base_weights_and_other_embedding_rows_bit_identical(cat_images, tmp_path, tiny_dir):
-    from palp.train import train
     from palp.cli import build_parser, config_from_args
+    from palp.steps.train import train
 
     args = build_parser().parse_args(train_args(cat_images, tmp_path / "run", "--lr", "1e-2", steps=3))
     result = train(config_from_args(args), progress=False)
@@ -75,9 +76,9 @@ def test_training_leaves_base_weights_and_other_embedding_rows_bit_identical(cat
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A short palp run with a large lr, so the result differs clearly from the base model."""
-    from palp.cli import build_parser, config_from_args
-    from palp.train import train
     from conftest import EXAMPLE_CAT
+    from palp.cli import build_parser, config_from_args
+    from palp.steps.train import train
 
     out = tmp_path_factory.mktemp("trained") / "run"
     args = build_parser().parse_args(train_args(EXAMPLE_CAT, out, "--lr", "1e-2", "--save-steps", "2,4", steps=4))
@@ -119,7 +120,7 @@ def test_lora_on_resnets_wraps_their_convolutions_and_round_trips_through_stock_
 
     from conftest import EXAMPLE_CAT
     from palp.cli import build_parser, config_from_args
-    from palp.train import train
+    from palp.steps.train import train
 
     args = build_parser().parse_args(train_args(EXAMPLE_CAT, tmp_path / "run", "--lr", "1e-2", "--method", "ti-db",
                                                 "--lora-targets", "attention+resnets", steps=2))
@@ -207,7 +208,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(cat_images
 
 def test_run_stopped_by_a_non_finite_loss_resumes_from_its_checkpoint(cat_images, tmp_path, monkeypatch, capsys):
     """A NaN at step 3 (injected into the loss) leaves checkpoint 2; --resume with a new lr finishes."""
-    import palp.train as tr
+    import palp.steps.train as tr
 
     real, calls = tr.step_losses, []
 
@@ -229,7 +230,7 @@ def test_run_stopped_by_a_non_finite_loss_resumes_from_its_checkpoint(cat_images
 
 
 def test_multi_subject_uses_each_subjects_personalization_prompt(cat_images, tmp_path, monkeypatch):
-    import palp.train as tr
+    import palp.steps.train as tr
 
     seen = []
     real = tr.step_losses
@@ -273,7 +274,7 @@ def test_gradient_accumulation_matches_one_big_batch(cat_images, tmp_path):
 
 def test_bf16_keeps_trainable_parameters_fp32(cat_images, tmp_path):
     from palp.cli import build_parser, config_from_args
-    from palp.train import train
+    from palp.steps.train import train
 
     args = build_parser().parse_args(train_args(cat_images, tmp_path / "run", "--mixed-precision", "bf16", steps=2))
     result = train(config_from_args(args), progress=False)
@@ -287,10 +288,10 @@ def test_gcs_output_checkpoints_and_resume_on_a_new_machine(cat_images, tmp_path
     """Train into gs://, lose the local working folder, --resume from the bucket: identical weights."""
     import shutil
 
-    from palp import storage
-    from palp.checkpoints import local_mirror
+    from palp.core import gcs, storage
+    from palp.steps.checkpoints import local_mirror
 
-    storage.gcs_client().create_bucket("palp-train-test")
+    gcs.gcs_client().create_bucket("palp-train-test")
     remote = "gs://palp-train-test/runs/cat"
     _train(cat_images, tmp_path / "straight", "--checkpoint-every", "3", "--lr", "1e-3", steps=6)
     _train(cat_images, remote, "--checkpoint-every", "3", "--lr", "1e-3", "--save-steps", "3", steps=3)

@@ -13,10 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from palp.prepare import PromptSpec, SubjectSpec, prepare
-from palp.sample import sample
-from palp.score import score
 from palp.cli import main as cli
+from palp.steps.prepare import PromptSpec, SubjectSpec, prepare
+from palp.steps.sample import sample
+from palp.steps.score import score
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "subjects" / "cat"
 

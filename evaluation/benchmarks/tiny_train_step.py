@@ -2,7 +2,7 @@
 
     python evaluation/benchmarks/tiny_train_step.py [--batch-size 32] [--threads 1] [--steps 30]
 
-Runs `palp.train.train` (what users run) twice per method, for 2 and for 2 + N steps; the
+Runs `palp.steps.train.train` (what users run) twice per method, for 2 and for 2 + N steps; the
 difference over N is the steady-state time of one optimizer step at the global batch.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from palp.config import Subject, TrainConfig
-from palp.guidance import METHODS
-from palp.train import train
+from palp.core.methods import METHODS
+from palp.core.settings import Subject, TrainConfig
+from palp.steps.train import train
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "subjects" / "cat"
 

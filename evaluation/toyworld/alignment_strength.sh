@@ -29,7 +29,7 @@ palp score $(for f in $D/samples-*; do echo --samples $f; done) --prepared $D/pr
 python - "$D" <<'PY'
 import sys
 from pathlib import Path
-from palp.safecsv import read_csv
+from palp.core.safecsv import read_csv
 d = read_csv(Path(f"{sys.argv[1]}/scores/scores.csv").read_bytes())
 d["variant"] = d["run"].str.extract(r"/(lam03|alpha75)-")[0]
 cols = ["Judge: style", "Judge: place", "Judge: time", "Judge: class", "Judge: identity", "Target prompt"]

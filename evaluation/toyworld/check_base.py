@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from palp.storage import write_bytes, write_text
+from palp.core.storage import write_bytes, write_text
 from palp.toyworld.judge import IDENTITY_ATTRIBUTES, predict, resolve_judge, shown_identity
 from palp.toyworld.world import random_scene
 
@@ -53,7 +53,7 @@ def main(argv=None):
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from palp.models import resolve_model_dir
+    from palp.models.base_model import resolve_model_dir
 
     seen = set(json.loads((Path(args.work) / "captions.json").read_text())) if args.work else set()
     scenes = held_out_scenes(args.n, args.seed, seen)

@@ -24,10 +24,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from palp import safecsv
 from palp.cli import main as palp
-from palp.data import read_image
-from palp.storage import write_bytes, write_text
+from palp.core import safecsv
+from palp.core.storage import write_bytes, write_text
+from palp.core.subject_images import read_image
 from palp.toyworld.ceiling import load_vae, vae_round_trip
 from palp.toyworld.judge import IDENTITY_ATTRIBUTES, predict, reference_identity, resolve_judge
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from palp.safecsv import read_csv
+from palp.core.safecsv import read_csv
 
 old = pd.read_csv(str(Path(__file__).parent / "results" / "text-fault" / "scores.csv.gz"), keep_default_na=False)
 new = pd.concat([read_csv(open(f, "rb").read()) for f in sorted(glob.glob(sys.argv[1] + "/*/for-loop-1-iteration-*/score/scores/scores.csv"))])

@@ -14,7 +14,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 python - "$D" <<'PY'
 import sys
 from pathlib import Path
-from palp.safecsv import read_csv
+from palp.core.safecsv import read_csv
 d = read_csv(Path(f"{sys.argv[1]}/scores/scores.csv").read_bytes())
 d["lr"] = d["run"].str.extract(r"ti-db~([0-9e.+-]+)~")[0]  # every (subject, prompt), not only frontier_dev.sh's units
 d["Elements found"] = d[["Judge: style", "Judge: place", "Judge: time"]].mean(axis=1)

@@ -45,7 +45,7 @@ palp score $(for f in $D/samples-*; do echo --samples $f; done) --prepared $D/pr
 python - "$D" <<'PY'
 import sys
 from pathlib import Path
-from palp.safecsv import read_csv
+from palp.core.safecsv import read_csv
 d = read_csv(Path(f"{sys.argv[1]}/scores/scores.csv").read_bytes())
 d["setting"] = d["run"].str.extract(r"([a-z-]+~[0-9e.+-]+~[0-9e.+-]+)~")[0]
 # only the alignment tasks' prompts count, so TI+DB is read on the same (subject, prompt) pairs

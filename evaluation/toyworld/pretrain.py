@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from palp.storage import write_bytes, write_text
+from palp.core.storage import write_bytes, write_text
 from palp.toyworld.judge import Judge, to_tensor
 from palp.toyworld.world import render_dataset
 from pretrain_export import stage_export
@@ -198,7 +198,7 @@ def stage_unet(work: Path, cfg: PretrainConfig):
     mean, std, scaling = lat["mean"], lat["std"], lat["scaling_factor"]
     from diffusers import DDPMScheduler
 
-    from palp.tiny import SD_SCHEDULER_CONFIG
+    from palp.models.tiny import SD_SCHEDULER_CONFIG
 
     sched = DDPMScheduler(**{k: SD_SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
     tok = build_tokenizer()

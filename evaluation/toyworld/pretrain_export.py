@@ -1,7 +1,7 @@
 """The export of ``pretrain.py``'s work folder as the shipped weights: ``sd/`` (a diffusers
 Stable Diffusion folder), ``clip/`` (open_clip), ``judge/`` and recipe.json.
 
-Each folder appears whole or not at all (``palp.storage.atomic_directory``); its files hold no
+Each folder appears whole or not at all (``palp.core.storage.atomic_directory``); its files hold no
 path of the work folder.
 """
 
@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-
-from palp.storage import atomic_directory, read_bytes, write_bytes, write_text
 from pretrain_models import build_tokenizer
+
+from palp.core.storage import atomic_directory, read_bytes, write_bytes, write_text
 
 
 def stage_export(work: Path, out: Path):
@@ -21,7 +21,7 @@ def stage_export(work: Path, out: Path):
     from safetensors.torch import save
     from transformers import CLIPTextModel
 
-    from palp.tiny import SD_SCHEDULER_CONFIG
+    from palp.models.tiny import SD_SCHEDULER_CONFIG
 
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / "vae"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from palp.clip import TINY_CLIP_CONFIG
+from palp.models.clip import TINY_CLIP_CONFIG
 
 RES = 64
 LATENT = 16
@@ -34,7 +34,7 @@ def build_vae():
 
 
 def build_text_encoder():
-    from palp.tiny import clip_text_encoder
+    from palp.models.tiny import clip_text_encoder
 
     return clip_text_encoder(hidden=64, intermediate=256, layers=4, heads=4)
 
@@ -62,7 +62,7 @@ def build_tokenizer():
 
     from transformers import CLIPTokenizer
 
-    from palp.tiny import write_clip_tokenizer_files
+    from palp.models.tiny import write_clip_tokenizer_files
 
     with tempfile.TemporaryDirectory() as d:
         write_clip_tokenizer_files(Path(d))

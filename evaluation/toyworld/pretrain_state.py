@@ -1,6 +1,6 @@
 """The pretraining's work folder: resumable checkpoints, recipe.json, and the training loop.
 
-Every file goes through ``palp.storage`` (atomic: a killed run leaves the old file or the new
+Every file goes through ``palp.core.storage`` (atomic: a killed run leaves the old file or the new
 one, never half of one). A checkpoint holds a stage's modules and optimizer with the global RNG
 states; recipe.json holds each stage's settings, sizes and wall times, and the ``history`` of
 the runs that trained.
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from palp.storage import write_bytes, write_text
+from palp.core.storage import write_bytes, write_text
 
 
 def save_torch(obj, path: Path):

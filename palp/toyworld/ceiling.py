@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         return 0
     if args.config:
         params = yaml.safe_load(open(args.config)) or {}
-        from palp.prepare import read_truth_file
+        from palp.toyworld.truth import read_truth_file
 
         for s in params.get("subjects") or []:
             if isinstance(s.get("truth"), str):

@@ -12,18 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from palp.toyworld.render import (
-    ACCESSORIES,
-    CLASSES,
-    COLORS,
-    PATTERNS,
-    PLACES,
-    STYLES,
-    TIMES,
-    Identity,
-    Scene,
-    render_array,
-)
+from palp.toyworld.render import (ACCESSORIES, CLASSES, COLORS, PATTERNS, PLACES, STYLES, TIMES, Identity, Scene,
+                                  render_array)
 
 # Attribute name -> its values, in label-index order.
 ATTRIBUTES = {
@@ -129,7 +119,7 @@ def write_subjects(out_dir, n: int = 4, subjects=PERSONAL_SUBJECTS) -> list:
 
     from PIL import Image
 
-    from palp.storage import atomic_directory
+    from palp.core.storage import atomic_directory
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

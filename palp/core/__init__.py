@@ -1,0 +1,1 @@
+"""Foundations every step shares: storage (local paths and gs://), locks, names, prompts, flags and settings, safe CSV, precision, reproducibility, faults."""

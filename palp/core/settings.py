@@ -1,0 +1,321 @@
+"""Typed training settings, with the paper's defaults (Appendix C) and validation at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from palp.core import storage
+from palp.core.elements import elements_of
+from palp.core.flags import flag, step_numbers
+from palp.core.methods import METHOD_TABLE, METHODS, NFSD_NEGATIVE_PROMPT
+from palp.core.names import check_name
+from palp.core.precision import MIXED_PRECISION
+from palp.core.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, CheckedPrompt, PromptError,
+                               check_token_length)
+from palp.core.tracking import REPORT_TO, TrackingError, resolve_report_to
+
+# What --compile may name: nothing, the UNet's repeated blocks (regional), or the whole UNet.
+COMPILE_CHOICES = ("none", "transformers", "blocks", "unet")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Which layers get LoRA (--lora-targets). "attention" is the paper's: the self- and
+# cross-attention projections. "attention+resnets" adds the two 3x3 convolutions of every
+# ResNet block, for UNets with levels that have no attention: SD-1.x has attention at every
+# level but the lowest-resolution one, the toy world's UNet has none at its 16x16 level, where
+# the fine patterns are drawn.
+LORA_TARGET_SETS = {
+    "attention": LORA_TARGETS,
+    "attention+resnets": (*LORA_TARGETS, "conv1", "conv2"),
+}
+
+
+class ConfigError(ValueError):
+    """A setting palp cannot run with; the message names the flag."""
+
+
+def need(condition: bool, message: str) -> None:
+    """ConfigError(message) unless ``condition``."""
+    if not condition:
+        raise ConfigError(message)
+
+
+# Method variants an experiment can list: "palp-iid" is PALP with i.i.d. re-noising (--noise iid).
+NOISE_SUFFIX = "-iid"
+
+
+def split_method(variant: str) -> tuple[str, str]:
+    """``palp`` -> (palp, same); ``palp-iid`` -> (palp, iid); checked against the methods."""
+    base, noise = (variant[: -len(NOISE_SUFFIX)], "iid") if variant.endswith(NOISE_SUFFIX) else (variant, "same")
+    if base not in METHODS or (noise == "iid" and base == "ti-db"):
+        options = [*METHODS, *(m + NOISE_SUFFIX for m in METHODS if m != "ti-db")]
+        raise ConfigError(f"unknown method {variant!r}; choose one of {', '.join(options)}")
+    return base, noise
+
+
+# Methods whose training never reads the target prompt (TI+DB: Eq. 1 alone): one run per
+# subject serves every prompt of that subject (tests/test_per_subject.py checks the weights match).
+PROMPT_FREE_METHODS = tuple(m.name for m in METHOD_TABLE.values() if not m.reads_target_prompt)
+
+
+def trains_per_subject(variant: str) -> bool:
+    """Whether a method variant's training is the same for every target prompt of a subject."""
+    return split_method(variant)[0] in PROMPT_FREE_METHODS
+
+
+def parse_steps(text: str) -> list[int]:
+    """``"100,200,300"`` -> [100, 200, 300] (the snapshot steps as a flag or pipeline parameter gives them)."""
+    try:
+        return step_numbers(text)
+    except ValueError:
+        raise ConfigError(f"save steps {text!r}: use comma-separated step numbers, e.g. 100,200,300") from None
+
+
+def method_label(method: str, noise: str = "same") -> str:
+    """The name a run's samples and scores carry: the method, with -iid for i.i.d. noise.
+    It becomes a folder name (read from a run's config, which may have been edited): checked."""
+    label = method + NOISE_SUFFIX if noise == "iid" and method != "ti-db" else method
+    return check_name(label, "method", ConfigError)
+
+
+@dataclass
+class Subject:
+    placeholder: str  # "[V]", "[V1]", ...
+    images: str  # folder (the data-prep step adds gs:// and prepared sets)
+    class_word: str
+    personalization_prompt: str = ""  # default: "A photo of [V]" with this placeholder
+    name: str = ""  # the subject's id in reports (default: the image folder's name)
+
+    def __post_init__(self):
+        if self.name:
+            check_name(self.name, "subject name", ConfigError)
+        else:  # the image folder's name, made safe as a folder name (the subject's samples go under it)
+            folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(self.images).rstrip("/")).name)
+            self.name = folder if folder.strip(".") else self.placeholder.strip("[]")  # never "", "." or ".."
+        if not self.personalization_prompt:
+            self.personalization_prompt = DEFAULT_PERSONALIZATION_PROMPT.replace(DEFAULT_PLACEHOLDER, self.placeholder)
+
+
+DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"  # SD v1.4, the paper's base model
+DEFAULT_SAVE_STEPS = (100, 200, 300, 400, 500)  # snapshots for Fig. 6's curves
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """``palp sample``'s defaults (the CLI, ``sample()`` and the pipeline take them from here)."""
+
+    num_samples: int = flag(8)
+    seed: int = flag(0)
+    steps: int = flag(50, help="denoising steps")
+    scheduler: str = flag("ddim")  # its choices: palp.steps.sample.SCHEDULERS
+    guidance: float = flag(7.5)
+    batch_size: int = flag(8, help="the most images per batch; a batch that runs out of device memory is made in halves "
+                                    "and the size that fits is kept for the rest (each image within one 8-bit level of any batch size's)")
+    checkpoints: str = flag("final", choices=("all", "final"), help="all: every saved snapshot too")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """``palp score``'s defaults: the paper's evaluation CLIP (open_clip ViT-B-32, OpenAI weights)."""
+
+    clip_model: str = flag("ViT-B-32", name="--clip", metavar="CLIP", help="open_clip model (or 'tiny', 'toyworld')")
+    clip_weights: str = flag("openai", help="open_clip pretrained tag or checkpoint path")
+    judge: str = flag("", help="also judge toy-world images: 'toyworld' or a judge.safetensors")
+    batch_size: int = flag(64)
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """``palp study export``'s defaults."""
+
+    forms: int = flag(3)
+    seed: int = flag(0)
+    image_size: int = flag(512)
+
+
+# The sections of `palp train --help`, in order; each flag's field names its own.
+SUBJECT, METHOD, OPTIMISATION, SPEED, CHECKPOINTS, WATCHING = TRAIN_SECTIONS = (
+    "subject and prompts (or --prepared)", "method (docs/method.md)", "optimisation",
+    "speed and memory (none changes what a step computes)", "checkpoints",
+    "validation samples and tracking (neither changes what a step computes)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training's settings. The fields made with ``flag`` are ``palp train``'s flags, in
+    ``--help`` order (palp.core.flags); the others are the task, which the CLI assembles itself."""
+
+    subjects: list[Subject]
+    target_prompt: str
+    clean_prompt: str = ""  # default: derived from the target prompt and the class words
+    task_id: str = ""  # the prepared dataset's task this run trains, if any
+    elements: list[dict] | None = None  # the target prompt's elements (default: palp's rule)
+    pretrained_model: str = flag(DEFAULT_BASE_MODEL, section=SUBJECT,
+                                 help="Hugging Face id, local diffusers folder, gs:// prefix, 'tiny' or 'toyworld'")
+    output: str = flag(section=SUBJECT, help="run folder")
+    min_image_size: int | None = flag(None, section=SUBJECT,
+                                      help="smallest accepted image side (default: half the model resolution)")
+    method: str = flag("palp", section=METHOD, choices=METHODS,
+                       help="palp: Eq. 1 + the prompt-aligned score (Eq. 6/7); sds, nfsd: other scores; ti-db: Eq. 1 alone")
+    noise: str = flag("same", section=METHOD, choices=("same", "iid"), help="eps' of the re-noised estimate")  # docs/method.md, step 3
+    align_timestep: str = flag("resample", section=METHOD, choices=("resample", "same"),
+                               help="t' of the alignment term: drawn from [--align-t-min, --align-t-max] or = t")
+    rescale: bool = flag(True, section=METHOD,
+                          help="multiply the alignment term by sqrt(a_t)/sqrt(1-a_t) (docs/method.md, step 5)")
+    alpha: float = flag(15.0, section=METHOD, help="CFG scale, pretrained clean branch")
+    beta: float = flag(7.5, section=METHOD, help="CFG scale, personalized branch")
+    lam: float = flag(1.0, section=METHOD, name="--lambda", help="weight of the alignment term")
+    align_fraction: float = flag(1.0, section=METHOD,
+                                 help="share of each batch's rows that get the alignment term, drawn uniformly each step, "
+                                      "their term scaled by 1/share (unbiased, fewer guidance forwards; 1: every row, the paper's)")
+    align_t_min: int = flag(20, section=METHOD, help="smallest t' of the alignment term")
+    align_t_max: int = flag(980, section=METHOD, help="largest t' of the alignment term")
+    negative_prompt: str = flag(NFSD_NEGATIVE_PROMPT, section=METHOD, help="NFSD's negative prompt")
+    steps: int = flag(500, section=OPTIMISATION, help="optimizer steps")
+    lr: float = flag(5e-5, section=OPTIMISATION, help="AdamW learning rate")
+    batch_size: int = flag(32, section=OPTIMISATION, help="global batch")  # micro_batch_size x accumulation x processes
+    micro_batch_size: int | None = flag(None, section=OPTIMISATION, auto=True,
+                                        help="per-process batch per forward; auto (the default): the largest divisor "
+                                             "of the per-process batch whose step fits the device's free memory, found "
+                                             "by a probe before the first step, recorded and kept on --resume; the "
+                                             "global batch is kept by accumulation")
+    lora_rank: int = flag(32, section=OPTIMISATION, help="LoRA rank")
+    lora_alpha: float | None = flag(None, section=OPTIMISATION, help="default: = rank")
+    lora_targets: str = flag("attention", section=OPTIMISATION, choices=LORA_TARGET_SETS,
+                             help="attention: the attention projections (the paper's); attention+resnets: also the "
+                                  "ResNet blocks' convolutions, for UNets with attention-free levels")
+    max_grad_norm: float | None = flag(1.0, section=OPTIMISATION, help="0 turns clipping off")  # the CLI's 0 is None here
+    weight_decay: float = flag(1e-2, section=OPTIMISATION, help="AdamW weight decay")
+    mixed_precision: str = flag("no", section=OPTIMISATION, choices=MIXED_PRECISION, help="frozen weights and autocast in fp16/bf16; trainable weights stay fp32")
+    seed: int = flag(0, section=OPTIMISATION, help="seed of the LoRA initialisation and of every step's draws")
+    # Reproducibility: deterministic kernels and reductions, and a fixed CPU thread count (CPU
+    # reductions are split by thread; 0: torch's default, resolved and recorded at the start).
+    deterministic: bool = flag(True, section=OPTIMISATION,
+                               help="deterministic kernels (torch.use_deterministic_algorithms): two runs and a resumed "
+                                    "run are bit-identical; off: PyTorch's fastest kernels")
+    threads: int = flag(0, section=OPTIMISATION, help="CPU threads (0: torch's default, recorded in "
+                                                      "training_config.json; --resume keeps the run's)")
+    # Speed and memory (palp/models/speed.py); none of these changes what a step computes.
+    fused_guidance: bool = flag(True, section=SPEED, help="the pretrained and personalized guidance branches in one UNet call")
+    compile: str = flag("auto", section=SPEED, choices=("auto", *COMPILE_CHOICES),
+                        help="torch.compile the UNet's repeated blocks or all of it; auto: blocks on CUDA, none elsewhere")
+    compile_mode: str = flag("default", section=SPEED, choices=COMPILE_MODES)  # torch.compile mode
+    compile_cache: str = flag("", section=SPEED, metavar="DIR",
+                              help="folder or gs:// prefix keeping the compiled kernels, reused by later runs")
+    channels_last: bool = flag(False, section=SPEED, help="channels-last memory format for the UNet")
+    attention: str = flag("auto", section=SPEED, choices=ATTENTION_BACKENDS, help="the SDPA kernel (auto: PyTorch's choice)")
+    gradient_checkpointing: bool = flag(False, section=SPEED, help="less memory for about one more UNet forward per step")
+    checkpoint_every: int = flag(100, section=CHECKPOINTS, help="steps between resumable checkpoints")
+    checkpoints_total_limit: int = flag(2, section=CHECKPOINTS, help="checkpoints kept (older ones are removed, locally and in the bucket)")
+    save_steps: list[int] = flag(factory=lambda: list(DEFAULT_SAVE_STEPS), section=CHECKPOINTS,
+                                 help="steps whose LoRA + embeddings are kept as snapshots")
+    # Watching a run (palp/steps/validation.py, palp/core/tracking.py): the training's steps are the same with or without.
+    validation_every: int = flag(0, section=WATCHING, metavar="N",
+                                 help="sample the current LoRA + [V] every N steps (and at the last) into "
+                                      "validation/step-N.png (0: never)")
+    validation_prompts: list[str] = flag(factory=list, section=WATCHING, name="--validation-prompt", metavar="PROMPT",
+                                         help="a prompt to validate with, with the placeholders (repeatable; "
+                                              "default: the target prompt)")
+    validation_images: int = flag(4, section=WATCHING, help="images per validation prompt (seeds from --validation-seed)")
+    validation_seed: int = flag(0, section=WATCHING, help="first seed of the validation samples")
+    validation_steps: int = flag(25, section=WATCHING, help="DDIM steps of each validation sample")
+    validation_guidance: float = flag(SampleSettings.guidance, section=WATCHING, help="classifier-free guidance scale")
+    report_to: str = flag("auto", section=WATCHING, choices=REPORT_TO,
+                          help="experiment tracker for the scalars and validation images (auto: tensorboard when "
+                               "installed, else none; tensorboard logs go to OUTPUT/logs)")
+
+    def __post_init__(self):
+        """Every setting checked (ConfigError naming the flag), then the subjects and the prompts."""
+        self._check_values()
+        self._check_subjects_and_prompts()
+
+    def _check_values(self) -> None:
+        need(bool(self.subjects), "at least one subject (--images) is needed")
+        need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        need(self.noise in ("same", "iid"), f"--noise must be same or iid, not {self.noise!r}")
+        need(self.align_timestep in ("resample", "same"), f"--align-timestep must be resample or same, not {self.align_timestep!r}")
+        need(self.mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+        need(0 <= self.align_t_min <= self.align_t_max <= 999, "alignment t-range must satisfy 0 <= min <= max <= 999")
+        need(0 < self.align_fraction <= 1, f"--align-fraction must be in (0, 1], not {self.align_fraction}")
+        need(self.lora_rank >= 1, "--lora-rank must be >= 1")
+        need(self.lora_targets in LORA_TARGET_SETS,
+             f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}, not {self.lora_targets!r}")
+        need(self.lr > 0, "--lr must be > 0")
+        need(self.steps >= 1, "--steps must be >= 1")
+        need(self.batch_size >= 1, "--batch-size must be >= 1")
+        need(self.micro_batch_size is None or self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+        need(self.checkpoint_every >= 1, "--checkpoint-every must be >= 1")
+        need(self.threads >= 0, "--threads must be >= 0 (0: torch's default)")
+        need(self.compile in ("auto", *COMPILE_CHOICES), f"--compile must be auto or one of {', '.join(COMPILE_CHOICES)}, not {self.compile!r}")
+        need(self.attention in ATTENTION_BACKENDS, f"--attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {self.attention!r}")
+        need(self.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
+        need(all(s >= 1 for s in self.save_steps), "--save-steps must be positive step numbers")
+        self.save_steps = sorted(set(self.save_steps))
+        need(self.validation_every >= 0, "--validation-every must be >= 0 (0: no validation samples)")
+        need(self.validation_images >= 1, "--validation-images must be >= 1")
+        need(self.validation_steps >= 1, "--validation-steps must be >= 1")
+        try:
+            resolve_report_to(self.report_to)
+        except TrackingError as e:
+            raise ConfigError(str(e)) from None
+        if self.task_id:
+            check_name(self.task_id, "task id", ConfigError, joined=True)
+
+    def _check_subjects_and_prompts(self) -> None:
+        """Outputs outside the photos, one subject per placeholder, and each prompt checked once
+        (CheckedPrompt), its length after every prompt's placeholders; fills in the clean prompt
+        and the elements."""
+        for s in self.subjects:  # (an image folder that does not exist fails later, naming it)
+            need(not (Path(s.images).is_dir() and storage.is_under(self.output, s.images)),
+                 f"--output {self.output} is (inside) the image folder {s.images} of {s.placeholder}; choose an output "
+                 f"outside it (the run's files would be read as photos next time)")
+        placeholders = [s.placeholder for s in self.subjects]
+        need(len(set(placeholders)) == len(placeholders), f"each placeholder may have one subject; got {placeholders}")
+        try:
+            personal = [CheckedPrompt(s.personalization_prompt, {s.placeholder: s.class_word},
+                                      what=f"personalization prompt of {s.placeholder}") for s in self.subjects]
+            target = CheckedPrompt(self.target_prompt, self.class_words, clean=self.clean_prompt)
+            self.clean_prompt = target.clean
+            if self.elements is None:
+                self.elements = elements_of(target)
+            target.check_length(clean=True)
+            for p in personal:
+                p.check_length()
+            if METHOD_TABLE[self.method].negative:
+                check_token_length(self.negative_prompt, what="negative prompt")
+            for p in self.validation_prompts:
+                CheckedPrompt(p, self.class_words, what="validation prompt").check_length()
+        except PromptError as e:
+            raise ConfigError(str(e)) from e
+
+    @property
+    def class_words(self) -> dict[str, str]:
+        return {s.placeholder: s.class_word for s in self.subjects}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        d["subjects"] = [Subject(**s) for s in d["subjects"]]
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def accumulation(self, num_processes: int, micro: int | None = None) -> tuple[int, int]:
+        """(micro-batch, accumulation steps) with micro x accumulation x processes = batch;
+        ``micro``: the one found for --micro-batch-size auto (default: the whole per-process batch)."""
+        per_process, rest = divmod(self.batch_size, num_processes)
+        if rest or not per_process:
+            raise ConfigError(f"--batch-size {self.batch_size} is not divisible by the {num_processes} processes")
+        micro = self.micro_batch_size or micro or per_process
+        if per_process % micro:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} over {num_processes} process(es) is {per_process} per process, "
+                f"not a multiple of --micro-batch-size {micro}"
+            )
+        return micro, per_process // micro

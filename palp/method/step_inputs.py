@@ -1,0 +1,114 @@
+"""What a training step is fed: its random draws (a pure function of seed, step and rank),
+the text states of the prompts without learned tokens, the VAE posteriors of the subject's
+photos, and the personalized model built on the base for training (palp.steps.train takes the steps)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from palp.core import methods
+from palp.core.settings import TrainConfig
+from palp.models import speed as fast
+from palp.models.personalize import PersonalizedModel, build_personalized_model
+
+log = logging.getLogger("palp.steps.train")  # the training's logger (compile warnings)
+
+@dataclass
+class Draws:
+    """The randomness of one micro-batch of B elements."""
+
+    index: torch.Tensor  # (B,) which training image
+    latent_noise: torch.Tensor  # (B, 4, h, w) sample of the VAE posterior
+    t: torch.Tensor  # (B,) personalization timestep, U{0..999}
+    noise: torch.Tensor  # (B, 4, h, w) eps
+    t_align: torch.Tensor  # (B,) t' of the alignment term
+    noise_align: torch.Tensor  # (B, 4, h, w) eps' (== eps for noise "same")
+    # (B,) with --align-fraction < 1: B/k on the k rows drawn for the alignment term, 0 elsewhere;
+    # None: every row (the default, and the draws are then those of a run without the option)
+    align_weight: torch.Tensor | None = None
+
+
+def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, latent_shape, num_timesteps: int) -> Draws:
+    shape = (batch, *latent_shape)
+    index = torch.randint(n_images, (batch,), generator=gen)
+    latent_noise = torch.randn(shape, generator=gen)
+    t = torch.randint(num_timesteps, (batch,), generator=gen)
+    noise = torch.randn(shape, generator=gen)
+    if cfg.align_timestep == "resample":
+        t_align = torch.randint(cfg.align_t_min, cfg.align_t_max + 1, (batch,), generator=gen)
+    else:
+        t_align = t.clone()
+    noise_align = noise.clone() if cfg.noise == "same" else torch.randn(shape, generator=gen)
+    align_weight = None
+    if cfg.align_fraction < 1:  # drawn last: every other draw is the same as without the option
+        k = max(1, math.ceil(cfg.align_fraction * batch))
+        align_weight = torch.zeros(batch)
+        align_weight[torch.randperm(batch, generator=gen)[:k]] = batch / k
+    return Draws(index, latent_noise, t, noise, t_align, noise_align, align_weight)
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator of one step's draws, a pure function of (seed, step, rank): a resumed run
+    draws exactly what the uninterrupted one would have."""
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
+
+
+@dataclass
+class Conditioning:
+    """Text states of the prompts that hold no learned token: computed once per run."""
+
+    uncond: torch.Tensor  # (1, 77, D) the empty prompt
+    clean: torch.Tensor  # (1, 77, D) y_c
+    negative: torch.Tensor | None  # (1, 77, D) NFSD's negative prompt
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_fixed_prompts(model: PersonalizedModel, tokenizer, cfg: TrainConfig, device) -> Conditioning:
+    negative = methods.METHOD_TABLE[cfg.method].negative
+    prompts = ["", cfg.clean_prompt] + ([cfg.negative_prompt] if negative else [])
+    states = model.encode(tokenize(tokenizer, prompts).to(device))
+    return Conditioning(states[0:1], states[1:2], states[2:3] if negative else None)
+
+
+@torch.no_grad()
+def encode_latent_posteriors(vae, pixels: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior mean and std of each image, scaled to the UNet's latent space."""
+    means, stds = [], []
+    sf = vae.config.scaling_factor
+    for chunk in pixels.split(batch):
+        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+        means.append(dist.mean.float() * sf)
+        stds.append(dist.std.float() * sf)
+    return torch.cat(means), torch.cat(stds)  # (N, 4, h, w) each
+
+
+def setup_model(base, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[PersonalizedModel, dict, fast.CompiledUNet]:
+    """LoRA + placeholder tokens on the base model, on ``device``: frozen weights in ``dtype``,
+    trainable ones in fp32, with cfg's speed options applied. Returns (model, token ids, the
+    compiled UNet: its cache and eager fallback)."""
+    with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from --seed, not global state
+        torch.manual_seed(cfg.seed)
+        model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                                       targets=cfg.lora_targets)
+    model.to(device, dtype)
+    for p in model.trainable_parameters():  # trainable parameters stay fp32
+        p.data = p.data.float()
+    if cfg.channels_last:
+        fast.set_channels_last(model.unet, True)
+    if cfg.gradient_checkpointing:
+        fast.set_gradient_checkpointing(model.unet, True)
+    compiled = fast.CompiledUNet(model.unet, fast.resolve_compile(cfg.compile, device), device=device,
+                                 cache_folder=cfg.compile_cache, mode=cfg.compile_mode, logger=log)
+    return model, token_ids, compiled

@@ -1,0 +1,1 @@
+"""The models: base-model resolution, the tiny model, CLIP, the personalized model (LoRA + learned tokens), speed options, a run's weights, the shared denoising loop."""

@@ -1,0 +1,138 @@
+"""theta_LoRA: LoRA on the UNet's attention projections plus one learned token per placeholder.
+
+The base weights stay frozen and untouched: LoRA goes through peft (diffusers' ``add_adapter``),
+and the placeholder rows live in their own small parameter, so every pretrained embedding
+row is bit-identical after training by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from palp.core.prompts import placeholder_token
+from palp.core.settings import LORA_TARGET_SETS
+from palp.models.lora_gate import LoraGate
+
+
+class PlaceholderEmbedding(nn.Module):
+    """CLIP's token embedding with trainable rows for the new placeholder tokens.
+
+    Ids below ``first_id`` read the frozen pretrained table; ids from ``first_id`` on read
+    ``learned`` (K, D), which is what ``learned_embeds.safetensors`` stores.
+    """
+
+    def __init__(self, base: nn.Embedding, first_id: int, init: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.first_id = first_id
+        self.learned = nn.Parameter(init.detach().clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads .weight for shape and dtype
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_new = (input_ids >= self.first_id).unsqueeze(-1)
+        old = F.embedding(input_ids.clamp(max=self.first_id - 1), self.base.weight)
+        new = self.learned[(input_ids - self.first_id).clamp(min=0, max=len(self.learned) - 1)]
+        return torch.where(is_new, new.to(old.dtype), old)  # (B, L, D)
+
+
+def add_placeholder_tokens(tokenizer, text_encoder, class_words: dict[str, str]) -> dict[str, int]:
+    """Add one token per placeholder, its embedding initialised from the class word.
+
+    A multi-token class word ("teddy bear") initialises from the mean of its tokens.
+    Returns {placeholder: token id}.
+    """
+    tokens = [placeholder_token(p) for p in class_words]
+    clash = [t for t in tokens if t in tokenizer.get_vocab()]
+    if clash:
+        raise ValueError(f"tokens {clash} are already in the tokenizer; load a base model without them")
+    first_id = len(tokenizer)
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if ids != list(range(first_id, first_id + len(tokens))):
+        raise RuntimeError(f"placeholder tokens got ids {ids}, expected consecutive ids from {first_id}")
+    base = text_encoder.get_input_embeddings()
+    init = []
+    for word in class_words.values():
+        word_ids = tokenizer(word, add_special_tokens=False).input_ids
+        init.append(base.weight[word_ids].detach().float().mean(0))
+    emb = PlaceholderEmbedding(base, first_id, torch.stack(init))
+    text_encoder.set_input_embeddings(emb)
+    return dict(zip(class_words, ids))
+
+
+def add_lora(unet, *, rank: int, alpha: float | None = None, targets: str = "attention"):
+    """LoRA (peft) on the layers that ``targets`` names (LORA_TARGET_SETS: by default to_q, to_k,
+    to_v, to_out.0 of every attention block); returns the config."""
+    from peft import LoraConfig
+
+    if targets not in LORA_TARGET_SETS:
+        raise ValueError(f"LoRA targets must be one of {', '.join(LORA_TARGET_SETS)}, not {targets!r}")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        init_lora_weights="gaussian",  # B = 0: the adapted model starts equal to the base
+        target_modules=list(LORA_TARGET_SETS[targets]),
+    )
+    unet.add_adapter(config)
+    return config
+
+
+class PersonalizedModel(nn.Module):
+    """G(x, t, y; theta_LoRA) and, with adapters disabled, the pretrained G(x, t, y; theta)."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+        # The gate's hooks exist from the start (doing nothing outside predict_gated): torch.compile
+        # does not guard on hooks, so a hook added after a graph was traced would be ignored by it.
+        self._lora_gate = LoraGate(unet)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def placeholder_embedding(self) -> PlaceholderEmbedding:
+        return self.text_encoder.get_input_embeddings()
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)[0]  # (B, 77, D)
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor):
+        """The personalization prediction eps_theta and the text states it was conditioned on."""
+        states = self.encode(input_ids)
+        return self.unet(z_t, t, encoder_hidden_states=states).sample, states
+
+    def predict(self, z_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return self.unet(z_t, t, encoder_hidden_states=states).sample
+
+    def predict_gated(self, z_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        """One UNet call in which row i is G(.; theta_LoRA) where lora[i] = 1 and the pretrained
+        G(.; theta) where lora[i] = 0 (lora_gate.LoraGate); lora is (N,) like t."""
+        with self._lora_gate(lora):
+            return self.predict(z_t, t, states)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+
+def build_personalized_model(base, class_words: dict[str, str], *, rank: int, alpha: float | None = None,
+                             targets: str = "attention"):
+    """Freeze the base, add LoRA and placeholder tokens. Returns (model, lora_config, token ids)."""
+    for module in (base.unet, base.vae, base.text_encoder):
+        module.requires_grad_(False)
+    token_ids = add_placeholder_tokens(base.tokenizer, base.text_encoder, class_words)
+    config = add_lora(base.unet, rank=rank, alpha=alpha, targets=targets)
+    return PersonalizedModel(base.unet, base.text_encoder), config, token_ids

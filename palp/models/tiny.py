@@ -1,0 +1,172 @@
+"""A tiny, seeded, SD-1.x-shaped model written in the real diffusers layout.
+
+Nothing can be downloaded on a build machine, so tests, CI and the local demo run on this
+model. It has every part of Stable Diffusion 1.x at toy width: a UNet2DConditionModel with
+cross-attention, an AutoencoderKL with SD's 8x down-sampling and 4 latent channels, a
+CLIPTextModel, the real 49,408-token CLIP BPE tokenizer (built offline from the vocabulary
+open_clip ships) and SD's noise schedule. It is saved with ``save_pretrained`` and loaded with
+``from_pretrained``, the same path as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from palp.core.cache import cache_root
+
+TINY_NAME = "tiny"
+# Bump when the architecture or seed below changes: cached copies are keyed by it.
+TINY_VERSION = "2"  # 2: the tokenizer config no longer records HF_HUB_OFFLINE (local_files_only)
+TINY_RESOLUTION = 64
+TINY_SEED = 0
+
+# SD-1.x's schedule (CompVis/stable-diffusion-v1-4/scheduler/scheduler_config.json).
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    skip_prk_steps=True,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    trained_betas=None,
+)
+
+
+
+def write_clip_tokenizer_files(out_dir: Path) -> None:
+    """Write vocab.json + merges.txt of CLIP's BPE (SD-1.x's tokenizer) from open_clip's data.
+
+    CLIP's vocabulary is 256 byte symbols, the same with the end-of-word mark, one token per
+    BPE merge (the first 48,894 merges), then <|startoftext|> and <|endoftext|>: 49,408.
+    """
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+
+    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_symbols = list(bytes_to_unicode().values())
+    vocab = byte_symbols + [s + "</w>" for s in byte_symbols]
+    vocab += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def clip_text_encoder(*, hidden: int, intermediate: int, layers: int, heads: int):
+    """A CLIPTextModel of the given width over CLIP's 49,408-token vocabulary (SD-1.x's layout)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            projection_dim=hidden,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
+def build_tiny_pipeline(seed: int = TINY_SEED):
+    """The tiny StableDiffusionPipeline, with weights drawn from ``seed``."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_RESOLUTION // 8,  # latents (B, 4, 8, 8)
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,  # 3 down-samplings: SD's factor 8
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=TINY_RESOLUTION,
+        )
+        torch.manual_seed(seed + 2)
+        text_encoder = clip_text_encoder(hidden=32, intermediate=37, layers=2, heads=4)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_clip_tokenizer_files(Path(tok_dir))
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, pad_token="<|endoftext|>", model_max_length=77)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+# What a complete tiny model folder holds (save_pretrained's layout).
+TINY_FILES = ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+              "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json",
+              "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+              "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
+
+
+def save_tiny_model(out_dir: str | Path, seed: int = TINY_SEED, *, replace: bool = False) -> Path:
+    """Build the tiny model and write it atomically to ``out_dir`` in the diffusers layout
+    (``replace``: over an incomplete folder there)."""
+    import json
+
+    from palp.core.storage import atomic_directory
+
+    with atomic_directory(out_dir, replace=replace) as tmp:
+        build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        # transformers records how the tokenizer was loaded (local_files_only follows
+        # HF_HUB_OFFLINE): that would make the model's files, and so its pin, depend on the
+        # environment it was built in, and a run trained offline be refused when sampled online.
+        config = tmp / "tokenizer" / "tokenizer_config.json"
+        settings = json.loads(config.read_text())
+        settings.pop("local_files_only", None)
+        config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+def tiny_model_dir() -> Path:
+    """The cached tiny model, built on first use, and again if the folder is incomplete.
+
+    In a multi-process run (torch.distributed initialized) rank 0 builds it while the others
+    wait: transformers writes a model's weights from rank 0 only, so a folder built by another
+    rank would lack the text encoder's."""
+    import torch.distributed as dist
+
+    path = cache_root() / "models" / f"tiny-sd-v{TINY_VERSION}"
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        if not all((path / f).is_file() for f in TINY_FILES):
+            save_tiny_model(path, replace=path.exists())
+    if distributed:
+        dist.barrier()
+    return path

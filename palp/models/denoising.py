@@ -15,7 +15,7 @@ import io
 import numpy as np
 import torch
 
-from palp.core import storage
+from palp.core import storage, xla
 
 
 def initial_latents(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -43,13 +43,18 @@ def generate(pipe, prompts: list[str], latents: torch.Tensor, *, steps: int, gui
     on_device = scheduler.timesteps.to(device)  # the UNet's timestep input, copied once
     extra = pipe.prepare_extra_step_kwargs(None, 0.0)
     x = latents.to(device, pipe.unet.dtype) * scheduler.init_noise_sigma  # (B, 4, h, w)
+    lazy = xla.is_xla(device)
     for i, t in enumerate(timesteps):
         rows = scheduler.scale_model_input(torch.cat([x, x]) if do_cfg else x, t)
-        eps = pipe.unet(rows, on_device[i], encoder_hidden_states=states).sample
+        # XLA: the timestep sent as data (an index into on_device would be a constant of the
+        # graph, one compile per step), and a graph cut per step, as the stock pipeline does there.
+        t_in = scheduler.timesteps[i].to(device) if lazy else on_device[i]
+        eps = pipe.unet(rows, t_in, encoder_hidden_states=states).sample
         if do_cfg:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
         x = scheduler.step(eps, t, x, **extra, return_dict=False)[0]
+        xla.sync(device)
     return decode_latents(pipe.vae, x)
 
 
@@ -88,6 +93,7 @@ def sample_personalized(model, vae, scheduler_config, input_ids: torch.Tensor, u
             rows = torch.cat([x, x]).to(states.dtype)
             eps_uncond, eps_cond = model.predict(rows, torch.full((len(rows),), t, device=device), states).float().chunk(2)
             x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x.float(), return_dict=False)[0]
+            xla.sync(device)  # XLA: a graph per denoising step (one graph for all but the first and last), not the loop unrolled
     return decode_latents(vae, x)
 
 

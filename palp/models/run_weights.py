@@ -54,7 +54,8 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # On the host: safetensors writes CPU and CUDA tensors but not XLA ones (.cpu() of a CPU tensor is itself).
+    return {k: v.cpu() for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)).items()}
 
 
 def learned_embeds_state_dict(model, tokens: list[str]) -> dict[str, torch.Tensor]:

@@ -50,7 +50,13 @@ def _raise_recompile_limits() -> None:
 
 
 def resolve_compile(how: str, device: torch.device) -> str:
-    """``auto``: the repeated blocks on CUDA (compiled in seconds, run faster), nothing elsewhere."""
+    """``auto``: the repeated blocks on CUDA (compiled in seconds, run faster), nothing elsewhere.
+    On an XLA device always nothing: XLA compiles each whole step's graph itself (palp.core.xla),
+    and torch.compile's inductor does not generate code for XLA tensors."""
+    if torch.device(device).type == "xla":
+        if how not in ("auto", "none"):
+            log.warning("--compile %s does not apply on XLA (XLA compiles the step's graph itself); not compiling", how)
+        return "none"
     if how == "auto":
         return "blocks" if torch.device(device).type == "cuda" else "none"
     return how

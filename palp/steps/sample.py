@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from palp.core import gcs, storage
+from palp.core import gcs, storage, xla
 from palp.core.elements import elements_of
 from palp.core.locks import output_lock
 from palp.core.memory import is_out_of_memory, release_memory
@@ -115,7 +115,11 @@ def load_weights(pipe, folder: Path) -> None:
     from safetensors.torch import load_file
 
     pipe.unload_lora_weights()
+    device = pipe.text_encoder.device
+    if xla.is_xla(device):  # diffusers' unload assigns the kept rows to a new CPU nn.Embedding: refused for XLA tensors
+        pipe.text_encoder.to("cpu")
     pipe.unload_textual_inversion()
+    pipe.text_encoder.to(device)
     pipe.load_lora_weights(folder)
     embeds = load_file(folder / EMBEDS_FILE)
     pipe.load_textual_inversion(list(embeds.values()), token=list(embeds))

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from palp import __version__
-from palp.core import methods, tracking
+from palp.core import methods, tracking, xla
 from palp.core.locks import Held, output_lock
 from palp.core.memory import is_out_of_memory, release_memory
 from palp.core.precision import weight_dtype
@@ -170,6 +170,7 @@ def train_step(ctx: StepContext, cfg: TrainConfig, full: Draws, *, micro: int) -
     micro-batch: the measurements are read together, after the backward has been queued.
     """
     acc, accum = ctx.accelerator, len(full.t) // micro
+    device = ctx.mean.device
     sums: dict[str, float] = {}
     for i in range(accum):
         with acc.accumulate(ctx.wrapped):
@@ -177,7 +178,9 @@ def train_step(ctx: StepContext, cfg: TrainConfig, full: Draws, *, micro: int) -
             acc.backward(loss)
             norm = acc.clip_grad_norm_(ctx.trainable, cfg.max_grad_norm or math.inf) if acc.sync_gradients else None
             values = torch.stack([loss.detach().float(), *(v.float() for v in m.values())]
-                                 + ([norm.float()] if norm is not None else [])).tolist()
+                                 + ([norm.float()] if norm is not None else []))
+            xla.sync(device)  # XLA: the forward and backward as one graph, gradients and values its outputs
+            values = values.tolist()
             if not math.isfinite(values[0]):
                 raise NonFiniteError("loss")
             if norm is not None:
@@ -186,6 +189,7 @@ def train_step(ctx: StepContext, cfg: TrainConfig, full: Draws, *, micro: int) -
                 sums["grad_norm"] = values[-1]
             ctx.optimizer.step()
             ctx.optimizer.zero_grad(set_to_none=True)
+            xla.sync(device)  # XLA: the update as a graph of its own
         for key, v in zip(["loss", *m], values):
             sums[key] = sums.get(key, 0.0) + v / accum
     return sums
@@ -214,9 +218,11 @@ def fit_micro_batch(ctx: StepContext, cfg: TrainConfig, full: Draws, compiled=No
     --align-fraction every probed row takes the alignment term (the most a micro-batch can
     need); with torch.compile, a compile failure falls back to eager as in training
     (``compiled``: the run's CompiledUNet)."""
+    per_process = len(full.t)
+    if xla.is_xla(ctx.mean.device):  # lazy tensors: nothing would run, so every size would "fit"
+        return per_process, []
     if full.align_weight is not None:
         full = dataclasses.replace(full, align_weight=torch.ones_like(full.align_weight))
-    per_process = len(full.t)
     acc = ctx.accelerator
     failed = []
     for m in sorted((d for d in range(1, per_process + 1) if per_process % d == 0), reverse=True):
@@ -348,6 +354,7 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
         start, rows = checkpoints.load_latest(out, model, ctx.optimizer, max_step=cfg.steps)
         for group in ctx.optimizer.param_groups:  # the optimizer state carries the old lr
             group["lr"] = cfg.lr
+    xla.sync(device)  # XLA: the encoded photos and prompts (and a loaded checkpoint) as data, not in every step's graph
     validator = _validator(cfg, model, base, ctx, accelerator) if cfg.validation_every else None
     if report_to != "none":
         accelerator.init_trackers(tracking.PROJECT, config=tracking.hyperparameters(config),
@@ -380,7 +387,8 @@ def _probe_micro_batch(ctx: StepContext, cfg: TrainConfig, compiled, accelerator
     accelerator.gradient_accumulation_steps = accum
     if accelerator.is_main_process:
         tried = f" ({', '.join(map(str, failed))} ran out of memory)" if failed else ""
-        print(f"palp train: --micro-batch-size auto: {micro} of {micro * accum} per process fits on {accelerator.device}"
+        fits = "taken without a probe on" if xla.is_xla(accelerator.device) else "fits on"
+        print(f"palp train: --micro-batch-size auto: {micro} of {micro * accum} per process {fits} {accelerator.device}"
               f"{tried}; {accum} accumulation step(s)", file=sys.stderr)
     return micro, accum
 

@@ -2,6 +2,7 @@
 
     python evaluation/toyworld/pretrain.py all --work WORKDIR --out palp/toyworld/weights
     python evaluation/toyworld/pretrain.py replay --work WORKDIR --out palp/toyworld/weights
+    python evaluation/toyworld/pretrain.py all --world v2 --work WORKDIR   (world v2: pretrain_v2.py)
 
 This is how the shipped weights were made, not part of palp: palp loads the weights, renderer
 and judge (``palp.toyworld``) and never imports this script.
@@ -41,17 +42,19 @@ import time
 from pathlib import Path
 from types import MappingProxyType
 
+import pretrain_v2  # world v2's stages (``--world v2``)
 import torch
 import torch.nn.functional as F
+from pretrain_export import stage_export
+from pretrain_judge import judge_batch, judge_loss
+from pretrain_models import (CLIP_CONFIG, LATENT, LATENT_CHANNELS, build_text_encoder, build_tokenizer, build_unet,
+                             build_vae)
+from pretrain_state import load_data, loop, record, save_npz, save_torch, seed_all, write_json
 from tqdm import tqdm
 
 from palp.core.storage import write_bytes, write_text
 from palp.toyworld.judge import Judge, to_tensor
 from palp.toyworld.world import render_dataset
-from pretrain_export import stage_export
-from pretrain_judge import judge_batch, judge_loss
-from pretrain_models import CLIP_CONFIG, LATENT, LATENT_CHANNELS, build_text_encoder, build_tokenizer, build_unet, build_vae
-from pretrain_state import load_data, loop, record, save_npz, save_torch, seed_all, write_json
 
 SEED = 0
 STAGES = ("data", "vae", "unet", "judge", "clip", "export")
@@ -355,7 +358,16 @@ assert set(STAGE_RUNNERS) | {"export"} == set(STAGES)
 
 
 def main(argv=None):
+    # ``--world v2`` hands everything to pretrain_v2 (palp.toyworld.v2: named instances across
+    # styles); without it, or with ``--world v1``, this is v1's pretraining, unchanged.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--world", choices=("v1", "v2"), default="v1")
+    known, rest = pre.parse_known_args(argv)
+    if known.world == "v2":
+        return pretrain_v2.main(rest)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--world", choices=("v1", "v2"), default="v1",
+                    help="v1: the shipped world (default); v2: named instances across styles (pretrain_v2.py, its own flags)")
     ap.add_argument("stage", choices=STAGES + ("all", "replay"),
                     help="one stage; all: every stage once with the settings given; replay: SHIPPED_HISTORY")
     ap.add_argument("--work", required=True, type=Path, help="working folder (data, checkpoints; resumable)")

@@ -93,6 +93,21 @@ def predict(judge, images, batch_size: int = 256) -> list[dict]:
     return out
 
 
+def accuracy_per_attribute(scenes, preds: list[dict]) -> dict:
+    """The share of scenes whose attribute the judge read right, per attribute; an identity
+    attribute counts only where the scene's style shows it (colours where the style keeps
+    them, pattern colour where there is a pattern)."""
+    hits = {k: [] for k in ATTRIBUTES}
+    for s, p in zip(scenes, preds):
+        truth = s.labels()
+        shown = shown_identity(s.style, truth["pattern"])
+        for k in ATTRIBUTES:
+            if k in IDENTITY_ATTRIBUTES and k not in shown:
+                continue
+            hits[k].append(p[k] == truth[k])
+    return {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+
+
 def judge_accuracy(judge, n: int = 2000, seed: int = 12345, *, held_out_pairs: bool = False) -> dict:
     """Accuracy per attribute on freshly rendered scenes the judge never saw: any subject, or
     (``held_out_pairs``) only the (class, colour) pairs the toy model's pretraining never shows,
@@ -111,15 +126,7 @@ def judge_accuracy(judge, n: int = 2000, seed: int = 12345, *, held_out_pairs: b
             continue
         scenes.append(random_scene(rng, identity))
     preds = predict(judge, [render_array(s) for s in scenes])
-    hits = {k: [] for k in ATTRIBUTES}
-    for s, p in zip(scenes, preds):
-        truth = s.labels()
-        shown = shown_identity(s.style, truth["pattern"])
-        for k in ATTRIBUTES:
-            if k in IDENTITY_ATTRIBUTES and k not in shown:
-                continue
-            hits[k].append(p[k] == truth[k])
-    return {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+    return accuracy_per_attribute(scenes, preds)
 
 
 JUDGE_COLUMNS = {

@@ -158,16 +158,17 @@ def _stylize(flat: Image.Image, shaded: Image.Image, style: str, rng) -> Image.I
     raise ValueError(style)
 
 
-def render(scene: Scene, size: int = SIZE) -> Image.Image:
-    """The scene as an RGB image of ``size`` x ``size``."""
+def render(scene: Scene, size: int = SIZE, *, subject=subject_layer) -> Image.Image:
+    """The scene as an RGB image of ``size`` x ``size``; ``subject`` draws the subject's layer
+    (``shapes.subject_layer``; the second world's is larger, its pattern coarser)."""
     rng = random.Random(scene.seed)
     bg = _background(scene.place, scene.time, random.Random(rng.randrange(2**31)))
     pose_seed = rng.randrange(2**31)  # both layers share the pose
-    flat_layer, shadow = subject_layer(scene.identity, random.Random(pose_seed), shaded=False)
+    flat_layer, shadow = subject(scene.identity, random.Random(pose_seed), shaded=False)
     flat = bg.copy()
     flat.paste(flat_layer, (0, 0), flat_layer)
     if scene.style == "photo":
-        shaded_layer, _ = subject_layer(scene.identity, random.Random(pose_seed), shaded=True)
+        shaded_layer, _ = subject(scene.identity, random.Random(pose_seed), shaded=True)
         shaded = bg.copy()
         sd = ImageDraw.Draw(shaded, "RGBA")
         sd.ellipse(shadow, fill=(0, 0, 0, 70))
@@ -178,5 +179,5 @@ def render(scene: Scene, size: int = SIZE) -> Image.Image:
     return out.resize((size, size), Image.BOX)
 
 
-def render_array(scene: Scene, size: int = SIZE) -> np.ndarray:
-    return np.asarray(render(scene, size), dtype=np.uint8)
+def render_array(scene: Scene, size: int = SIZE, *, subject=subject_layer) -> np.ndarray:
+    return np.asarray(render(scene, size, subject=subject), dtype=np.uint8)

@@ -151,6 +151,17 @@ def subject_layer(identity: Identity, rng, shaded: bool):
     cx = CANVAS / 2 + rng.uniform(-8, 8)
     cy = HORIZON + rng.uniform(-4, 6)
     flip = rng.random() < 0.5
+    return compose_subject(identity, rng, shaded, cx=cx, cy=cy, k=k, flip=flip, paint_pattern=paint_whole_body)
+
+
+def paint_whole_body(base: Image.Image, identity: Identity, rng, body, cx, cy, k) -> None:
+    """v1's pattern: stripes, dots or patches over the whole body-colour canvas."""
+    _draw_pattern(ImageDraw.Draw(base), identity, rng, cx, cy, k)
+
+
+def compose_subject(identity: Identity, rng, shaded: bool, *, cx, cy, k, flip, paint_pattern):
+    """The subject at a pose: its body in the body colour, the pattern that ``paint_pattern``
+    paints on it (drawing from ``rng``), the light, details and accessory; and its shadow box."""
     body, details, top = subject_shapes(identity.cls, cx, cy, k, flip)
 
     mask = Image.new("L", (CANVAS, CANVAS), 0)
@@ -159,7 +170,7 @@ def subject_layer(identity: Identity, rng, shaded: bool):
         draw_shape(md, s, 255)
     base = Image.new("RGB", (CANVAS, CANVAS), COLORS[identity.color])
     if identity.pattern != "plain":
-        _draw_pattern(ImageDraw.Draw(base), identity, rng, cx, cy, k)
+        paint_pattern(base, identity, rng, body, cx, cy, k)
     if shaded:
         base = _light(base, cx, cy, k)
     layer = Image.new("RGBA", (CANVAS, CANVAS), (0, 0, 0, 0))

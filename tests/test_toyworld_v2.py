@@ -1,0 +1,289 @@
+"""World v2 (palp.toyworld.v2): named instances across styles, held-out composites by rule,
+the coarse renderer, the v2 architectures, and its resumable pretraining; v1 left unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from palp.toyworld.scene import CLASSES, STYLES, Identity, Scene, parse_caption
+from palp.toyworld.v2 import world as w2
+from palp.toyworld.v2.render import render_array as render_v2
+from palp.toyworld.world import PERSONAL_SUBJECTS
+
+REPO = Path(__file__).resolve().parents[1]
+
+# sha256 of v1's renders, captions and data set below, computed from the v1 code before world v2
+# was added (Pillow 13.0.0, numpy 2.4.6): v2 must leave every v1 pixel as it was.
+V1_HASH = "62a9b3bc0b922197aad138e7414bb41a8cf6c8211babd50b30853a177e9ead42"
+
+
+def _pretrain():
+    """evaluation/toyworld/pretrain.py with its sibling modules importable (as when it runs)."""
+    import importlib.util
+
+    if "toy_pretrain" not in sys.modules:
+        folder = REPO / "evaluation/toyworld"
+        spec = importlib.util.spec_from_file_location("toy_pretrain", folder / "pretrain.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["toy_pretrain"] = module
+        sys.path.insert(0, str(folder))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(folder))
+    return sys.modules["toy_pretrain"]
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return w2.pretraining_plan(w2.plan_size(3))
+
+
+def test_v1_renders_are_bit_identical():
+    from palp.toyworld.render import render_array
+    from palp.toyworld.world import random_scene, render_dataset, subject_training_scenes
+
+    h = hashlib.sha256()
+    rng = random.Random(2024)
+    for _ in range(150):
+        s = random_scene(rng, every_pair=True)
+        h.update(render_array(s).tobytes())
+        h.update(s.caption().encode())
+    for sub in PERSONAL_SUBJECTS:
+        for s in subject_training_scenes(sub, 4):
+            h.update(render_array(s).tobytes())
+    images, labels, captions = render_dataset(40, seed=0, progress=False)
+    h.update(images.tobytes())
+    h.update(labels.tobytes())
+    h.update("\n".join(captions).encode())
+    assert h.hexdigest() == V1_HASH
+
+
+def test_names_follow_the_rule():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from palp.toyworld.v2.world import NAMES, bpe_pieces, caption_words, make_names
+
+    assert NAMES == make_names()  # the committed list is what the rule makes
+    assert len(NAMES) == len(set(NAMES)) == w2.N_INSTANCES
+    words, tokenizer = caption_words(), SimpleTokenizer()
+    assert {"cat", "red", "stripes", "hat", "watercolour", "sunset", "city"} <= words
+    for name in NAMES:
+        assert name.isalpha() and name.islower() and name not in words and name not in CLASSES
+        pieces = bpe_pieces(name, tokenizer)
+        assert 2 <= len(pieces) <= 3, (name, pieces)
+        assert not any(p.replace("</w>", "") in words for p in pieces), (name, pieces)
+
+
+def test_names_tokenize_as_rare_words_with_the_pipelines_tokenizer():
+    tok = _pretrain().build_tokenizer()
+    ids = {}
+    for name in w2.NAMES:
+        ids[name] = tuple(tok(name).input_ids[1:-1])
+        assert 2 <= len(ids[name]) <= 3
+    assert len(set(ids.values())) == len(ids)
+    one = tok("A watercolour of " + w2.NAMES[0] + " the cat on the beach at sunset").input_ids
+    assert len(one) == 2 + 11 + len(ids[w2.NAMES[0]]) - 1
+
+
+def test_held_out_composites_are_a_rule_and_never_named():
+    composites = w2.all_composites()
+    assert len(composites) == len({w2.composite_key(c) for c in composites}) == 7 * 8 * 22 * 4
+    held = [c for c in composites if w2.is_held_out(c)]
+    assert 0.2 < len(held) / len(composites) < 0.3
+    assert all(w2.is_held_out(s.identity) for s in PERSONAL_SUBJECTS)
+    named = {w2.composite_key(c) for c in w2.INSTANCE_IDENTITIES}
+    assert len(named) == w2.N_INSTANCES
+    assert not any(w2.is_held_out(c) for c in w2.INSTANCE_IDENTITIES)
+    assert all(w2.rich(c) for c in w2.INSTANCE_IDENTITIES)
+    assert max(Counter(c.cls for c in w2.INSTANCE_IDENTITIES).values()) - min(
+        Counter(c.cls for c in w2.INSTANCE_IDENTITIES).values()) <= 1
+    # A plain body's pattern colour is invisible: the rule must not depend on it.
+    plain = [Identity("dog", "red", "plain", pc, "hat") for pc in ("blue", "green", "pink")]
+    assert len({w2.is_held_out(c) for c in plain}) == 1
+    subjects = w2.held_out_subjects(12, seed=3)
+    assert len({s.name for s in subjects}) == 12 and len({w2.composite_key(s.identity) for s in subjects}) == 12
+    v1 = {w2.composite_key(s.identity) for s in PERSONAL_SUBJECTS}
+    for s in subjects:
+        assert w2.is_held_out(s.identity) and w2.rich(s.identity)
+        assert w2.composite_key(s.identity) not in named | v1
+    assert [s.name for s in w2.held_out_subjects(12, seed=3)] == [s.name for s in subjects]  # seeded
+    assert [s.name for s in w2.held_out_subjects(12, seed=4)] != [s.name for s in subjects]
+
+
+def test_pretraining_shows_every_instance_everywhere_and_no_held_out_composite(plan):
+    assert len(plan) == w2.plan_size(3) == 78000
+    assert not any(w2.is_held_out(ns.scene.identity) for ns in plan)
+    seen = Counter((ns.instance, ns.scene.style, ns.scene.place, ns.scene.time) for ns in plan if ns.instance >= 0)
+    assert len(seen) == w2.N_INSTANCES * len(w2.COMBOS) == 300 * 65
+    assert min(seen.values()) == 3
+    named_styles = defaultdict(set)
+    for ns in plan:
+        if ns.form != "describe":
+            named_styles[ns.instance].add(ns.scene.style)
+    assert all(named_styles[i] == set(STYLES) for i in range(w2.N_INSTANCES))  # each name in every style
+    forms = Counter(ns.form for ns in plan if ns.instance >= 0)
+    assert abs(forms["name"] / sum(forms.values()) - 0.60) < 0.02
+    described = sum(ns.instance < 0 for ns in plan)
+    assert described == 78000 // 4
+    assert {ns.scene.identity.cls for ns in plan if ns.instance < 0} == set(CLASSES)
+
+
+def test_captions_agree_with_the_scenes(plan):
+    for ns in plan[:3000]:
+        s, text = ns.scene, ns.caption()
+        parsed = parse_caption(text)
+        assert (parsed["style"], parsed["place"], parsed["time"]) == (s.style, s.place, s.time), text
+        if ns.instance >= 0:
+            assert w2.INSTANCE_IDENTITIES[ns.instance] == s.identity
+        if ns.form == "name":
+            assert f" {w2.NAMES[ns.instance]}" in text and s.identity.cls not in text.split(), text
+        elif ns.form == "name_class":
+            assert f" {w2.NAMES[ns.instance]} the {s.identity.cls}" in text, text
+        else:
+            assert not any(n in text.split() for n in w2.NAMES) and s.identity.cls in text.split(), text
+            if s.caption_color:
+                assert s.identity.color in text.split(), text
+
+
+def test_every_named_instance_renders_in_every_style():
+    rng = random.Random(0)
+    for inst in w2.named_instances():
+        for style in STYLES:
+            place, time = rng.choice(w2.PLACE_TIMES)
+            scene = Scene(inst.identity, style, place, time, seed=rng.randrange(2**31))
+            image = render_v2(scene)
+            assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+            if STYLES.index(style) == inst.index % len(STYLES):
+                # The subject's identity is in the pixels: without its accessory they change
+                # (in one style per instance, every style over the instances).
+                other = Identity(inst.identity.cls, inst.identity.color, inst.identity.pattern,
+                                 inst.identity.pattern_color, "none")
+                assert np.abs(render_v2(Scene(other, style, place, time, seed=scene.seed)).astype(int) - image).sum() > 500
+
+
+def test_v2_patterns_are_coarse():
+    """A stripe of the torso is about 8 image pixels wide (2 latent pixels): on plain studio
+    photos of a striped car, the runs of the stripe colour along rows through the torso."""
+    ident = Identity("car", "blue", "striped", "yellow", "none")
+    widths = []
+    for seed in range(6):
+        img = render_v2(Scene(ident, "photo", "plain", "day", seed=seed)).astype(int)
+        yellow = (img[..., 0] > 150) & (img[..., 1] > 130) & (img[..., 2] < 90)
+        for row in yellow[38:46]:
+            run = 0
+            for v in list(row) + [False]:
+                if v:
+                    run += 1
+                elif run:
+                    widths.append(run)
+                    run = 0
+    assert widths and np.median(widths) >= 8, widths
+
+
+def test_v2_architectures_have_the_stated_sizes():
+    v2 = sys.modules.get("pretrain_v2") or (_pretrain() and sys.modules["pretrain_v2"])
+    unet, te = v2.build_unet(), v2.build_text_encoder()
+    assert sum(p.numel() for p in unet.parameters()) == v2.PARAMS["unet"]
+    assert sum(p.numel() for p in te.parameters()) == v2.PARAMS["text_encoder"]
+    assert all(hasattr(b, "attentions") for b in unet.down_blocks)  # cross-attention at 16x16, 8x8, 4x4
+    assert unet.config.cross_attention_dim == te.config.hidden_size == 96
+    assert te.get_input_embeddings().weight.numel() * 4 < 20 * 10**6  # one file under 20 MB
+
+
+def test_v2_pretraining_runs_every_stage_resumes_and_exports(tmp_path, capsys, monkeypatch):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pretrain = _pretrain()
+    small = ["--world", "v2", "--n-train", "48", "--vae-batch", "4", "--judge-batch", "4", "--judge-eval-n", "8",
+             "--clip-batch", "8", "--unet-batch", "4"]
+    steps = ["--vae-steps", "2", "--judge-steps", "2", "--clip-steps", "2", "--unet-steps", "2"]
+    work, out = tmp_path / "work", tmp_path / "weights"
+    pretrain.main(["all", "--work", str(work), "--out", str(out), *small, *steps])
+    recipe = json.loads((work / "recipe.json").read_text())
+    assert recipe["stages"]["data"]["world"] == "v2" and recipe["stages"]["data"]["n"] == 48
+    assert [h["stage"] for h in recipe["history"]] == ["vae", "judge", "clip", "unet"]
+    assert set(recipe["stages"]["judge"]["accuracy"]) == {"any", "held_out", "any_vae"}
+    assert all("wall_s" in recipe["stages"][s] for s in ("data", "vae", "judge", "clip", "unet"))
+    assert json.loads((out / "names.json").read_text()) == list(w2.NAMES)
+    assert max(p.stat().st_size for p in out.rglob("*") if p.is_file()) < 20 * 10**6
+    pipe = StableDiffusionPipeline.from_pretrained(out / "sd", safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    image = pipe(f"A sketch of {w2.NAMES[0]}", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    # Each stage resumes from its checkpoint.
+    capsys.readouterr()
+    for stage in ("vae", "judge", "clip", "unet"):
+        pretrain.main([stage, "--work", str(work), *small, f"--{stage}-steps", "3"])
+        assert f"resumed {stage}.ckpt at step 2" in capsys.readouterr().out
+    history = json.loads((work / "recipe.json").read_text())["history"]
+    assert [(h["stage"], h["from_step"], h["to_step"]) for h in history[-4:]] == [
+        ("vae", 2, 3), ("judge", 2, 3), ("clip", 2, 3), ("unet", 2, 3)]
+
+
+def test_v2_killed_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
+    """A VAE run killed after its step-2 checkpoint and started again ends with the weights of
+    a run that was never stopped (each step's batch is a function of the step)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    pretrain = _pretrain()
+    v2 = sys.modules["pretrain_v2"]
+    monkeypatch.setitem(v2.EVERY, "vae", 2)
+    args = ["--world", "v2", "--n-train", "32", "--vae-batch", "2", "--vae-steps", "4"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    pretrain.main(["data", "--work", str(a), *args])
+    b.mkdir()
+    for f in ("data.npz", "captions.json", "names.json"):
+        (b / f).write_bytes((a / f).read_bytes())
+    pretrain.main(["vae", "--work", str(a), *args])
+
+    real_loop = v2.loop
+
+    def killed_at_step_2(stage, work, cfg, steps, every, run_step, **objects):
+        def step(i):
+            if i == 2:
+                raise KeyboardInterrupt  # the process dies after the step-2 checkpoint
+            return run_step(i)
+        return real_loop(stage, work, cfg, steps, every, step, **objects)
+
+    monkeypatch.setattr(v2, "loop", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(["vae", "--work", str(b), *args])
+    monkeypatch.setattr(v2, "loop", real_loop)
+    pretrain.main(["vae", "--work", str(b), *args])
+    wa = AutoencoderKL.from_pretrained(a / "vae").state_dict()
+    wb = AutoencoderKL.from_pretrained(b / "vae").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    history = json.loads((b / "recipe.json").read_text())["history"]
+    assert [(h["from_step"], h["to_step"]) for h in history] == [(2, 4)]
+
+
+def test_v2_checkpoints_by_wall_time_too(tmp_path, monkeypatch, capsys):
+    """Steps slower than expected (shared cores) still checkpoint every CHECKPOINT_S seconds."""
+    pretrain = _pretrain()
+    v2 = sys.modules["pretrain_v2"]
+    monkeypatch.setitem(v2.EVERY, "vae", 1000)
+    monkeypatch.setattr(v2, "CHECKPOINT_S", 0.0)
+    args = ["--world", "v2", "--n-train", "16", "--vae-batch", "2"]
+    pretrain.main(["data", "--work", str(tmp_path), *args])
+    saved = []
+    real_save = v2.Resumable.save
+    monkeypatch.setattr(v2.Resumable, "save", lambda self, elapsed: (saved.append(self.step), real_save(self, elapsed)))
+    pretrain.main(["vae", "--work", str(tmp_path), *args, "--vae-steps", "3"])
+    assert saved == [1, 2, 3]
+
+
+def test_v2_refuses_a_work_folder_without_its_data(tmp_path):
+    with pytest.raises(SystemExit, match="no v2 data set"):
+        _pretrain().main(["vae", "--world", "v2", "--work", str(tmp_path / "empty")])

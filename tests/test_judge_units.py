@@ -56,7 +56,8 @@ def test_the_ceiling_sees_a_wrong_truth(models):
     wrong = dict(TRUTH["orange-dog"], accessory="bow")  # renders of the true dog, read against a wrong truth
     from palp.toyworld.ceiling import unit_scenes
     from palp.toyworld.judge import identity_kept, predict
-    from palp.toyworld.render import Identity, render_array
+    from palp.toyworld.render import render_array
+    from palp.toyworld.scene import Identity
 
     scenes = unit_scenes(Identity("dog", "orange", "striped", "blue", "hat"), prompt, 8)
     readings = predict(judge, [render_array(s) for s in scenes])

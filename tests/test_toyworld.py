@@ -13,7 +13,8 @@ import pytest
 from palp.core.settings import ConfigError, method_label, split_method
 from palp.toyworld import WEIGHTS
 from palp.toyworld.judge import JUDGE_COLUMNS, judge_row, reference_identity
-from palp.toyworld.render import PLACES, STYLES, TIMES, Identity, Scene, compose_caption, parse_caption, render_array
+from palp.toyworld.render import render_array
+from palp.toyworld.scene import PLACES, STYLES, TIMES, Identity, Scene, compose_caption, parse_caption
 from palp.toyworld.world import HELD_OUT_PAIRS, PERSONAL_SUBJECTS, TARGET_PROMPTS, random_scene, write_subjects
 
 REPO = Path(__file__).resolve().parents[1]

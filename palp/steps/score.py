@@ -141,7 +141,8 @@ def judge_columns(scores: pd.DataFrame, manifest: dict, spec: str, *, progress: 
     import sys
 
     from palp.toyworld.judge import JUDGE_COLUMNS, judge_row, predict, resolve_judge, truth_identity
-    from palp.toyworld.render import SIZE, parse_caption
+    from palp.toyworld.render import SIZE
+    from palp.toyworld.scene import parse_caption
 
     try:
         model = resolve_judge(spec)

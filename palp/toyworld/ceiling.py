@@ -127,7 +127,8 @@ def accuracy_by_style(judge, vae, n: int = 3000, seed: int = 7) -> str:
     through the VAE: the evidence for which attributes identity counts in which style."""
     from collections import defaultdict
 
-    from palp.toyworld.render import STYLES, render_array
+    from palp.toyworld.render import render_array
+    from palp.toyworld.scene import STYLES
     from palp.toyworld.world import random_identity, random_scene
 
     rng = random.Random(seed)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from palp.toyworld import TOYWORLD_NAME, weights_dir
-from palp.toyworld.render import VISIBLE_IDENTITY, render_array
+from palp.toyworld.render import render_array
+from palp.toyworld.scene import VISIBLE_IDENTITY
 from palp.toyworld.world import ATTRIBUTES, random_scene
 
 IDENTITY_ATTRIBUTES = ("color", "pattern", "pattern_color", "accessory")

@@ -11,8 +11,7 @@ edges are anti-aliased. Rendering is deterministic given the scene and its ``see
 
 What a scene is (its vocabulary, :class:`Identity`, :class:`Scene`, captions) is
 ``palp.toyworld.scene``; how its subject is drawn is ``palp.toyworld.shapes``. This module
-draws the background, places the subject and applies the style; it re-exports the scene's
-names, so ``from palp.toyworld.render import Scene, STYLES, ...`` works as it always has.
+draws the background, places the subject and applies the style.
 """
 
 from __future__ import annotations
@@ -22,9 +21,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from palp.toyworld.scene import (ACCESSORIES, ACCESSORY_PHRASES, CLASSES, COLORS,  # noqa: F401 (re-exported)
-                                 PATTERN_NOUNS, PATTERNS, PLACE_PHRASES, PLACES, STYLE_PHRASES, STYLES, TIME_PHRASES,
-                                 TIMES, VISIBLE_IDENTITY, Identity, Scene, compose_caption, parse_caption)
+from palp.toyworld.scene import Scene
 from palp.toyworld.shapes import CANVAS, HORIZON, SIZE, shade, subject_layer
 
 

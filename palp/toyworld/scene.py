@@ -2,7 +2,7 @@
 places, times), a subject's :class:`Identity`, a :class:`Scene`, and its caption.
 
 Every caption is written from the same scene that ``palp.toyworld.render`` draws, so each
-pixel has ground-truth attributes; ``render`` re-exports every name of this module.
+pixel has ground-truth attributes.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from palp.toyworld.render import (ACCESSORIES, CLASSES, COLORS, PATTERNS, PLACES, STYLES, TIMES, Identity, Scene,
-                                  render_array)
+from palp.toyworld.render import render_array
+from palp.toyworld.scene import ACCESSORIES, CLASSES, COLORS, PATTERNS, PLACES, STYLES, TIMES, Identity, Scene
 
 # Attribute name -> its values, in label-index order.
 ATTRIBUTES = {

@@ -98,7 +98,7 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
     ``retries=False`` drops the preemption retries, for local runs where a failure is final.
     ``max_parallel``: trainings at once (the ParallelFor's parallelism, in the compiled YAML).
     (Longer than most functions here: the inner pipeline function's parameter list is the
-    pipeline's interface, one line per parameter, and KFP needs it spelled out.)"""
+    pipeline's interface, grouped by step, and KFP needs it spelled out.)"""
     accelerator = check_backend(backend, accelerator)
     if not isinstance(max_parallel, int) or max_parallel < 1:
         raise PipelineError(f"--max-parallel must be a whole number >= 1, not {max_parallel!r}")
@@ -107,36 +107,23 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
 
     @dsl.pipeline(name=PIPELINE_NAME, description="PALP: prompt-aligned personalization, compared across methods")
     def palp_pipeline(
-        subjects: list,
-        prompts: list = [],
-        prompts_file: str = "",
-        methods: list = ["palp", "ti-db"],
-        pretrained_model: str = T.pretrained_model,
-        clip_model: str = Sc.clip_model,
-        clip_weights: str = Sc.clip_weights,
+        # what to personalize, the base model, and the scoring CLIP and judge
+        subjects: list, prompts: list = [], prompts_file: str = "", methods: list = ["palp", "ti-db"],
+        pretrained_model: str = T.pretrained_model, clip_model: str = Sc.clip_model, clip_weights: str = Sc.clip_weights,
         judge: str = Sc.judge,
-        train_steps: int = T.steps,
-        batch_size: int = T.batch_size,
-        micro_batch_size: int = DIFFERENT_DEFAULTS["micro_batch_size"][0],
-        lr: float = T.lr,
-        lam: float = T.lam,
-        lora_rank: int = T.lora_rank,
-        lora_targets: str = T.lora_targets,
-        save_steps: str = ",".join(map(str, DEFAULT_SAVE_STEPS)),
-        checkpoint_every: int = T.checkpoint_every,
-        validation_every: int = T.validation_every,
-        mixed_precision: str = DIFFERENT_DEFAULTS["mixed_precision"][0],
+        # train
+        train_steps: int = T.steps, batch_size: int = T.batch_size,
+        micro_batch_size: int = DIFFERENT_DEFAULTS["micro_batch_size"][0], lr: float = T.lr, lam: float = T.lam,
+        lora_rank: int = T.lora_rank, lora_targets: str = T.lora_targets,
+        save_steps: str = ",".join(map(str, DEFAULT_SAVE_STEPS)), checkpoint_every: int = T.checkpoint_every,
+        validation_every: int = T.validation_every, mixed_precision: str = DIFFERENT_DEFAULTS["mixed_precision"][0],
         seed: int = T.seed,
-        num_samples: int = Sa.num_samples,
-        sample_steps: int = Sa.steps,
-        sample_batch_size: int = Sa.batch_size,
-        scheduler: str = Sa.scheduler,
-        guidance: float = Sa.guidance,
-        checkpoints: str = Sa.checkpoints,
+        # sample
+        num_samples: int = Sa.num_samples, sample_steps: int = Sa.steps, sample_batch_size: int = Sa.batch_size,
+        scheduler: str = Sa.scheduler, guidance: float = Sa.guidance, checkpoints: str = Sa.checkpoints,
         reference: bool = False,
-        study_forms: int = St.forms,
-        study_seed: int = St.seed,
-        study_image_size: int = St.image_size,
+        # the study's forms, and the inputs' digest (the prepare step's cache key follows the data)
+        study_forms: int = St.forms, study_seed: int = St.seed, study_image_size: int = St.image_size,
         inputs_fingerprint: str = "",
     ):
         prep = _configure(comps.prepare(subjects=subjects, prompts=prompts, prompts_file=prompts_file, methods=methods,

@@ -154,3 +154,20 @@ def kill_after_checkpoint(cmd: list[str], out: Path, env: dict, step: int = 2) -
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
+
+def pretrain_script():
+    """evaluation/toyworld/pretrain.py as a module, with its sibling pretrain_*.py modules
+    importable (as when it runs); loaded once."""
+    import importlib.util
+
+    if "toy_pretrain" not in sys.modules:
+        folder = REPO / "evaluation/toyworld"
+        spec = importlib.util.spec_from_file_location("toy_pretrain", folder / "pretrain.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["toy_pretrain"] = module
+        sys.path.insert(0, str(folder))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(folder))
+    return sys.modules["toy_pretrain"]

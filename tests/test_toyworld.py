@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import pretrain_script
 from palp.core.settings import ConfigError, method_label, split_method
 from palp.toyworld import WEIGHTS
 from palp.toyworld.judge import JUDGE_COLUMNS, judge_row, reference_identity
@@ -20,22 +21,6 @@ from palp.toyworld.world import HELD_OUT_PAIRS, PERSONAL_SUBJECTS, TARGET_PROMPT
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _pretrain():
-    """evaluation/toyworld/pretrain.py (how the shipped weights were made; not part of palp)."""
-    import importlib.util
-    import sys
-
-    if "toy_pretrain" not in sys.modules:
-        folder = REPO / "evaluation/toyworld"  # its sibling pretrain_*.py modules, as when it runs
-        spec = importlib.util.spec_from_file_location("toy_pretrain", folder / "pretrain.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["toy_pretrain"] = module
-        sys.path.insert(0, str(folder))
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(folder))
-    return sys.modules["toy_pretrain"]
 CAT = Identity("cat", "purple", "dotted", "green", "star")
 
 
@@ -174,7 +159,7 @@ def test_judge_schedule_is_the_resumed_run():
     must give exactly those rates, so that one run with the defaults reproduces it."""
     import math
 
-    DEFAULTS, judge_lr = (_pretrain().DEFAULTS, _pretrain().judge_lr)
+    DEFAULTS, judge_lr = (pretrain_script().DEFAULTS, pretrain_script().judge_lr)
 
     def cosine(step, period):
         return 2e-3 * 0.5 * (1 + math.cos(math.pi * step / period))
@@ -193,7 +178,7 @@ def test_vae_schedule_restarts_where_the_first_run_ended():
     restart into the 6000-step cosine, which the defaults (6000 steps, first cycle 2000) give."""
     import math
 
-    DEFAULTS, vae_lr = (_pretrain().DEFAULTS, _pretrain().vae_lr)
+    DEFAULTS, vae_lr = (pretrain_script().DEFAULTS, pretrain_script().vae_lr)
 
     def lr(step, period):
         return 1e-3 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / period)))
@@ -210,7 +195,7 @@ def test_vae_schedule_restarts_where_the_first_run_ended():
 
 def test_shipped_history_ends_at_the_defaults():
     """`pretrain all` trains each stage as far as the shipped weights' history went."""
-    DEFAULTS, SHIPPED_HISTORY, STAGES = (_pretrain().DEFAULTS, _pretrain().SHIPPED_HISTORY, _pretrain().STAGES)
+    DEFAULTS, SHIPPED_HISTORY, STAGES = (pretrain_script().DEFAULTS, pretrain_script().SHIPPED_HISTORY, pretrain_script().STAGES)
 
     assert [s for s, _ in SHIPPED_HISTORY if s in ("data", "export")] == ["data", "export"]
     assert {s for s, _ in SHIPPED_HISTORY} == set(STAGES)
@@ -374,7 +359,7 @@ def test_pretraining_script_runs_every_stage_and_resumes(tmp_path, capsys):
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pretrain = _pretrain()
+    pretrain = pretrain_script()
 
     small = ["--n-train", "96", "--vae-steps", "2", "--vae-batch", "4", "--unet-steps", "2", "--unet-batch", "4",
              "--clip-steps", "2", "--clip-batch", "8", "--judge-steps", "2", "--judge-batch", "4"]
@@ -405,7 +390,7 @@ def test_replay_trains_on_with_a_new_vae_and_reencodes_the_latents(tmp_path, mon
     import torch
     from diffusers import AutoencoderKL
 
-    pretrain = _pretrain()
+    pretrain = pretrain_script()
 
     history = (("data", {}), ("vae", {"vae_steps": 2, "vae_first_cycle": 0}), ("unet", {"unet_steps": 2}),
                ("vae", {"vae_steps": 4, "vae_first_cycle": 2}), ("unet", {"unet_steps": 3}))
@@ -439,7 +424,7 @@ def test_replay_trains_on_with_a_new_vae_and_reencodes_the_latents(tmp_path, mon
 
 
 def test_pretraining_refuses_a_device_it_cannot_use(tmp_path, capsys):
-    pretrain = _pretrain()
+    pretrain = pretrain_script()
 
     with pytest.raises(SystemExit) as e:
         pretrain.main(["vae", "--work", str(tmp_path / "work"), "--device", "nosuchdevice"])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import pretrain_script
 from palp.toyworld.scene import CLASSES, STYLES, Identity, Scene, parse_caption
 from palp.toyworld.v2 import world as w2
 from palp.toyworld.v2.render import render_array as render_v2
@@ -23,23 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 # sha256 of v1's renders, captions and data set below, computed from the v1 code before world v2
 # was added (Pillow 13.0.0, numpy 2.4.6): v2 must leave every v1 pixel as it was.
 V1_HASH = "62a9b3bc0b922197aad138e7414bb41a8cf6c8211babd50b30853a177e9ead42"
-
-
-def _pretrain():
-    """evaluation/toyworld/pretrain.py with its sibling modules importable (as when it runs)."""
-    import importlib.util
-
-    if "toy_pretrain" not in sys.modules:
-        folder = REPO / "evaluation/toyworld"
-        spec = importlib.util.spec_from_file_location("toy_pretrain", folder / "pretrain.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["toy_pretrain"] = module
-        sys.path.insert(0, str(folder))
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(folder))
-    return sys.modules["toy_pretrain"]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +68,7 @@ def test_names_follow_the_rule():
 
 
 def test_names_tokenize_as_rare_words_with_the_pipelines_tokenizer():
-    tok = _pretrain().build_tokenizer()
+    tok = pretrain_script().build_tokenizer()
     ids = {}
     for name in w2.NAMES:
         ids[name] = tuple(tok(name).input_ids[1:-1])
@@ -190,7 +174,7 @@ def test_v2_patterns_are_coarse():
 
 
 def test_v2_architectures_have_the_stated_sizes():
-    v2 = sys.modules.get("pretrain_v2") or (_pretrain() and sys.modules["pretrain_v2"])
+    v2 = sys.modules.get("pretrain_v2") or (pretrain_script() and sys.modules["pretrain_v2"])
     unet, te = v2.build_unet(), v2.build_text_encoder()
     assert sum(p.numel() for p in unet.parameters()) == v2.PARAMS["unet"]
     assert sum(p.numel() for p in te.parameters()) == v2.PARAMS["text_encoder"]
@@ -203,7 +187,7 @@ def test_v2_pretraining_runs_every_stage_resumes_and_exports(tmp_path, capsys, m
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pretrain = _pretrain()
+    pretrain = pretrain_script()
     small = ["--world", "v2", "--n-train", "48", "--vae-batch", "4", "--judge-batch", "4", "--judge-eval-n", "8",
              "--clip-batch", "8", "--unet-batch", "4"]
     steps = ["--vae-steps", "2", "--judge-steps", "2", "--clip-steps", "2", "--unet-steps", "2"]
@@ -236,7 +220,7 @@ def test_v2_killed_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
     import torch
     from diffusers import AutoencoderKL
 
-    pretrain = _pretrain()
+    pretrain = pretrain_script()
     v2 = sys.modules["pretrain_v2"]
     monkeypatch.setitem(v2.EVERY, "vae", 2)
     args = ["--world", "v2", "--n-train", "32", "--vae-batch", "2", "--vae-steps", "4"]
@@ -271,7 +255,7 @@ def test_v2_killed_run_resumes_as_if_never_stopped(tmp_path, monkeypatch):
 
 def test_v2_checkpoints_by_wall_time_too(tmp_path, monkeypatch, capsys):
     """Steps slower than expected (shared cores) still checkpoint every CHECKPOINT_S seconds."""
-    pretrain = _pretrain()
+    pretrain = pretrain_script()
     v2 = sys.modules["pretrain_v2"]
     monkeypatch.setitem(v2.EVERY, "vae", 1000)
     monkeypatch.setattr(v2, "CHECKPOINT_S", 0.0)
@@ -286,4 +270,4 @@ def test_v2_checkpoints_by_wall_time_too(tmp_path, monkeypatch, capsys):
 
 def test_v2_refuses_a_work_folder_without_its_data(tmp_path):
     with pytest.raises(SystemExit, match="no v2 data set"):
-        _pretrain().main(["vae", "--world", "v2", "--work", str(tmp_path / "empty")])
+        pretrain_script().main(["vae", "--world", "v2", "--work", str(tmp_path / "empty")])

@@ -262,8 +262,9 @@ def test_v2_checkpoints_by_wall_time_too(tmp_path, monkeypatch, capsys):
     args = ["--world", "v2", "--n-train", "16", "--vae-batch", "2"]
     pretrain.main(["data", "--work", str(tmp_path), *args])
     saved = []
-    real_save = v2.Resumable.save
-    monkeypatch.setattr(v2.Resumable, "save", lambda self, elapsed: (saved.append(self.step), real_save(self, elapsed)))
+    resumable = sys.modules["pretrain_state"].Resumable  # the v1 and v2 loops' checkpoints
+    real_save = resumable.save
+    monkeypatch.setattr(resumable, "save", lambda self, elapsed: (saved.append(self.step), real_save(self, elapsed)))
     pretrain.main(["vae", "--work", str(tmp_path), *args, "--vae-steps", "3"])
     assert saved == [1, 2, 3]
 

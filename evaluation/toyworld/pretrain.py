@@ -49,8 +49,7 @@ from pretrain_export import stage_export
 from pretrain_judge import judge_batch, judge_loss
 from pretrain_models import (CLIP_CONFIG, LATENT, LATENT_CHANNELS, build_text_encoder, build_tokenizer, build_unet,
                              build_vae)
-from pretrain_state import load_data, loop, record, save_npz, save_torch, seed_all, write_json
-from tqdm import tqdm
+from pretrain_state import encode_latents, load_data, loop, record, save_npz, save_torch, seed_all, write_json
 
 from palp.core.storage import write_bytes, write_text
 from palp.toyworld.judge import Judge, to_tensor
@@ -169,30 +168,7 @@ def stage_vae(work: Path, cfg: PretrainConfig):
     marker = work / "latents.json"
     encoded = json.loads(marker.read_text())["vae_steps"] if marker.exists() else None
     if not (work / "latents.pt").exists() or encoded not in (None, state.step):
-        _encode_latents(work, vae, images, dev, state.step)
-
-
-def _encode_latents(work: Path, vae, images, dev, vae_steps: int):
-    """Write latents.pt (fp16 posterior means and stds of every image, SD's scaling factor),
-    latents.json (the VAE's step), the VAE with that scaling factor, and its reconstruction PSNR."""
-    vae.eval()
-    means, stds = [], []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(images), 256), desc="encoding latents", mininterval=10):
-            post = vae.encode(to_tensor(images[i : i + 256]).to(dev)).latent_dist
-            means.append(post.mean.half().cpu())
-            stds.append(post.std.half().cpu())
-    mean, std = torch.cat(means), torch.cat(stds)
-    scaling = float(1.0 / mean.float().std())
-    vae.register_to_config(scaling_factor=scaling)
-    with torch.no_grad():
-        x = to_tensor(images[:512]).to(dev)
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-        psnr = float(10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), x)))
-    save_torch({"mean": mean, "std": std, "scaling_factor": scaling}, work / "latents.pt")
-    write_json(work / "latents.json", {"vae_steps": vae_steps})
-    vae.save_pretrained(work / "vae")
-    record(work, "vae", scaling_factor=scaling, reconstruction_psnr_db=round(psnr, 2))
+        encode_latents(work, vae, images, dev, state.step)
 
 
 def stage_unet(work: Path, cfg: PretrainConfig):

@@ -45,12 +45,18 @@ def judge_batch(seed: int, step: int, b: int, vae, dev):
     scenes = [random_scene(rng, every_pair=True) for _ in range(b)]
     x = to_tensor(np.stack([render_array(s) for s in scenes])).to(dev)
     y = torch.tensor([label_vector(s) for s in scenes], device=dev)
-    h = b // 2
+    return judge_augment(through_vae_half(x, vae, g, dev), g), y
+
+
+def through_vae_half(x: torch.Tensor, vae, g: torch.Generator, dev) -> torch.Tensor:
+    """``x`` with its first half replaced by VAE round trips (a posterior sample from ``g``,
+    decoded): the judge reads samples that the VAE's decoder drew."""
+    h = len(x) // 2
     with torch.no_grad():
         post = vae.encode(x[:h]).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
         x[:h] = vae.decode(z).sample.clamp(-1, 1)
-    return judge_augment(x, g), y
+    return x
 
 
 def judge_loss(out: dict, y: torch.Tensor):

@@ -109,15 +109,17 @@ def seed_all(seed: int):
     random.seed(seed)
 
 
-def loop(stage, work, cfg, steps, every, run_step, **objects):
+def loop(stage, work, cfg, steps, every, run_step, *, checkpoint_s: float | None = None, **objects):
     """Run ``run_step(step) -> loss`` until ``steps``, checkpointing every ``every`` steps.
 
+    With ``checkpoint_s``, also a checkpoint whenever that many seconds of wall time have passed.
     Each run that trains goes to recipe.json's ``history`` (stage, from which step to which, the
     stage's settings, wall time): a stage's batch generator is seeded when the run starts, not
     checkpointed, so a resumed run draws the batches of steps 0, 1, ... again, and the same
     weights come only from the same runs in the same order (``SHIPPED_HISTORY``)."""
     state = Resumable(work / f"{stage}.ckpt", **objects)
-    start, t0 = state.step, time.perf_counter()
+    start = state.step
+    t0 = last = time.perf_counter()
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, mininterval=10)
     avg = None
     for step in bar:
@@ -126,8 +128,10 @@ def loop(stage, work, cfg, steps, every, run_step, **objects):
         state.step = step + 1
         if state.step % 50 == 0:
             bar.set_postfix(loss=f"{avg:.4f}")
-        if state.step % every == 0 or state.step == steps:
-            state.save(state.elapsed + time.perf_counter() - t0)
+        now = time.perf_counter()
+        if state.step % every == 0 or state.step == steps or (checkpoint_s is not None and now - last >= checkpoint_s):
+            state.save(state.elapsed + now - t0)
+            last = now
     wall = state.elapsed + time.perf_counter() - t0
     info = {"steps": steps, "wall_s": round(wall, 1)}
     if avg is not None:  # a resumed, already finished stage keeps the loss it recorded
@@ -136,3 +140,30 @@ def loop(stage, work, cfg, steps, every, run_step, **objects):
                         "device": str(cfg.device), "wall_s": round(time.perf_counter() - t0, 1)})
     record(work, stage, **info)
     return state
+
+
+def encode_latents(work: Path, vae, images, dev, vae_steps: int):
+    """Write latents.pt (fp16 posterior means and stds of every image, SD's scaling factor),
+    latents.json (the VAE's step), the VAE with that scaling factor, and its reconstruction PSNR."""
+    import torch.nn.functional as F
+
+    from palp.toyworld.judge import to_tensor
+
+    vae.eval()
+    means, stds = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), 256), desc="encoding latents", mininterval=10):
+            post = vae.encode(to_tensor(images[i : i + 256]).to(dev)).latent_dist
+            means.append(post.mean.half().cpu())
+            stds.append(post.std.half().cpu())
+    mean, std = torch.cat(means), torch.cat(stds)
+    scaling = float(1.0 / mean.float().std())
+    vae.register_to_config(scaling_factor=scaling)
+    with torch.no_grad():
+        x = to_tensor(images[:512]).to(dev)
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        psnr = float(10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), x)))
+    save_torch({"mean": mean, "std": std, "scaling_factor": scaling}, work / "latents.pt")
+    write_json(work / "latents.json", {"vae_steps": vae_steps})
+    vae.save_pretrained(work / "vae")
+    record(work, "vae", scaling_factor=scaling, reconstruction_psnr_db=round(psnr, 2))

@@ -39,13 +39,13 @@ from types import MappingProxyType
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from palp.core.storage import write_bytes, write_text
 from palp.toyworld.judge import Judge, to_tensor
-from pretrain_judge import judge_augment, judge_loss
+from pretrain_judge import judge_augment, judge_loss, through_vae_half
 from pretrain_models import CLIP_CONFIG, LATENT, LATENT_CHANNELS, build_tokenizer, build_vae
-from pretrain_state import Resumable, _history, load_data, record, save_npz, save_torch, seed_all, write_json
+import pretrain_state
+from pretrain_state import encode_latents, load_data, record, save_npz, save_torch, seed_all, write_json
 
 SEED = 100
 STAGES = ("data", "vae", "judge", "clip", "unet", "export")
@@ -128,32 +128,8 @@ def cosine(step: int, steps: int, peak: float, warmup: int, floor: float) -> flo
 
 
 def loop(stage, work, cfg, steps, every, run_step, **objects):
-    """``pretrain_state.loop`` (v1's) with a checkpoint also every :data:`CHECKPOINT_S` seconds
-    of wall time: run ``run_step(step) -> loss`` until ``steps``, resuming ``WORK/STAGE.ckpt``;
-    each run that trains goes to recipe.json's ``history`` with its wall time."""
-    state = Resumable(work / f"{stage}.ckpt", **objects)
-    start = state.step
-    t0 = last = time.perf_counter()
-    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, mininterval=10)
-    avg = None
-    for step in bar:
-        loss = run_step(step)
-        avg = loss if avg is None else 0.98 * avg + 0.02 * loss
-        state.step = step + 1
-        if state.step % 50 == 0:
-            bar.set_postfix(loss=f"{avg:.4f}")
-        now = time.perf_counter()
-        if state.step % every == 0 or state.step == steps or now - last >= CHECKPOINT_S:
-            state.save(state.elapsed + now - t0)
-            last = now
-    wall = state.elapsed + time.perf_counter() - t0
-    info = {"steps": steps, "wall_s": round(wall, 1)}
-    if avg is not None:
-        info["final_loss"] = avg
-        _history(work, {"stage": stage, "from_step": start, "to_step": steps, "settings": cfg.stage_settings(stage),
-                        "device": str(cfg.device), "wall_s": round(time.perf_counter() - t0, 1)})
-    record(work, stage, **info)
-    return state
+    """``pretrain_state.loop`` with a checkpoint also every :data:`CHECKPOINT_S` seconds of wall time."""
+    return pretrain_state.loop(stage, work, cfg, steps, every, run_step, checkpoint_s=CHECKPOINT_S, **objects)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -201,30 +177,7 @@ def stage_vae(work: Path, cfg: PretrainConfigV2):
     marker = work / "latents.json"
     encoded = json.loads(marker.read_text())["vae_steps"] if marker.exists() else None
     if not (work / "latents.pt").exists() or encoded != state.step:
-        _encode_latents(work, vae, images, dev, state.step)
-
-
-def _encode_latents(work: Path, vae, images, dev, vae_steps: int):
-    """latents.pt (fp16 posterior means and stds, SD's scaling factor), latents.json, the VAE
-    folder with that scaling factor, and the reconstruction PSNR (as v1)."""
-    vae.eval()
-    means, stds = [], []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(images), 256), desc="encoding latents", mininterval=10):
-            post = vae.encode(to_tensor(images[i : i + 256]).to(dev)).latent_dist
-            means.append(post.mean.half().cpu())
-            stds.append(post.std.half().cpu())
-    mean, std = torch.cat(means), torch.cat(stds)
-    scaling = float(1.0 / mean.float().std())
-    vae.register_to_config(scaling_factor=scaling)
-    with torch.no_grad():
-        x = to_tensor(images[:512]).to(dev)
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-        psnr = float(10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), x)))
-    save_torch({"mean": mean, "std": std, "scaling_factor": scaling}, work / "latents.pt")
-    write_json(work / "latents.json", {"vae_steps": vae_steps})
-    vae.save_pretrained(work / "vae")
-    record(work, "vae", scaling_factor=scaling, reconstruction_psnr_db=round(psnr, 2))
+        encode_latents(work, vae, images, dev, state.step)
 
 
 def judge_batch(step: int, b: int, vae, dev):
@@ -237,12 +190,7 @@ def judge_batch(step: int, b: int, vae, dev):
     scenes = [random_judge_scene(rng) for _ in range(b)]
     x = to_tensor(np.stack([render_array(s) for s in scenes])).to(dev)
     y = torch.tensor([label_vector(s) for s in scenes], device=dev)
-    h = b // 2
-    with torch.no_grad():
-        post = vae.encode(x[:h]).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
-        x[:h] = vae.decode(z).sample.clamp(-1, 1)
-    return judge_augment(x, g), y
+    return judge_augment(through_vae_half(x, vae, g, dev), g), y
 
 
 def stage_judge(work: Path, cfg: PretrainConfigV2):

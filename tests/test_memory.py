@@ -47,7 +47,10 @@ def _train(out, *extra, limit: int = 0, steps: int = 1) -> tuple[int, int, str]:
 
 def _limited(argv: list[str], limit: int) -> tuple[int, int, str]:
     """(exit code, peak address space in bytes, stderr) of ``palp ARGV`` under ``limit`` bytes."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="1")  # fewer threads and arenas: a steadier peak
+    # Fewer threads and arenas, and a fixed mmap threshold: glibc otherwise raises its threshold as
+    # large blocks are freed and serves later ones from a heap it does not return, so the peak of
+    # the same run differed by 170 MiB between hosts (batch 64 over batch 8: 260 MiB here, 90 there).
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="131072")
     proc = subprocess.run([sys.executable, "-c", WRAPPER, str(limit), *argv], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     peak = next((json.loads(line[5:])["vmpeak"] for line in proc.stderr.splitlines() if line.startswith("PEAK ")), 0)
@@ -111,7 +114,7 @@ def test_sampling_backs_off_from_a_real_out_of_memory(tmp_path):
     code, small, _ = _sample(tmp_path / "run", tmp_path / "s8", "--batch-size", "8")
     assert code == 0
     code, whole, _ = _sample(tmp_path / "run", tmp_path / "s64")
-    assert code == 0 and whole > small + 100 * 2**20, (small, whole)
+    assert code == 0 and whole > small + 50 * 2**20, (small, whole)  # about 85 MiB with the fixed threshold
     code, _, err = _sample(tmp_path / "run", tmp_path / "auto", limit=small + (whole - small) // 4)
     assert code == 0, err[-2000:]
     said = [line for line in err.splitlines() if "ran out of memory" in line]

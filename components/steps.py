@@ -36,20 +36,22 @@ def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pre
 def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: str, steps: int, batch_size: int,
           micro_batch_size: int, lr: float, lora_rank: int, save_steps: str, checkpoint_every: int, mixed_precision: str,
           seed: int, model: Output[Model], metrics: Output[Metrics], report: Output[HTML], lora_targets: str = "attention",
-          validation_every: int = 0, lam: float = 1.0):
+          validation_every: int = 0, lam: float = 1.0, processes: int = 1):
     """palp train of one prepared task, always resuming: a retried (preempted) task continues
     from the checkpoints it left in its output. Its page (the curves and, with
     ``validation_every``, the validation grids) is the ``report``; its final scalars the ``metrics``.
-    ``lam`` is the alignment term's weight (--lambda; TI+DB has no such term and ignores it)."""
+    ``lam`` is the alignment term's weight (--lambda; TI+DB has no such term and ignores it).
+    ``processes``: one per accelerator the step was given; the global batch is split across them
+    (palp.steps.launch)."""
     import os
     import shutil
     from pathlib import Path
 
     from palp.core.settings import parse_steps, split_method
     from palp.models.run_weights import METRICS_FILE, REPORT_FILE, read_metrics_csv
+    from palp.steps.launch import train_in_processes
     from palp.steps.prepare import task_config
     from palp.steps.run_page import final_scalars
-    from palp.steps.train import train as train_run
 
     base_method, noise = split_method(method)  # "palp-iid": PALP with i.i.d. re-noising
     cfg = task_config(prepared.path, task, method=base_method, noise=noise, pretrained_model=pretrained_model, steps=steps,
@@ -59,7 +61,7 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
     from palp.core.preemption import Preempted
 
     try:
-        train_run(cfg, resume=True, progress=False)
+        train_in_processes(cfg, processes, resume=True, progress=False)
     except Preempted as e:  # SIGTERM: the step it was on checkpointed; exit 128 + signal, and the retry resumes
         print(e, flush=True)
         raise SystemExit(e.exit_code) from None

@@ -64,18 +64,27 @@ def predicted(params: dict) -> bool:
     return str(params.get("pretrained_model") or SD1_512[0]) in SD1_512
 
 
+def _batches(params: dict) -> tuple[int, int, int]:
+    """(global batch, train processes, batch per process): each of the train step's
+    ``train_accelerators`` processes trains its share of the global batch on its own card."""
+    batch = int(params.get("batch_size") or MEASURED_BATCH)
+    processes = max(1, int(params.get("train_accelerators") or 1))
+    return batch, processes, batch // processes
+
+
 def table(params: dict, card: str) -> str:
     """The train step's predicted peak and micro-batch per method on ``card`` (markdown), or a
     line saying why there is no prediction."""
     methods = list(params.get("methods") or ["palp", "ti-db"])
-    batch = int(params.get("batch_size") or MEASURED_BATCH)
+    total, processes, batch = _batches(params)
     if card not in CARDS:
         return f"train step memory on {card}: not predicted (no memory size known for it)\n"
     if not predicted(params):
         return (f"train step memory: not predicted for base model {params.get('pretrained_model')} (the model is "
                 f"SD-1.x at 512 px, from one H200 measurement); --micro-batch-size auto finds the size on the card\n")
     micro = int(params.get("micro_batch_size") or 0)
-    lines = [f"train step on {card} ({CARDS[card]:g} GiB, {USABLE:.0%} usable), global batch {batch}: PREDICTED from "
+    split = "" if processes == 1 else f" over {processes} cards, {batch} per card"
+    lines = [f"train step on {card} ({CARDS[card]:g} GiB, {USABLE:.0%} usable), global batch {total}{split}: PREDICTED from "
              f"one H200 measurement at batch {MEASURED_BATCH}, not measured on this card",
              "| method | micro-batch | accumulation | predicted peak GiB |", "|---|---|---|---|"]
     for method in methods:
@@ -108,9 +117,11 @@ def sample_line(params: dict, card: str) -> str:
 
 def refusal(params: dict, card: str) -> str | None:
     """Why this run cannot fit ``card`` even at micro-batch 1 (or at the size it fixes), or None."""
+    total, processes, batch = _batches(params)
+    if total % processes:
+        return f"batch_size {total} is not divisible by train_accelerators {processes}: each card trains an equal share"
     if card not in CARDS or not predicted(params):
         return None
-    batch = int(params.get("batch_size") or MEASURED_BATCH)
     micro = int(params.get("micro_batch_size") or 0)
     for method in params.get("methods") or ["palp", "ti-db"]:
         p = plan(method, card, batch)

@@ -5,7 +5,9 @@ it is trained once per subject and samples every prompt of that subject
 (``palp.steps.prepare.fan_out``).
 
 Wiring only: every step is a component from ``components``. Resources are set per backend at
-compile time (``build_pipeline(backend=...)``); locally they are ignored.
+compile time (``build_pipeline(backend=...)``), but for the train step's accelerator count, the
+``train_accelerators`` parameter (one training process per accelerator); locally the resources
+are ignored and ``train_accelerators`` processes train on the CPU.
 """
 
 
@@ -20,6 +22,7 @@ from palp.core.settings import SampleSettings as Sa
 from palp.core.settings import ScoreSettings as Sc
 from palp.core.settings import StudySettings as St
 from palp.core.settings import TrainConfig as T
+from palp.steps.launch import DEFAULT_PROCESSES
 from pipelines.errors import PipelineError
 from pipelines.quota import DEFAULT_MAX_PARALLEL
 
@@ -47,12 +50,13 @@ STEP_RESOURCES = {
 }
 
 
-def _configure(task, step: str, backend: str, accelerator: str):
+def _configure(task, step: str, backend: str, accelerator: str, count=1):
+    """Resources of a step's task; ``count``: its accelerators (a number or a pipeline parameter)."""
     r = STEP_RESOURCES[step]
     task.set_cpu_limit(r.cpu).set_memory_limit(r.memory).set_caching_options(True)
     if r.gpu and not (backend == "vertex-tpu" and step == "train"):
         gpu = accelerator if backend != "vertex-tpu" else DEFAULT_ACCELERATOR["vertex"]
-        task.set_accelerator_type(gpu).set_accelerator_limit(1)
+        task.set_accelerator_type(gpu).set_accelerator_limit(count)
     return task
 
 
@@ -117,7 +121,7 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
         lora_rank: int = T.lora_rank, lora_targets: str = T.lora_targets,
         save_steps: str = ",".join(map(str, DEFAULT_SAVE_STEPS)), checkpoint_every: int = T.checkpoint_every,
         validation_every: int = T.validation_every, mixed_precision: str = DIFFERENT_DEFAULTS["mixed_precision"][0],
-        seed: int = T.seed,
+        seed: int = T.seed, train_accelerators: int = DEFAULT_PROCESSES,
         # sample
         num_samples: int = Sa.num_samples, sample_steps: int = Sa.steps, sample_batch_size: int = Sa.batch_size,
         scheduler: str = Sa.scheduler, guidance: float = Sa.guidance, checkpoints: str = Sa.checkpoints,
@@ -137,8 +141,8 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
                                      micro_batch_size=micro_batch_size, lr=lr, lam=lam, lora_rank=lora_rank, lora_targets=lora_targets,
                                      save_steps=save_steps,
                                      checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed,
-                                     validation_every=validation_every),
-                            "train", backend, accelerator)
+                                     validation_every=validation_every, processes=train_accelerators),
+                            "train", backend, accelerator, train_accelerators)
             if retries:  # preemption: the retried task resumes from its checkpoints
                 tr.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2.0)
             sa = _configure(comps.sample(model=tr.outputs["model"], prepared=prep.outputs["prepared"], tasks=run.tasks,

@@ -1,5 +1,6 @@
 """The DAG as a cluster runs it: every step starts from its own empty model cache, so nothing
-but parameters and artifacts travels between steps; TI+DB trains once per subject."""
+but parameters and artifacts travels between steps; TI+DB trains once per subject; the train
+step, given two accelerators, trains in two processes that share its machine's cache."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def test_steps_share_nothing_but_artifacts_and_ti_db_trains_once_per_subject(tmp
 
     config = yaml.safe_load((REPO / "evaluation/experiments/tiny.yaml").read_text())
     config.update(subjects=config["subjects"][:1], prompts=PROMPTS, methods=["ti-db"], train_steps=2, save_steps="2", checkpoint_every=2,
-                  num_samples=1, sample_steps=2, study_forms=1, study_image_size=32)
+                  num_samples=1, sample_steps=2, study_forms=1, study_image_size=32, train_accelerators=2)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.setenv("PALP_KEEP_STEP_CACHES", "1")  # to count them below
     root = run_local(str(tmp_path / "c.yaml"), pipeline_root=str(tmp_path / "root"))
@@ -28,6 +29,8 @@ def test_steps_share_nothing_but_artifacts_and_ti_db_trains_once_per_subject(tmp
     trains = sorted(run.glob("for-loop-*/train"))
     methods = [json.loads((t / "model" / "training_config.json").read_text())["method"] for t in trains]
     assert methods == ["ti-db"]  # 1 subject x 2 prompts: TI+DB once for both (PALP per task: test_per_subject)
+    config = json.loads((trains[0] / "model" / "training_config.json").read_text())
+    assert config["num_processes"] == 2 and config["micro_batch_size"] * config["gradient_accumulation_steps"] == 1
 
     # Each step built the tiny model in its own cache (gone when the step ended): prepare, every
     # train and every sample.

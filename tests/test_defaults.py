@@ -71,6 +71,7 @@ def test_the_library_functions_take_their_defaults_from_the_configs():
 
 
 def test_the_pipeline_takes_the_library_defaults_but_the_named_ones():
+    from palp.steps.launch import DEFAULT_PROCESSES
     from pipelines.palp_pipeline import DIFFERENT_DEFAULTS, build_pipeline
 
     T, Sa, Sc, St = config.TrainConfig, config.SampleSettings, config.ScoreSettings, config.StudySettings
@@ -81,6 +82,7 @@ def test_the_pipeline_takes_the_library_defaults_but_the_named_ones():
         "save_steps": ",".join(map(str, _default(T, "save_steps"))), "checkpoint_every": _default(T, "checkpoint_every"),
         "validation_every": _default(T, "validation_every"),
         "mixed_precision": _default(T, "mixed_precision"), "seed": _default(T, "seed"),
+        "train_accelerators": DEFAULT_PROCESSES,
         "clip_model": Sc.clip_model, "clip_weights": Sc.clip_weights, "judge": Sc.judge,
         "num_samples": Sa.num_samples, "sample_steps": Sa.steps, "sample_batch_size": Sa.batch_size,
         "scheduler": Sa.scheduler, "guidance": Sa.guidance, "checkpoints": Sa.checkpoints,

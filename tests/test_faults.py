@@ -353,6 +353,9 @@ def test_the_memory_plan_per_card_is_the_model_and_refuses_what_cannot_fit(tmp_p
     assert "PREDICTED from one H200 measurement" in table(sd, "NVIDIA_L4") and "| palp | 8 (auto) | 4 |" in table(sd, "NVIDIA_L4")
     assert "not predicted for base model tiny" in table(dict(sd, pretrained_model="tiny"), "NVIDIA_L4")
     assert "sample step: batch 8, predicted peak 6.3 GiB" in table(sd, "NVIDIA_L4")  # 2.6 + 8 x (10.08 - 2.6) / 16
+    four = dict(sd, train_accelerators=4)  # each of 4 cards trains 8 of the 32: the whole share fits an L4 at once
+    assert "global batch 32 over 4 cards, 8 per card" in table(four, "NVIDIA_L4") and "| palp | 8 (auto) | 1 |" in table(four, "NVIDIA_L4")
+    assert "batch_size 32 is not divisible by train_accelerators 3" in refusal(dict(sd, train_accelerators=3), "NVIDIA_L4")
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump({**BASE, "pretrained_model": "CompVis/stable-diffusion-v1-4", "micro_batch_size": 32}))
     assert _pipeline(["pipeline", "submit", "--backend", "vertex", "--config", str(config), "--dry-run"]) == 2

@@ -71,8 +71,15 @@ def _docs(backend: str) -> list[dict]:
 def test_train_requests_the_accelerator_on_each_backend():
     spec = _docs("vertex")[0]
     res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
-    assert res["accelerator"]["resourceType"] == "NVIDIA_L4" and res["accelerator"]["resourceCount"] == "1"
+    # train: as many accelerators as the run's train_accelerators parameter asks for (one process each)
+    assert res["accelerator"]["resourceType"] == "NVIDIA_L4"
+    assert res["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--train_accelerators']}}"
+    assert spec["root"]["inputDefinitions"]["parameters"]["train_accelerators"]["defaultValue"] == 1
+    train = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert train["processes"]["componentInputParameter"] == "pipelinechannel--train_accelerators"
     assert res["cpuLimit"] == 8.0 and res["memoryLimit"] == 64.0
+    sample = spec["deploymentSpec"]["executors"]["exec-sample"]["container"]["resources"]
+    assert sample["accelerator"]["resourceCount"] == "1"
     spec = _docs("kubeflow")[0]
     res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"

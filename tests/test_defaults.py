@@ -78,7 +78,7 @@ def test_the_pipeline_takes_the_library_defaults_but_the_named_ones():
     library = {
         "pretrained_model": _default(T, "pretrained_model"), "train_steps": _default(T, "steps"),
         "batch_size": _default(T, "batch_size"), "micro_batch_size": _default(T, "micro_batch_size"),
-        "lr": _default(T, "lr"), "lam": _default(T, "lam"), "lora_rank": _default(T, "lora_rank"), "lora_targets": _default(T, "lora_targets"),
+        "lr": _default(T, "lr"), "lam": _default(T, "lam"), "alpha": _default(T, "alpha"), "beta": _default(T, "beta"), "lora_rank": _default(T, "lora_rank"), "lora_targets": _default(T, "lora_targets"),
         "save_steps": ",".join(map(str, _default(T, "save_steps"))), "checkpoint_every": _default(T, "checkpoint_every"),
         "validation_every": _default(T, "validation_every"),
         "mixed_precision": _default(T, "mixed_precision"), "seed": _default(T, "seed"),
@@ -96,3 +96,14 @@ def test_the_pipeline_takes_the_library_defaults_but_the_named_ones():
             assert pipeline[name] == named != value and len(reason) > 20, name
         else:
             assert pipeline[name] == value, name
+
+
+def test_the_train_components_own_defaults_are_the_librarys():
+    """The component's keyword defaults (for calls that omit them) are the library's; KFP serialises
+    the component's source, so it cannot read them from palp."""
+    from components.steps import train
+
+    T = config.TrainConfig
+    params = inspect.signature(train).parameters
+    own = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty and n != "processes"}
+    assert own == {n: _default(T, n) for n in own} and {"lam", "alpha", "beta"} <= set(own)

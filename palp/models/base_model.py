@@ -231,7 +231,8 @@ def _resolve(spec: str, *, cache_dir, pin: str | None, hash_local: bool) -> Reso
     if path.is_dir():
         return _local(spec, check_sd_layout(path, spec=spec), pin, hash_local)
     if path.exists():
-        raise ModelError(f"{spec} is a file; --pretrained-model wants a model directory, hub id, gs:// prefix, 'tiny' or 'toyworld'")
+        raise ModelError(f"{spec} is a file; --pretrained-model wants a model directory, hub id, gs:// prefix, "
+                         f"'tiny', 'tiny-sd2', 'tiny-sd2-v' or 'toyworld'")
     if not _HUB_ID_RE.match(spec) or spec.startswith((".", "/", "~")):
         raise ModelError(f"model {spec!r} not found: no such directory, and it is not a Hugging Face id (ORG/NAME)")
     if pin is None:

@@ -407,3 +407,27 @@ def test_a_second_text_encoder_folder_alone_is_refused(tmp_path, tiny_dir):
     shutil.copytree(folder / "text_encoder", folder / "text_encoder_2")
     with pytest.raises(ModelError, match=r"second text encoder \(text_encoder_2\)"):
         resolve_model_dir(str(folder))
+
+
+def test_an_sdxl_hub_id_is_refused_from_its_model_index_alone(tmp_path, tiny_dir):
+    """A hub repository whose model_index.json says SDXL is refused from that file, before its
+    weights are fetched: here the cached snapshot holds nothing else, so a check made only after
+    the full fetch would name the missing parts instead."""
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hf" / "hub" / "models--palp-test--tiny-sdxl"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    index = json.loads((tiny_dir / "model_index.json").read_text())
+    (snapshot / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline",
+                                                           "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = ("from palp.models.base_model import resolve_model_dir, ModelError\n"
+            "try:\n    resolve_model_dir('palp-test/tiny-sdxl')\nexcept ModelError as e:\n    print(e)")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "palp-test/tiny-sdxl is a StableDiffusionXLPipeline model with a second text encoder" in out.stdout, out

@@ -132,11 +132,8 @@ def _config(path: Path, name: str, spec: str) -> dict:
     return found
 
 
-def check_family(path: Path, *, spec: str) -> None:
-    """Refuse, in one line naming what was found, a model that is not Stable Diffusion 1.x/2.x:
-    another pipeline class (SDXL's StableDiffusionXLPipeline, ...), a second text encoder, a
-    UNet that does not denoise 4 latent channels from text alone (inpainting, depth, SDXL's
-    added conditions), or a prediction type other than epsilon and v_prediction."""
+def check_pipeline_class(path: Path, *, spec: str) -> None:
+    """The part of :func:`check_family` that model_index.json alone decides."""
     index = _config(path, "model_index.json", spec)
     cls = index.get("_class_name")
     second = [k for k in ("text_encoder_2", "tokenizer_2") if k in index or (path / k).is_dir()]
@@ -145,6 +142,14 @@ def check_family(path: Path, *, spec: str) -> None:
         if second:
             what += f" with a second text encoder ({', '.join(second)})"
         raise ModelError(f"{spec} is {what}; {_SUPPORTED}")
+
+
+def check_family(path: Path, *, spec: str) -> None:
+    """Refuse, in one line naming what was found, a model that is not Stable Diffusion 1.x/2.x:
+    another pipeline class (SDXL's StableDiffusionXLPipeline, ...), a second text encoder, a
+    UNet that does not denoise 4 latent channels from text alone (inpainting, depth, SDXL's
+    added conditions), or a prediction type other than epsilon and v_prediction."""
+    check_pipeline_class(path, spec=spec)
     unet = _config(path, "unet/config.json", spec)
     if unet.get("in_channels", 4) != 4 or unet.get("out_channels", 4) != 4:
         raise ModelError(f"{spec}'s UNet takes {unet.get('in_channels')} and gives {unet.get('out_channels')} channels "
@@ -236,6 +241,7 @@ def _resolve(spec: str, *, cache_dir, pin: str | None, hash_local: bool) -> Reso
     if not _HUB_ID_RE.match(spec) or spec.startswith((".", "/", "~")):
         raise ModelError(f"model {spec!r} not found: no such directory, and it is not a Hugging Face id (ORG/NAME)")
     if pin is None:
+        _hub_index_first(spec)
         snapshot = _hub_snapshot(spec)
     elif not pin.startswith("hub:"):
         raise pin_mismatch(spec, pin, "weights from the Hugging Face hub")
@@ -304,6 +310,20 @@ def _download_generation(uri: str, generation: int, dest: Path) -> None:
         blob.download_to_filename(str(dest))
     except NotFound as e:
         raise ModelError(f"{uri} changed while it was being downloaded (generation {generation} is gone); run again") from e
+
+
+def _hub_index_first(repo_id: str) -> None:
+    """Fetch (or find cached) the repository's model_index.json alone and refuse a family palp
+    does not train (SDXL, ...) before gigabytes of its weights are downloaded. Anything that
+    goes wrong here is left to the full fetch, which says what it is."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=["model_index.json"]))
+    except Exception:  # noqa: BLE001 - reported by _hub_snapshot
+        return
+    if (folder / "model_index.json").is_file():
+        check_pipeline_class(folder, spec=repo_id)
 
 
 def _hub_snapshot(repo_id: str) -> Path:

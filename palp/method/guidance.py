@@ -63,6 +63,28 @@ def predict_x0(*, z_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor)
     return (z_t - (1 - a).sqrt() * eps) / a.sqrt()
 
 
+# The two model outputs palp trains on (a scheduler config's ``prediction_type``).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def v_target(*, x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """A v-model's regression target: v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (docs/method.md, v-prediction)."""
+    a = _b(alpha_bar)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def predict_x0_from_v(*, z_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Eq. 2 for a v-model: x0_hat = sqrt(a_t) z_t - sqrt(1 - a_t) v."""
+    a = _b(alpha_bar)
+    return a.sqrt() * z_t - (1 - a).sqrt() * v
+
+
+def eps_from_v(*, z_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The noise prediction a v-prediction makes: eps = sqrt(1 - a_t) z_t + sqrt(a_t) v."""
+    a = _b(alpha_bar)
+    return (1 - a).sqrt() * z_t + a.sqrt() * v
+
+
 def cfg(*, eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """G^s(x, y) = G(x, 0) + s (G(x, y) - G(x, 0))."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
@@ -104,6 +126,18 @@ def alignment_coefficient(*, alpha_bar_t: torch.Tensor, lam: float, rescale: boo
     if rescale:
         return lam * torch.full_like(alpha_bar_t, -1.0)
     return lam * (-(1 - alpha_bar_t).sqrt() / alpha_bar_t.sqrt())
+
+
+def v_alignment_coefficient(*, alpha_bar_t: torch.Tensor, lam: float, rescale: bool) -> torch.Tensor:
+    """:func:`alignment_coefficient` for a v-model: c with  lambda grad L_align = c * delta * d v_theta / d theta.
+
+    x0_hat = sqrt(a_t) z_t - sqrt(1 - a_t) v_theta, so d x0_hat / d theta = -sqrt(1 - a_t) d v_theta / d theta:
+    the plain term is c = -lambda sqrt(1 - a_t); the rescaled term drops that factor: c = -lambda.
+    ``delta`` stays in eps space (the guidance predictions are converted with :func:`eps_from_v`).  (B,)
+    """
+    if rescale:
+        return lam * torch.full_like(alpha_bar_t, -1.0)
+    return lam * (-(1 - alpha_bar_t).sqrt())
 
 
 def alignment_surrogate(*, eps_pred: torch.Tensor, delta: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,15 @@
-"""Loading the base model: a Hugging Face id, a local diffusers directory, a gs:// prefix, or tiny.
+"""Loading the base model: a Hugging Face id, a local diffusers directory, a gs:// prefix, or a tiny model.
 
 Every source ends as a local directory in the diffusers Stable Diffusion layout and goes
-through the same ``from_pretrained`` calls, so the tiny test model and SD v1.4 share one path.
+through the same ``from_pretrained`` calls, so the tiny test models and SD v1.4 share one path.
+The model family follows the model's own configs (``check_family``): Stable Diffusion 1.x and
+2.x (``StableDiffusionPipeline``, one text encoder, a 4-channel UNet, ``prediction_type``
+``epsilon`` or ``v_prediction``); anything else is refused with one line naming what was found.
 
 Every resolved model also has a *pin* naming its exact weights, so that a later step on
 another machine (``palp sample`` of a trained run) can check it loads the same ones:
 
-- ``tiny``, ``toyworld``, a local directory: ``sha256:<digest>`` of the files palp loads
+- ``tiny`` (and ``tiny-sd2``, ``tiny-sd2-v``), ``toyworld``, a local directory: ``sha256:<digest>`` of the files palp loads
   (``model_index.json`` and the scheduler, tokenizer, unet, vae and text_encoder files);
 - a ``gs://`` prefix: ``gcs:<digest>`` of those objects' generations (no bytes are read);
 - a Hugging Face id: ``hub:<commit>``, the snapshot's commit.
@@ -88,8 +91,13 @@ class BaseModel:
 
     @property
     def resolution(self) -> int:
-        """Image side the model was trained at: 512 for SD-1.x, 64 for tiny."""
+        """Image side the model was trained at: 512 for SD-1.x, 768 for SD 2.x's v models, 64 for tiny."""
         return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts, from the model's scheduler config: ``epsilon`` or ``v_prediction``."""
+        return self.noise_scheduler.config.prediction_type
 
 
 def missing_parts(path: Path) -> list[str]:
@@ -103,7 +111,58 @@ def check_sd_layout(path: Path, *, spec: str) -> Path:
             f"{spec} is not a Stable Diffusion model directory: missing {', '.join(missing)} "
             f"(expected the diffusers layout written by StableDiffusionPipeline.save_pretrained)"
         )
+    check_family(path, spec=spec)
     return path
+
+
+SUPPORTED_PIPELINE = "StableDiffusionPipeline"
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+_SUPPORTED = "palp personalizes Stable Diffusion 1.x and 2.x (StableDiffusionPipeline) base models only"
+
+
+def _config(path: Path, name: str, spec: str) -> dict:
+    import json
+
+    try:
+        found = json.loads((path / name).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{spec}: {name} cannot be read as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(found, dict):
+        raise ModelError(f"{spec}: {name} is not a JSON object")
+    return found
+
+
+def check_pipeline_class(path: Path, *, spec: str) -> None:
+    """The part of :func:`check_family` that model_index.json alone decides."""
+    index = _config(path, "model_index.json", spec)
+    cls = index.get("_class_name")
+    second = [k for k in ("text_encoder_2", "tokenizer_2") if k in index or (path / k).is_dir()]
+    if cls != SUPPORTED_PIPELINE or second:
+        what = f"a {cls} model" if cls else "a model whose model_index.json names no pipeline class"
+        if second:
+            what += f" with a second text encoder ({', '.join(second)})"
+        raise ModelError(f"{spec} is {what}; {_SUPPORTED}")
+
+
+def check_family(path: Path, *, spec: str) -> None:
+    """Refuse, in one line naming what was found, a model that is not Stable Diffusion 1.x/2.x:
+    another pipeline class (SDXL's StableDiffusionXLPipeline, ...), a second text encoder, a
+    UNet that does not denoise 4 latent channels from text alone (inpainting, depth, SDXL's
+    added conditions), or a prediction type other than epsilon and v_prediction."""
+    check_pipeline_class(path, spec=spec)
+    unet = _config(path, "unet/config.json", spec)
+    if unet.get("in_channels", 4) != 4 or unet.get("out_channels", 4) != 4:
+        raise ModelError(f"{spec}'s UNet takes {unet.get('in_channels')} and gives {unet.get('out_channels')} channels "
+                         f"(an inpainting, depth or other conditioned model), not 4; {_SUPPORTED}")
+    extra = {k: unet[k] for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim") if unet.get(k)}
+    if extra:
+        raise ModelError(f"{spec}'s UNet takes added conditions ({', '.join(f'{k}: {v}' for k, v in extra.items())}); "
+                         f"{_SUPPORTED}")
+    scheduler = _config(path, "scheduler/scheduler_config.json", spec)
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ModelError(f"{spec}'s scheduler config says prediction_type {prediction!r}; palp trains "
+                         f"{' and '.join(PREDICTION_TYPES)} models only")
 
 
 def loaded_files(names: Iterable[str]) -> list[str]:
@@ -149,14 +208,14 @@ def portable_reference(spec: str) -> str:
     """The model reference as another machine can resolve it: as given, except that a local
     directory becomes its absolute path (hub ids, gs:// prefixes, tiny and toyworld unchanged)."""
     spec = str(spec)
-    if spec in (tiny.TINY_NAME, TOYWORLD_NAME) or gcs.is_gcs(spec):
+    if spec in tiny.TINY_MODELS or spec == TOYWORLD_NAME or gcs.is_gcs(spec):
         return spec
     path = Path(spec).expanduser()
     return os.path.abspath(path) if path.is_dir() else spec
 
 
 def pin_mismatch(spec: str, expected: str, found: str) -> ModelError:
-    restore = {tiny.TINY_NAME: "build it with the palp, torch and diffusers versions the run was trained with",
+    restore = {**{name: "build it with the palp, torch and diffusers versions the run was trained with" for name in tiny.TINY_MODELS},
                TOYWORLD_NAME: "use the palp version the run was trained with (it ships the toy-world weights)",
                }.get(spec, f"restore those exact weights at {spec}")
     return ModelError(
@@ -167,8 +226,8 @@ def pin_mismatch(spec: str, expected: str, found: str) -> ModelError:
 
 def _resolve(spec: str, *, cache_dir, pin: str | None, hash_local: bool) -> ResolvedModel:
     cache = Path(cache_dir) if cache_dir else cache_root()
-    if spec == tiny.TINY_NAME:
-        return _local(spec, tiny.tiny_model_dir(), pin, hash_local)
+    if spec in tiny.TINY_MODELS:
+        return _local(spec, check_sd_layout(tiny.tiny_model_dir(spec), spec=spec), pin, hash_local)
     if spec == TOYWORLD_NAME:
         return _local(spec, check_sd_layout(weights_dir("sd"), spec=spec), pin, hash_local)
     if gcs.is_gcs(spec):
@@ -177,10 +236,12 @@ def _resolve(spec: str, *, cache_dir, pin: str | None, hash_local: bool) -> Reso
     if path.is_dir():
         return _local(spec, check_sd_layout(path, spec=spec), pin, hash_local)
     if path.exists():
-        raise ModelError(f"{spec} is a file; --pretrained-model wants a model directory, hub id, gs:// prefix, 'tiny' or 'toyworld'")
+        raise ModelError(f"{spec} is a file; --pretrained-model wants a model directory, hub id, gs:// prefix, "
+                         f"'tiny', 'tiny-sd2', 'tiny-sd2-v' or 'toyworld'")
     if not _HUB_ID_RE.match(spec) or spec.startswith((".", "/", "~")):
         raise ModelError(f"model {spec!r} not found: no such directory, and it is not a Hugging Face id (ORG/NAME)")
     if pin is None:
+        _hub_index_first(spec)
         snapshot = _hub_snapshot(spec)
     elif not pin.startswith("hub:"):
         raise pin_mismatch(spec, pin, "weights from the Hugging Face hub")
@@ -249,6 +310,20 @@ def _download_generation(uri: str, generation: int, dest: Path) -> None:
         blob.download_to_filename(str(dest))
     except NotFound as e:
         raise ModelError(f"{uri} changed while it was being downloaded (generation {generation} is gone); run again") from e
+
+
+def _hub_index_first(repo_id: str) -> None:
+    """Fetch (or find cached) the repository's model_index.json alone and refuse a family palp
+    does not train (SDXL, ...) before gigabytes of its weights are downloaded. Anything that
+    goes wrong here is left to the full fetch, which says what it is."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=["model_index.json"]))
+    except Exception:  # noqa: BLE001 - reported by _hub_snapshot
+        return
+    if (folder / "model_index.json").is_file():
+        check_pipeline_class(folder, spec=repo_id)
 
 
 def _hub_snapshot(repo_id: str) -> Path:

@@ -1,11 +1,15 @@
-"""A tiny, seeded, SD-1.x-shaped model written in the real diffusers layout.
+"""Tiny, seeded models shaped like Stable Diffusion 1.x and 2.x, written in the real diffusers layout.
 
-Nothing can be downloaded on a build machine, so tests, CI and the local demo run on this
-model. It has every part of Stable Diffusion 1.x at toy width: a UNet2DConditionModel with
-cross-attention, an AutoencoderKL with SD's 8x down-sampling and 4 latent channels, a
+Nothing can be downloaded on a build machine, so tests, CI and the local demo run on these
+models. ``tiny`` has every part of Stable Diffusion 1.x at toy width: a UNet2DConditionModel
+with cross-attention, an AutoencoderKL with SD's 8x down-sampling and 4 latent channels, a
 CLIPTextModel, the real 49,408-token CLIP BPE tokenizer (built offline from the vocabulary
-open_clip ships) and SD's noise schedule. It is saved with ``save_pretrained`` and loaded with
-``from_pretrained``, the same path as a real checkpoint.
+open_clip ships) and SD's noise schedule. ``tiny-sd2`` (epsilon, 64x64, like SD 2.x-base) and
+``tiny-sd2-v`` (v-prediction, 96x96, like SD 2.x's 768x768 models) have SD 2.x's differences:
+an OpenCLIP-style text encoder (``gelu``, padded with ``!``), per-block attention head counts,
+linear projections in the transformer blocks, and a DDIM/PNDM scheduler config that names its
+``prediction_type``. Each is saved with ``save_pretrained`` and loaded with ``from_pretrained``,
+the same path as a real checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import torch
 from palp.core.cache import cache_root
 
 TINY_NAME = "tiny"
+TINY_SD2_NAME = "tiny-sd2"
+TINY_SD2_V_NAME = "tiny-sd2-v"
 # Bump when the architecture or seed below changes: cached copies are keyed by it.
 TINY_VERSION = "2"  # 2: the tokenizer config no longer records HF_HUB_OFFLINE (local_files_only)
 TINY_RESOLUTION = 64
@@ -59,9 +65,13 @@ def write_clip_tokenizer_files(out_dir: Path) -> None:
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
-def clip_text_encoder(*, hidden: int, intermediate: int, layers: int, heads: int):
-    """A CLIPTextModel of the given width over CLIP's 49,408-token vocabulary (SD-1.x's layout)."""
+def clip_text_encoder(*, hidden: int, intermediate: int, layers: int, heads: int, hidden_act: str = "quick_gelu",
+                      token_ids: tuple[int, int, int] = (49406, 49407, 49407)):
+    """A CLIPTextModel of the given width over CLIP's 49,408-token vocabulary (SD-1.x's layout;
+    SD 2.x's OpenCLIP encoder: ``hidden_act="gelu"``). ``token_ids``: (bos, eos, pad) as its config records them."""
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    bos, eos, pad = token_ids
 
     return CLIPTextModel(
         CLIPTextConfig(
@@ -72,10 +82,10 @@ def clip_text_encoder(*, hidden: int, intermediate: int, layers: int, heads: int
             num_attention_heads=heads,
             max_position_embeddings=77,
             projection_dim=hidden,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
+            hidden_act=hidden_act,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
         )
     )
 
@@ -128,6 +138,87 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
     )
 
 
+# SD 2.x's schedule: SD-1.x's betas, DDIM's config as stabilityai's 2.x checkpoints ship it.
+SD2_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    trained_betas=None,
+)
+TINY_SD2_VERSION = "1"
+
+
+def build_tiny_sd2_pipeline(seed: int = TINY_SEED, *, prediction_type: str = "v_prediction"):
+    """A tiny SD-2.x-shaped StableDiffusionPipeline, weights drawn from ``seed``: 96x96 images
+    (12x12 latents) for ``v_prediction`` as SD 2.x's 768 model has 1.5x SD-1.x's side, 64x64 for
+    ``epsilon`` as SD 2.x-base.
+
+    What makes it SD 2.x: the text encoder is OpenCLIP's as diffusers converts it (``gelu``;
+    the real one keeps the penultimate of OpenCLIP's 24 layers, so its last hidden state is the
+    penultimate layer's; bos/eos/pad ids as its config records them, its tokenizer pads with
+    ``!``), the UNet's ``attention_head_dim`` is a per-block list of head counts, its
+    transformer blocks project with linear layers (``use_linear_projection``), the
+    v-prediction model upcasts attention to fp32 (``upcast_attention``, as SD 2.1's 768 model),
+    and the scheduler config names its ``prediction_type``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    v = prediction_type == "v_prediction"
+    resolution = 96 if v else 64
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 10)
+        unet = UNet2DConditionModel(
+            sample_size=resolution // 8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(4, 8),
+            use_linear_projection=True,
+            upcast_attention=v,
+            norm_num_groups=8,
+        )
+        torch.manual_seed(seed + 11)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=resolution,
+        )
+        torch.manual_seed(seed + 12)
+        text_encoder = clip_text_encoder(hidden=32, intermediate=37, layers=2, heads=4, hidden_act="gelu",
+                                         token_ids=(0, 2, 1))
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_clip_tokenizer_files(Path(tok_dir))
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, pad_token="!", model_max_length=77)
+    scheduler = (DDIMScheduler(**SD2_SCHEDULER_CONFIG, prediction_type="v_prediction") if v else
+                 PNDMScheduler(**{k: x for k, x in SD2_SCHEDULER_CONFIG.items() if k != "clip_sample"},
+                               skip_prk_steps=True, prediction_type="epsilon"))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+# name -> (cache folder, builder)
+TINY_MODELS = {
+    TINY_NAME: (f"tiny-sd-v{TINY_VERSION}", build_tiny_pipeline),
+    TINY_SD2_NAME: (f"tiny-sd2-v{TINY_SD2_VERSION}", lambda seed: build_tiny_sd2_pipeline(seed, prediction_type="epsilon")),
+    TINY_SD2_V_NAME: (f"tiny-sd2-vpred-v{TINY_SD2_VERSION}",
+                      lambda seed: build_tiny_sd2_pipeline(seed, prediction_type="v_prediction")),
+}
+
+
 # What a complete tiny model folder holds (save_pretrained's layout).
 TINY_FILES = ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
               "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json",
@@ -135,15 +226,15 @@ TINY_FILES = ("model_index.json", "scheduler/scheduler_config.json", "text_encod
               "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
 
 
-def save_tiny_model(out_dir: str | Path, seed: int = TINY_SEED, *, replace: bool = False) -> Path:
-    """Build the tiny model and write it atomically to ``out_dir`` in the diffusers layout
-    (``replace``: over an incomplete folder there)."""
+def save_tiny_model(out_dir: str | Path, seed: int = TINY_SEED, *, replace: bool = False, name: str = TINY_NAME) -> Path:
+    """Build the tiny model ``name`` (one of TINY_MODELS) and write it atomically to ``out_dir``
+    in the diffusers layout (``replace``: over an incomplete folder there)."""
     import json
 
     from palp.core.storage import atomic_directory
 
     with atomic_directory(out_dir, replace=replace) as tmp:
-        build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        TINY_MODELS[name][1](seed).save_pretrained(tmp, safe_serialization=True)
         # transformers records how the tokenizer was loaded (local_files_only follows
         # HF_HUB_OFFLINE): that would make the model's files, and so its pin, depend on the
         # environment it was built in, and a run trained offline be refused when sampled online.
@@ -154,19 +245,21 @@ def save_tiny_model(out_dir: str | Path, seed: int = TINY_SEED, *, replace: bool
     return Path(out_dir)
 
 
-def tiny_model_dir() -> Path:
-    """The cached tiny model, built on first use, and again if the folder is incomplete.
+def tiny_model_dir(name: str = TINY_NAME) -> Path:
+    """The cached tiny model ``name`` (one of TINY_MODELS), built on first use, and again if the folder is incomplete.
 
     In a multi-process run (torch.distributed initialized) rank 0 builds it while the others
     wait: transformers writes a model's weights from rank 0 only, so a folder built by another
     rank would lack the text encoder's."""
     import torch.distributed as dist
 
-    path = cache_root() / "models" / f"tiny-sd-v{TINY_VERSION}"
+    if name not in TINY_MODELS:
+        raise ValueError(f"no tiny model {name!r}; there are {', '.join(TINY_MODELS)}")
+    path = cache_root() / "models" / TINY_MODELS[name][0]
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
         if not all((path / f).is_file() for f in TINY_FILES):
-            save_tiny_model(path, replace=path.exists())
+            save_tiny_model(path, replace=path.exists(), name=name)
     if distributed:
         dist.barrier()
     return path

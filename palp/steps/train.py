@@ -52,32 +52,41 @@ class TrainingError(RuntimeError):
 def step_losses(
     model: PersonalizedModel, *, z0: torch.Tensor, input_ids: torch.Tensor, draws: Draws, cond: Conditioning,
     alphas_cumprod: torch.Tensor, cfg: TrainConfig, pretrained: PersonalizedModel | None = None,
+    prediction_type: str = "epsilon",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch; its gradient is Eq. 1's plus lambda times Eq. 6/7's.
 
     ``model`` may be the accelerate-wrapped module (its forward carries the gradient);
     ``pretrained`` is the unwrapped one, used for the no-grad guidance branches.
+    ``prediction_type``: the base model's output, ``epsilon`` or ``v_prediction`` (docs/method.md).
     """
     pretrained = pretrained or model
     method = methods.METHOD_TABLE[cfg.method]
+    if prediction_type not in guidance.PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(guidance.PREDICTION_TYPES)}, not {prediction_type!r}")
+    v_model = prediction_type == "v_prediction"
     ab_t = alphas_cumprod[draws.t]  # (B,)
     z_t = guidance.add_noise(x0=z0, noise=draws.noise, alpha_bar=ab_t)  # (B, 4, h, w)
-    eps_pred, states = model(z_t, draws.t, input_ids)  # personalization prediction, with grad
+    eps_pred, states = model(z_t, draws.t, input_ids)  # personalization prediction (v for a v-model), with grad
+    target = guidance.v_target(x0=z0, noise=draws.noise, alpha_bar=ab_t) if v_model else draws.noise
     if not method.aligns:
-        loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=draws.noise)
+        loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target)
         return loss, {"rec_loss": rec.detach()}
 
     rows = None
     if draws.align_weight is not None:  # --align-fraction: the term on the drawn rows only, rescaled
         rows = torch.nonzero(draws.align_weight).flatten()  # a host sync, only with the option
         if rows.numel() == 0:  # none of this micro-batch's rows was drawn
-            loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=draws.noise)
+            loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target)
             return loss, {"rec_loss": rec.detach(), "align_loss": torch.zeros((), device=rec.device)}
     full_b = z0.shape[0]
     sub = (lambda x: x) if rows is None else (lambda x: x[rows])
     with torch.no_grad():
         B = full_b if rows is None else rows.numel()
-        x0_hat = guidance.predict_x0(z_t=sub(z_t), eps=sub(eps_pred.detach()), alpha_bar=sub(ab_t))  # Eq. 2
+        if v_model:
+            x0_hat = guidance.predict_x0_from_v(z_t=sub(z_t), v=sub(eps_pred.detach()), alpha_bar=sub(ab_t))  # Eq. 2
+        else:
+            x0_hat = guidance.predict_x0(z_t=sub(z_t), eps=sub(eps_pred.detach()), alpha_bar=sub(ab_t))  # Eq. 2
         x_t2 = guidance.add_noise(x0=x0_hat, noise=sub(draws.noise_align), alpha_bar=alphas_cumprod[sub(draws.t_align)])  # step 3
         # Pretrained branch: adapters off, no placeholder. Personalized branch (palp): LoRA on,
         # y_P (the states the grad branch just used).
@@ -88,16 +97,20 @@ def step_losses(
         pers_names = [n for n in names if n.startswith("personalized_")]
         preds = guidance_predictions(pretrained, x_t2, sub(draws.t_align), [text[n].expand(B, -1, -1) for n in pre_names],
                                      [text[n].expand(B, -1, -1) for n in pers_names], fused=cfg.fused_guidance)
+        if v_model:  # Eq. 6's delta is a difference of noise predictions: each v as the eps it implies
+            preds = [guidance.eps_from_v(z_t=x_t2.float(), v=p, alpha_bar=alphas_cumprod[sub(draws.t_align)].float())
+                     for p in preds]
         predictions = guidance.GuidancePredictions(**dict(zip(pre_names + pers_names, preds)))
         delta = guidance.alignment_delta(method, predictions=predictions, noise=sub(draws.noise_align).float(),
                                          t=sub(draws.t_align), alpha=cfg.alpha, beta=cfg.beta)
-        coefficient = guidance.alignment_coefficient(alpha_bar_t=sub(ab_t).float(), lam=cfg.lam, rescale=cfg.rescale)
+        coefficient = (guidance.v_alignment_coefficient if v_model else guidance.alignment_coefficient)(
+            alpha_bar_t=sub(ab_t).float(), lam=cfg.lam, rescale=cfg.rescale)
         size = delta.pow(2).mean()  # the size of the score (of the drawn rows); the surrogate's value is not a loss
         if rows is not None:  # back to the whole micro-batch: 0 on the rows not drawn, B/k on the drawn ones
             coefficient = coefficient * draws.align_weight[rows].to(coefficient)
             delta = torch.zeros((full_b, *delta.shape[1:]), dtype=delta.dtype, device=delta.device).index_copy(0, rows, delta)
             coefficient = torch.zeros(full_b, dtype=coefficient.dtype, device=coefficient.device).index_copy(0, rows, coefficient)
-    loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=draws.noise, delta=delta, coefficient=coefficient)
+    loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target, delta=delta, coefficient=coefficient)
     return loss, {"rec_loss": rec.detach(), "align_loss": size}
 
 
@@ -145,6 +158,7 @@ class StepContext:
     cond: Conditioning  # the prompts without learned tokens, encoded once
     alphas_cumprod: torch.Tensor  # (T,)
     dtype: torch.dtype  # of the frozen weights and the latents
+    prediction_type: str = "epsilon"  # the base model's output: epsilon or v_prediction
 
 
 def make_context(model: PersonalizedModel, accelerator, cfg: TrainConfig, **tensors) -> StepContext:
@@ -204,7 +218,8 @@ def _micro_batch_loss(ctx: StepContext, cfg: TrainConfig, full: Draws, start: in
     d.noise, d.noise_align = d.noise.to(ctx.dtype), d.noise_align.to(ctx.dtype)
     with ctx.accelerator.autocast():
         return step_losses(module, z0=z0, input_ids=ctx.image_ids[d.index], draws=d, cond=ctx.cond,
-                           alphas_cumprod=ctx.alphas_cumprod, cfg=cfg, pretrained=ctx.model)
+                           alphas_cumprod=ctx.alphas_cumprod, cfg=cfg, pretrained=ctx.model,
+                           prediction_type=ctx.prediction_type)
 
 
 def fit_micro_batch(ctx: StepContext, cfg: TrainConfig, full: Draws, compiled=None) -> tuple[int, list[int]]:
@@ -335,7 +350,8 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
     image_ids = torch.cat([ids_per_subject[i].expand(len(im.paths), -1) for i, im in enumerate(images)])  # (N, 77)
     ctx = make_context(model, accelerator, cfg, mean=mean, std=std, image_ids=image_ids.to(device),
                        cond=encode_fixed_prompts(model, base.tokenizer, cfg, device),
-                       alphas_cumprod=base.noise_scheduler.alphas_cumprod.to(device), dtype=dtype)
+                       alphas_cumprod=base.noise_scheduler.alphas_cumprod.to(device), dtype=dtype,
+                       prediction_type=base.prediction_type)
     if probe:
         micro, accum = _probe_micro_batch(ctx, cfg, compiled, accelerator, per_process=micro * accum)
     config = {

@@ -151,9 +151,10 @@ def check_family(path: Path, *, spec: str) -> None:
     added conditions), or a prediction type other than epsilon and v_prediction."""
     check_pipeline_class(path, spec=spec)
     unet = _config(path, "unet/config.json", spec)
-    if unet.get("in_channels", 4) != 4 or unet.get("out_channels", 4) != 4:
-        raise ModelError(f"{spec}'s UNet takes {unet.get('in_channels')} and gives {unet.get('out_channels')} channels "
-                         f"(an inpainting, depth or other conditioned model), not 4; {_SUPPORTED}")
+    latent = _config(path, "vae/config.json", spec).get("latent_channels", 4)
+    if unet.get("in_channels", 4) != latent or unet.get("out_channels", 4) != latent:
+        raise ModelError(f"{spec}'s UNet takes {unet.get('in_channels')} and gives {unet.get('out_channels')} channels, "
+                         f"its VAE's latents have {latent} (an inpainting, depth or other conditioned model); {_SUPPORTED}")
     extra = {k: unet[k] for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim") if unet.get(k)}
     if extra:
         raise ModelError(f"{spec}'s UNet takes added conditions ({', '.join(f'{k}: {v}' for k, v in extra.items())}); "

@@ -58,7 +58,7 @@ def test_tiny_sd2_models_are_sd2_shaped_and_read_from_their_configs(v_dir):
 def test_training_reads_the_prediction_type_from_the_models_scheduler_config(tmp_path, v_dir):
     """The same weights and draws, the scheduler config saying epsilon instead of v_prediction:
     the first step's reconstruction loss differs (it is MSE to v for one, to eps for the other),
-    and the run records the model's resolution."""
+    and the run records the model's resolution and prediction type."""
     flipped = tmp_path / "flipped"
     shutil.copytree(v_dir, flipped)
     config = flipped / "scheduler" / "scheduler_config.json"
@@ -68,7 +68,8 @@ def test_training_reads_the_prediction_type_from_the_models_scheduler_config(tmp
         out = tmp_path / name
         assert main(train_args(EXAMPLE_CAT, out, "--pretrained-model", model, "--method", "ti-db", steps=1)) == 0
         rec[name] = float(pd.read_csv(out / "metrics.csv")["rec_loss"][0])
-        assert json.loads((out / "training_config.json").read_text())["resolution"] == 96
+        recorded = json.loads((out / "training_config.json").read_text())
+        assert recorded["resolution"] == 96 and recorded["prediction_type"] == {"v": "v_prediction", "eps": "epsilon"}[name]
     assert abs(rec["v"] - rec["eps"]) > 1e-3 * rec["eps"], rec
 
 

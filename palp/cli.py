@@ -93,8 +93,9 @@ def run_train(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # one line per run, from its first process
         return 0
     last = result.metrics[-1] if result.metrics else {}
+    prior = f"  prior_loss {last['prior_loss']:.4f}" if "prior_loss" in last else ""
     print(f"trained {cfg.steps} steps ({cfg.method}) -> {result.output}  "
-          f"rec_loss {last.get('rec_loss', float('nan')):.4f}  align_loss {last.get('align_loss', float('nan')):.4f}")
+          f"rec_loss {last.get('rec_loss', float('nan')):.4f}  align_loss {last.get('align_loss', float('nan')):.4f}{prior}")
     return 0
 
 

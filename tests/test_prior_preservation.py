@@ -277,3 +277,46 @@ def test_the_flag_alone_turns_it_on_and_the_defaults_are_diffusers():
     off = cfg()
     assert (off.prior_preservation, off.prior_weight, off.num_class_images) == (False, None, None)
     assert TrainConfig.from_dict(on.to_dict()).to_dict() == on.to_dict()  # a recorded config reads back (--resume)
+
+
+def test_the_pipeline_passes_prior_preservation_to_the_train_step(tmp_path):
+    """The compiled pipeline's train task takes the three parameters; the train component trains
+    with them (real KFP artifacts on local paths); an experiment that sets a prior setting
+    without prior_preservation is refused before anything runs."""
+    import yaml
+    from kfp.dsl import HTML, Dataset, Metrics, Model
+
+    from components.steps import train as train_component
+    from pipelines.errors import PipelineError
+    from pipelines.experiment import load_experiment
+
+    for backend in ("kubeflow", "vertex", "vertex-tpu"):
+        spec = next(yaml.safe_load_all((REPO / "pipelines" / f"palp-{backend}.yaml").read_text()))
+        root = spec["root"]["inputDefinitions"]["parameters"]
+        assert root["prior_preservation"]["defaultValue"] is False and root["prior_weight"]["defaultValue"] == 0.0
+        assert root["num_class_images"]["defaultValue"] == 0
+        text = (REPO / "pipelines" / f"palp-{backend}.yaml").read_text()
+        for name in ("prior_preservation", "prior_weight", "num_class_images"):  # handed into the train task
+            assert f"componentInputParameter: pipelinechannel--{name}" in text, (backend, name)
+
+    prep = tmp_path / "prep"
+    assert main(["prepare", "--subject", f"cat={EXAMPLE_CAT}", "--class-word", "cat=cat", "--prompt", "A sketch of [V]",
+                 "--pretrained-model", "tiny", "--output", str(prep), "--quiet"]) == 0
+    task = json.loads((prep / "manifest.json").read_text())["tasks"][0]["id"]
+    model = Model(uri=str(tmp_path / "model"))
+    train_component(prepared=Dataset(uri=str(prep)), task=task, method="ti-db", pretrained_model="tiny", steps=1,
+                    batch_size=2, micro_batch_size=0, lr=1e-3, lora_rank=4, save_steps="1", checkpoint_every=1,
+                    mixed_precision="no", seed=0, model=model, metrics=Metrics(uri=str(tmp_path / "metrics")),
+                    report=HTML(uri=str(tmp_path / "report.html")), prior_preservation=True, num_class_images=2)
+    config = json.loads((tmp_path / "model" / "training_config.json").read_text())
+    assert config["prior_preservation"] and config["num_class_images"] == 2 and config["prior_weight"] == 1.0
+    assert "prior_loss" in (tmp_path / "model" / "metrics.csv").read_text().splitlines()[0]
+
+    experiment = tmp_path / "e.yaml"
+    experiment.write_text(yaml.safe_dump({"subjects": [{"name": "cat", "images": str(EXAMPLE_CAT)}], "prior_weight": 0.5}))
+    with pytest.raises(PipelineError, match="prior_weight only apply with prior_preservation: true"):
+        load_experiment(str(experiment))
+    experiment.write_text(yaml.safe_dump({"subjects": [{"name": "cat", "images": str(EXAMPLE_CAT)}],
+                                          "prior_preservation": True, "num_class_images": -3}))
+    with pytest.raises(PipelineError, match="num_class_images must be > 0"):
+        load_experiment(str(experiment))

@@ -3,7 +3,8 @@
 A field that is a flag is declared with ``flag(default, help=...)``: its metadata carries the
 help text and, where needed, the flag's name, its ``--help`` section, its choices and metavar.
 The flag's default is the field's and its parser follows the field's type: ``int``; ``float``
--> ``finite_float`` (nan and inf refused at parsing); ``bool`` -> ``on_off``; ``list[int]`` ->
+-> ``finite_float`` (nan and inf refused at parsing); ``bool`` -> ``on_off`` (with ``bare``, the
+flag alone is ``on``); ``list[int]`` ->
 ``steps_list``. ``arguments(cls)`` lists the ``add_argument`` calls; the CLI makes them in a loop.
 """
 

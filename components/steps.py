@@ -36,14 +36,16 @@ def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pre
 def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: str, steps: int, batch_size: int,
           micro_batch_size: int, lr: float, lora_rank: int, save_steps: str, checkpoint_every: int, mixed_precision: str,
           seed: int, model: Output[Model], metrics: Output[Metrics], report: Output[HTML], lora_targets: str = "attention",
-          validation_every: int = 0, lam: float = 1.0, processes: int = 1, alpha: float = 15.0, beta: float = 7.5):
+          validation_every: int = 0, lam: float = 1.0, processes: int = 1, alpha: float = 15.0, beta: float = 7.5,
+          prior_preservation: bool = False, prior_weight: float = 0.0, num_class_images: int = 0):
     """palp train of one prepared task, always resuming: a retried (preempted) task continues
     from the checkpoints it left in its output. Its page (the curves and, with
     ``validation_every``, the validation grids) is the ``report``; its final scalars the ``metrics``.
     ``lam`` is the alignment term's weight (--lambda; TI+DB has no such term and ignores it);
     ``alpha`` and ``beta`` its guidance scales (--alpha, --beta: 7.5 and 1 for composition).
     ``processes``: one per accelerator the step was given; the global batch is split across them
-    (palp.steps.launch)."""
+    (palp.steps.launch). ``prior_preservation``: DreamBooth's prior-preservation loss
+    (--prior-preservation), with ``prior_weight`` and ``num_class_images`` (0: the library's default)."""
     import os
     import shutil
     from pathlib import Path
@@ -58,8 +60,9 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
     cfg = task_config(prepared.path, task, method=base_method, noise=noise, pretrained_model=pretrained_model, steps=steps,
                       batch_size=batch_size, micro_batch_size=micro_batch_size or None, lr=lr, lam=lam, lora_rank=lora_rank,
                       lora_targets=lora_targets, alpha=alpha, beta=beta, save_steps=parse_steps(save_steps),
-                      checkpoint_every=checkpoint_every,
-                      mixed_precision=mixed_precision, seed=seed, validation_every=validation_every, output=model.path)
+                      checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed,
+                      validation_every=validation_every, prior_preservation=prior_preservation,
+                      prior_weight=prior_weight or None, num_class_images=num_class_images or None, output=model.path)
     from palp.core.preemption import Preempted
 
     try:

@@ -93,8 +93,9 @@ def run_train(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # one line per run, from its first process
         return 0
     last = result.metrics[-1] if result.metrics else {}
+    prior = f"  prior_loss {last['prior_loss']:.4f}" if "prior_loss" in last else ""
     print(f"trained {cfg.steps} steps ({cfg.method}) -> {result.output}  "
-          f"rec_loss {last.get('rec_loss', float('nan')):.4f}  align_loss {last.get('align_loss', float('nan')):.4f}")
+          f"rec_loss {last.get('rec_loss', float('nan')):.4f}  align_loss {last.get('align_loss', float('nan')):.4f}{prior}")
     return 0
 
 
@@ -177,7 +178,8 @@ def run_prepare(args) -> int:
 
 def add_sample_parser(sub) -> None:
     from palp.core.settings import ATTENTION_BACKENDS, COMPILE_CHOICES, SampleSettings
-    from palp.steps.sample import SAMPLERS, SCHEDULERS
+    from palp.models.denoising import SCHEDULERS
+    from palp.steps.sample import SAMPLERS
 
     p = sub.add_parser("sample", help="sample a trained run (or its base model) in batches",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

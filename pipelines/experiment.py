@@ -55,6 +55,7 @@ def load_experiment(path: Optional[str] = None) -> dict:
             wrong.append(f"{key}: {e}")
     if wrong:
         raise ExperimentError(f"{path}: " + "; ".join(wrong))
+    _check_prior_preservation(params, path)
     for key in ("prompts", "methods"):
         bad = [v for v in params.get(key) or [] if not isinstance(v, str)]
         if bad:
@@ -75,6 +76,18 @@ def load_experiment(path: Optional[str] = None) -> dict:
     if params.get("judge"):
         check_judged_units(params, path)
     return params
+
+
+def _check_prior_preservation(params: dict, path) -> None:
+    """prior_weight and num_class_images: 0 (the library's default) or positive, and set only
+    with prior_preservation (each train step would refuse them otherwise, after prepare ran)."""
+    for key in ("prior_weight", "num_class_images"):
+        if params.get(key, 0) < 0:
+            raise ExperimentError(f"{path}: {key} must be > 0 (or 0: the default), not {params[key]}")
+    given = [key for key in ("prior_weight", "num_class_images") if params.get(key)]
+    if given and not params.get("prior_preservation"):
+        raise ExperimentError(f"{path}: {' and '.join(given)} only apply with prior_preservation: true; set it, "
+                              f"or drop {' and '.join(given)}")
 
 
 _TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text", list: "a list"}

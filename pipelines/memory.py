@@ -97,6 +97,9 @@ def table(params: dict, card: str) -> str:
             lines.append(f"| {method} | none fits | - | {p.peak_gib:.1f} at 1 |")
         else:
             lines.append(f"| {method} | {p.micro} (auto) | {batch // p.micro} | {p.peak_gib:.1f} |")
+    if params.get("prior_preservation"):
+        lines.append("prior_preservation: each row also takes a class image's forward and backward, which this prediction "
+                     "does not include (micro_batch_size 0, auto, measures it on the card)")
     lines.append(sample_line(params, card))
     lines.append("score step: CLIP ViT-B/32 (151M parameters) on batches of 64 images: not measured")
     return "\n".join(lines) + "\n"

@@ -92,6 +92,10 @@ DIFFERENT_DEFAULTS = {
                                 "default, fp32, runs on every CPU and reproduces bit for bit"),
     "micro_batch_size": (0, "a KFP parameter cannot be None: 0 is the library's None (auto: the largest micro-batch that "
                                "fits the device's memory, found before the first step)"),
+    "prior_weight": (0.0, "a KFP parameter cannot be None: 0 is the library's None (with prior_preservation, diffusers' "
+                          "DreamBooth default 1.0; without, unset)"),
+    "num_class_images": (0, "a KFP parameter cannot be None: 0 is the library's None (with prior_preservation, diffusers' "
+                            "DreamBooth default 100; without, unset)"),
 }
 
 
@@ -119,7 +123,9 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
         train_steps: int = T.steps, batch_size: int = T.batch_size,
         micro_batch_size: int = DIFFERENT_DEFAULTS["micro_batch_size"][0], lr: float = T.lr, lam: float = T.lam,
         alpha: float = T.alpha, beta: float = T.beta,
-        lora_rank: int = T.lora_rank, lora_targets: str = T.lora_targets,
+        lora_rank: int = T.lora_rank, lora_targets: str = T.lora_targets, prior_preservation: bool = T.prior_preservation,
+        prior_weight: float = DIFFERENT_DEFAULTS["prior_weight"][0],
+        num_class_images: int = DIFFERENT_DEFAULTS["num_class_images"][0],
         save_steps: str = ",".join(map(str, DEFAULT_SAVE_STEPS)), checkpoint_every: int = T.checkpoint_every,
         validation_every: int = T.validation_every, mixed_precision: str = DIFFERENT_DEFAULTS["mixed_precision"][0],
         seed: int = T.seed, train_accelerators: int = DEFAULT_PROCESSES,
@@ -143,7 +149,9 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
                                      lora_rank=lora_rank, lora_targets=lora_targets,
                                      save_steps=save_steps,
                                      checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed,
-                                     validation_every=validation_every, processes=train_accelerators),
+                                     validation_every=validation_every, processes=train_accelerators,
+                                     prior_preservation=prior_preservation, prior_weight=prior_weight,
+                                     num_class_images=num_class_images),
                             "train", backend, accelerator, train_accelerators)
             if retries:  # preemption: the retried task resumes from its checkpoints
                 tr.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2.0)

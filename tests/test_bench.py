@@ -96,7 +96,7 @@ def test_a_bad_setting_is_one_clear_error_on_the_command_line():
 
 def _tiny_pipe(scheduler: str, dtype: torch.dtype):
     from palp.models.tiny import tiny_model_dir
-    from palp.steps.sample import build_pipeline
+    from palp.models.denoising import build_pipeline
 
     return build_pipeline(tiny_model_dir(), scheduler=scheduler, device=torch.device("cpu"), dtype=dtype)
 

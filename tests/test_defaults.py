@@ -80,7 +80,8 @@ def test_the_pipeline_takes_the_library_defaults_but_the_named_ones():
         "batch_size": _default(T, "batch_size"), "micro_batch_size": _default(T, "micro_batch_size"),
         "lr": _default(T, "lr"), "lam": _default(T, "lam"), "alpha": _default(T, "alpha"), "beta": _default(T, "beta"), "lora_rank": _default(T, "lora_rank"), "lora_targets": _default(T, "lora_targets"),
         "save_steps": ",".join(map(str, _default(T, "save_steps"))), "checkpoint_every": _default(T, "checkpoint_every"),
-        "validation_every": _default(T, "validation_every"),
+        "validation_every": _default(T, "validation_every"), "prior_preservation": _default(T, "prior_preservation"),
+        "prior_weight": _default(T, "prior_weight"), "num_class_images": _default(T, "num_class_images"),
         "mixed_precision": _default(T, "mixed_precision"), "seed": _default(T, "seed"),
         "train_accelerators": DEFAULT_PROCESSES,
         "clip_model": Sc.clip_model, "clip_weights": Sc.clip_weights, "judge": Sc.judge,
@@ -106,4 +107,7 @@ def test_the_train_components_own_defaults_are_the_librarys():
     T = config.TrainConfig
     params = inspect.signature(train).parameters
     own = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty and n != "processes"}
-    assert own == {n: _default(T, n) for n in own} and {"lam", "alpha", "beta"} <= set(own)
+    zero_for_none = {"prior_weight", "num_class_images"}  # a KFP parameter cannot be None: 0 stands for it
+    assert {n: own[n] for n in zero_for_none} == dict.fromkeys(zero_for_none, 0) and all(_default(T, n) is None for n in zero_for_none)
+    same = {n: v for n, v in own.items() if n not in zero_for_none}
+    assert same == {n: _default(T, n) for n in same} and {"lam", "alpha", "beta", "prior_preservation"} <= set(same)

@@ -153,7 +153,7 @@ def test_the_project_refers_to_nothing_outside_its_repository():
 PALP_FLOORS = {"core": 0, "models": 1, "toyworld": 1, "method": 2, "steps": 3}
 COMMAND_MODULES = ("palp.cli", "palp.__main__", "palp.step_image")
 # The steps in the pipeline's order; a step's helper modules share its place.
-STEP_ORDER = {"prepare": 0, "train": 1, "checkpoints": 1, "validation": 1, "run_page": 1, "launch": 1, "sample": 2, "sample_jobs": 2,
+STEP_ORDER = {"prepare": 0, "train": 1, "checkpoints": 1, "validation": 1, "run_page": 1, "launch": 1, "class_images": 1, "sample": 2, "sample_jobs": 2,
               "score": 3, "score_report": 3, "study": 4, "analyze": 5}
 
 

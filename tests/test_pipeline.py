@@ -199,7 +199,7 @@ def _objects(bucket) -> dict[str, int]:
 
 
 SD_FOLDER = {  # what a diffusers SD folder holds; the last three are not uploaded
-    "model_index.json": b"{}", "scheduler/scheduler_config.json": b"{}", "tokenizer/vocab.json": b"{}",
+    "model_index.json": b'{"_class_name": "StableDiffusionPipeline"}', "scheduler/scheduler_config.json": b"{}", "tokenizer/vocab.json": b"{}",
     "tokenizer/merges.txt": b"#", "unet/config.json": b"{}", "unet/diffusion_pytorch_model.safetensors": b"unet",
     "vae/config.json": b"{}", "vae/diffusion_pytorch_model.safetensors": b"vae", "text_encoder/config.json": b"{}",
     "text_encoder/model.safetensors": b"te", "unet/diffusion_pytorch_model.fp16.safetensors": b"half",

@@ -68,9 +68,8 @@ def random_lora(path: Path, out: Path, *, rank: int) -> Path:
 class Samplers:
     def __init__(self, path: Path, device: torch.device, *, batch: int, steps: int, lora: bool, smoke: bool):
         from palp.core.prompts import to_token_prompt
-        from palp.models.denoising import initial_latents
-        from palp.steps.sample import build_pipeline, load_weights
-        from palp.steps.sample_jobs import sample_seed
+        from palp.models.denoising import build_pipeline, initial_latents, sample_seed
+        from palp.steps.sample import load_weights
 
         self.device, self.batch, self.steps = device, batch, steps
         self.dtype = torch.float32 if device.type == "cpu" else torch.float16

@@ -3,7 +3,8 @@
 A field that is a flag is declared with ``flag(default, help=...)``: its metadata carries the
 help text and, where needed, the flag's name, its ``--help`` section, its choices and metavar.
 The flag's default is the field's and its parser follows the field's type: ``int``; ``float``
--> ``finite_float`` (nan and inf refused at parsing); ``bool`` -> ``on_off``; ``list[int]`` ->
+-> ``finite_float`` (nan and inf refused at parsing); ``bool`` -> ``on_off`` (with ``bare``, the
+flag alone is ``on``); ``list[int]`` ->
 ``steps_list``. ``arguments(cls)`` lists the ``add_argument`` calls; the CLI makes them in a loop.
 """
 
@@ -68,13 +69,14 @@ class Flag:
     choices: tuple = ()
     metavar: str | None = None
     auto: bool = False  # an ``int | None`` field whose None is spelled ``auto`` on the command line
+    bare: bool = False  # a ``bool`` flag that may be given alone (``--flag`` is ``--flag on``)
 
 
 def flag(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, help: str | None = None, section: str = "",
-         name: str = "", choices=(), metavar: str | None = None, auto: bool = False):
+         name: str = "", choices=(), metavar: str | None = None, auto: bool = False, bare: bool = False):
     """A dataclass field that is also a command-line flag (no default: a required flag)."""
     return dataclasses.field(default=default, default_factory=factory,
-                             metadata={FLAG: Flag(help, section, name, tuple(choices), metavar, auto)})
+                             metadata={FLAG: Flag(help, section, name, tuple(choices), metavar, auto, bare)})
 
 
 _PARSERS = {int: int, float: finite_float, bool: on_off, list[int]: steps_list, str: None, list[str]: None}
@@ -101,7 +103,8 @@ def arguments(cls, **choices) -> list[tuple[str, str, dict]]:
     for f in flag_fields(cls):
         spec = f.metadata[FLAG]
         parse = int_or_auto if spec.auto else _parser(hints[f.name])
-        kw = {"dest": f.name, "help": spec.help, **({"action": "append"} if hints[f.name] in _REPEATED else {})}
+        kw = {"dest": f.name, "help": spec.help, **({"action": "append"} if hints[f.name] in _REPEATED else {}),
+              **({"nargs": "?", "const": True} if spec.bare else {})}
         if f.default_factory is not dataclasses.MISSING:
             kw["default"] = f.default_factory()
         elif f.default is not dataclasses.MISSING:

@@ -111,7 +111,7 @@ class SampleSettings:
     num_samples: int = flag(8)
     seed: int = flag(0)
     steps: int = flag(50, help="denoising steps")
-    scheduler: str = flag("ddim")  # its choices: palp.steps.sample.SCHEDULERS
+    scheduler: str = flag("ddim")  # its choices: palp.models.denoising.SCHEDULERS
     guidance: float = flag(7.5)
     batch_size: int = flag(8, help="the most images per batch; a batch that runs out of device memory is made in halves "
                                     "and the size that fits is kept for the rest (each image within one 8-bit level of any batch size's)")
@@ -135,6 +135,16 @@ class StudySettings:
     forms: int = flag(3)
     seed: int = flag(0)
     image_size: int = flag(512)
+
+
+# DreamBooth's prior preservation, with diffusers' DreamBooth trainers' defaults
+# (--prior_loss_weight 1.0, --num_class_images 100); the class images are sampled as
+# `palp sample` samples (its default steps and guidance, DDIM) from this seed.
+PRIOR_WEIGHT = 1.0
+NUM_CLASS_IMAGES = 100
+CLASS_IMAGE_STEPS = SampleSettings.steps
+CLASS_IMAGE_GUIDANCE = SampleSettings.guidance
+CLASS_IMAGE_SEED = 0
 
 
 # The sections of `palp train --help`, in order; each flag's field names its own.
@@ -176,6 +186,20 @@ class TrainConfig:
     align_t_min: int = flag(20, section=METHOD, help="smallest t' of the alignment term")
     align_t_max: int = flag(980, section=METHOD, help="largest t' of the alignment term")
     negative_prompt: str = flag(NFSD_NEGATIVE_PROMPT, section=METHOD, help="NFSD's negative prompt")
+    # DreamBooth's prior preservation (palp/steps/class_images.py): its three settings are None
+    # without it, and take diffusers' DreamBooth defaults with it (resolved in __post_init__).
+    prior_preservation: bool = flag(False, section=METHOD, bare=True,
+                                    help="add DreamBooth's prior-preservation loss: Eq. 1 on images the base model makes "
+                                         "of 'A photo of a <class word>', times --prior-weight")
+    prior_weight: float | None = flag(None, section=METHOD,
+                                      help=f"weight of the prior-preservation loss (with --prior-preservation: "
+                                           f"{PRIOR_WEIGHT}, diffusers' DreamBooth default)")
+    num_class_images: int | None = flag(None, section=METHOD,
+                                        help=f"class images per class word (with --prior-preservation: "
+                                             f"{NUM_CLASS_IMAGES}, diffusers' DreamBooth default)")
+    class_image_steps: int | None = flag(None, section=METHOD,
+                                         help=f"DDIM steps of each class image (with --prior-preservation: "
+                                              f"{CLASS_IMAGE_STEPS}, as palp sample)")
     steps: int = flag(500, section=OPTIMISATION, help="optimizer steps")
     lr: float = flag(5e-5, section=OPTIMISATION, help="AdamW learning rate")
     batch_size: int = flag(32, section=OPTIMISATION, help="global batch")  # micro_batch_size x accumulation x processes
@@ -259,12 +283,32 @@ class TrainConfig:
         need(self.validation_every >= 0, "--validation-every must be >= 0 (0: no validation samples)")
         need(self.validation_images >= 1, "--validation-images must be >= 1")
         need(self.validation_steps >= 1, "--validation-steps must be >= 1")
+        self._check_prior_preservation()
         try:
             resolve_report_to(self.report_to)
         except TrackingError as e:
             raise ConfigError(str(e)) from None
         if self.task_id:
             check_name(self.task_id, "task id", ConfigError, joined=True)
+
+    def _check_prior_preservation(self) -> None:
+        """The prior-preservation settings' values; given without --prior-preservation they are
+        refused (they would do nothing), with it the unset ones take their defaults."""
+        need(self.prior_weight is None or self.prior_weight > 0,
+             f"--prior-weight must be > 0, not {self.prior_weight} (to train without the prior term, drop --prior-preservation)")
+        need(self.num_class_images is None or self.num_class_images >= 1,
+             f"--num-class-images must be >= 1, not {self.num_class_images}")
+        need(self.class_image_steps is None or self.class_image_steps >= 1,
+             f"--class-image-steps must be >= 1, not {self.class_image_steps}")
+        given = [name for name, value in (("--prior-weight", self.prior_weight), ("--num-class-images", self.num_class_images),
+                                          ("--class-image-steps", self.class_image_steps)) if value is not None]
+        if not self.prior_preservation:
+            need(not given, f"{' and '.join(given)} only apply with --prior-preservation: add --prior-preservation, "
+                            f"or drop {' and '.join(given)}")
+            return
+        self.prior_weight = PRIOR_WEIGHT if self.prior_weight is None else float(self.prior_weight)
+        self.num_class_images = NUM_CLASS_IMAGES if self.num_class_images is None else self.num_class_images
+        self.class_image_steps = CLASS_IMAGE_STEPS if self.class_image_steps is None else self.class_image_steps
 
     def _check_subjects_and_prompts(self) -> None:
         """Outputs outside the photos, one subject per placeholder, and each prompt checked once

@@ -31,9 +31,17 @@ class Draws:
     # (B,) with --align-fraction < 1: B/k on the k rows drawn for the alignment term, 0 elsewhere;
     # None: every row (the default, and the draws are then those of a run without the option)
     align_weight: torch.Tensor | None = None
+    # --prior-preservation: one class-image row per row, from its subject's class set; None without
+    class_index: torch.Tensor | None = None  # (B,) which class image
+    class_latent_noise: torch.Tensor | None = None  # (B, 4, h, w) sample of its VAE posterior
+    class_t: torch.Tensor | None = None  # (B,) its timestep, U{0..999}
+    class_noise: torch.Tensor | None = None  # (B, 4, h, w) its eps
 
 
-def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, latent_shape, num_timesteps: int) -> Draws:
+def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, latent_shape, num_timesteps: int,
+         class_sets: torch.Tensor | None = None) -> Draws:
+    """One step's draws. ``class_sets`` (with --prior-preservation): the class-image set of each
+    training image, (n_images,); set k holds class images [k n, (k + 1) n), n = --num-class-images."""
     shape = (batch, *latent_shape)
     index = torch.randint(n_images, (batch,), generator=gen)
     latent_noise = torch.randn(shape, generator=gen)
@@ -49,7 +57,33 @@ def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, l
         k = max(1, math.ceil(cfg.align_fraction * batch))
         align_weight = torch.zeros(batch)
         align_weight[torch.randperm(batch, generator=gen)[:k]] = batch / k
-    return Draws(index, latent_noise, t, noise, t_align, noise_align, align_weight)
+    prior = ()
+    if cfg.prior_preservation:  # drawn after everything else: the subject rows' draws are those of a run without
+        n = cfg.num_class_images
+        class_index = class_sets[index] * n + torch.randint(n, (batch,), generator=gen)
+        prior = (class_index, torch.randn(shape, generator=gen), torch.randint(num_timesteps, (batch,), generator=gen),
+                 torch.randn(shape, generator=gen))
+    return Draws(index, latent_noise, t, noise, t_align, noise_align, align_weight, *prior)
+
+
+@dataclass
+class ClassImages:
+    """--prior-preservation's class images, encoded once per run (on the run's device)."""
+
+    mean: torch.Tensor  # (K n, 4, h, w) VAE posterior of each class image: K sets (class words) of n
+    std: torch.Tensor  # (K n, 4, h, w)
+    ids: torch.Tensor  # (K n, 77) the tokens of each image's class prompt
+    sets: torch.Tensor  # (N,) the class set of each training image (on the CPU: the draws index it)
+
+
+@dataclass
+class ClassRows:
+    """One micro-batch's class-image rows: their clean latents, class prompts' tokens and draws
+    (``index``: the class image, ``t``, ``noise``; no alignment draws)."""
+
+    z0: torch.Tensor  # (B, 4, h, w)
+    input_ids: torch.Tensor  # (B, 77)
+    draws: Draws
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:

@@ -11,16 +11,48 @@ from __future__ import annotations
 
 import contextlib
 import io
+import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from palp.core import storage, xla
 
+# The schedulers palp samples with (``--scheduler``), each built from the base model's own config.
+SCHEDULERS = ("ddim", "dpm++")
+
+
+def sample_seed(seed: int, prompt: str, index: int) -> int:
+    """The seed of sample ``index`` of ``prompt``: independent of batching and of other prompts."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(prompt.encode()), index]).generate_state(1)[0])
+
 
 def initial_latents(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """(B, 4, h, w) starting noise, one CPU generator per sample (device-independent)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def build_pipeline(base_path: str | Path, *, scheduler: str, device: torch.device, dtype: torch.dtype,
+                   vae_dtype: torch.dtype | None = None):
+    """The stock pipeline in ``dtype``, its VAE in ``vae_dtype`` (default: the same), each cast once from fp32."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base_path, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler == "dpm++":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    else:
+        raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    for name in ("unet", "text_encoder", "vae"):
+        target = vae_dtype if name == "vae" and vae_dtype is not None else dtype
+        if target != torch.float32:
+            getattr(pipe, name).to(dtype=target)
+    return pipe
 
 
 @torch.no_grad()

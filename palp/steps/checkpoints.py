@@ -45,7 +45,10 @@ RESUMABLE_CHANGES = {"steps", "save_steps", "checkpoint_every", "checkpoints_tot
                      "validation_steps", "validation_guidance",
                      # the micro-batch split: a run that ran out of memory continues with smaller micro-
                      # batches and more accumulation (the same global batch; no longer bit-identical)
-                     "micro_batch_size", "gradient_accumulation_steps", "micro_batch_auto"}
+                     "micro_batch_size", "gradient_accumulation_steps", "micro_batch_auto",
+                     # --prior-preservation's class images as found: made again where the cache was lost
+                     # (the settings that make them are checked; palp train warns when the pixels differ)
+                     "class_images"}
 
 
 def _step_dirs(out: Path) -> list[Path]:

@@ -17,7 +17,8 @@ from palp.models.run_weights import METRICS_FILE, read_metrics_csv
 from palp.steps.validation import FOLDER, read_index
 
 CURVES = (("loss", "loss (total)"), ("rec_loss", "personalization loss (Eq. 1)"),
-          ("align_loss", "alignment term size (mean squared score)"), ("grad_norm", "gradient norm (before clipping)"),
+          ("align_loss", "alignment term size (mean squared score)"),
+          ("prior_loss", "prior-preservation loss (class images)"), ("grad_norm", "gradient norm (before clipping)"),
           ("lr", "learning rate"))
 
 
@@ -60,8 +61,8 @@ def final_scalars(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def training_report(out: str | Path, title: str = "") -> str:
-    """The page of the run in the local folder ``out``."""
+def training_report(out: str | Path, title: str = "", notes: list[str] = ()) -> str:
+    """The page of the run in the local folder ``out``; ``notes``: lines on how it was trained."""
     out = Path(out)
     esc = html.escape
     rows = read_metrics_csv(out / METRICS_FILE)
@@ -69,6 +70,7 @@ def training_report(out: str | Path, title: str = "") -> str:
              "<style>body{font-family:sans-serif;margin:24px;color:#222} img{image-rendering:pixelated;max-width:100%}"
              " .label{font-size:13px;color:#555;margin:12px 0 4px}</style></head><body>",
              f"<h1>palp training{': ' + esc(title) if title else ''}</h1>"]
+    parts += [f"<p>{esc(note)}</p>" for note in notes]
     png = curves_png(rows)
     if png is None:
         parts.append("<p>No steps recorded yet.</p>")

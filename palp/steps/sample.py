@@ -43,14 +43,13 @@ from palp.core.preemption import Preempted, StopRequests
 from palp.core.prompts import CheckedPrompt, to_token_prompt
 from palp.core.settings import SampleSettings as _S
 from palp.core.settings import method_label
-from palp.models.denoising import generate, initial_latents, write_png
+from palp.models.denoising import SCHEDULERS, build_pipeline, generate, initial_latents, write_png
 from palp.models.run_weights import CONFIG_FILE, EMBEDS_FILE, LORA_FILE
 from palp.steps.sample_jobs import (SampleError, Weights, finished, make_jobs, merge_tables, prompt_key, settings_key,
                                     texts_by_task, unfinished_batches, write_settings)
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = ("ddim", "dpm++")
 SAMPLERS = ("palp", "stock")
 PRECISIONS = SAMPLE_PRECISIONS
 REFERENCE_METHOD = "base"
@@ -86,28 +85,6 @@ def weights_to_sample(run: Path, checkpoints: str, reference: bool) -> list[Weig
     elif checkpoints != "final":
         raise SampleError(f"--checkpoints must be all or final, not {checkpoints!r}")
     return found
-
-
-def build_pipeline(base_path: str | Path, *, scheduler: str, device: torch.device, dtype: torch.dtype,
-                   vae_dtype: torch.dtype | None = None):
-    """The stock pipeline in ``dtype``, its VAE in ``vae_dtype`` (default: the same), each cast once from fp32."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(base_path, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
-    if scheduler == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    elif scheduler == "dpm++":
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    else:
-        raise SampleError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
-    for name in ("unet", "text_encoder", "vae"):
-        target = vae_dtype if name == "vae" and vae_dtype is not None else dtype
-        if target != torch.float32:
-            getattr(pipe, name).to(dtype=target)
-    return pipe
 
 
 def load_weights(pipe, folder: Path) -> None:
@@ -276,6 +253,8 @@ def _run_names(config: dict, texts: list[dict], *, model: str, reference: bool) 
 def _pixel_settings(*, seed: int, steps: int, guidance: float, scheduler: str, device: str | None, precision: str,
                     vae_precision: str) -> tuple[torch.device, torch.dtype, torch.dtype, dict]:
     """(device, dtype, VAE dtype, the settings that decide the pixels: ``settings.json``)."""
+    if scheduler not in SCHEDULERS:
+        raise SampleError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = sample_dtype(device_, precision)
     vae_dtype = dtype if vae_precision == "auto" else sample_dtype(device_, vae_precision)

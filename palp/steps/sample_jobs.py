@@ -14,9 +14,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from palp.core import gcs, storage
+from palp.models.denoising import sample_seed
 
 SAMPLES_CSV = "samples.csv"
 PROMPTS_JSON = "prompts.json"
@@ -37,11 +36,6 @@ class Weights:
 
     step: int
     folder: Path | None  # None: the base model (reference mode)
-
-
-def sample_seed(seed: int, prompt: str, index: int) -> int:
-    """The seed of sample ``index`` of ``prompt``: independent of batching and of other prompts."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(prompt.encode()), index]).generate_state(1)[0])
 
 
 def prompt_key(prompt: str) -> str:

@@ -30,8 +30,8 @@ from palp.core.reproducible import reproducible, resolve_threads
 from palp.core.settings import ConfigError, TrainConfig, method_label
 from palp.core.subject_images import load_subject_images
 from palp.method import guidance
-from palp.method.step_inputs import (Conditioning, Draws, draw, encode_fixed_prompts, encode_latent_posteriors,
-                                     setup_model, step_generator, tokenize)
+from palp.method.step_inputs import (ClassImages, ClassRows, Conditioning, Draws, draw, encode_fixed_prompts,
+                                     encode_latent_posteriors, setup_model, step_generator, tokenize)
 from palp.models import speed as fast
 from palp.models.base_model import load_base_model, portable_reference
 from palp.models.lora_gate import row_flags
@@ -52,14 +52,24 @@ class TrainingError(RuntimeError):
 def step_losses(
     model: PersonalizedModel, *, z0: torch.Tensor, input_ids: torch.Tensor, draws: Draws, cond: Conditioning,
     alphas_cumprod: torch.Tensor, cfg: TrainConfig, pretrained: PersonalizedModel | None = None,
-    prediction_type: str = "epsilon",
+    prediction_type: str = "epsilon", prior: ClassRows | None = None, reconstruction_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch; its gradient is Eq. 1's plus lambda times Eq. 6/7's.
 
     ``model`` may be the accelerate-wrapped module (its forward carries the gradient);
     ``pretrained`` is the unwrapped one, used for the no-grad guidance branches.
     ``prediction_type``: the base model's output, ``epsilon`` or ``v_prediction`` (docs/method.md).
+    ``prior`` (--prior-preservation): the class-image rows, whose reconstruction loss (the
+    same Eq. 1, no alignment term) is added times --prior-weight. ``reconstruction_only``:
+    Eq. 1 alone, whatever the method.
     """
+    if prior is not None:  # DreamBooth's prior preservation
+        loss, m = step_losses(model, z0=z0, input_ids=input_ids, draws=draws, cond=cond, alphas_cumprod=alphas_cumprod,
+                              cfg=cfg, pretrained=pretrained, prediction_type=prediction_type)
+        prior_rec, _ = step_losses(model, z0=prior.z0, input_ids=prior.input_ids, draws=prior.draws, cond=cond,
+                                   alphas_cumprod=alphas_cumprod, cfg=cfg, prediction_type=prediction_type,
+                                   reconstruction_only=True)
+        return loss + cfg.prior_weight * prior_rec, {**m, "prior_loss": prior_rec.detach()}
     pretrained = pretrained or model
     method = methods.METHOD_TABLE[cfg.method]
     if prediction_type not in guidance.PREDICTION_TYPES:
@@ -69,7 +79,7 @@ def step_losses(
     z_t = guidance.add_noise(x0=z0, noise=draws.noise, alpha_bar=ab_t)  # (B, 4, h, w)
     eps_pred, states = model(z_t, draws.t, input_ids)  # personalization prediction (v for a v-model), with grad
     target = guidance.v_target(x0=z0, noise=draws.noise, alpha_bar=ab_t) if v_model else draws.noise
-    if not method.aligns:
+    if not method.aligns or reconstruction_only:
         loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target)
         return loss, {"rec_loss": rec.detach()}
 
@@ -159,6 +169,7 @@ class StepContext:
     alphas_cumprod: torch.Tensor  # (T,)
     dtype: torch.dtype  # of the frozen weights and the latents
     prediction_type: str = "epsilon"  # the base model's output: epsilon or v_prediction
+    classes: ClassImages | None = None  # --prior-preservation's class images
 
 
 def make_context(model: PersonalizedModel, accelerator, cfg: TrainConfig, **tensors) -> StepContext:
@@ -216,10 +227,15 @@ def _micro_batch_loss(ctx: StepContext, cfg: TrainConfig, full: Draws, start: in
     d = Draws(*(None if x is None else x[start : start + size].to(device, non_blocking=True) for x in dataclasses.astuple(full)))
     z0 = (ctx.mean[d.index] + ctx.std[d.index] * d.latent_noise).to(ctx.dtype)  # (B, 4, h, w)
     d.noise, d.noise_align = d.noise.to(ctx.dtype), d.noise_align.to(ctx.dtype)
+    prior = None
+    if ctx.classes is not None:  # --prior-preservation: the class-image rows drawn with these rows
+        c, i = ctx.classes, d.class_index
+        prior = ClassRows(z0=(c.mean[i] + c.std[i] * d.class_latent_noise).to(ctx.dtype), input_ids=c.ids[i],
+                          draws=Draws(i, d.class_latent_noise, d.class_t, d.class_noise.to(ctx.dtype), None, None))
     with ctx.accelerator.autocast():
         return step_losses(module, z0=z0, input_ids=ctx.image_ids[d.index], draws=d, cond=ctx.cond,
                            alphas_cumprod=ctx.alphas_cumprod, cfg=cfg, pretrained=ctx.model,
-                           prediction_type=ctx.prediction_type)
+                           prediction_type=ctx.prediction_type, prior=prior)
 
 
 def fit_micro_batch(ctx: StepContext, cfg: TrainConfig, full: Draws, compiled=None) -> tuple[int, list[int]]:
@@ -291,7 +307,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         # run keeps the one its checkpoints were made with unless --threads says otherwise.
         threads = resolve_threads(cfg.threads, checkpoints.recorded_setting(out.local, "num_threads") if resume else None)
         with reproducible(deterministic=cfg.deterministic, threads=threads):
-            run = _setup(cfg, out.local, resume=resume, threads=threads)
+            run = _setup(cfg, out.local, resume=resume, threads=threads, progress=progress)
             _loop(run, cfg, out, held, stops, progress=progress)
             for tracker in run.accelerator.trackers:  # the trackers' files closed before they are published
                 tracker.finish()
@@ -322,7 +338,7 @@ class _Run:
     validator: Validator | None  # --validation-every's sampler
 
 
-def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
+def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int, progress: bool = False) -> _Run:
     """Load the base model and photos, build the model, optimizer and fixed tensors, record the
     run's config and, with ``resume``, load its newest checkpoint. Everything that can fail on
     bad input fails here, before anything is written."""
@@ -341,6 +357,9 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
     report_to = tracking.resolve_report_to(cfg.report_to)
     accelerator = _accelerator(cfg, out, accum, report_to)
     device, dtype = accelerator.device, weight_dtype(cfg.mixed_precision)
+    # --prior-preservation: the base model's class images, made (or found in the cache) before
+    # the trained model takes the device's memory
+    class_sets = _class_image_sets(cfg, base, accelerator, progress=progress) if cfg.prior_preservation else {}
 
     model, token_ids, compiled = setup_model(base, cfg, device, dtype)
     base.vae.to(device)  # used once, to encode the images: kept in fp32
@@ -348,10 +367,11 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
     mean, std = encode_latent_posteriors(base.vae, torch.cat([im.pixels for im in images]))
     ids_per_subject = tokenize(base.tokenizer, [to_token_prompt(s.personalization_prompt) for s in cfg.subjects])
     image_ids = torch.cat([ids_per_subject[i].expand(len(im.paths), -1) for i, im in enumerate(images)])  # (N, 77)
+    classes = _encode_class_images(cfg, base, class_sets, images, device) if class_sets else None
     ctx = make_context(model, accelerator, cfg, mean=mean, std=std, image_ids=image_ids.to(device),
                        cond=encode_fixed_prompts(model, base.tokenizer, cfg, device),
                        alphas_cumprod=base.noise_scheduler.alphas_cumprod.to(device), dtype=dtype,
-                       prediction_type=base.prediction_type)
+                       prediction_type=base.prediction_type, classes=classes)
     if probe:
         micro, accum = _probe_micro_batch(ctx, cfg, compiled, accelerator, per_process=micro * accum)
     config = {
@@ -362,8 +382,11 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
         "gradient_accumulation_steps": accum, "num_processes": accelerator.num_processes,
         "num_threads": threads, "report_to": report_to,
         "training_images": {im.placeholder: [str(p) for p in im.paths] for im in images},
+        **({"class_images": {word: s.record() for word, s in class_sets.items()}} if class_sets else {}),
     }
     start, rows = 0, []
+    if resume and class_sets and accelerator.is_main_process:
+        _check_class_images(out, config["class_images"])
     if accelerator.is_main_process:
         checkpoints.record_config(out, config, resume=resume)
     if resume:
@@ -376,6 +399,52 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int) -> _Run:
         accelerator.init_trackers(tracking.PROJECT, config=tracking.hyperparameters(config),
                                   init_kwargs={"mlflow": {"run_name": Path(cfg.output).name}})
     return _Run(ctx, model, compiled, accelerator, base.tokenizer, tokens, micro, accum, config, start, rows, validator)
+
+
+def _class_image_sets(cfg: TrainConfig, base, accelerator, *, progress: bool) -> dict:
+    """{class word: its ClassImageSet} (palp.steps.class_images), in the subjects' order: found
+    in palp's cache, or made there with the base model on the run's device (by the main
+    process while the others wait; a process that still does not find the set makes its own)."""
+    from palp.core.precision import sample_dtype
+    from palp.steps.class_images import class_image_spec, class_prompt, ensure_class_images
+
+    dtype = sample_dtype(accelerator.device, "auto")  # as palp sample: fp16 on CUDA, fp32 elsewhere
+    specs = {word: class_image_spec(model_pin=base.pin, prompt=class_prompt(word), count=cfg.num_class_images,
+                                    resolution=base.resolution, steps=cfg.class_image_steps, device=accelerator.device,
+                                    dtype=dtype)
+             for word in dict.fromkeys(s.class_word for s in cfg.subjects)}
+    sets = {}
+    for main in (True, False):
+        if accelerator.is_main_process == main:
+            sets = {word: ensure_class_images(base.path, spec, device=accelerator.device, dtype=dtype,
+                                              progress=progress and main, announce=main)
+                    for word, spec in specs.items()}
+        accelerator.wait_for_everyone()
+    return sets
+
+
+def _encode_class_images(cfg: TrainConfig, base, sets: dict, images: list, device) -> ClassImages:
+    """The class images' VAE posteriors and class prompts' tokens, and each training image's set."""
+    from palp.steps.class_images import load_class_pixels
+
+    mean, std = encode_latent_posteriors(base.vae, torch.cat([load_class_pixels(s) for s in sets.values()]))
+    prompts = tokenize(base.tokenizer, [s.spec["prompt"] for s in sets.values()])  # (K, 77)
+    order = {word: k for k, word in enumerate(sets)}
+    image_sets = torch.cat([torch.full((len(im.paths),), order[s.class_word]) for s, im in zip(cfg.subjects, images)])
+    return ClassImages(mean=mean, std=std, ids=prompts.repeat_interleave(cfg.num_class_images, 0).to(device),
+                       sets=image_sets)
+
+
+def _check_class_images(out: Path, found: dict) -> None:
+    """On --resume: say so when the class images are not the checkpointed run's (the cache was
+    lost and the set made again on another device kind or with other pixels): the run goes on,
+    but is no longer the bit-identical continuation."""
+    recorded = checkpoints.recorded_setting(out, "class_images")
+    if recorded is None or recorded == found:
+        return
+    changed = sorted(w for w in set(recorded) | set(found) if (recorded.get(w) or {}).get("digest") != (found.get(w) or {}).get("digest"))
+    print(f"palp train: warning: --resume with other class images than the checkpointed run's "
+          f"({', '.join(changed) or 'their settings'}): it continues, but not bit-identically", file=sys.stderr)
 
 
 def _accelerator(cfg: TrainConfig, out: Path, accum: int, report_to: str):
@@ -397,7 +466,8 @@ def _probe_micro_batch(ctx: StepContext, cfg: TrainConfig, compiled, accelerator
     """``--micro-batch-size auto`` for a new run: the largest micro-batch whose first step fits
     on the device, and the accumulation steps that make up the batch; said once, in one line."""
     first = process_draws(cfg, 1, accelerator, per_process=per_process, n_images=len(ctx.mean),
-                          latent_shape=ctx.mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
+                          latent_shape=ctx.mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod),
+                          class_sets=None if ctx.classes is None else ctx.classes.sets)
     micro, failed = fit_micro_batch(ctx, cfg, first, compiled)
     micro, accum = cfg.accumulation(accelerator.num_processes, micro)
     accelerator.gradient_accumulation_steps = accum
@@ -427,7 +497,8 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: StopRe
 
     def draws_of(step: int) -> Draws:
         full = process_draws(cfg, step, accelerator, per_process=run.micro * run.accum, n_images=len(ctx.mean),
-                             latent_shape=ctx.mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod))
+                             latent_shape=ctx.mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod),
+                             class_sets=None if ctx.classes is None else ctx.classes.sets)
         return Draws(*(None if x is None else x.pin_memory() for x in dataclasses.astuple(full))) if device.type == "cuda" else full
 
     if _any_process(accelerator, stops.requested):  # asked while the lock was waited for or the model loaded
@@ -457,7 +528,8 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: StopRe
                 if step == run.start + 1:
                     run.compiled.save_once(writer=accelerator.is_main_process)  # every shape has been compiled by now
                 row = _record_step(run, step, sums)
-                bar.set_postfix(rec=f"{row['rec_loss']:.4f}", align=f"{row['align_loss']:.4f}", gn=f"{row['grad_norm']:.3f}")
+                prior = {"prior": f"{row['prior_loss']:.4f}"} if "prior_loss" in row else {}
+                bar.set_postfix(rec=f"{row['rec_loss']:.4f}", align=f"{row['align_loss']:.4f}", **prior, gn=f"{row['grad_norm']:.3f}")
                 if _keep_step(run, cfg, out, held, stops, step):
                     where = f" and pushed to {out.remote}" if out.remote else ""
                     raise stops.preempted(f" after step {step} of {cfg.steps}: checkpoint step-{step:06d} written to "
@@ -473,6 +545,7 @@ def _record_step(run: _Run, step: int, sums: dict[str, float]) -> dict:
         means = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), reduction="mean")
         sums = dict(zip(sums, means.tolist()))
     row = {"step": step, "loss": sums["loss"], "rec_loss": sums["rec_loss"], "align_loss": sums.get("align_loss", 0.0),
+           **({"prior_loss": sums["prior_loss"]} if "prior_loss" in sums else {}),
            "grad_norm": sums["grad_norm"], "lr": run.ctx.optimizer.param_groups[0]["lr"]}
     run.rows.append(row)
     accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
@@ -499,13 +572,13 @@ def _keep_step(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: S
 
 
 def process_draws(cfg: TrainConfig, step: int, accelerator, *, per_process: int, n_images: int, latent_shape,
-                  num_timesteps: int) -> Draws:
+                  num_timesteps: int, class_sets: torch.Tensor | None = None) -> Draws:
     """This process's rows of step ``step``'s draws. One draw is made for the whole global
     batch, from a generator of (seed, step), and each process takes its slice: results depend
     neither on the micro-batch size nor on how many processes share the batch."""
     n, rank = accelerator.num_processes, accelerator.process_index
     full = draw(step_generator(cfg.seed, step, 0), cfg, n_images=n_images, batch=per_process * n,
-                latent_shape=latent_shape, num_timesteps=num_timesteps)
+                latent_shape=latent_shape, num_timesteps=num_timesteps, class_sets=class_sets)
     if n == 1:
         return full
     return Draws(*(None if x is None else x[rank * per_process : (rank + 1) * per_process] for x in dataclasses.astuple(full)))
@@ -531,7 +604,19 @@ def _write_report(out: RunOutput, cfg: TrainConfig) -> None:
     from palp.core.storage import write_text
 
     title = f"{method_label(cfg.method, cfg.noise)}, {cfg.task_id or cfg.target_prompt}"
-    write_text(out.local / REPORT_FILE, training_report(out.local, title))
+    write_text(out.local / REPORT_FILE, training_report(out.local, title, _report_notes(cfg)))
+
+
+def _report_notes(cfg: TrainConfig) -> list[str]:
+    """The run page's lines on options beyond the method (--prior-preservation)."""
+    if not cfg.prior_preservation:
+        return []
+    from palp.steps.class_images import class_prompt
+
+    prompts = ", ".join(repr(class_prompt(w)) for w in dict.fromkeys(s.class_word for s in cfg.subjects))
+    return [f"Prior preservation (DreamBooth): + {cfg.prior_weight:g} x the reconstruction loss on {cfg.num_class_images} "
+            f"class images per class word that the base model made of {prompts} ({cfg.class_image_steps} DDIM steps); "
+            f"prior_loss is that loss."]
 
 
 def _step(ctx: StepContext, cfg: TrainConfig, full: Draws, micro: int, step: int, out: Path) -> dict[str, float]:

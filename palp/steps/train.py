@@ -603,7 +603,7 @@ def _write_report(out: RunOutput, cfg: TrainConfig) -> None:
     """The run's page (curves and validation grids), next to its weights."""
     from palp.core.storage import write_text
 
-    title = f"{method_label(cfg.method, cfg.noise)}, {cfg.task_id or cfg.target_prompt}"
+    title = f"{method_label(cfg.method, cfg.noise, cfg.personalize)}, {cfg.task_id or cfg.target_prompt}"
     write_text(out.local / REPORT_FILE, training_report(out.local, title, _report_notes(cfg)))
 
 

@@ -262,6 +262,9 @@ def test_training_changes_only_the_cross_attention_keys_values_and_the_token(tin
     # the run's files: the diffusers-format Custom Diffusion weights (W0 + D) and [V], safetensors only
     out = tmp_path / "run"
     saved = load_file(out / CUSTOM_DIFFUSION_FILE)
+    empty = {k for k, v in saved.items() if v.numel() == 0}  # diffusers' mark of a processor without weights
+    assert empty == set(stock.unet.attn_processors) - set(layers) and empty
+    saved = {k: v for k, v in saved.items() if k not in empty}
     assert set(saved) == {f"{n}.{p}_custom_diffusion.weight" for n in layers for p in ("to_k", "to_v")}
     stock_w = dict(stock.unet.named_parameters())
     for n in layers:
@@ -302,6 +305,106 @@ def test_micro_batches_give_the_whole_batchs_step(tiny_dir, cat_images, tmp_path
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=2e-5)  # Adam at lr 1e-3 moves each weight by ~1e-3 a step
     stock = dict(load_base_model("tiny").unet.named_parameters())
-    name = next(iter(a))
+    name = next(k for k, v in a.items() if v.numel() and k != "<v>")
     assert not torch.equal(a[name], stock[name.replace(".processor.to_k_custom_diffusion", ".to_k")
                                           .replace(".processor.to_v_custom_diffusion", ".to_v")])
+
+
+# ---------------------------------------------------------------- export, sampling and scoring
+
+
+@pytest.fixture(scope="module")
+def cd_workspace(tiny_dir, tmp_path_factory):
+    """A prepared dataset and a short custom-diffusion run with a snapshot (large lr: visibly trained)."""
+    from conftest import EXAMPLE_CAT
+
+    root = tmp_path_factory.mktemp("cd-sample")
+    assert main(["prepare", "--subject", f"cat={EXAMPLE_CAT}", "--class-word", "cat=cat", "--prompt", TARGET,
+                 "--pretrained-model", "tiny", "--output", str(root / "prep"), "--quiet"]) == 0
+    assert main(["train", "--prepared", str(root / "prep"), "--pretrained-model", "tiny", "--method", "custom-diffusion",
+                 "--steps", "4", "--lr", "1e-2", "--num-class-images", "2", "--class-image-steps", "2",
+                 "--save-steps", "2", "--output", str(root / "run"), "--quiet"]) == 0
+    return root
+
+
+def _pixels(path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_stock_pipeline_loading_the_run_gives_palp_samples_images(cd_workspace, tmp_path):
+    """palp sample's images equal a stock StableDiffusionPipeline's with the run's two files, loaded
+    through diffusers' Custom Diffusion loader, within one 8-bit level (fp32 CPU kernels differ with
+    the batch shape); the base model's (with the token alone) differ. diffusers' load_attn_procs
+    without its _pipeline argument is checked too: it either loads the weights or nothing (seen
+    by the images equalling the base model's), and palp's own loading never depends on it."""
+    import numpy as np
+    import pandas as pd
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from palp.models.custom_diffusion import loaded_custom_diffusion
+    from palp.models.denoising import initial_latents
+    from palp.models.tiny import tiny_model_dir
+
+    run = cd_workspace / "run"
+    out = tmp_path / "s"
+    assert main(["sample", "--model", str(run), "--output", str(out), "--num-samples", "2", "--steps", "4",
+                 "--batch-size", "2", "--checkpoints", "all", "--quiet"]) == 0
+    rows = pd.read_csv(out / "samples.csv")
+    assert set(rows["method"]) == {"custom-diffusion"} and set(rows["step"]) == {2, 4}
+    final = rows[rows["step"] == 4].reset_index(drop=True)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir(), safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    latents = initial_latents(list(final["seed"]), (4, 8, 8))
+    prompt = [to_token_prompt(TARGET)] * 2
+
+    def images():
+        return (pipe(prompt, num_inference_steps=4, guidance_scale=7.5, latents=latents, output_type="np").images * 255).round()
+
+    pipe.load_textual_inversion(str(run), weight_name=EMBEDS_FILE)
+    base = images()
+    pipe.unet.load_attn_procs(str(run), weight_name=CUSTOM_DIFFUSION_FILE)  # the call without _pipeline
+    plain = images()
+    loaded = bool(loaded_custom_diffusion(pipe.unet))
+    pipe.unet.load_attn_procs(str(run), weight_name=CUSTOM_DIFFUSION_FILE, _pipeline=pipe)
+    assert len(loaded_custom_diffusion(pipe.unet)) == sum(v.numel() > 0 for v in load_file(run / CUSTOM_DIFFUSION_FILE).values())
+    stock = images()
+    for k, f in enumerate(final["file"]):
+        ours = _pixels(out / f)
+        assert np.abs(ours - stock[k]).max() <= 1
+        assert np.abs(ours - base[k]).mean() > 0.5  # the trained keys and values change the picture
+        assert np.abs(plain[k] - (stock[k] if loaded else base[k])).max() <= 1
+    snap = rows[rows["step"] == 2]["file"].iloc[0]
+    assert np.abs(_pixels(out / snap) - _pixels(out / final["file"][0])).mean() > 0.1  # the snapshot is its own weights
+
+
+def test_custom_diffusion_runs_are_sampled_and_scored(cd_workspace, tmp_path):
+    import pandas as pd
+
+    samples = tmp_path / "samples"
+    assert main(["sample", "--model", str(cd_workspace / "run"), "--output", str(samples), "--num-samples", "2",
+                 "--steps", "2", "--quiet"]) == 0
+    assert main(["sample", "--model", str(cd_workspace / "run"), "--output", str(samples), "--num-samples", "2",
+                 "--steps", "2", "--reference", "--quiet"]) == 0
+    assert main(["score", "--samples", str(samples), "--prepared", str(cd_workspace / "prep"), "--output",
+                 str(tmp_path / "scores"), "--clip", "tiny", "--quiet"]) == 0
+    scores = pd.read_csv(next((tmp_path / "scores").rglob("*.csv")))
+    assert "custom-diffusion" in set(scores.get("method", [])) | set(str(v) for v in scores.iloc[:, 0])
+
+
+def test_a_damaged_custom_diffusion_file_is_refused_when_sampling(cd_workspace, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(cd_workspace / "run", run)
+    w = load_file(run / CUSTOM_DIFFUSION_FILE)
+    short = [k for k, v in w.items() if v.numel()][0]
+    save_file({k: v for k, v in w.items() if k != short}, str(run / CUSTOM_DIFFUSION_FILE))  # one weight short
+    assert main(["sample", "--model", str(run), "--output", str(tmp_path / "s"), "--num-samples", "1", "--steps", "2",
+                 "--quiet"]) == 2
+    assert CUSTOM_DIFFUSION_FILE in capsys.readouterr().err

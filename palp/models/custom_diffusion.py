@@ -15,8 +15,11 @@ values are those of ``x (W0 + D)^T``.
 
 A run hands Custom Diffusion's diffusers file over, ``pytorch_custom_diffusion_weights.safetensors``:
 per trained layer ``<its attention processor's name>.to_k_custom_diffusion.weight`` and
-``.to_v_custom_diffusion.weight``, the merged W0 + D. ``set_custom_diffusion_processors`` puts
-them into a stock UNet with diffusers' own ``CustomDiffusionAttnProcessor``.
+``.to_v_custom_diffusion.weight``, the merged W0 + D, and, as diffusers' own saver marks them, an
+empty tensor under the name of every other attention processor (the self-attention layers, which
+keep their stock projections): diffusers' loader gives each key a processor, and sets them all
+only when there is one for every attention layer. ``set_custom_diffusion_processors`` puts them
+into a stock UNet with diffusers' own ``CustomDiffusionAttnProcessor``.
 """
 
 from __future__ import annotations
@@ -122,9 +125,11 @@ def add_custom_diffusion(unet) -> DeltaSwitch:
 
 
 def custom_diffusion_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The diffusers Custom Diffusion state dict: merged W0 + D of each trained projection, fp32, on the host."""
-    out = {}
-    for name, attn in cross_attention_layers(unet).items():
+    """The diffusers Custom Diffusion state dict: merged W0 + D of each trained projection, fp32, on
+    the host, and an empty tensor for each other attention processor."""
+    layers = cross_attention_layers(unet)
+    out = {name: torch.zeros(0) for name in unet.attn_processors if name not in layers}
+    for name, attn in layers.items():
         for proj in PROJECTIONS:
             layer = getattr(attn, proj)
             if not isinstance(layer, CustomDiffusionLinear):
@@ -142,6 +147,8 @@ def custom_diffusion_processors(unet, state_dict: dict[str, torch.Tensor]) -> di
     layers = cross_attention_layers(unet)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
+        if value.numel() == 0 and key in unet.attn_processors and key not in layers:
+            continue  # an attention layer without trained weights (diffusers' empty entry)
         name, sep, sub = key.rpartition(".to_")
         if not sep or ("to_" + sub) not in (f"{p}_custom_diffusion.weight" for p in PROJECTIONS) or name not in layers:
             raise ValueError(f"{key!r} is not a Custom Diffusion key/value weight of a cross-attention layer of this UNet")
@@ -173,7 +180,7 @@ def set_custom_diffusion_processors(unet, state_dict: dict[str, torch.Tensor]) -
     unet.set_attn_processor(dict(processors))  # (diffusers empties the dict it is given)
     unet.to(device=unet.device, dtype=unet.dtype)
     loaded = loaded_custom_diffusion(unet)
-    if set(loaded) != set(state_dict):
+    if set(loaded) != {k for k, v in state_dict.items() if v.numel()}:
         raise RuntimeError(f"the UNet holds {len(loaded)} Custom Diffusion weights after loading {len(state_dict)}")
 
 

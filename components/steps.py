@@ -48,7 +48,8 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
     (--prior-preservation), with ``prior_weight`` and ``num_class_images`` (0: the library's default).
     ``method`` is a variant (``palp-iid``, ``palp+custom-diffusion``, ``custom-diffusion``): 0 for
     ``steps``, ``batch_size``, ``lr``, ``lora_rank`` and False for ``prior_preservation`` take the
-    method's defaults; the LoRA settings apply to LoRA runs only."""
+    method's defaults; the LoRA settings apply to LoRA runs only, ``prior_weight`` and
+    ``num_class_images`` to runs with prior preservation (given, or the method's default)."""
     import os
     import shutil
     from pathlib import Path
@@ -59,16 +60,21 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
     from palp.steps.prepare import task_config
     from palp.steps.run_page import final_scalars
 
+    from palp.core.methods import METHOD_TABLE
+
     base_method, noise, personalize = split_variant(method)  # "palp-iid": i.i.d. re-noising; "+custom-diffusion"
     lora = personalize == "lora-token"
+    own_prior = METHOD_TABLE[base_method].defaults.get("prior_preservation")
+    prior = bool(prior_preservation or (own_prior is not None and own_prior.value))  # given, or the method's default
     cfg = task_config(prepared.path, task, method=base_method, noise=noise, personalize=personalize,
                       pretrained_model=pretrained_model, steps=steps or None, batch_size=batch_size or None,
                       micro_batch_size=micro_batch_size or None, lr=lr or None, lam=lam,
                       lora_rank=(lora_rank or None) if lora else None, lora_targets=lora_targets if lora else "attention",
                       alpha=alpha, beta=beta, save_steps=parse_steps(save_steps),
                       checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed,
-                      validation_every=validation_every, prior_preservation=prior_preservation or None,
-                      prior_weight=prior_weight or None, num_class_images=num_class_images or None, output=model.path)
+                      validation_every=validation_every, prior_preservation=prior,
+                      prior_weight=(prior_weight or None) if prior else None,
+                      num_class_images=(num_class_images or None) if prior else None, output=model.path)
     from palp.core.preemption import Preempted
 
     try:

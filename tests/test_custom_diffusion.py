@@ -408,3 +408,34 @@ def test_a_damaged_custom_diffusion_file_is_refused_when_sampling(cd_workspace, 
     assert main(["sample", "--model", str(run), "--output", str(tmp_path / "s"), "--num-samples", "1", "--steps", "2",
                  "--quiet"]) == 2
     assert CUSTOM_DIFFUSION_FILE in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def test_pipeline_runs_custom_diffusion_variants_locally(tmp_path, capsys):
+    """The tiny experiment with methods [custom-diffusion, palp+custom-diffusion], one subject, under
+    kfp.local: custom-diffusion trains with its own prior preservation, palp over it without; both
+    runs hold the Custom Diffusion file, are sampled and reach the comparison table."""
+    import yaml
+
+    from pipelines.cli import main as pipeline_main
+
+    config = yaml.safe_load((REPO / "evaluation/experiments/tiny.yaml").read_text())
+    config.update(subjects=[{"name": "cat", "images": str(REPO / "examples/subjects/cat"), "class_word": "cat"}],
+                  methods=["custom-diffusion", "palp+custom-diffusion"], train_steps=2, save_steps="2",
+                  num_class_images=2, study_forms=1)
+    (tmp_path / "cd.yaml").write_text(yaml.safe_dump(config))
+    assert pipeline_main(["pipeline", "run-local", "--config", str(tmp_path / "cd.yaml"),
+                          "--pipeline-root", str(tmp_path / "root")]) == 0
+    out = capsys.readouterr().out
+    assert "| custom-diffusion" in out and "| palp+custom-diffusion" in out
+    run = next((tmp_path / "root").glob("palp-*"))
+    configs = {json.loads(p.read_text())["method"] + "/" + json.loads(p.read_text())["personalize"]:
+               json.loads(p.read_text()) for p in run.glob("for-loop-*/train/model/training_config.json")}
+    assert set(configs) == {"custom-diffusion/custom-diffusion", "palp/custom-diffusion"}
+    cd, palp_cd = configs["custom-diffusion/custom-diffusion"], configs["palp/custom-diffusion"]
+    assert cd["prior_preservation"] and cd["num_class_images"] == 2 and not palp_cd["prior_preservation"]
+    assert cd["lr"] == palp_cd["lr"] == 0.001 and cd["lora_rank"] is None  # the experiment's lr; no LoRA rank
+    for p in run.glob("for-loop-*/train/model"):
+        assert (p / CUSTOM_DIFFUSION_FILE).is_file() and not (p / "pytorch_lora_weights.safetensors").exists()

@@ -52,7 +52,7 @@ METHOD_TABLE = {m.name: m for m in (
     # Custom Diffusion alone: Eq. 1 (with its prior preservation), no alignment term, like ti-db.
     Method("custom-diffusion", aligns=False, personalized=False, negative=False, personalize="custom-diffusion",
            defaults={
-               "steps": Default(250, "Custom Diffusion's single-concept fine-tuning (Kumari et al. 2023, Sec. 4) and the "
+               "steps": Default(250, "Custom Diffusion's single-concept fine-tuning (Kumari et al. 2023) and the "
                                      "diffusers example's --max_train_steps"),
                "batch_size": Default(2, "the diffusers example's --train_batch_size (per device, one device)"),
                "prior_preservation": Default(True, "Custom Diffusion regularises with generated class images"),

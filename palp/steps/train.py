@@ -504,7 +504,7 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: StopRe
     if _any_process(accelerator, stops.requested):  # asked while the lock was waited for or the model loaded
         kept = f"the checkpoint of step {run.start} is kept" if run.start else "nothing was trained yet"
         raise stops.preempted(f" before its first step ({kept}); rerun with --resume to continue")
-    bar = tqdm(range(run.start + 1, cfg.steps + 1), initial=run.start, total=cfg.steps, desc=f"palp train ({cfg.method})",
+    bar = tqdm(range(run.start + 1, cfg.steps + 1), initial=run.start, total=cfg.steps, desc=f"palp train ({method_label(cfg.method, cfg.noise, cfg.personalize)})",
                disable=not (progress and accelerator.is_local_main_process))
     # The next step's draws are made on the CPU while the device runs this step.
     ahead = ThreadPoolExecutor(max_workers=1)

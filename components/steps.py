@@ -45,24 +45,36 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
     ``alpha`` and ``beta`` its guidance scales (--alpha, --beta: 7.5 and 1 for composition).
     ``processes``: one per accelerator the step was given; the global batch is split across them
     (palp.steps.launch). ``prior_preservation``: DreamBooth's prior-preservation loss
-    (--prior-preservation), with ``prior_weight`` and ``num_class_images`` (0: the library's default)."""
+    (--prior-preservation), with ``prior_weight`` and ``num_class_images`` (0: the library's default).
+    ``method`` is a variant (``palp-iid``, ``palp+custom-diffusion``, ``custom-diffusion``): 0 for
+    ``steps``, ``batch_size``, ``lr``, ``lora_rank`` and False for ``prior_preservation`` take the
+    method's defaults; the LoRA settings apply to LoRA runs only, ``prior_weight`` and
+    ``num_class_images`` to runs with prior preservation (given, or the method's default)."""
     import os
     import shutil
     from pathlib import Path
 
-    from palp.core.settings import parse_steps, split_method
+    from palp.core.settings import parse_steps, split_variant
     from palp.models.run_weights import METRICS_FILE, REPORT_FILE, read_metrics_csv
     from palp.steps.launch import train_in_processes
     from palp.steps.prepare import task_config
     from palp.steps.run_page import final_scalars
 
-    base_method, noise = split_method(method)  # "palp-iid": PALP with i.i.d. re-noising
-    cfg = task_config(prepared.path, task, method=base_method, noise=noise, pretrained_model=pretrained_model, steps=steps,
-                      batch_size=batch_size, micro_batch_size=micro_batch_size or None, lr=lr, lam=lam, lora_rank=lora_rank,
-                      lora_targets=lora_targets, alpha=alpha, beta=beta, save_steps=parse_steps(save_steps),
+    from palp.core.methods import METHOD_TABLE
+
+    base_method, noise, personalize = split_variant(method)  # "palp-iid": i.i.d. re-noising; "+custom-diffusion"
+    lora = personalize == "lora-token"
+    own_prior = METHOD_TABLE[base_method].defaults.get("prior_preservation")
+    prior = bool(prior_preservation or (own_prior is not None and own_prior.value))  # given, or the method's default
+    cfg = task_config(prepared.path, task, method=base_method, noise=noise, personalize=personalize,
+                      pretrained_model=pretrained_model, steps=steps or None, batch_size=batch_size or None,
+                      micro_batch_size=micro_batch_size or None, lr=lr or None, lam=lam,
+                      lora_rank=(lora_rank or None) if lora else None, lora_targets=lora_targets if lora else "attention",
+                      alpha=alpha, beta=beta, save_steps=parse_steps(save_steps),
                       checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed,
-                      validation_every=validation_every, prior_preservation=prior_preservation,
-                      prior_weight=prior_weight or None, num_class_images=num_class_images or None, output=model.path)
+                      validation_every=validation_every, prior_preservation=prior,
+                      prior_weight=(prior_weight or None) if prior else None,
+                      num_class_images=(num_class_images or None) if prior else None, output=model.path)
     from palp.core.preemption import Preempted
 
     try:
@@ -70,7 +82,8 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
     except Preempted as e:  # SIGTERM: the step it was on checkpointed; exit 128 + signal, and the retry resumes
         print(e, flush=True)
         raise SystemExit(e.exit_code) from None
-    model.metadata.update({"task": task, "method": method, "steps": steps, "framework": "diffusers-lora"})
+    model.metadata.update({"task": task, "method": method, "steps": cfg.steps,
+                           "framework": "diffusers-lora" if lora else "diffusers-custom-diffusion"})
     for name, value in final_scalars(read_metrics_csv(Path(model.path, METRICS_FILE))).items():
         metrics.log_metric(name, value)
     shutil.copyfile(os.path.join(model.path, REPORT_FILE), report.path)

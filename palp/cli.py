@@ -94,7 +94,9 @@ def run_train(args) -> int:
         return 0
     last = result.metrics[-1] if result.metrics else {}
     prior = f"  prior_loss {last['prior_loss']:.4f}" if "prior_loss" in last else ""
-    print(f"trained {cfg.steps} steps ({cfg.method}) -> {result.output}  "
+    from palp.core.settings import method_label
+
+    print(f"trained {cfg.steps} steps ({method_label(cfg.method, cfg.noise, cfg.personalize)}) -> {result.output}  "
           f"rec_loss {last.get('rec_loss', float('nan')):.4f}  align_loss {last.get('align_loss', float('nan')):.4f}{prior}")
     return 0
 

@@ -80,14 +80,31 @@ def load_experiment(path: Optional[str] = None) -> dict:
 
 def _check_prior_preservation(params: dict, path) -> None:
     """prior_weight and num_class_images: 0 (the library's default) or positive, and set only
-    with prior_preservation (each train step would refuse them otherwise, after prepare ran)."""
+    with prior_preservation or a method that has it by default (the train steps would refuse or
+    ignore them otherwise, after prepare ran)."""
     for key in ("prior_weight", "num_class_images"):
         if params.get(key, 0) < 0:
             raise ExperimentError(f"{path}: {key} must be > 0 (or 0: the default), not {params[key]}")
     given = [key for key in ("prior_weight", "num_class_images") if params.get(key)]
-    if given and not params.get("prior_preservation"):
-        raise ExperimentError(f"{path}: {' and '.join(given)} only apply with prior_preservation: true; set it, "
-                              f"or drop {' and '.join(given)}")
+    if given and not params.get("prior_preservation") and not _a_method_preserves_the_prior(params):
+        raise ExperimentError(f"{path}: {' and '.join(given)} only apply with prior_preservation: true (or a method "
+                              f"with prior preservation of its own: custom-diffusion); set it, or drop {' and '.join(given)}")
+
+
+def _a_method_preserves_the_prior(params: dict) -> bool:
+    """Whether a listed method trains with prior preservation by default (custom-diffusion): its
+    runs take prior_weight and num_class_images, the other methods' runs leave them aside."""
+    from palp.core.methods import METHOD_TABLE
+    from palp.core.settings import ConfigError, split_variant
+
+    for m in params.get("methods") or []:
+        try:
+            own = METHOD_TABLE[split_variant(str(m))[0]].defaults.get("prior_preservation")
+        except ConfigError:
+            continue  # an unknown method is reported where the methods are checked
+        if own is not None and own.value:
+            return True
+    return False
 
 
 _TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text", list: "a list"}

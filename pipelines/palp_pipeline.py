@@ -95,7 +95,18 @@ DIFFERENT_DEFAULTS = {
     "prior_weight": (0.0, "a KFP parameter cannot be None: 0 is the library's None (with prior_preservation, diffusers' "
                           "DreamBooth default 1.0; without, unset)"),
     "num_class_images": (0, "a KFP parameter cannot be None: 0 is the library's None (with prior_preservation, diffusers' "
-                            "DreamBooth default 100; without, unset)"),
+                            "DreamBooth default 100, Custom Diffusion's 200; without, unset)"),
+    # Settings whose default depends on the method (palp.core.methods): each training takes its method's
+    "train_steps": (0, "a KFP parameter cannot be None: 0 is the library's None (each method's default steps: 500, "
+                       "custom-diffusion 250)"),
+    "batch_size": (0, "a KFP parameter cannot be None: 0 is the library's None (each method's default batch: 32, "
+                      "custom-diffusion 2)"),
+    "lr": (0.0, "a KFP parameter cannot be None: 0 is the library's None (each training's default learning rate: "
+                "5e-5, 1e-5 over Custom Diffusion)"),
+    "lora_rank": (0, "a KFP parameter cannot be None: 0 is the library's None (rank 32; LoRA runs only, the "
+                     "Custom Diffusion variants have no rank)"),
+    "prior_preservation": (False, "a KFP parameter cannot be None: False is the library's None (each method's "
+                                  "default: off, on for custom-diffusion); True turns it on for every method"),
 }
 
 
@@ -120,10 +131,11 @@ def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None,
         pretrained_model: str = T.pretrained_model, clip_model: str = Sc.clip_model, clip_weights: str = Sc.clip_weights,
         judge: str = Sc.judge,
         # train
-        train_steps: int = T.steps, batch_size: int = T.batch_size,
-        micro_batch_size: int = DIFFERENT_DEFAULTS["micro_batch_size"][0], lr: float = T.lr, lam: float = T.lam,
-        alpha: float = T.alpha, beta: float = T.beta,
-        lora_rank: int = T.lora_rank, lora_targets: str = T.lora_targets, prior_preservation: bool = T.prior_preservation,
+        train_steps: int = DIFFERENT_DEFAULTS["train_steps"][0], batch_size: int = DIFFERENT_DEFAULTS["batch_size"][0],
+        micro_batch_size: int = DIFFERENT_DEFAULTS["micro_batch_size"][0], lr: float = DIFFERENT_DEFAULTS["lr"][0],
+        lam: float = T.lam, alpha: float = T.alpha, beta: float = T.beta,
+        lora_rank: int = DIFFERENT_DEFAULTS["lora_rank"][0], lora_targets: str = T.lora_targets,
+        prior_preservation: bool = DIFFERENT_DEFAULTS["prior_preservation"][0],
         prior_weight: float = DIFFERENT_DEFAULTS["prior_weight"][0],
         num_class_images: int = DIFFERENT_DEFAULTS["num_class_images"][0],
         save_steps: str = ",".join(map(str, DEFAULT_SAVE_STEPS)), checkpoint_every: int = T.checkpoint_every,

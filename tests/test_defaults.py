@@ -107,7 +107,8 @@ def test_the_train_components_own_defaults_are_the_librarys():
     T = config.TrainConfig
     params = inspect.signature(train).parameters
     own = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty and n != "processes"}
-    zero_for_none = {"prior_weight", "num_class_images"}  # a KFP parameter cannot be None: 0 stands for it
+    # a KFP parameter cannot be None: 0 (False) stands for it
+    zero_for_none = {"prior_weight", "num_class_images", "prior_preservation"}
     assert {n: own[n] for n in zero_for_none} == dict.fromkeys(zero_for_none, 0) and all(_default(T, n) is None for n in zero_for_none)
     same = {n: v for n, v in own.items() if n not in zero_for_none}
-    assert same == {n: _default(T, n) for n in same} and {"lam", "alpha", "beta", "prior_preservation"} <= set(same)
+    assert same == {n: _default(T, n) for n in same} and {"lam", "alpha", "beta"} <= set(same)

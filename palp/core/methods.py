@@ -7,7 +7,22 @@ math of each method is ``palp.method.guidance``. docs/method.md describes each m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# What is personalized (``--personalize``): the weights the step trains on top of the frozen base.
+# lora-token: LoRA on the UNet's attention projections + one learned token per placeholder (the paper's);
+# custom-diffusion: Custom Diffusion (Kumari et al. 2023): the cross-attention layers' key and
+# value projections (full weights) + the learned token.
+PERSONALIZATIONS = ("lora-token", "custom-diffusion")
+DEFAULT_PERSONALIZATION = "lora-token"
+
+
+@dataclass(frozen=True)
+class Default:
+    """A setting's default for one method, and where the value comes from."""
+
+    value: object
+    source: str
 
 
 @dataclass(frozen=True)
@@ -18,6 +33,10 @@ class Method:
     aligns: bool  # an alignment term toward the clean prompt y_c (score sampling)
     personalized: bool  # its delta needs the personalized model on y_P (PALP's Eq. 6)
     negative: bool  # its delta needs the pretrained model on a negative prompt (NFSD)
+    # The personalization the method implies (None: any, chosen by --personalize)
+    personalize: str | None = None
+    # TrainConfig settings whose default differs for this method, with their sources
+    defaults: dict[str, Default] = field(default_factory=dict)
 
     @property
     def reads_target_prompt(self) -> bool:
@@ -30,7 +49,28 @@ METHOD_TABLE = {m.name: m for m in (
     Method("ti-db", aligns=False, personalized=False, negative=False),
     Method("sds", aligns=True, personalized=False, negative=False),
     Method("nfsd", aligns=True, personalized=False, negative=True),
+    # Custom Diffusion alone: Eq. 1 (with its prior preservation), no alignment term, like ti-db.
+    Method("custom-diffusion", aligns=False, personalized=False, negative=False, personalize="custom-diffusion",
+           defaults={
+               "steps": Default(250, "Custom Diffusion's single-concept fine-tuning (Kumari et al. 2023) and the "
+                                     "diffusers example's --max_train_steps"),
+               "batch_size": Default(2, "the diffusers example's --train_batch_size (per device, one device)"),
+               "prior_preservation": Default(True, "Custom Diffusion regularises with generated class images"),
+               "num_class_images": Default(200, "Custom Diffusion's 200 regularisation images (the diffusers "
+                                                "example's --num_class_images)"),
+               "prior_weight": Default(1.0, "the diffusers example's --prior_loss_weight"),
+           }),
 )}
+
+# Defaults that follow from the personalization, whatever the method (a method's own defaults come first).
+PERSONALIZATION_DEFAULTS = {
+    "custom-diffusion": {
+        "lr": Default(1e-5, "the diffusers example's --learning_rate, taken as given: palp's --lr is the AdamW "
+                            "rate itself, not scaled by the batch size (the example's --scale_lr would multiply it "
+                            "by the batch, 2 x 1e-5 at its batch of 2)"),
+    },
+}
+
 METHODS = tuple(METHOD_TABLE)
 
 # NFSD's negative prompt for the "denoising" direction at large t (Katzir et al., Sec. 4).

@@ -10,7 +10,8 @@ from pathlib import Path
 from palp.core import storage
 from palp.core.elements import elements_of
 from palp.core.flags import flag, step_numbers
-from palp.core.methods import METHOD_TABLE, METHODS, NFSD_NEGATIVE_PROMPT
+from palp.core.methods import (DEFAULT_PERSONALIZATION, METHOD_TABLE, METHODS, NFSD_NEGATIVE_PROMPT, PERSONALIZATION_DEFAULTS,
+                               PERSONALIZATIONS)
 from palp.core.names import check_name
 from palp.core.precision import MIXED_PRECISION
 from palp.core.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, CheckedPrompt, PromptError,
@@ -44,17 +45,36 @@ def need(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-# Method variants an experiment can list: "palp-iid" is PALP with i.i.d. re-noising (--noise iid).
+# Method variants an experiment can list: "palp-iid" is PALP with i.i.d. re-noising (--noise iid);
+# "palp+custom-diffusion" is PALP's alignment over Custom Diffusion (--personalize custom-diffusion);
+# "custom-diffusion" is Custom Diffusion alone.
 NOISE_SUFFIX = "-iid"
+PERSONALIZE_JOIN = "+"
+
+
+def split_variant(variant: str) -> tuple[str, str, str]:
+    """``palp`` -> (palp, same, lora-token); ``palp-iid`` -> (palp, iid, lora-token);
+    ``palp+custom-diffusion`` -> (palp, same, custom-diffusion); ``custom-diffusion`` ->
+    (custom-diffusion, same, custom-diffusion); checked against the methods."""
+    head, _, personalize = variant.partition(PERSONALIZE_JOIN)
+    base, noise = (head[: -len(NOISE_SUFFIX)], "iid") if head.endswith(NOISE_SUFFIX) else (head, "same")
+    method = METHOD_TABLE.get(base)
+    implied = method.personalize if method else None
+    ok = (method is not None and not (noise == "iid" and not method.aligns)
+          and (not personalize or (personalize in PERSONALIZATIONS and personalize != DEFAULT_PERSONALIZATION
+                                   and implied is None and method.aligns)))
+    if not ok:
+        plain = [m for m in METHODS if METHOD_TABLE[m].personalize is None]
+        options = [*METHODS, *(m + NOISE_SUFFIX for m in plain if METHOD_TABLE[m].aligns),
+                   *(m + PERSONALIZE_JOIN + p for p in PERSONALIZATIONS if p != DEFAULT_PERSONALIZATION
+                     for m in plain if METHOD_TABLE[m].aligns)]
+        raise ConfigError(f"unknown method {variant!r}; choose one of {', '.join(options)}")
+    return base, noise, personalize or implied or DEFAULT_PERSONALIZATION
 
 
 def split_method(variant: str) -> tuple[str, str]:
-    """``palp`` -> (palp, same); ``palp-iid`` -> (palp, iid); checked against the methods."""
-    base, noise = (variant[: -len(NOISE_SUFFIX)], "iid") if variant.endswith(NOISE_SUFFIX) else (variant, "same")
-    if base not in METHODS or (noise == "iid" and base == "ti-db"):
-        options = [*METHODS, *(m + NOISE_SUFFIX for m in METHODS if m != "ti-db")]
-        raise ConfigError(f"unknown method {variant!r}; choose one of {', '.join(options)}")
-    return base, noise
+    """``palp`` -> (palp, same); ``palp-iid`` -> (palp, iid); the method and noise of ``split_variant``."""
+    return split_variant(variant)[:2]
 
 
 # Methods whose training never reads the target prompt (TI+DB: Eq. 1 alone): one run per
@@ -75,11 +95,16 @@ def parse_steps(text: str) -> list[int]:
         raise ConfigError(f"save steps {text!r}: use comma-separated step numbers, e.g. 100,200,300") from None
 
 
-def method_label(method: str, noise: str = "same") -> str:
-    """The name a run's samples and scores carry: the method, with -iid for i.i.d. noise.
+def method_label(method: str, noise: str = "same", personalize: str = DEFAULT_PERSONALIZATION) -> str:
+    """The name a run's samples and scores carry: the method, with -iid for i.i.d. noise and
+    +<personalization> for one other than the method's own (the variant ``split_variant`` reads).
     It becomes a folder name (read from a run's config, which may have been edited): checked."""
-    label = method + NOISE_SUFFIX if noise == "iid" and method != "ti-db" else method
-    return check_name(label, "method", ConfigError)
+    aligns = method in METHOD_TABLE and METHOD_TABLE[method].aligns
+    label = method + NOISE_SUFFIX if noise == "iid" and aligns else method
+    implied = METHOD_TABLE[method].personalize if method in METHOD_TABLE else None
+    if personalize and personalize != DEFAULT_PERSONALIZATION and personalize != implied:
+        label += PERSONALIZE_JOIN + personalize
+    return check_name(label, "method", ConfigError, joined=True)
 
 
 @dataclass
@@ -137,6 +162,14 @@ class StudySettings:
     image_size: int = flag(512)
 
 
+# palp's defaults of the settings whose default depends on the method or the personalization
+# (palp.core.methods: Method.defaults, PERSONALIZATION_DEFAULTS); resolved in TrainConfig.
+DEFAULT_STEPS = 500
+DEFAULT_LR = 5e-5
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_LORA_RANK = 32
+
+
 # DreamBooth's prior preservation, with diffusers' DreamBooth trainers' defaults
 # (--prior_loss_weight 1.0, --num_class_images 100); the class images are sampled as
 # `palp sample` samples (its default steps and guidance, DDIM) from this seed.
@@ -171,7 +204,12 @@ class TrainConfig:
     min_image_size: int | None = flag(None, section=SUBJECT,
                                       help="smallest accepted image side (default: half the model resolution)")
     method: str = flag("palp", section=METHOD, choices=METHODS,
-                       help="palp: Eq. 1 + the prompt-aligned score (Eq. 6/7); sds, nfsd: other scores; ti-db: Eq. 1 alone")
+                       help="palp: Eq. 1 + the prompt-aligned score (Eq. 6/7); sds, nfsd: other scores; ti-db: Eq. 1 alone; "
+                            "custom-diffusion: Custom Diffusion alone (Eq. 1 with its prior preservation)")
+    personalize: str | None = flag(None, section=METHOD, choices=PERSONALIZATIONS,
+                                   help=f"what is trained: lora-token (LoRA + [V], the paper's) or custom-diffusion "
+                                        f"(cross-attention keys/values + [V]); default: the method's own "
+                                        f"({DEFAULT_PERSONALIZATION} but for --method custom-diffusion)")
     noise: str = flag("same", section=METHOD, choices=("same", "iid"), help="eps' of the re-noised estimate")  # docs/method.md, step 3
     align_timestep: str = flag("resample", section=METHOD, choices=("resample", "same"),
                                help="t' of the alignment term: drawn from [--align-t-min, --align-t-max] or = t")
@@ -188,27 +226,33 @@ class TrainConfig:
     negative_prompt: str = flag(NFSD_NEGATIVE_PROMPT, section=METHOD, help="NFSD's negative prompt")
     # DreamBooth's prior preservation (palp/steps/class_images.py): its three settings are None
     # without it, and take diffusers' DreamBooth defaults with it (resolved in __post_init__).
-    prior_preservation: bool = flag(False, section=METHOD, bare=True,
-                                    help="add DreamBooth's prior-preservation loss: Eq. 1 on images the base model makes "
-                                         "of 'A photo of a <class word>', times --prior-weight")
+    prior_preservation: bool | None = flag(None, section=METHOD, bare=True,
+                                           help="add DreamBooth's prior-preservation loss: Eq. 1 on images the base model "
+                                                "makes of 'A photo of a <class word>', times --prior-weight (default: "
+                                                "off; on for --method custom-diffusion)")
     prior_weight: float | None = flag(None, section=METHOD,
                                       help=f"weight of the prior-preservation loss (with --prior-preservation: "
                                            f"{PRIOR_WEIGHT}, diffusers' DreamBooth default)")
     num_class_images: int | None = flag(None, section=METHOD,
                                         help=f"class images per class word (with --prior-preservation: "
-                                             f"{NUM_CLASS_IMAGES}, diffusers' DreamBooth default)")
+                                             f"{NUM_CLASS_IMAGES}, diffusers' DreamBooth default; 200 for "
+                                             f"--method custom-diffusion)")
     class_image_steps: int | None = flag(None, section=METHOD,
                                          help=f"DDIM steps of each class image (with --prior-preservation: "
                                               f"{CLASS_IMAGE_STEPS}, as palp sample)")
-    steps: int = flag(500, section=OPTIMISATION, help="optimizer steps")
-    lr: float = flag(5e-5, section=OPTIMISATION, help="AdamW learning rate")
-    batch_size: int = flag(32, section=OPTIMISATION, help="global batch")  # micro_batch_size x accumulation x processes
+    steps: int | None = flag(None, section=OPTIMISATION,
+                             help=f"optimizer steps (default: {DEFAULT_STEPS}; 250 for --method custom-diffusion)")
+    lr: float | None = flag(None, section=OPTIMISATION,
+                            help=f"AdamW learning rate (default: {DEFAULT_LR:g}; 1e-05 for --personalize custom-diffusion)")
+    batch_size: int | None = flag(None, section=OPTIMISATION,  # micro_batch_size x accumulation x processes
+                                  help=f"global batch (default: {DEFAULT_BATCH_SIZE}; 2 for --method custom-diffusion)")
     micro_batch_size: int | None = flag(None, section=OPTIMISATION, auto=True,
                                         help="per-process batch per forward; auto (the default): the largest divisor "
                                              "of the per-process batch whose step fits the device's free memory, found "
                                              "by a probe before the first step, recorded and kept on --resume; the "
                                              "global batch is kept by accumulation")
-    lora_rank: int = flag(32, section=OPTIMISATION, help="LoRA rank")
+    lora_rank: int | None = flag(None, section=OPTIMISATION,
+                                 help=f"LoRA rank (default: {DEFAULT_LORA_RANK}; lora-token only)")
     lora_alpha: float | None = flag(None, section=OPTIMISATION, help="default: = rank")
     lora_targets: str = flag("attention", section=OPTIMISATION, choices=LORA_TARGET_SETS,
                              help="attention: the attention projections (the paper's); attention+resnets: also the "
@@ -254,9 +298,38 @@ class TrainConfig:
                                "installed, else none; tensorboard logs go to OUTPUT/logs)")
 
     def __post_init__(self):
-        """Every setting checked (ConfigError naming the flag), then the subjects and the prompts."""
+        """The method-dependent defaults resolved, every setting checked (ConfigError naming the
+        flag), then the subjects and the prompts."""
+        self._resolve_defaults()
         self._check_values()
         self._check_subjects_and_prompts()
+
+    def method_default(self, name: str, palp_default):
+        """A setting's default for this run: the method's own, else its personalization's, else palp's."""
+        method = METHOD_TABLE.get(self.method)
+        own = (method.defaults if method else {}).get(name) or PERSONALIZATION_DEFAULTS.get(self.personalize, {}).get(name)
+        return palp_default if own is None else own.value
+
+    def _resolve_defaults(self) -> None:
+        need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        implied = METHOD_TABLE[self.method].personalize
+        if self.personalize is None:
+            self.personalize = implied or DEFAULT_PERSONALIZATION
+        need(self.personalize in PERSONALIZATIONS,
+             f"--personalize must be one of {', '.join(PERSONALIZATIONS)}, not {self.personalize!r}")
+        need(implied is None or self.personalize == implied,
+             f"--method {self.method} trains {implied}; drop --personalize {self.personalize}")
+        if self.personalize == "lora-token":
+            self.lora_rank = DEFAULT_LORA_RANK if self.lora_rank is None else self.lora_rank
+        else:
+            lora = [f for f, v, d in (("--lora-rank", self.lora_rank, None), ("--lora-alpha", self.lora_alpha, None),
+                                      ("--lora-targets", self.lora_targets, "attention")) if v != d]
+            need(not lora, f"{' and '.join(lora)} only apply to --personalize lora-token (this run trains "
+                           f"{self.personalize}); drop {' and '.join(lora)}")
+        for name, palp_default in (("steps", DEFAULT_STEPS), ("lr", DEFAULT_LR), ("batch_size", DEFAULT_BATCH_SIZE),
+                                   ("prior_preservation", False)):
+            if getattr(self, name) is None:
+                setattr(self, name, self.method_default(name, palp_default))
 
     def _check_values(self) -> None:
         need(bool(self.subjects), "at least one subject (--images) is needed")
@@ -266,7 +339,7 @@ class TrainConfig:
         need(self.mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
         need(0 <= self.align_t_min <= self.align_t_max <= 999, "alignment t-range must satisfy 0 <= min <= max <= 999")
         need(0 < self.align_fraction <= 1, f"--align-fraction must be in (0, 1], not {self.align_fraction}")
-        need(self.lora_rank >= 1, "--lora-rank must be >= 1")
+        need(self.lora_rank is None or self.lora_rank >= 1, "--lora-rank must be >= 1")
         need(self.lora_targets in LORA_TARGET_SETS,
              f"--lora-targets must be one of {', '.join(LORA_TARGET_SETS)}, not {self.lora_targets!r}")
         need(self.lr > 0, "--lr must be > 0")
@@ -306,8 +379,8 @@ class TrainConfig:
             need(not given, f"{' and '.join(given)} only apply with --prior-preservation: add --prior-preservation, "
                             f"or drop {' and '.join(given)}")
             return
-        self.prior_weight = PRIOR_WEIGHT if self.prior_weight is None else float(self.prior_weight)
-        self.num_class_images = NUM_CLASS_IMAGES if self.num_class_images is None else self.num_class_images
+        self.prior_weight = float(self.method_default("prior_weight", PRIOR_WEIGHT)) if self.prior_weight is None else float(self.prior_weight)
+        self.num_class_images = self.method_default("num_class_images", NUM_CLASS_IMAGES) if self.num_class_images is None else self.num_class_images
         self.class_image_steps = CLASS_IMAGE_STEPS if self.class_image_steps is None else self.class_image_steps
 
     def _check_subjects_and_prompts(self) -> None:

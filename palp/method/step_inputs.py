@@ -129,13 +129,13 @@ def encode_latent_posteriors(vae, pixels: torch.Tensor, batch: int = 8) -> tuple
 
 
 def setup_model(base, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[PersonalizedModel, dict, fast.CompiledUNet]:
-    """LoRA + placeholder tokens on the base model, on ``device``: frozen weights in ``dtype``,
+    """LoRA (or Custom Diffusion's deltas, per cfg.personalize) + placeholder tokens on the base model, on ``device``: frozen weights in ``dtype``,
     trainable ones in fp32, with cfg's speed options applied. Returns (model, token ids, the
     compiled UNet: its cache and eager fallback)."""
     with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from --seed, not global state
         torch.manual_seed(cfg.seed)
         model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                                                       targets=cfg.lora_targets)
+                                                       targets=cfg.lora_targets, personalize=cfg.personalize)
     model.to(device, dtype)
     for p in model.trainable_parameters():  # trainable parameters stay fp32
         p.data = p.data.float()

@@ -1,8 +1,11 @@
-"""theta_LoRA: LoRA on the UNet's attention projections plus one learned token per placeholder.
+"""theta_LoRA: LoRA on the UNet's attention projections plus one learned token per placeholder
+(``--personalize lora-token``), or Custom Diffusion's cross-attention keys and values plus the
+token (``--personalize custom-diffusion``, palp.models.custom_diffusion).
 
 The base weights stay frozen and untouched: LoRA goes through peft (diffusers' ``add_adapter``),
-and the placeholder rows live in their own small parameter, so every pretrained embedding
-row is bit-identical after training by construction.
+Custom Diffusion adds a delta beside each frozen projection, and the placeholder rows live in
+their own small parameter, so every pretrained embedding row is bit-identical after training by
+construction.
 """
 
 from __future__ import annotations
@@ -85,15 +88,18 @@ def add_lora(unet, *, rank: int, alpha: float | None = None, targets: str = "att
 
 
 class PersonalizedModel(nn.Module):
-    """G(x, t, y; theta_LoRA) and, with adapters disabled, the pretrained G(x, t, y; theta)."""
+    """G(x, t, y; theta_LoRA) and, with adapters disabled, the pretrained G(x, t, y; theta).
 
-    def __init__(self, unet, text_encoder):
+    ``switch``: Custom Diffusion's DeltaSwitch (its layers already in the UNet); None: LoRA (peft)."""
+
+    def __init__(self, unet, text_encoder, switch=None):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        self.personalize = "lora-token" if switch is None else "custom-diffusion"
         # The gate's hooks exist from the start (doing nothing outside predict_gated): torch.compile
         # does not guard on hooks, so a hook added after a graph was traced would be ignored by it.
-        self._lora_gate = LoraGate(unet)
+        self._lora_gate = LoraGate(unet) if switch is None else switch
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -121,6 +127,11 @@ class PersonalizedModel(nn.Module):
 
     @contextlib.contextmanager
     def adapters_disabled(self):
+        """The pretrained model: LoRA's adapters or Custom Diffusion's deltas off."""
+        if self.personalize == "custom-diffusion":
+            with self._lora_gate.disabled():
+                yield
+            return
         self.unet.disable_adapters()
         try:
             yield
@@ -128,11 +139,23 @@ class PersonalizedModel(nn.Module):
             self.unet.enable_adapters()
 
 
-def build_personalized_model(base, class_words: dict[str, str], *, rank: int, alpha: float | None = None,
-                             targets: str = "attention"):
-    """Freeze the base, add LoRA and placeholder tokens. Returns (model, lora_config, token ids)."""
+def build_personalized_model(base, class_words: dict[str, str], *, rank: int | None = None, alpha: float | None = None,
+                             targets: str = "attention", personalize: str = "lora-token"):
+    """Freeze the base, add LoRA (or Custom Diffusion's deltas) and placeholder tokens.
+    Returns (model, lora_config (None for Custom Diffusion), token ids)."""
+    from palp.core.methods import PERSONALIZATIONS
+
+    if personalize not in PERSONALIZATIONS:
+        raise ValueError(f"personalize must be one of {', '.join(PERSONALIZATIONS)}, not {personalize!r}")
     for module in (base.unet, base.vae, base.text_encoder):
         module.requires_grad_(False)
     token_ids = add_placeholder_tokens(base.tokenizer, base.text_encoder, class_words)
+    if personalize == "custom-diffusion":
+        from palp.models.custom_diffusion import add_custom_diffusion
+
+        switch = add_custom_diffusion(base.unet)
+        return PersonalizedModel(base.unet, base.text_encoder, switch), None, token_ids
+    if rank is None:
+        raise ValueError("LoRA needs a rank")
     config = add_lora(base.unet, rank=rank, alpha=alpha, targets=targets)
     return PersonalizedModel(base.unet, base.text_encoder), config, token_ids

@@ -1,6 +1,9 @@
 """What a trained run hands to the world, in the formats stock diffusers loads.
 
 - ``pytorch_lora_weights.safetensors``: ``StableDiffusionPipeline.load_lora_weights(dir)``
+- ``pytorch_custom_diffusion_weights.safetensors`` (``--personalize custom-diffusion``, instead of the
+  LoRA file): the trained key and value weights of each cross-attention layer, in diffusers'
+  Custom Diffusion format; docs/training.md shows how a stock pipeline loads them
 - ``learned_embeds.safetensors``: one key per placeholder token (``<v>``: (1, D));
   ``load_textual_inversion(dir)`` for one subject; for several, pass the tensors and tokens:
   ``sd = safetensors.torch.load_file(...); pipe.load_textual_inversion(list(sd.values()), token=list(sd))``.
@@ -20,6 +23,7 @@ from safetensors.torch import save_file
 from palp.core import storage
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights.safetensors"  # = palp.models.custom_diffusion's
 EMBEDS_FILE = "learned_embeds.safetensors"
 CONFIG_FILE = "training_config.json"
 METRICS_FILE = "metrics.csv"
@@ -63,20 +67,32 @@ def learned_embeds_state_dict(model, tokens: list[str]) -> dict[str, torch.Tenso
     return {tok: learned[i : i + 1].clone() for i, tok in enumerate(tokens)}
 
 
+def weights_file(personalize: str) -> str:
+    """The UNet weights file of a run that trained ``personalize``."""
+    return CUSTOM_DIFFUSION_FILE if personalize == "custom-diffusion" else LORA_FILE
+
+
 def export_weights(model, tokens: list[str], out_dir: Path) -> None:
-    """Write the LoRA and the learned embeddings into ``out_dir``, each file atomically."""
+    """Write the LoRA (or the Custom Diffusion weights) and the learned embeddings into
+    ``out_dir``, each file atomically."""
     from diffusers import StableDiffusionPipeline
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out_dir))
+    personalize = getattr(model, "personalize", "lora-token")
     try:
-        metadata = model.unet.peft_config["default"].to_dict()
-        metadata["target_modules"] = sorted(metadata["target_modules"])
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=lora_state_dict(model.unet), safe_serialization=True, unet_lora_adapter_metadata=metadata
-        )
+        if personalize == "custom-diffusion":
+            from palp.models.custom_diffusion import custom_diffusion_state_dict
+
+            save_file(custom_diffusion_state_dict(model.unet), str(tmp / CUSTOM_DIFFUSION_FILE))
+        else:
+            metadata = model.unet.peft_config["default"].to_dict()
+            metadata["target_modules"] = sorted(metadata["target_modules"])
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=lora_state_dict(model.unet), safe_serialization=True, unet_lora_adapter_metadata=metadata
+            )
         save_file(learned_embeds_state_dict(model, tokens), str(tmp / EMBEDS_FILE))
-        for name in (LORA_FILE, EMBEDS_FILE):
+        for name in (weights_file(personalize), EMBEDS_FILE):
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 The base model, LoRA and learned tokens are loaded with diffusers' own loaders
 (``from_pretrained``, ``load_lora_weights``, ``load_textual_inversion``) into the stock
-``StableDiffusionPipeline``; ``generate`` then runs its denoising steps on every (prompt,
+``StableDiffusionPipeline`` (a Custom Diffusion run's weights with diffusers' own
+``CustomDiffusionAttnProcessor``, palp.models.custom_diffusion); ``generate`` then runs its denoising steps on every (prompt,
 sample) pair in batches, with classifier-free guidance as one UNet call per step and no host
 sync inside the loop (``--sampler stock`` calls the pipeline itself instead).
 
@@ -44,7 +45,7 @@ from palp.core.prompts import CheckedPrompt, to_token_prompt
 from palp.core.settings import SampleSettings as _S
 from palp.core.settings import method_label
 from palp.models.denoising import SCHEDULERS, build_pipeline, generate, initial_latents, write_png
-from palp.models.run_weights import CONFIG_FILE, EMBEDS_FILE, LORA_FILE
+from palp.models.run_weights import CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LORA_FILE
 from palp.steps.sample_jobs import (SampleError, Weights, finished, make_jobs, merge_tables, prompt_key, settings_key,
                                     texts_by_task, unfinished_batches, write_settings)
 
@@ -68,7 +69,7 @@ def fetch_run(model: str, *, cache: Path) -> Path:
     if not storage.exists(storage.join(model, CONFIG_FILE)):
         raise SampleError(f"{model} is not a finished training run (no {CONFIG_FILE}); train it first")
     for name in storage.list_files(model, recursive=True):
-        if name in (CONFIG_FILE, LORA_FILE, EMBEDS_FILE) or name.startswith("snapshots/"):
+        if name in (CONFIG_FILE, LORA_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE) or name.startswith("snapshots/"):
             if not (local / name).exists():
                 storage.write_bytes(local / name, storage.read_bytes(storage.join(model, name)))
     return local
@@ -77,27 +78,44 @@ def fetch_run(model: str, *, cache: Path) -> Path:
 def weights_to_sample(run: Path, checkpoints: str, reference: bool) -> list[Weights]:
     if reference:
         return [Weights(0, None)]
-    final = json.loads((run / CONFIG_FILE).read_text())["completed_steps"]
-    found = [Weights(final, run)]
+    config = json.loads((run / CONFIG_FILE).read_text())
+    final, personalize = config["completed_steps"], config.get("personalize") or "lora-token"
+    found = [Weights(final, run, personalize)]
     if checkpoints == "all":
         snaps = sorted((run / "snapshots").glob("step-*")) if (run / "snapshots").is_dir() else []
-        found = [Weights(int(p.name.split("-")[1]), p) for p in snaps if int(p.name.split("-")[1]) != final] + found
+        found = [Weights(int(p.name.split("-")[1]), p, personalize) for p in snaps if int(p.name.split("-")[1]) != final] + found
     elif checkpoints != "final":
         raise SampleError(f"--checkpoints must be all or final, not {checkpoints!r}")
     return found
 
 
-def load_weights(pipe, folder: Path) -> None:
-    """Swap in one set of LoRA + embeddings with diffusers' loaders (unloading any previous set)."""
+def load_weights(pipe, folder: Path, personalize: str = "lora-token") -> None:
+    """Swap in one set of LoRA (or Custom Diffusion weights, as the run's ``personalize`` says) +
+    embeddings with diffusers' loaders (unloading any previous set).
+
+    Custom Diffusion's weights go in through diffusers' ``CustomDiffusionAttnProcessor`` set by
+    palp (custom_diffusion.set_custom_diffusion_processors), which checks they are in place:
+    diffusers' ``unet.load_attn_procs(folder, weight_name=...)`` called without its private
+    ``_pipeline`` argument reads the file and sets nothing (docs/training.md)."""
     from safetensors.torch import load_file
 
+    if personalize not in ("lora-token", "custom-diffusion"):
+        raise SampleError(f"the run trained {personalize!r}, which this palp cannot sample; use a newer palp")
     pipe.unload_lora_weights()
     device = pipe.text_encoder.device
     if xla.is_xla(device):  # diffusers' unload assigns the kept rows to a new CPU nn.Embedding: refused for XLA tensors
         pipe.text_encoder.to("cpu")
     pipe.unload_textual_inversion()
     pipe.text_encoder.to(device)
-    pipe.load_lora_weights(folder)
+    if personalize == "custom-diffusion":
+        from palp.models.custom_diffusion import set_custom_diffusion_processors
+
+        try:
+            set_custom_diffusion_processors(pipe.unet, load_file(folder / CUSTOM_DIFFUSION_FILE))
+        except (ValueError, OSError) as e:
+            raise SampleError(f"{folder / CUSTOM_DIFFUSION_FILE}: {e}") from e
+    else:
+        pipe.load_lora_weights(folder)
     embeds = load_file(folder / EMBEDS_FILE)
     pipe.load_textual_inversion(list(embeds.values()), token=list(embeds))
 
@@ -240,7 +258,8 @@ def _run_names(config: dict, texts: list[dict], *, model: str, reference: bool) 
     """(method label, subject, run tag) of a run; sets each text's task ``folder``."""
     from palp.core.names import check_name
 
-    method = REFERENCE_METHOD if reference else method_label(config["method"], config.get("noise", "same"))
+    method = REFERENCE_METHOD if reference else method_label(config["method"], config.get("noise", "same"),
+                                                             config.get("personalize") or "lora-token")
     subject = "+".join(s["name"] for s in config["subjects"])
     for entry in texts:  # a task id (from the run's config or the manifest) becomes a folder name
         entry["folder"] = check_name(entry["task"] or subject, "task id", SampleError, joined=True)
@@ -329,7 +348,7 @@ def _render(pipe, compiled, todo: list[list[dict]], *, output: str, reference: b
         for whole in todo:
             w = whole[0]["_weights"]
             if w is not loaded and w.folder is not None:
-                load_weights(pipe, w.folder)
+                load_weights(pipe, w.folder, w.personalize)
             loaded = w
             done = 0
             while done < len(whole):

@@ -36,6 +36,7 @@ class Weights:
 
     step: int
     folder: Path | None  # None: the base model (reference mode)
+    personalize: str = "lora-token"  # what the run trained (its training_config.json's personalize)
 
 
 def prompt_key(prompt: str) -> str:

@@ -504,7 +504,7 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: StopRe
     if _any_process(accelerator, stops.requested):  # asked while the lock was waited for or the model loaded
         kept = f"the checkpoint of step {run.start} is kept" if run.start else "nothing was trained yet"
         raise stops.preempted(f" before its first step ({kept}); rerun with --resume to continue")
-    bar = tqdm(range(run.start + 1, cfg.steps + 1), initial=run.start, total=cfg.steps, desc=f"palp train ({cfg.method})",
+    bar = tqdm(range(run.start + 1, cfg.steps + 1), initial=run.start, total=cfg.steps, desc=f"palp train ({method_label(cfg.method, cfg.noise, cfg.personalize)})",
                disable=not (progress and accelerator.is_local_main_process))
     # The next step's draws are made on the CPU while the device runs this step.
     ahead = ThreadPoolExecutor(max_workers=1)
@@ -603,7 +603,7 @@ def _write_report(out: RunOutput, cfg: TrainConfig) -> None:
     """The run's page (curves and validation grids), next to its weights."""
     from palp.core.storage import write_text
 
-    title = f"{method_label(cfg.method, cfg.noise)}, {cfg.task_id or cfg.target_prompt}"
+    title = f"{method_label(cfg.method, cfg.noise, cfg.personalize)}, {cfg.task_id or cfg.target_prompt}"
     write_text(out.local / REPORT_FILE, training_report(out.local, title, _report_notes(cfg)))
 
 

@@ -31,17 +31,18 @@ TINY_VERSION = "2"  # 2: the tokenizer config no longer records HF_HUB_OFFLINE (
 TINY_RESOLUTION = 64
 TINY_SEED = 0
 
-# SD-1.x's schedule (CompVis/stable-diffusion-v1-4/scheduler/scheduler_config.json).
-SD_SCHEDULER_CONFIG = dict(
+# Stable Diffusion's noise schedule, which 1.x and 2.x share.
+_SD_SCHEDULE = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="scaled_linear",
-    skip_prk_steps=True,
     set_alpha_to_one=False,
     steps_offset=1,
     trained_betas=None,
 )
+# SD-1.x's scheduler config (CompVis/stable-diffusion-v1-4/scheduler/scheduler_config.json).
+SD_SCHEDULER_CONFIG = dict(_SD_SCHEDULE, skip_prk_steps=True)
 
 
 
@@ -90,9 +91,26 @@ def clip_text_encoder(*, hidden: int, intermediate: int, layers: int, heads: int
     )
 
 
+def _tiny_vae(resolution: int):
+    """The tiny models' VAE (weights from the current torch seed): 3 down-samplings, SD's factor 8."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+
+
 def build_tiny_pipeline(seed: int = TINY_SEED):
     """The tiny StableDiffusionPipeline, with weights drawn from ``seed``."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     with torch.random.fork_rng(devices=[]):
@@ -110,17 +128,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
             norm_num_groups=8,
         )
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,  # 3 down-samplings: SD's factor 8
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=TINY_RESOLUTION,
-        )
+        vae = _tiny_vae(TINY_RESOLUTION)
         torch.manual_seed(seed + 2)
         text_encoder = clip_text_encoder(hidden=32, intermediate=37, layers=2, heads=4)
     with tempfile.TemporaryDirectory() as tok_dir:
@@ -139,16 +147,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
 
 
 # SD 2.x's schedule: SD-1.x's betas, DDIM's config as stabilityai's 2.x checkpoints ship it.
-SD2_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    trained_betas=None,
-)
+SD2_SCHEDULER_CONFIG = dict(_SD_SCHEDULE, clip_sample=False)
 TINY_SD2_VERSION = "1"
 
 
@@ -164,7 +163,7 @@ def build_tiny_sd2_pipeline(seed: int = TINY_SEED, *, prediction_type: str = "v_
     transformer blocks project with linear layers (``use_linear_projection``), the
     v-prediction model upcasts attention to fp32 (``upcast_attention``, as SD 2.1's 768 model),
     and the scheduler config names its ``prediction_type``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     v = prediction_type == "v_prediction"
@@ -186,17 +185,7 @@ def build_tiny_sd2_pipeline(seed: int = TINY_SEED, *, prediction_type: str = "v_
             norm_num_groups=8,
         )
         torch.manual_seed(seed + 11)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=resolution,
-        )
+        vae = _tiny_vae(resolution)
         torch.manual_seed(seed + 12)
         text_encoder = clip_text_encoder(hidden=32, intermediate=37, layers=2, heads=4, hidden_act="gelu",
                                          token_ids=(0, 2, 1))
@@ -204,8 +193,7 @@ def build_tiny_sd2_pipeline(seed: int = TINY_SEED, *, prediction_type: str = "v_
         write_clip_tokenizer_files(Path(tok_dir))
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir, pad_token="!", model_max_length=77)
     scheduler = (DDIMScheduler(**SD2_SCHEDULER_CONFIG, prediction_type="v_prediction") if v else
-                 PNDMScheduler(**{k: x for k, x in SD2_SCHEDULER_CONFIG.items() if k != "clip_sample"},
-                               skip_prk_steps=True, prediction_type="epsilon"))
+                 PNDMScheduler(**SD_SCHEDULER_CONFIG, prediction_type="epsilon"))
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 

@@ -52,6 +52,14 @@ def train_args(images: Path, output: Path, *extra: str, steps: int = 3) -> list[
     ]
 
 
+def assert_grads_close(actual, expected):
+    """Parameter gradients equal a closed form within float32 rounding of the step's sums."""
+    import torch
+
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-7 * max(1.0, float(e.abs().max())))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

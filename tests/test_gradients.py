@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_grads_close
 from palp.core.prompts import to_token_prompt
 from palp.core.settings import Subject, TrainConfig
 from palp.method.step_inputs import Draws, encode_fixed_prompts, tokenize
@@ -101,11 +102,6 @@ def draws_for(s, t, t_align, same_noise=True):
     noise = s["noise"][:B]
     return Draws(index=torch.zeros(B, dtype=torch.long), latent_noise=torch.zeros_like(noise), t=torch.tensor(t),
                  noise=noise, t_align=torch.tensor(t_align), noise_align=noise if same_noise else s["other_noise"][:B])
-
-
-def assert_grads_close(actual, expected):
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-7 * max(1.0, float(e.abs().max())))
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import EXAMPLE_CAT, train_args
+from conftest import EXAMPLE_CAT, assert_grads_close, train_args
 from palp.cli import main
 from palp.core.prompts import to_token_prompt
 from palp.core.settings import Subject, TrainConfig
@@ -180,11 +180,6 @@ def v_draws(s, t, t_align, same_noise=True):
     B = len(t)
     return Draws(index=torch.zeros(B, dtype=torch.long), latent_noise=torch.zeros_like(s["noise"]), t=torch.tensor(t),
                  noise=s["noise"], t_align=torch.tensor(t_align), noise_align=s["noise"] if same_noise else s["other_noise"])
-
-
-def assert_grads_close(actual, expected):
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-7 * max(1.0, float(e.abs().max())))
 
 
 @pytest.mark.parametrize(

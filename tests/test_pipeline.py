@@ -436,7 +436,7 @@ def test_whole_dag_runs_locally(tmp_path, capsys):
     assert DEFAULT_CONFIG.name == "demo.yaml"
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     assert config["pretrained_model"] == "toyworld" and config["judge"] == "toyworld"
-    config.update(train_steps=2, save_steps="1,2", checkpoint_every=2, num_samples=2, sample_steps=3)
+    config.update(train_steps=2, save_steps="1,2", checkpoint_every=2, num_samples=2, sample_steps=3, lam=0.5)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
     assert main(["pipeline", "run-local", "--config", str(tmp_path / "demo.yaml"), "--pipeline-root", str(tmp_path / "root")]) == 0
     out = capsys.readouterr().out
@@ -467,6 +467,35 @@ def test_whole_dag_runs_locally(tmp_path, capsys):
         assert "palp training" in page and "src='data:image/png;base64," in page and "http" not in page
         executed = json.loads((train / "executor_output.json").read_text())["artifacts"]["metrics"]["artifacts"][0]
         assert executed["metadata"]["steps"] == 2.0 and "final_rec_loss" in executed["metadata"]
+    _check_frontier_report(tmp_path / "root", tmp_path / "frontier", capsys)
+
+
+def _check_frontier_report(root: Path, out: Path, capsys) -> None:
+    """The toy world's frontier report (evaluation/toyworld/frontier/frontier.py) on a pipeline root
+    as run-local leaves it: every alignment run records the lambda it was given (0.5 here), and
+    each (method, step) point's elements found is the mean of the judge's columns in scores.csv."""
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO / "evaluation" / "toyworld" / "frontier"))
+    import frontier
+
+    configs = {}
+    for f in root.glob("palp-*/for-loop-*/train/model/training_config.json"):
+        cfg = json.loads(f.read_text())
+        configs[cfg["method"]] = cfg
+    assert set(configs) == {"palp", "ti-db"} and configs["palp"]["lam"] == 0.5
+    capsys.readouterr()
+    frontier.main(["--root", str(root), "--out", str(out), "--match-step", "1", "--reps", "50"])
+    summary = json.loads((out / "summary.json").read_text())
+    scores = pd.read_csv(next(root.glob("palp-*/compare/scores/scores.csv")))
+    scores["found"] = scores[["Judge: style", "Judge: place", "Judge: time"]].mean(axis=1)
+    truth = scores[scores["method"] != "base"].groupby(["method", "step"])["found"].mean()  # the base model is no point
+    got = {(p["method"], p["step"]): p for p in summary["points"]}
+    assert set(got) == set(truth.index) == {(m, s) for m in ("palp", "ti-db") for s in (1, 2)}
+    for key, value in truth.items():
+        assert got[key]["Elements found"][0] == pytest.approx(value)
+    assert got[("palp", 2)]["lambda"] == 0.5 and got[("ti-db", 2)]["lambda"] is None
+    assert "palp lr" in (out / "points.md").read_text()
 
 
 def _check_console(out: str, root: Path, run: Path) -> None:

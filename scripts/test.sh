@@ -84,5 +84,26 @@ else
   say "tests/test_images.py is not selected: no Docker engine needed"
 fi
 [[ -x $python ]] || fail "no $python: create the venv first: python3 -m venv .venv && .venv/bin/pip install -e '.[dev]'"
-say "running $python -m pytest -q $*"
-exec "$python" -m pytest -q "$@"
+
+# The tests run in parallel worker processes (pytest-xdist), one per core up to 4, or
+# PALP_TEST_WORKERS of them (1: in this process, as plain pytest); each worker takes a whole
+# test file at a time, so a file's shared fixtures (a trained run, a local DAG) are made once.
+# Giving -n, --numprocesses, --dist or -p no:xdist yourself turns this off.
+parallel=()
+workers_chosen() {
+  local prev="" arg
+  for arg in "$@"; do
+    case "$prev|$arg" in
+      *\|-n|*\|-n[0-9]*|*\|--numprocesses*|*\|--dist*|-p\|no:xdist|*\|-pno:xdist|*\|--version|*\|-h|*\|--help) return 0 ;;
+    esac
+    prev=$arg
+  done
+  return 1
+}
+if ! workers_chosen "$@"; then
+  workers=${PALP_TEST_WORKERS:-$("$python" -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}
+  [[ $workers =~ ^[0-9]+$ && $workers -ge 1 ]] || fail "PALP_TEST_WORKERS must be a whole number of worker processes, 1 or more, not '$workers'"
+  (( workers == 1 )) || parallel=(-n "$workers" --dist loadfile)
+fi
+say "running $python -m pytest -q ${parallel[*]} $*"
+exec "$python" -m pytest -q "${parallel[@]}" "$@"

@@ -44,8 +44,8 @@ from palp.core.preemption import Preempted, StopRequests
 from palp.core.prompts import CheckedPrompt, to_token_prompt
 from palp.core.settings import SampleSettings as _S
 from palp.core.settings import method_label
-from palp.models.denoising import SCHEDULERS, build_pipeline, generate, initial_latents, write_png
-from palp.models.run_weights import CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LORA_FILE
+from palp.models.denoising import SCHEDULERS, build_pipeline, generate, initial_latents, is_xl, write_png
+from palp.models.run_weights import CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LORA_FILE, xl_embeds
 from palp.steps.sample_jobs import (SampleError, Weights, finished, make_jobs, merge_tables, prompt_key, settings_key,
                                     texts_by_task, unfinished_batches, write_settings)
 
@@ -102,11 +102,13 @@ def load_weights(pipe, folder: Path, personalize: str = "lora-token") -> None:
     if personalize not in ("lora-token", "custom-diffusion"):
         raise SampleError(f"the run trained {personalize!r}, which this palp cannot sample; use a newer palp")
     pipe.unload_lora_weights()
-    device = pipe.text_encoder.device
-    if xla.is_xla(device):  # diffusers' unload assigns the kept rows to a new CPU nn.Embedding: refused for XLA tensors
-        pipe.text_encoder.to("cpu")
-    pipe.unload_textual_inversion()
-    pipe.text_encoder.to(device)
+    pairs = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if is_xl(pipe) else [])
+    for tokenizer, encoder in pairs:
+        device = encoder.device
+        if xla.is_xla(device):  # diffusers' unload assigns the kept rows to a new CPU nn.Embedding: refused for XLA tensors
+            encoder.to("cpu")
+        pipe.unload_textual_inversion(tokenizer=tokenizer, text_encoder=encoder)
+        encoder.to(device)
     if personalize == "custom-diffusion":
         from palp.models.custom_diffusion import set_custom_diffusion_processors
 
@@ -116,6 +118,15 @@ def load_weights(pipe, folder: Path, personalize: str = "lora-token") -> None:
             raise SampleError(f"{folder / CUSTOM_DIFFUSION_FILE}: {e}") from e
     else:
         pipe.load_lora_weights(folder)
+    xl = xl_embeds(folder / EMBEDS_FILE)
+    if is_xl(pipe) != (xl is not None):
+        raise SampleError(f"{folder / EMBEDS_FILE} holds {'SDXL' if xl else 'Stable Diffusion 1.x/2.x'} embeddings, "
+                          f"the base model is {'SDXL' if is_xl(pipe) else 'Stable Diffusion 1.x/2.x'}")
+    if xl is not None:  # one (1, D) row per token into each encoder, as docs/training.md shows
+        tokens, clip_l, clip_g = xl
+        for rows, tokenizer, encoder in ((clip_l, pipe.tokenizer, pipe.text_encoder), (clip_g, pipe.tokenizer_2, pipe.text_encoder_2)):
+            pipe.load_textual_inversion(list(rows.split(1)), token=tokens, text_encoder=encoder, tokenizer=tokenizer)
+        return
     embeds = load_file(folder / EMBEDS_FILE)
     pipe.load_textual_inversion(list(embeds.values()), token=list(embeds))
 

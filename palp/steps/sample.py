@@ -226,7 +226,8 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
     weights = weights_to_sample(run, checkpoints, reference)
     method, subject, run_tag = _run_names(config, texts, model=model, reference=reference)
     device_, dtype, vae_dtype, settings = _pixel_settings(seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
-                                                          device=device, precision=precision, vae_precision=vae_precision)
+                                                          device=device, precision=precision, vae_precision=vae_precision,
+                                                          fp32_vae_for_fp16=config.get("model_family") == "sdxl")
     key = settings_key(settings)
     jobs = make_jobs(texts, weights, num_samples=num_samples, seed=seed, key=key, run_tag=run_tag, subject=subject,
                      method=method, model=model)
@@ -281,13 +282,17 @@ def _run_names(config: dict, texts: list[dict], *, model: str, reference: bool) 
 
 
 def _pixel_settings(*, seed: int, steps: int, guidance: float, scheduler: str, device: str | None, precision: str,
-                    vae_precision: str) -> tuple[torch.device, torch.dtype, torch.dtype, dict]:
-    """(device, dtype, VAE dtype, the settings that decide the pixels: ``settings.json``)."""
+                    vae_precision: str, fp32_vae_for_fp16: bool = False) -> tuple[torch.device, torch.dtype, torch.dtype, dict]:
+    """(device, dtype, VAE dtype, the settings that decide the pixels: ``settings.json``).
+    ``fp32_vae_for_fp16``: an SDXL run, whose VAE overflows in fp16: ``--vae-precision auto``
+    decodes fp16 samples in fp32, as the stock pipeline does (its VAE config's force_upcast)."""
     if scheduler not in SCHEDULERS:
         raise SampleError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = sample_dtype(device_, precision)
     vae_dtype = dtype if vae_precision == "auto" else sample_dtype(device_, vae_precision)
+    if vae_precision == "auto" and fp32_vae_for_fp16 and dtype == torch.float16:
+        vae_dtype = torch.float32
     # What decides the pixels; not --sampler (both samplers make the same images, tested) nor
     # the speed options (compile, attention kernel, batch size).
     settings = {"seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,

@@ -380,6 +380,7 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int, progress:
     config = {
         **cfg.to_dict(), "palp_version": __version__, "pretrained_model": portable_reference(cfg.pretrained_model),
         "base_model_pin": base.pin, "resolution": base.resolution, "prediction_type": base.prediction_type,
+        "model_family": base.family,
         "placeholder_tokens": dict(zip(token_ids, tokens)), "class_words": cfg.class_words,
         "micro_batch_size": micro, "micro_batch_auto": cfg.micro_batch_size is None,
         "gradient_accumulation_steps": accum, "num_processes": accelerator.num_processes,

@@ -70,6 +70,9 @@ def test_tiny_sdxl_is_sdxl_shaped_and_read_from_its_configs(xl_dir):
     assert ids.shape == (1, 154) and ids[0, 76] == 49407 and ids[0, -1] == 0  # each tokenizer pads its own way
     index = json.loads((xl_dir / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
+    scheduler = json.loads((xl_dir / "scheduler" / "scheduler_config.json").read_text())  # as SDXL base ships it
+    assert scheduler["_class_name"] == "EulerDiscreteScheduler" and scheduler["timestep_spacing"] == "leading"
+    assert scheduler["clip_sample"] is False and scheduler["set_alpha_to_one"] is False
 
 
 @pytest.mark.parametrize("path, changes, message", [
@@ -252,7 +255,8 @@ def xl_run(tmp_path_factory, xl_dir):
 
     root = tmp_path_factory.mktemp("sdxl")
     args = build_parser().parse_args(train_args(EXAMPLE_CAT, root / "run", "--pretrained-model", TINY_SDXL_NAME,
-                                                "--lr", "1e-2", steps=3))
+                                                "--lr", "1e-2", "--validation-every", "3", "--validation-images", "2",
+                                                "--validation-steps", "4", steps=3))
     result = train(config_from_args(args), progress=False)
     assert main(["sample", "--model", str(root / "run"), "--output", str(root / "s"), "--num-samples", "2", "--steps", "4",
                  "--batch-size", "2", "--quiet"]) == 0
@@ -317,3 +321,26 @@ def test_sdxl_run_unet_equals_stock_with_loaded_weights(xl_run, xl_dir):
         before = pipe.unet(x, t, **stock_unet_inputs(pipe, prompt, 2)).sample
     torch.testing.assert_close(stock, ours, rtol=1e-5, atol=1e-6)
     assert (stock - before).abs().max() > 1e-3  # the LoRA was trained and loaded
+
+
+def test_sdxl_validation_images_are_the_stock_pipelines(xl_run, xl_dir):
+    """Training's validation grid (palp's own DDIM loop over the model being trained) equals the
+    stock pipeline's images of the final weights from the same seeds' noise, within one 8-bit
+    level (separate loops, rounded separately), and the run's page embeds the grid."""
+    from diffusers import DDIMScheduler
+
+    from palp.core.settings import SampleSettings
+    from palp.models.denoising import initial_latents
+
+    root, _ = xl_run
+    (entry,) = json.loads((root / "run" / "validation" / "index.json").read_text())
+    assert entry["step"] == 3 and entry["seeds"] == [0, 1] and entry["steps"] == 4
+    grid = np.asarray(Image.open(root / "run" / "validation" / entry["file"]), dtype=np.int16)
+    assert grid.shape == (SIDE, 2 * SIDE, 3)
+    pipe = stock_pipe(xl_dir)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    load_stock(pipe, root / "run")
+    stock = pipe(["A sketch of <v> in Paris at night"] * 2, num_inference_steps=4, guidance_scale=SampleSettings.guidance,
+                 latents=initial_latents([0, 1], (4, 16, 16)), output_type="np").images
+    for k in range(2):
+        assert np.abs(grid[:, k * SIDE : (k + 1) * SIDE] - (stock[k] * 255).round()).max() <= 1

@@ -131,7 +131,7 @@ def random_sdxl_dir(out: Path, *, seed: int = 0, tokenizer: str | None = None) -
         toks = [CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token=pad, model_max_length=77)
                 for pad in ("<|endoftext|>", "!")]
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=toks[0],
-                                         tokenizer_2=toks[1], unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+                                         tokenizer_2=toks[1], unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
                                          add_watermarker=False)
         pipe.save_pretrained(tmp, safe_serialization=True)
     return out

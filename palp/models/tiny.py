@@ -204,9 +204,10 @@ def build_tiny_sd2_pipeline(seed: int = TINY_SEED, *, prediction_type: str = "v_
 # output (32) with the six micro-conditioning numbers, each embedded in 8 channels: 6 x 8 + 32 = 80.
 TINY_SDXL_VERSION = "1"
 TINY_SDXL_RESOLUTION = 128  # twice the tiny SD-1.x side, as SDXL's 1024 is twice SD-1.x's 512
-# SDXL base 1.0's scheduler config (Euler, "leading" spacing); palp samples with DDIM or DPM++ from it.
-SDXL_SCHEDULER_CONFIG = dict({k: v for k, v in _SD_SCHEDULE.items() if k != "set_alpha_to_one"}, interpolation_type="linear", prediction_type="epsilon",
-                             timestep_spacing="leading", use_karras_sigmas=False)
+# SDXL base 1.0's scheduler config, every key as it ships (Euler, "leading" spacing, and the DDIM
+# keys clip_sample and set_alpha_to_one that DDIM reads when palp samples with it).
+SDXL_SCHEDULER_CONFIG = dict(_SD_SCHEDULE, clip_sample=False, interpolation_type="linear", prediction_type="epsilon",
+                             sample_max_value=1.0, skip_prk_steps=True, timestep_spacing="leading", use_karras_sigmas=False)
 
 
 def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
@@ -259,7 +260,7 @@ def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir, pad_token="<|endoftext|>", model_max_length=77)
         tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, pad_token="!", model_max_length=77)
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
 
 

@@ -75,6 +75,22 @@ def test_tiny_sdxl_is_sdxl_shaped_and_read_from_its_configs(xl_dir):
     assert scheduler["clip_sample"] is False and scheduler["set_alpha_to_one"] is False
 
 
+def test_tiny_sdxl_is_rebuilt_bit_identical_and_its_pin_covers_the_second_encoder(tmp_path, xl_dir):
+    """Built again elsewhere, tiny-sdxl has the same pin (so a run trained on one machine samples
+    on another); the pin changes with a byte of the second encoder's weights or its tokenizer."""
+    from palp.models.base_model import folder_pin, resolve_model
+    from palp.models.tiny import save_tiny_model
+
+    pin = resolve_model(TINY_SDXL_NAME).pin
+    assert folder_pin(save_tiny_model(tmp_path / "again", name=TINY_SDXL_NAME)) == pin
+    for part in ("text_encoder_2/model.safetensors", "tokenizer_2/tokenizer_config.json"):
+        copy = tmp_path / part.split("/")[0]
+        shutil.copytree(xl_dir, copy)
+        f = copy / part
+        f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
+        assert folder_pin(copy) != pin, part
+
+
 @pytest.mark.parametrize("path, changes, message", [
     ("model_index.json", {"text_encoder_2": ["transformers", "CLIPTextModel"]}, "text_encoder_2 is ['transformers', 'CLIPTextModel']"),
     ("model_index.json", {"text_encoder": [None, None]}, "StableDiffusionXLPipeline model without text_encoder"),

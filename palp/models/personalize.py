@@ -123,7 +123,7 @@ class PersonalizedModel(nn.Module):
             return self.text_encoder(input_ids)[0]  # (B, 77, D)
         from palp.models.text_conditioning import encode_xl
 
-        n = input_ids.shape[1] // 2
+        n = input_ids.shape[1] // 2  # TokenizerPair's ids: the first tokenizer's, then the second's
         return self.xl.pack(*encode_xl(self.text_encoder, self.text_encoder_2, input_ids[:, :n], input_ids[:, n:]))
 
     def encode_unconditional(self, input_ids: torch.Tensor) -> torch.Tensor:

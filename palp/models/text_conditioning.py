@@ -48,11 +48,6 @@ class TokenizerPair:
     def get_vocab(self) -> dict:
         return self.first.get_vocab()
 
-    def split(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 154) -> the first tokenizer's (B, 77) and the second's."""
-        n = self.first.model_max_length
-        return input_ids[:, :n], input_ids[:, n:]
-
 
 def time_ids(resolution: int) -> torch.Tensor:
     """SDXL's micro-conditioning for a square image of side ``resolution``, uncropped: (1, 6)."""

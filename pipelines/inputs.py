@@ -11,7 +11,7 @@ from typing import Optional
 from pipelines.experiment import ExperimentError
 
 # palp's built-in base models: names, not paths.
-BUILTIN_MODELS = ("tiny", "tiny-sd2", "tiny-sd2-v", "toyworld")
+BUILTIN_MODELS = ("tiny", "tiny-sd2", "tiny-sd2-v", "tiny-sdxl", "toyworld")
 
 
 @dataclass

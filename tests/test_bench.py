@@ -62,6 +62,20 @@ def test_train_step_smoke_writes_the_table_and_json(tmp_path):
     assert "| palp |" in proc.stdout and "| cold compile cache |" in proc.stdout
 
 
+def test_train_step_smoke_runs_the_sdxl_shaped_step(tmp_path):
+    """--family sdxl (here tiny-sdxl, 128 px): the naive anchor and palp's step both take SDXL's
+    added conditions, and the FLOP count is the SDXL UNet's (a PALP step 7/3 of a TI+DB one)."""
+    out = tmp_path / "train.json"
+    proc = _run("train_step.py", "--family", "sdxl", "--variants", "naive-db", "palp", "--iters", "1", "--warmup", "0",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny-sdxl" and result["resolution"] == 128
+    rows = {r["variant"]: r for r in result["variants"]}
+    assert rows["naive-db"]["flops"] == pytest.approx(3 * result["unet_fwd_gflop_per_image"] * 1e9 * result["batch"])
+    assert rows["palp"]["flops"] == pytest.approx(7 / 3 * rows["naive-db"]["flops"]) and rows["palp"]["ms"] > 0
+
+
 def test_sampling_smoke_matches_the_stock_pipeline(tmp_path):
     out = tmp_path / "sampling.json"
     proc = _run("sampling.py", "--variants", "stock", "palp", "palp+vae=bf16", "--iters", "1", "--out", str(out))

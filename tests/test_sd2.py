@@ -1,6 +1,6 @@
 """Stable Diffusion 2.x-shaped base models: the family read from the model's configs, PALP's
 term for v-prediction (closed-form gradients written from docs/method.md's algebra), the
-round trip through the stock diffusers pipeline, and the refusal of SDXL."""
+round trip through the stock diffusers pipeline, and the refusal of other families."""
 
 from __future__ import annotations
 
@@ -370,19 +370,19 @@ def _edited(tmp_path, tiny_dir, name: str, path: str, **changes) -> str:
     return str(folder)
 
 
-def test_sdxl_is_refused_with_exit_2_and_one_line(tmp_path, tiny_dir, capsys):
-    sdxl = _edited(tmp_path, tiny_dir, "sdxl", "model_index.json", _class_name="StableDiffusionXLPipeline",
-                   text_encoder_2=["transformers", "CLIPTextModelWithProjection"], tokenizer_2=["transformers", "CLIPTokenizer"])
+def test_an_unsupported_family_is_refused_with_exit_2_and_one_line(tmp_path, tiny_dir, capsys):
+    sd3 = _edited(tmp_path, tiny_dir, "sd3", "model_index.json", _class_name="StableDiffusion3Pipeline",
+                  text_encoder_3=["transformers", "T5EncoderModel"])
     capsys.readouterr()
-    assert main(train_args(EXAMPLE_CAT, tmp_path / "run", "--pretrained-model", sdxl)) == 2
+    assert main(train_args(EXAMPLE_CAT, tmp_path / "run", "--pretrained-model", sd3)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith("palp train: error:") and "StableDiffusionXLPipeline" in err[0]
-    assert "second text encoder (text_encoder_2, tokenizer_2)" in err[0] and "Stable Diffusion 1.x and 2.x" in err[0]
+    assert err[0].startswith("palp train: error:") and "is a StableDiffusion3Pipeline model" in err[0]
+    assert "Stable Diffusion 1.x and 2.x (StableDiffusionPipeline) and Stable Diffusion XL" in err[0]
     assert not (tmp_path / "run").exists()
     assert main(["prepare", "--subject", f"cat={EXAMPLE_CAT}", "--class-word", "cat=cat", "--prompt", TARGET,
-                 "--pretrained-model", sdxl, "--output", str(tmp_path / "prep"), "--quiet"]) == 2
-    assert "StableDiffusionXLPipeline" in capsys.readouterr().err
+                 "--pretrained-model", sd3, "--output", str(tmp_path / "prep"), "--quiet"]) == 2
+    assert "StableDiffusion3Pipeline" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path, changes, message", [
@@ -405,25 +405,25 @@ def test_a_second_text_encoder_folder_alone_is_refused(tmp_path, tiny_dir):
         resolve_model_dir(str(folder))
 
 
-def test_an_sdxl_hub_id_is_refused_from_its_model_index_alone(tmp_path, tiny_dir):
-    """A hub repository whose model_index.json says SDXL is refused from that file, before its
+def test_an_sd3_hub_id_is_refused_from_its_model_index_alone(tmp_path, tiny_dir):
+    """A hub repository whose model_index.json says SD3 is refused from that file, before its
     weights are fetched: here the cached snapshot holds nothing else, so a check made only after
     the full fetch would name the missing parts instead."""
     import os
     import subprocess
     import sys
 
-    repo = tmp_path / "hf" / "hub" / "models--palp-test--tiny-sdxl"
+    repo = tmp_path / "hf" / "hub" / "models--palp-test--tiny-sd3"
     commit = "0123456789abcdef0123456789abcdef01234567"
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     index = json.loads((tiny_dir / "model_index.json").read_text())
-    (snapshot / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline",
-                                                           "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    (snapshot / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline",
+                                                           "text_encoder_3": ["transformers", "T5EncoderModel"]}))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     code = ("from palp.models.base_model import resolve_model_dir, ModelError\n"
-            "try:\n    resolve_model_dir('palp-test/tiny-sdxl')\nexcept ModelError as e:\n    print(e)")
+            "try:\n    resolve_model_dir('palp-test/tiny-sd3')\nexcept ModelError as e:\n    print(e)")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert "palp-test/tiny-sdxl is a StableDiffusionXLPipeline model with a second text encoder" in out.stdout, out
+    assert "palp-test/tiny-sd3 is a StableDiffusion3Pipeline model; palp personalizes" in out.stdout, out

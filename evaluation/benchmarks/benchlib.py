@@ -37,6 +37,23 @@ SD14_VAE = dict(act_fn="silu", block_out_channels=[128, 256, 512, 512], down_blo
 SD14_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                  max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768,
                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+# SDXL base 1.0's shapes (stabilityai/stable-diffusion-xl-base-1.0's configs): a 3-level UNet with
+# 1, 2 and 10 transformer layers per block, 2048-wide text states (CLIP ViT-L 768 + OpenCLIP bigG
+# 1280, penultimate layers), the pooled bigG projection (1280) and six time ids of 256 channels each.
+SDXL_UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5,
+    norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816, sample_size=128,
+    transformer_layers_per_block=[1, 2, 10], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    use_linear_projection=True,
+)
+SDXL_VAE = dict(SD14_VAE, sample_size=1024, scaling_factor=0.13025)
+SDXL_TEXT = dict(SD14_TEXT, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                   max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=1280,
+                   bos_token_id=0, eos_token_id=2, pad_token_id=1)
 EXAMPLE_SUBJECT = REPO / "examples" / "subjects" / "cat"
 
 
@@ -90,20 +107,61 @@ def random_sd14_dir(out: Path, *, seed: int = 0, tokenizer: str | None = None) -
     return out
 
 
+def random_sdxl_dir(out: Path, *, seed: int = 0, tokenizer: str | None = None) -> Path:
+    """An SDXL-base-shaped model with random weights (1024 px), in the diffusers layout (made once, then reused)."""
+    if (out / "model_index.json").exists():
+        return out
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from palp.core.storage import atomic_directory
+    from palp.models.tiny import SDXL_SCHEDULER_CONFIG, write_clip_tokenizer_files
+
+    log(f"building a random SDXL-shaped model in {out} ...")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**SDXL_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2))
+    with atomic_directory(out) as tmp:
+        tok_dir = Path(tokenizer) if tokenizer else tmp / "_tok"
+        if not tokenizer:
+            write_clip_tokenizer_files(tok_dir)
+        toks = [CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token=pad, model_max_length=77)
+                for pad in ("<|endoftext|>", "!")]
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=toks[0],
+                                         tokenizer_2=toks[1], unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+                                         add_watermarker=False)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
+
+
 def model_dir(args) -> Path:
-    """--model, the tiny model (--smoke), or the random SD-1.4-shaped one."""
+    """--model, the tiny model of --family (--smoke), or the random SD-1.4- or SDXL-shaped one."""
     from palp.models.base_model import resolve_model_dir
 
     if args.model:
         return resolve_model_dir(args.model)
+    xl = getattr(args, "family", "sd") == "sdxl"
     if args.smoke:
-        return resolve_model_dir("tiny")
+        return resolve_model_dir("tiny-sdxl" if xl else "tiny")
+    if xl:
+        return random_sdxl_dir(Path(args.random_model_dir + "-sdxl"), tokenizer=args.tokenizer)
     return random_sd14_dir(Path(args.random_model_dir), tokenizer=args.tokenizer)
+
+
+def model_label(args) -> str:
+    xl = getattr(args, "family", "sd") == "sdxl"
+    return str(args.model or (("tiny-sdxl" if xl else "tiny") if args.smoke else
+                              ("random SDXL-shaped" if xl else "random SD-1.4-shaped")))
 
 
 def add_common_args(ap) -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, few iterations: checks that everything runs")
     ap.add_argument("--model", help="a real model folder (diffusers layout) instead of random SD-1.4-shaped weights")
+    ap.add_argument("--family", choices=("sd", "sdxl"), default="sd",
+                    help="the random model's shape: SD-1.4 at 512 px, or SDXL base at 1024 px (--smoke: tiny or tiny-sdxl)")
     ap.add_argument("--random-model-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "palp-sd14-random"),
                     help="where the random SD-1.4-shaped model is written once and reused")
     ap.add_argument("--tokenizer", help="folder with CLIP's vocab.json + merges.txt (default: built from open_clip)")
@@ -175,8 +233,13 @@ def unet_forward_flops(unet, *, resolution: int, device: torch.device, dtype: to
     h = resolution // 8
     x = torch.randn(1, unet.config.in_channels, h, h, device=device, dtype=dtype)
     states = torch.randn(1, 77, text_dim, device=device, dtype=dtype)
+    added = None
+    if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled text embedding and six time ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(1, pooled, device=device, dtype=dtype),
+                 "time_ids": torch.full((1, 6), float(resolution), device=device, dtype=dtype)}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(x, torch.tensor([500], device=device), encoder_hidden_states=states)
+        unet(x, torch.tensor([500], device=device), encoder_hidden_states=states, added_cond_kwargs=added)
     return float(counter.get_total_flops())
 
 

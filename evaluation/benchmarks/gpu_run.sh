@@ -3,6 +3,8 @@
 #
 #     evaluation/benchmarks/gpu_run.sh          # both benchmarks, 8-9 minutes on an H200
 #     evaluation/benchmarks/gpu_run.sh run      # whole palp train runs, about 4 minutes
+#     evaluation/benchmarks/gpu_run.sh sdxl     # the SDXL-shaped step at 1024 px (random weights, written
+#                                               # once to /tmp: about 14 GB), SDXL_BATCH rows (default 4)
 #
 # Environment: OUT; TRAIN_VARIANTS / SAMPLE_VARIANTS (space-separated, default: each script's
 # list); TRAIN_LIMIT / SAMPLE_LIMIT / RUN_LIMIT (seconds, default 330 / 200 / 330); RUN_STEPS,
@@ -42,5 +44,9 @@ case "$PHASE" in
     timeout "${RUN_LIMIT:-330}" python3 evaluation/benchmarks/train_step.py "${TOK[@]}" --variants --run-steps "${RUN_STEPS:-60}" \
       --run-warm-steps "${RUN_WARM_STEPS:-10}" --out "$OUT/train_run.json" 2>&1 | tee "$OUT/train_run.log"
     ;;
-  *) echo "usage: $0 [bench|run]" >&2; exit 2 ;;
+  sdxl)
+    timeout "${SDXL_LIMIT:-420}" python3 evaluation/benchmarks/train_step.py "${TOK[@]}" --family sdxl --batch "${SDXL_BATCH:-4}" \
+      --variants ${SDXL_VARIANTS:-naive-db db palp} --out "$OUT/train_step_sdxl.json" 2>&1 | tee "$OUT/train_step_sdxl.log"
+    ;;
+  *) echo "usage: $0 [bench|run|sdxl]" >&2; exit 2 ;;
 esac

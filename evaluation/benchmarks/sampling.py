@@ -83,7 +83,7 @@ class Samplers:
         self.latents = initial_latents([sample_seed(0, PROMPT, i) for i in range(batch)], self.latent_shape)
         self.resolution = unet.config.sample_size * 8
         self.flops_fwd = bl.unet_forward_flops(unet, resolution=self.resolution, device=device, dtype=self.dtype,
-                                               text_dim=self.pipe.text_encoder.config.hidden_size)
+                                               text_dim=self.pipe.unet.config.cross_attention_dim)
         self.vaes = {self.pipe.vae.dtype: self.pipe.vae}  # each decoder dtype cast once from this one
         self.reference = None  # the stock pipeline's images
 
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     ceiling = args.ceiling_tflops or bl.matmul_ceiling_tflops(device)
     s = Samplers(path, device, batch=args.batch, steps=steps, lora=not args.no_lora, smoke=args.smoke)
     result = {"benchmark": "sampling", **bl.environment(device),
-              "model": str(args.model or ("tiny" if args.smoke else "random SD-1.4-shaped")), "lora": not args.no_lora,
+              "model": bl.model_label(args), "lora": not args.no_lora,
               "resolution": s.resolution, "batch": args.batch, "steps": steps, "guidance": 7.5, "scheduler": "ddim",
               "precision": str(s.dtype).replace("torch.", ""), "compile_backend": backend, "ceiling_tflops": ceiling,
               "unet_fwd_gflop_per_image": s.flops_fwd / 1e9,

@@ -2,8 +2,11 @@
 
     python evaluation/benchmarks/train_step.py [--batch 32] [--variants ...] [--run-steps 500] --out train_step.json
     python evaluation/benchmarks/train_step.py --smoke --out smoke.json     # CPU, tiny model, seconds
+    python evaluation/benchmarks/train_step.py --family sdxl --batch 4 --variants naive-db db palp --out sdxl.json  # SDXL, 1024 px
+    python evaluation/benchmarks/train_step.py --smoke --family sdxl --out smoke-sdxl.json   # CPU, tiny-sdxl
 
-Default: CUDA, an SD-1.4-shaped model with random weights at 512px (or --model PATH), bf16
+Default: CUDA, an SD-1.4-shaped model with random weights at 512px (``--family sdxl``: SDXL
+base's shapes at 1024px, two text encoders; or --model PATH), bf16
 frozen weights under bf16 autocast with the LoRA (r=32) and [V] in fp32, as palp trains.
 Variants (``BASE[+OPTION...]``):
 
@@ -102,7 +105,8 @@ class Bench:
                            t_align=torch.randint(20, 981, (batch,), generator=g), noise_align=noise.clone())
         if device.type == "cuda":
             self.draws = Draws(*(None if x is None else x.pin_memory() for x in dataclasses.astuple(self.draws)))
-        self.text_dim = base.text_encoder.config.hidden_size
+        self.text_dim = base.unet.config.cross_attention_dim  # SDXL: both encoders' widths
+        self.text_rows = 77 if base.family == "sd" else 78  # SDXL: the pooled embedding's row (text_conditioning)
         self.flops_fwd = bl.unet_forward_flops(self.model.unet, resolution=base.resolution, device=device,
                                                dtype=self.dtype, text_dim=self.text_dim)
         self._naive_inputs()
@@ -114,32 +118,32 @@ class Bench:
         self.z0 = torch.randn(B, 4, h, h, generator=g).to(dev, dt)
         self.eps = torch.randn(B, 4, h, h, generator=g).to(dev, dt)
         self.t = torch.randint(0, 1000, (B,), generator=g).to(dev)
-        self.yP, self.yc, self.y0 = (torch.randn(B, 77, self.text_dim, generator=g).to(dev, dt) for _ in range(3))
+        self.yP, self.yc, self.y0 = (torch.randn(B, self.text_rows, self.text_dim, generator=g).to(dev, dt) for _ in range(3))
         self.naive_opt = torch.optim.AdamW([p for p in self.model.unet.parameters() if p.requires_grad], lr=5e-5)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.mixed != "no")
 
     def naive_db(self):
-        unet = self.model.unet
+        unet = self.model.predict  # the UNet on text states (SDXL: with its added conditions)
         with self._autocast():
-            pred = unet(self.z0, self.t, encoder_hidden_states=self.yP).sample
+            pred = unet(self.z0, self.t, self.yP)
             loss = torch.nn.functional.mse_loss(pred.float(), self.eps.float())
         loss.backward()
         self.naive_opt.step()
         self.naive_opt.zero_grad(set_to_none=True)
 
     def naive_palp(self):
-        unet = self.model.unet
+        unet, predict = self.model.unet, self.model.predict  # SDXL: predict passes its added conditions
         with self._autocast():
-            pred = unet(self.z0, self.t, encoder_hidden_states=self.yP).sample
+            pred = predict(self.z0, self.t, self.yP)
             loss_p = torch.nn.functional.mse_loss(pred.float(), self.eps.float())
             with torch.no_grad():
                 xt, tt = torch.cat([self.z0, self.z0]), torch.cat([self.t, self.t])
                 unet.disable_adapters()
-                g_base = unet(xt, tt, encoder_hidden_states=torch.cat([self.yc, self.y0])).sample
+                g_base = predict(xt, tt, torch.cat([self.yc, self.y0]))
                 unet.enable_adapters()
-                g_lora = unet(xt, tt, encoder_hidden_states=torch.cat([self.yP, self.y0])).sample
+                g_lora = predict(xt, tt, torch.cat([self.yP, self.y0]))
                 c, u = g_base.chunk(2)
                 gb = u + 15.0 * (c - u)
                 c, u = g_lora.chunk(2)
@@ -300,7 +304,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     path = bl.model_dir(args)
     result = {"benchmark": "train_step", **bl.environment(device),
-              "model": str(args.model or ("tiny" if args.smoke else "random SD-1.4-shaped")), "batch": args.batch,
+              "model": bl.model_label(args), "batch": args.batch,
               "precision": "no" if device.type == "cpu" else "bf16", "compile_backend": backend, "variants": [], "runs": []}
     if variants:
         ceiling = args.ceiling_tflops or bl.matmul_ceiling_tflops(device)

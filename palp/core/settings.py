@@ -199,7 +199,7 @@ class TrainConfig:
     elements: list[dict] | None = None  # the target prompt's elements (default: palp's rule)
     pretrained_model: str = flag(DEFAULT_BASE_MODEL, section=SUBJECT,
                                  help="Hugging Face id, local diffusers folder, gs:// prefix, 'tiny', 'tiny-sd2', "
-                                      "'tiny-sd2-v' or 'toyworld'")
+                                      "'tiny-sd2-v', 'tiny-sdxl' or 'toyworld'")
     output: str = flag(section=SUBJECT, help="run folder")
     min_image_size: int | None = flag(None, section=SUBJECT,
                                       help="smallest accepted image side (default: half the model resolution)")

@@ -97,9 +97,10 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 class Conditioning:
     """Text states of the prompts that hold no learned token: computed once per run."""
 
-    uncond: torch.Tensor  # (1, 77, D) the empty prompt
-    clean: torch.Tensor  # (1, 77, D) y_c
-    negative: torch.Tensor | None  # (1, 77, D) NFSD's negative prompt
+    # (1, 77, D) each; SDXL: (1, 78, D1 + D2), packed (palp.models.text_conditioning)
+    uncond: torch.Tensor  # the empty prompt
+    clean: torch.Tensor  # y_c
+    negative: torch.Tensor | None  # NFSD's negative prompt
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -113,7 +114,8 @@ def encode_fixed_prompts(model: PersonalizedModel, tokenizer, cfg: TrainConfig, 
     negative = methods.METHOD_TABLE[cfg.method].negative
     prompts = ["", cfg.clean_prompt] + ([cfg.negative_prompt] if negative else [])
     states = model.encode(tokenize(tokenizer, prompts).to(device))
-    return Conditioning(states[0:1], states[1:2], states[2:3] if negative else None)
+    uncond = model.as_unconditional(states[0:1])  # SDXL: zeros, as its pipeline's
+    return Conditioning(uncond, states[1:2], states[2:3] if negative else None)
 
 
 @torch.no_grad()

@@ -4,12 +4,14 @@ Every source ends as a local directory in the diffusers Stable Diffusion layout 
 through the same ``from_pretrained`` calls, so the tiny test models and SD v1.4 share one path.
 The model family follows the model's own configs (``check_family``): Stable Diffusion 1.x and
 2.x (``StableDiffusionPipeline``, one text encoder, a 4-channel UNet, ``prediction_type``
-``epsilon`` or ``v_prediction``); anything else is refused with one line naming what was found.
+``epsilon`` or ``v_prediction``) and Stable Diffusion XL (``StableDiffusionXLPipeline``, a
+second text encoder with projection and its tokenizer, a UNet with ``addition_embed_type:
+text_time``); anything else is refused with one line naming what was found.
 
 Every resolved model also has a *pin* naming its exact weights, so that a later step on
 another machine (``palp sample`` of a trained run) can check it loads the same ones:
 
-- ``tiny`` (and ``tiny-sd2``, ``tiny-sd2-v``), ``toyworld``, a local directory: ``sha256:<digest>`` of the files palp loads
+- ``tiny`` (and ``tiny-sd2``, ``tiny-sd2-v``, ``tiny-sdxl``), ``toyworld``, a local directory: ``sha256:<digest>`` of the files palp loads
   (``model_index.json`` and the scheduler, tokenizer, unet, vae and text_encoder files);
 - a ``gs://`` prefix: ``gcs:<digest>`` of those objects' generations (no bytes are read);
 - a Hugging Face id: ``hub:<commit>``, the snapshot's commit.
@@ -42,17 +44,24 @@ SD_LAYOUT = {
     "tokenizer": ("tokenizer/tokenizer.json", "tokenizer/vocab.json"),
     "scheduler config": ("scheduler/scheduler_config.json",),
 }
+# What an SDXL directory holds beside those: the second text encoder (with projection) and its tokenizer.
+SDXL_LAYOUT = {
+    "text_encoder_2 config": ("text_encoder_2/config.json",),
+    "text_encoder_2 weights": ("text_encoder_2/model.safetensors", "text_encoder_2/pytorch_model.bin"),
+    "tokenizer_2": ("tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json"),
+}
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Fetch only what palp loads: no safety checker, no fp16/EMA/.bin/.ckpt duplicates of the weights.
 _HUB_PATTERNS = [
     "model_index.json", "scheduler/*", "tokenizer/*", "unet/config.json", "vae/config.json", "text_encoder/config.json",
     "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+    "tokenizer_2/*", "text_encoder_2/config.json", "text_encoder_2/model.safetensors",  # SDXL's second encoder
 ]
 
 
 # The folders of the layout palp loads (model_index.json beside them); a safety_checker,
 # feature_extractor or README in the same folder is not part of the model palp uses.
-_LOADED_FOLDERS = ("scheduler", "tokenizer", "unet", "vae", "text_encoder")
+_LOADED_FOLDERS = ("scheduler", "tokenizer", "unet", "vae", "text_encoder", "tokenizer_2", "text_encoder_2")
 # Weight files that from_pretrained never reads for palp: a .bin beside its .safetensors
 # (the safetensors win) and variants (fp16, ema, ...), read only when a variant is asked for.
 _SAFETENSORS_TWIN = {"diffusion_pytorch_model.bin": "diffusion_pytorch_model.safetensors",
@@ -84,6 +93,23 @@ class BaseModel:
     tokenizer: object
     noise_scheduler: object  # DDPMScheduler with the model's training schedule
     pin: str = ""  # the exact weights (see resolve_model)
+    # SDXL: the second text encoder (``tokenizer`` is then a text_conditioning.TokenizerPair of both tokenizers)
+    text_encoder_2: torch.nn.Module | None = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL's model_index.json: the empty prompt's states are zeros
+
+    @property
+    def family(self) -> str:
+        """``sd`` (Stable Diffusion 1.x/2.x) or ``sdxl``."""
+        return "sd" if self.text_encoder_2 is None else "sdxl"
+
+    def xl_conditioning(self):
+        """How this SDXL model reads its text states (text_conditioning.XLConditioning); None for SD 1.x/2.x."""
+        if self.text_encoder_2 is None:
+            return None
+        from palp.models.text_conditioning import XLConditioning
+
+        return XLConditioning(resolution=self.resolution, pooled_dim=self.text_encoder_2.config.projection_dim,
+                              zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -100,8 +126,19 @@ class BaseModel:
         return self.noise_scheduler.config.prediction_type
 
 
+def _layout(path: Path) -> dict[str, tuple[str, ...]]:
+    """The parts a model folder must hold: SD_LAYOUT, and SDXL_LAYOUT too where model_index.json says SDXL."""
+    try:
+        import json
+
+        xl = json.loads((path / "model_index.json").read_text()).get("_class_name") == SDXL_PIPELINE
+    except (OSError, ValueError, AttributeError):
+        xl = False
+    return {**SD_LAYOUT, **SDXL_LAYOUT} if xl else SD_LAYOUT
+
+
 def missing_parts(path: Path) -> list[str]:
-    return [name for name, options in SD_LAYOUT.items() if not any((path / o).is_file() for o in options)]
+    return [name for name, options in _layout(path).items() if not any((path / o).is_file() for o in options)]
 
 
 def check_sd_layout(path: Path, *, spec: str) -> Path:
@@ -109,15 +146,17 @@ def check_sd_layout(path: Path, *, spec: str) -> Path:
     if missing:
         raise ModelError(
             f"{spec} is not a Stable Diffusion model directory: missing {', '.join(missing)} "
-            f"(expected the diffusers layout written by StableDiffusionPipeline.save_pretrained)"
+            f"(expected the diffusers layout written by the pipeline's save_pretrained)"
         )
     check_family(path, spec=spec)
     return path
 
 
 SUPPORTED_PIPELINE = "StableDiffusionPipeline"
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-_SUPPORTED = "palp personalizes Stable Diffusion 1.x and 2.x (StableDiffusionPipeline) base models only"
+_SUPPORTED = ("palp personalizes Stable Diffusion 1.x and 2.x (StableDiffusionPipeline) and "
+              "Stable Diffusion XL (StableDiffusionXLPipeline) base models only")
 
 
 def _config(path: Path, name: str, spec: str) -> dict:
@@ -132,30 +171,45 @@ def _config(path: Path, name: str, spec: str) -> dict:
     return found
 
 
-def check_pipeline_class(path: Path, *, spec: str) -> None:
-    """The part of :func:`check_family` that model_index.json alone decides."""
+def check_pipeline_class(path: Path, *, spec: str) -> str:
+    """The part of :func:`check_family` that model_index.json alone decides; returns the family, ``sd`` or ``sdxl``."""
     index = _config(path, "model_index.json", spec)
     cls = index.get("_class_name")
     second = [k for k in ("text_encoder_2", "tokenizer_2") if k in index or (path / k).is_dir()]
-    if cls != SUPPORTED_PIPELINE or second:
-        what = f"a {cls} model" if cls else "a model whose model_index.json names no pipeline class"
-        if second:
-            what += f" with a second text encoder ({', '.join(second)})"
-        raise ModelError(f"{spec} is {what}; {_SUPPORTED}")
+    if cls == SUPPORTED_PIPELINE and not second:
+        return "sd"
+    if cls == SDXL_PIPELINE:
+        encoder_2 = index.get("text_encoder_2")
+        lacks = [k for k in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if not any(index.get(k) or ())]
+        if lacks:
+            raise ModelError(f"{spec} is a {cls} model without {', '.join(lacks)} in its model_index.json "
+                             f"(a refiner or a single-encoder variant); {_SUPPORTED}")
+        if list(encoder_2) != ["transformers", "CLIPTextModelWithProjection"]:
+            raise ModelError(f"{spec} is a {cls} model whose text_encoder_2 is {encoder_2}, not transformers' "
+                             f"CLIPTextModelWithProjection; {_SUPPORTED}")
+        return "sdxl"
+    what = f"a {cls} model" if cls else "a model whose model_index.json names no pipeline class"
+    if second and cls == SUPPORTED_PIPELINE:
+        what += f" with a second text encoder ({', '.join(second)})"
+    raise ModelError(f"{spec} is {what}; {_SUPPORTED}")
 
 
-def check_family(path: Path, *, spec: str) -> None:
-    """Refuse, in one line naming what was found, a model that is not Stable Diffusion 1.x/2.x:
-    another pipeline class (SDXL's StableDiffusionXLPipeline, ...), a second text encoder, a
-    UNet that does not denoise 4 latent channels from text alone (inpainting, depth, SDXL's
-    added conditions), or a prediction type other than epsilon and v_prediction."""
-    check_pipeline_class(path, spec=spec)
+def check_family(path: Path, *, spec: str) -> str:
+    """Refuse, in one line naming what was found, a model that is neither Stable Diffusion
+    1.x/2.x nor SDXL: another pipeline class, a second text encoder in a StableDiffusionPipeline,
+    a UNet that does not denoise 4 latent channels from text alone (inpainting, depth), added
+    UNet conditions other than SDXL's ``text_time`` (and those outside SDXL), or a prediction
+    type other than epsilon and v_prediction. Returns the family, ``sd`` or ``sdxl``."""
+    family = check_pipeline_class(path, spec=spec)
     unet = _config(path, "unet/config.json", spec)
     latent = _config(path, "vae/config.json", spec).get("latent_channels", 4)
     if unet.get("in_channels", 4) != latent or unet.get("out_channels", 4) != latent:
         raise ModelError(f"{spec}'s UNet takes {unet.get('in_channels')} and gives {unet.get('out_channels')} channels, "
                          f"its VAE's latents have {latent} (an inpainting, depth or other conditioned model); {_SUPPORTED}")
     extra = {k: unet[k] for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim") if unet.get(k)}
+    if family == "sdxl" and extra.pop("addition_embed_type", None) != "text_time":
+        raise ModelError(f"{spec} is a {SDXL_PIPELINE} model whose UNet does not take SDXL's added conditions "
+                         f"(addition_embed_type: {unet.get('addition_embed_type')}, expected text_time); {_SUPPORTED}")
     if extra:
         raise ModelError(f"{spec}'s UNet takes added conditions ({', '.join(f'{k}: {v}' for k, v in extra.items())}); "
                          f"{_SUPPORTED}")
@@ -164,6 +218,7 @@ def check_family(path: Path, *, spec: str) -> None:
     if prediction not in PREDICTION_TYPES:
         raise ModelError(f"{spec}'s scheduler config says prediction_type {prediction!r}; palp trains "
                          f"{' and '.join(PREDICTION_TYPES)} models only")
+    return family
 
 
 def loaded_files(names: Iterable[str]) -> list[str]:
@@ -238,7 +293,7 @@ def _resolve(spec: str, *, cache_dir, pin: str | None, hash_local: bool) -> Reso
         return _local(spec, check_sd_layout(path, spec=spec), pin, hash_local)
     if path.exists():
         raise ModelError(f"{spec} is a file; --pretrained-model wants a model directory, hub id, gs:// prefix, "
-                         f"'tiny', 'tiny-sd2', 'tiny-sd2-v' or 'toyworld'")
+                         f"'tiny', 'tiny-sd2', 'tiny-sd2-v', 'tiny-sdxl' or 'toyworld'")
     if not _HUB_ID_RE.match(spec) or spec.startswith((".", "/", "~")):
         raise ModelError(f"model {spec!r} not found: no such directory, and it is not a Hugging Face id (ORG/NAME)")
     if pin is None:
@@ -273,7 +328,8 @@ def _gcs(spec: str, cache: Path, pin: str | None) -> ResolvedModel:
     if not every:
         raise ModelError(f"nothing found under {spec}; check the bucket and prefix")
     versions = {n: every[n] for n in loaded_files(every)}
-    missing = [part for part, options in SD_LAYOUT.items() if not any(o in versions for o in options)]
+    layout = {**SD_LAYOUT, **SDXL_LAYOUT} if any(n.startswith("text_encoder_2/") for n in versions) else SD_LAYOUT
+    missing = [part for part, options in layout.items() if not any(o in versions for o in options)]
     if missing:
         raise ModelError(
             f"{spec} is not a Stable Diffusion model prefix: missing {', '.join(missing)} "
@@ -384,6 +440,24 @@ def load_base_model(spec: str, *, cache_dir: str | Path | None = None, pin: str 
 
     resolved = resolve_model(spec, cache_dir=cache_dir, pin=pin)
     path = resolved.path
+    if check_family(path, spec=spec) == "sdxl":
+        from transformers import CLIPTextModelWithProjection
+
+        from palp.models.text_conditioning import TokenizerPair
+
+        index = _config(path, "model_index.json", spec)
+        return BaseModel(
+            path=path,
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            tokenizer=TokenizerPair(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                                    CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+            pin=resolved.pin,
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        )
     return BaseModel(
         path=path,
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),

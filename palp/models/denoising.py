@@ -2,7 +2,7 @@
 (one CPU generator per seed), the guided sampling loops, decoding latents to pixels and writing
 PNG files.
 
-Two loops: :func:`generate` runs a stock diffusers ``StableDiffusionPipeline`` (its scheduler,
+Two loops: :func:`generate` runs a stock diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (its scheduler,
 text encoder and UNet, LoRA and learned tokens loaded by diffusers' own loaders);
 :func:`sample_personalized` runs palp's personalized model as it is being trained, with DDIM.
 """
@@ -35,11 +35,18 @@ def initial_latents(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 
 def build_pipeline(base_path: str | Path, *, scheduler: str, device: torch.device, dtype: torch.dtype,
                    vae_dtype: torch.dtype | None = None):
-    """The stock pipeline in ``dtype``, its VAE in ``vae_dtype`` (default: the same), each cast once from fp32."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+    """The stock pipeline in ``dtype``, its VAE in ``vae_dtype`` (default: the same), each cast once
+    from fp32: StableDiffusionXLPipeline for an SDXL model (no invisible watermark: palp writes the
+    decoded pixels), StableDiffusionPipeline otherwise."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(base_path, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+    from palp.models.base_model import check_family
+
+    if check_family(Path(base_path), spec=str(base_path)) == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(base_path, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(base_path, safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False)
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif scheduler == "dpm++":
@@ -48,9 +55,9 @@ def build_pipeline(base_path: str | Path, *, scheduler: str, device: torch.devic
         raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    for name in ("unet", "text_encoder", "vae"):
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
         target = vae_dtype if name == "vae" and vae_dtype is not None else dtype
-        if target != torch.float32:
+        if target != torch.float32 and getattr(pipe, name, None) is not None:
             getattr(pipe, name).to(dtype=target)
     return pipe
 
@@ -67,8 +74,7 @@ def generate(pipe, prompts: list[str], latents: torch.Tensor, *, steps: int, gui
     """
     device = pipe.unet.device
     do_cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
-    cond, uncond = pipe.encode_prompt(prompts, device, 1, do_cfg)
-    states = torch.cat([uncond, cond]) if do_cfg else cond  # (2B, 77, D)
+    states, added = text_inputs(pipe, prompts, device, do_cfg)
     scheduler = pipe.scheduler
     scheduler.set_timesteps(steps)  # on the CPU
     timesteps = scheduler.timesteps.tolist()
@@ -81,13 +87,35 @@ def generate(pipe, prompts: list[str], latents: torch.Tensor, *, steps: int, gui
         # XLA: the timestep sent as data (an index into on_device would be a constant of the
         # graph, one compile per step), and a graph cut per step, as the stock pipeline does there.
         t_in = scheduler.timesteps[i].to(device) if lazy else on_device[i]
-        eps = pipe.unet(rows, t_in, encoder_hidden_states=states).sample
+        eps = pipe.unet(rows, t_in, encoder_hidden_states=states, added_cond_kwargs=added).sample
         if do_cfg:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
         x = scheduler.step(eps, t, x, **extra, return_dict=False)[0]
         xla.sync(device)
     return decode_latents(pipe.vae, x)
+
+
+def is_xl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def text_inputs(pipe, prompts: list[str], device, do_cfg: bool) -> tuple[torch.Tensor, dict | None]:
+    """The UNet's text arguments for ``prompts`` as the stock pipeline makes them, the
+    unconditional rows first with ``do_cfg``: ``encoder_hidden_states`` (B or 2B, 77, D) and,
+    for SDXL, ``added_cond_kwargs`` (the pooled embeddings and the time ids of the model's own
+    resolution, uncropped; the empty prompt as zeros where the model says so), else None."""
+    if not is_xl(pipe):
+        cond, uncond = pipe.encode_prompt(prompts, device, 1, do_cfg)
+        return (torch.cat([uncond, cond]) if do_cfg else cond), None
+    from palp.models.text_conditioning import time_ids
+
+    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=do_cfg)
+    states = torch.cat([uncond, cond]) if do_cfg else cond
+    pooled = torch.cat([uncond_pooled, pooled]) if do_cfg else pooled
+    side = pipe.default_sample_size * pipe.vae_scale_factor
+    return states, {"text_embeds": pooled, "time_ids": time_ids(side).to(device, states.dtype).expand(len(states), -1)}
 
 
 @torch.no_grad()
@@ -119,7 +147,7 @@ def sample_personalized(model, vae, scheduler_config, input_ids: torch.Tensor, u
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     with autocast():
-        states = torch.cat([model.encode(uncond_ids.expand(len(input_ids), -1)), model.encode(input_ids)])  # (2B, 77, D)
+        states = torch.cat([model.encode_unconditional(uncond_ids.expand(len(input_ids), -1)), model.encode(input_ids)])  # (2B, 77, D)
         x = noise.to(device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps.tolist():
             rows = torch.cat([x, x]).to(states.dtype)

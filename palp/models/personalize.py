@@ -90,12 +90,16 @@ def add_lora(unet, *, rank: int, alpha: float | None = None, targets: str = "att
 class PersonalizedModel(nn.Module):
     """G(x, t, y; theta_LoRA) and, with adapters disabled, the pretrained G(x, t, y; theta).
 
-    ``switch``: Custom Diffusion's DeltaSwitch (its layers already in the UNet); None: LoRA (peft)."""
+    ``switch``: Custom Diffusion's DeltaSwitch (its layers already in the UNet); None: LoRA (peft).
+    SDXL: ``text_encoder_2`` (its own placeholder rows) and ``xl``, how the UNet reads the packed
+    text states (palp.models.text_conditioning); encode and predict hide the difference."""
 
-    def __init__(self, unet, text_encoder, switch=None):
+    def __init__(self, unet, text_encoder, switch=None, *, text_encoder_2=None, xl=None):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.xl = xl
         self.personalize = "lora-token" if switch is None else "custom-diffusion"
         # The gate's hooks exist from the start (doing nothing outside predict_gated): torch.compile
         # does not guard on hooks, so a hook added after a graph was traced would be ignored by it.
@@ -108,16 +112,38 @@ class PersonalizedModel(nn.Module):
     def placeholder_embedding(self) -> PlaceholderEmbedding:
         return self.text_encoder.get_input_embeddings()
 
+    @property
+    def placeholder_embedding_2(self) -> PlaceholderEmbedding | None:
+        """SDXL's second encoder's placeholder rows; None for SD 1.x/2.x."""
+        return None if self.text_encoder_2 is None else self.text_encoder_2.get_input_embeddings()
+
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids)[0]  # (B, 77, D)
+        """The text states of tokenized prompts: (B, 77, D); SDXL: (B, 154) ids -> packed (B, 78, D1 + D2)."""
+        if self.xl is None:
+            return self.text_encoder(input_ids)[0]  # (B, 77, D)
+        from palp.models.text_conditioning import encode_xl
+
+        n = input_ids.shape[1] // 2  # TokenizerPair's ids: the first tokenizer's, then the second's
+        return self.xl.pack(*encode_xl(self.text_encoder, self.text_encoder_2, input_ids[:, :n], input_ids[:, n:]))
+
+    def encode_unconditional(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The empty prompt's states (``input_ids``: its tokens): zeros for an SDXL model that
+        says ``force_zeros_for_empty_prompt``, as its stock pipeline does; else :meth:`encode`."""
+        return self.as_unconditional(self.encode(input_ids))
+
+    def as_unconditional(self, states: torch.Tensor) -> torch.Tensor:
+        """The empty prompt's ``states`` as the model reads them (see :meth:`encode_unconditional`)."""
+        return torch.zeros_like(states) if self.xl is not None and self.xl.zeros_for_empty_prompt else states
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor):
         """The personalization prediction eps_theta and the text states it was conditioned on."""
         states = self.encode(input_ids)
-        return self.unet(z_t, t, encoder_hidden_states=states).sample, states
+        return self.predict(z_t, t, states), states
 
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        return self.unet(z_t, t, encoder_hidden_states=states).sample
+        if self.xl is None:
+            return self.unet(z_t, t, encoder_hidden_states=states).sample
+        return self.unet(z_t, t, **self.xl.unet_kwargs(states)).sample
 
     def predict_gated(self, z_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
         """One UNet call in which row i is G(.; theta_LoRA) where lora[i] = 1 and the pretrained
@@ -147,8 +173,21 @@ def build_personalized_model(base, class_words: dict[str, str], *, rank: int | N
 
     if personalize not in PERSONALIZATIONS:
         raise ValueError(f"personalize must be one of {', '.join(PERSONALIZATIONS)}, not {personalize!r}")
-    for module in (base.unet, base.vae, base.text_encoder):
-        module.requires_grad_(False)
+    xl = base.xl_conditioning()
+    for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False)
+    if xl is not None:  # SDXL: the token in both tokenizers and both encoders, each initialised from its class word
+        if personalize == "custom-diffusion":
+            raise ValueError("--personalize custom-diffusion trains Stable Diffusion 1.x/2.x models; "
+                             "use lora-token for an SDXL model")
+        token_ids = add_placeholder_tokens(base.tokenizer.first, base.text_encoder, class_words)
+        if add_placeholder_tokens(base.tokenizer.second, base.text_encoder_2, class_words) != token_ids:
+            raise RuntimeError("the placeholder tokens got other ids in SDXL's second tokenizer")
+        if rank is None:
+            raise ValueError("LoRA needs a rank")
+        config = add_lora(base.unet, rank=rank, alpha=alpha, targets=targets)
+        return PersonalizedModel(base.unet, base.text_encoder, text_encoder_2=base.text_encoder_2, xl=xl), config, token_ids
     token_ids = add_placeholder_tokens(base.tokenizer, base.text_encoder, class_words)
     if personalize == "custom-diffusion":
         from palp.models.custom_diffusion import add_custom_diffusion

@@ -7,6 +7,10 @@
 - ``learned_embeds.safetensors``: one key per placeholder token (``<v>``: (1, D));
   ``load_textual_inversion(dir)`` for one subject; for several, pass the tensors and tokens:
   ``sd = safetensors.torch.load_file(...); pipe.load_textual_inversion(list(sd.values()), token=list(sd))``.
+  An SDXL run's file holds one (K, D) tensor per text encoder under the keys diffusers'
+  pivotal-tuning SDXL script uses, ``clip_l`` (text_encoder, D1) and ``clip_g`` (text_encoder_2,
+  D2), row k for the k-th placeholder token; the tokens are in the file's metadata (``tokens``,
+  a JSON list) and in training_config.json. ``xl_embeds`` reads both back.
 """
 
 from __future__ import annotations
@@ -62,9 +66,28 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return {k: v.cpu() for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)).items()}
 
 
+XL_EMBED_KEYS = ("clip_l", "clip_g")  # SDXL: text_encoder's rows, text_encoder_2's rows
+
+
 def learned_embeds_state_dict(model, tokens: list[str]) -> dict[str, torch.Tensor]:
     learned = model.placeholder_embedding.learned.detach().float().cpu()  # (K, D)
+    if getattr(model, "text_encoder_2", None) is not None:
+        return {"clip_l": learned.clone(), "clip_g": model.placeholder_embedding_2.learned.detach().float().cpu().clone()}
     return {tok: learned[i : i + 1].clone() for i, tok in enumerate(tokens)}
+
+
+def xl_embeds(path: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor] | None:
+    """An SDXL run's learned embeddings: (tokens, clip_l (K, D1), clip_g (K, D2)); None for an
+    SD 1.x/2.x run's file (one key per token)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata() or {}
+    if keys != set(XL_EMBED_KEYS):
+        return None
+    found = load_file(str(path))
+    return json.loads(meta["tokens"]), found["clip_l"], found["clip_g"]
 
 
 def weights_file(personalize: str) -> str:
@@ -86,12 +109,16 @@ def export_weights(model, tokens: list[str], out_dir: Path) -> None:
 
             save_file(custom_diffusion_state_dict(model.unet), str(tmp / CUSTOM_DIFFUSION_FILE))
         else:
+            from diffusers import StableDiffusionXLPipeline
+
             metadata = model.unet.peft_config["default"].to_dict()
             metadata["target_modules"] = sorted(metadata["target_modules"])
-            StableDiffusionPipeline.save_lora_weights(
+            xl = getattr(model, "text_encoder_2", None) is not None
+            (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
                 tmp, unet_lora_layers=lora_state_dict(model.unet), safe_serialization=True, unet_lora_adapter_metadata=metadata
             )
-        save_file(learned_embeds_state_dict(model, tokens), str(tmp / EMBEDS_FILE))
+        embeds = learned_embeds_state_dict(model, tokens)
+        save_file(embeds, str(tmp / EMBEDS_FILE), metadata={"tokens": json.dumps(tokens)} if "clip_g" in embeds else None)
         for name in (weights_file(personalize), EMBEDS_FILE):
             os.replace(tmp / name, out_dir / name)
     finally:

@@ -1,4 +1,4 @@
-"""Tiny, seeded models shaped like Stable Diffusion 1.x and 2.x, written in the real diffusers layout.
+"""Tiny, seeded models shaped like Stable Diffusion 1.x, 2.x and XL, written in the real diffusers layout.
 
 Nothing can be downloaded on a build machine, so tests, CI and the local demo run on these
 models. ``tiny`` has every part of Stable Diffusion 1.x at toy width: a UNet2DConditionModel
@@ -8,7 +8,7 @@ open_clip ships) and SD's noise schedule. ``tiny-sd2`` (epsilon, 64x64, like SD 
 ``tiny-sd2-v`` (v-prediction, 96x96, like SD 2.x's 768x768 models) have SD 2.x's differences:
 an OpenCLIP-style text encoder (``gelu``, padded with ``!``), per-block attention head counts,
 linear projections in the transformer blocks, and a DDIM/PNDM scheduler config that names its
-``prediction_type``. Each is saved with ``save_pretrained`` and loaded with ``from_pretrained``,
+``prediction_type``. ``tiny-sdxl`` (128x128) is shaped like SDXL (build_tiny_sdxl_pipeline). Each is saved with ``save_pretrained`` and loaded with ``from_pretrained``,
 the same path as a real checkpoint.
 """
 
@@ -26,6 +26,7 @@ from palp.core.cache import cache_root
 TINY_NAME = "tiny"
 TINY_SD2_NAME = "tiny-sd2"
 TINY_SD2_V_NAME = "tiny-sd2-v"
+TINY_SDXL_NAME = "tiny-sdxl"
 # Bump when the architecture or seed below changes: cached copies are keyed by it.
 TINY_VERSION = "2"  # 2: the tokenizer config no longer records HF_HUB_OFFLINE (local_files_only)
 TINY_RESOLUTION = 64
@@ -198,12 +199,78 @@ def build_tiny_sd2_pipeline(seed: int = TINY_SEED, *, prediction_type: str = "v_
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+# SDXL's two text encoders, read as SDXL reads them: the penultimate hidden states of each,
+# concatenated (32 + 32 = the UNet's cross-attention width), and the second's projected pooled
+# output (32) with the six micro-conditioning numbers, each embedded in 8 channels: 6 x 8 + 32 = 80.
+TINY_SDXL_VERSION = "1"
+TINY_SDXL_RESOLUTION = 128  # twice the tiny SD-1.x side, as SDXL's 1024 is twice SD-1.x's 512
+# SDXL base 1.0's scheduler config, every key as it ships (Euler, "leading" spacing, and the DDIM
+# keys clip_sample and set_alpha_to_one that DDIM reads when palp samples with it).
+SDXL_SCHEDULER_CONFIG = dict(_SD_SCHEDULE, clip_sample=False, interpolation_type="linear", prediction_type="epsilon",
+                             sample_max_value=1.0, skip_prk_steps=True, timestep_spacing="leading", use_karras_sigmas=False)
+
+
+def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
+    """A tiny StableDiffusionXLPipeline, weights drawn from ``seed``: 128x128 images (16x16 latents).
+
+    What makes it SDXL: two text encoders, a CLIPTextModel (``quick_gelu``, like CLIP ViT-L) and
+    a CLIPTextModelWithProjection (``gelu``, like OpenCLIP bigG, with a pooled projection), both
+    with the legacy token ids of SDXL's configs (bos 0, eos 2, pad 1) and the real CLIP BPE
+    tokenizer, the second padding with ``!``; a UNet with ``addition_embed_type: text_time``
+    (pooled text embedding + time ids), per-block head counts, several transformer layers in its
+    inner block and linear projections; SDXL's VAE scaling factor 0.13025; Euler's scheduler
+    config, and ``force_zeros_for_empty_prompt`` (the empty prompt's states are zeros)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 20)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_SDXL_RESOLUTION // 8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            cross_attention_dim=64,
+            norm_num_groups=8,
+        )
+        torch.manual_seed(seed + 21)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+            latent_channels=4, norm_num_groups=8, sample_size=TINY_SDXL_RESOLUTION, scaling_factor=0.13025,
+        )
+        torch.manual_seed(seed + 22)
+        text_encoder = clip_text_encoder(hidden=32, intermediate=37, layers=2, heads=4, token_ids=(0, 2, 1))
+        torch.manual_seed(seed + 23)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, projection_dim=32, hidden_act="gelu", bos_token_id=0, eos_token_id=2,
+            pad_token_id=1))
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_clip_tokenizer_files(Path(tok_dir))
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, pad_token="<|endoftext|>", model_max_length=77)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, pad_token="!", model_max_length=77)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
 # name -> (cache folder, builder)
 TINY_MODELS = {
     TINY_NAME: (f"tiny-sd-v{TINY_VERSION}", build_tiny_pipeline),
     TINY_SD2_NAME: (f"tiny-sd2-v{TINY_SD2_VERSION}", lambda seed: build_tiny_sd2_pipeline(seed, prediction_type="epsilon")),
     TINY_SD2_V_NAME: (f"tiny-sd2-vpred-v{TINY_SD2_VERSION}",
                       lambda seed: build_tiny_sd2_pipeline(seed, prediction_type="v_prediction")),
+    TINY_SDXL_NAME: (f"tiny-sdxl-v{TINY_SDXL_VERSION}", build_tiny_sdxl_pipeline),
 }
 
 
@@ -212,6 +279,9 @@ TINY_FILES = ("model_index.json", "scheduler/scheduler_config.json", "text_encod
               "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json",
               "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
               "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
+# SDXL's second text encoder and tokenizer, beside those.
+TINY_SDXL_FILES = ("text_encoder_2/config.json", "text_encoder_2/model.safetensors", "tokenizer_2/tokenizer_config.json",
+                   "tokenizer_2/tokenizer.json")
 
 
 def save_tiny_model(out_dir: str | Path, seed: int = TINY_SEED, *, replace: bool = False, name: str = TINY_NAME) -> Path:
@@ -226,10 +296,12 @@ def save_tiny_model(out_dir: str | Path, seed: int = TINY_SEED, *, replace: bool
         # transformers records how the tokenizer was loaded (local_files_only follows
         # HF_HUB_OFFLINE): that would make the model's files, and so its pin, depend on the
         # environment it was built in, and a run trained offline be refused when sampled online.
-        config = tmp / "tokenizer" / "tokenizer_config.json"
-        settings = json.loads(config.read_text())
-        settings.pop("local_files_only", None)
-        config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        for folder in ("tokenizer", "tokenizer_2"):
+            config = tmp / folder / "tokenizer_config.json"
+            if config.is_file():
+                settings = json.loads(config.read_text())
+                settings.pop("local_files_only", None)
+                config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
 
 
@@ -246,7 +318,8 @@ def tiny_model_dir(name: str = TINY_NAME) -> Path:
     path = cache_root() / "models" / TINY_MODELS[name][0]
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
-        if not all((path / f).is_file() for f in TINY_FILES):
+        files = TINY_FILES + (TINY_SDXL_FILES if name == TINY_SDXL_NAME else ())
+        if not all((path / f).is_file() for f in files):
             save_tiny_model(path, replace=path.exists(), name=name)
     if distributed:
         dist.barrier()

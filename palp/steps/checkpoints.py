@@ -102,6 +102,7 @@ def record_config(out: Path, config: dict, *, resume: bool) -> None:
         old = recorded_settings(out)
         new = json.loads(json.dumps(config, default=str))
         old.setdefault("personalize", "lora-token")  # a run from before --personalize trained LoRA + [V]
+        old.setdefault("model_family", "sd")  # a run from before SDXL support trained Stable Diffusion 1.x/2.x
         changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
         if changed:
             raise ConfigError(

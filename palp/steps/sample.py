@@ -44,8 +44,8 @@ from palp.core.preemption import Preempted, StopRequests
 from palp.core.prompts import CheckedPrompt, to_token_prompt
 from palp.core.settings import SampleSettings as _S
 from palp.core.settings import method_label
-from palp.models.denoising import SCHEDULERS, build_pipeline, generate, initial_latents, write_png
-from palp.models.run_weights import CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LORA_FILE
+from palp.models.denoising import SCHEDULERS, build_pipeline, generate, initial_latents, is_xl, write_png
+from palp.models.run_weights import CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LORA_FILE, xl_embeds
 from palp.steps.sample_jobs import (SampleError, Weights, finished, make_jobs, merge_tables, prompt_key, settings_key,
                                     texts_by_task, unfinished_batches, write_settings)
 
@@ -102,11 +102,13 @@ def load_weights(pipe, folder: Path, personalize: str = "lora-token") -> None:
     if personalize not in ("lora-token", "custom-diffusion"):
         raise SampleError(f"the run trained {personalize!r}, which this palp cannot sample; use a newer palp")
     pipe.unload_lora_weights()
-    device = pipe.text_encoder.device
-    if xla.is_xla(device):  # diffusers' unload assigns the kept rows to a new CPU nn.Embedding: refused for XLA tensors
-        pipe.text_encoder.to("cpu")
-    pipe.unload_textual_inversion()
-    pipe.text_encoder.to(device)
+    pairs = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if is_xl(pipe) else [])
+    for tokenizer, encoder in pairs:
+        device = encoder.device
+        if xla.is_xla(device):  # diffusers' unload assigns the kept rows to a new CPU nn.Embedding: refused for XLA tensors
+            encoder.to("cpu")
+        pipe.unload_textual_inversion(tokenizer=tokenizer, text_encoder=encoder)
+        encoder.to(device)
     if personalize == "custom-diffusion":
         from palp.models.custom_diffusion import set_custom_diffusion_processors
 
@@ -116,6 +118,15 @@ def load_weights(pipe, folder: Path, personalize: str = "lora-token") -> None:
             raise SampleError(f"{folder / CUSTOM_DIFFUSION_FILE}: {e}") from e
     else:
         pipe.load_lora_weights(folder)
+    xl = xl_embeds(folder / EMBEDS_FILE)
+    if is_xl(pipe) != (xl is not None):
+        raise SampleError(f"{folder / EMBEDS_FILE} holds {'SDXL' if xl else 'Stable Diffusion 1.x/2.x'} embeddings, "
+                          f"the base model is {'SDXL' if is_xl(pipe) else 'Stable Diffusion 1.x/2.x'}")
+    if xl is not None:  # one (1, D) row per token into each encoder, as docs/training.md shows
+        tokens, clip_l, clip_g = xl
+        for rows, tokenizer, encoder in ((clip_l, pipe.tokenizer, pipe.text_encoder), (clip_g, pipe.tokenizer_2, pipe.text_encoder_2)):
+            pipe.load_textual_inversion(list(rows.split(1)), token=tokens, text_encoder=encoder, tokenizer=tokenizer)
+        return
     embeds = load_file(folder / EMBEDS_FILE)
     pipe.load_textual_inversion(list(embeds.values()), token=list(embeds))
 
@@ -215,7 +226,8 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
     weights = weights_to_sample(run, checkpoints, reference)
     method, subject, run_tag = _run_names(config, texts, model=model, reference=reference)
     device_, dtype, vae_dtype, settings = _pixel_settings(seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
-                                                          device=device, precision=precision, vae_precision=vae_precision)
+                                                          device=device, precision=precision, vae_precision=vae_precision,
+                                                          fp32_vae_for_fp16=config.get("model_family") == "sdxl")
     key = settings_key(settings)
     jobs = make_jobs(texts, weights, num_samples=num_samples, seed=seed, key=key, run_tag=run_tag, subject=subject,
                      method=method, model=model)
@@ -270,13 +282,17 @@ def _run_names(config: dict, texts: list[dict], *, model: str, reference: bool) 
 
 
 def _pixel_settings(*, seed: int, steps: int, guidance: float, scheduler: str, device: str | None, precision: str,
-                    vae_precision: str) -> tuple[torch.device, torch.dtype, torch.dtype, dict]:
-    """(device, dtype, VAE dtype, the settings that decide the pixels: ``settings.json``)."""
+                    vae_precision: str, fp32_vae_for_fp16: bool = False) -> tuple[torch.device, torch.dtype, torch.dtype, dict]:
+    """(device, dtype, VAE dtype, the settings that decide the pixels: ``settings.json``).
+    ``fp32_vae_for_fp16``: an SDXL run, whose VAE overflows in fp16: ``--vae-precision auto``
+    decodes fp16 samples in fp32, as the stock pipeline does (its VAE config's force_upcast)."""
     if scheduler not in SCHEDULERS:
         raise SampleError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = sample_dtype(device_, precision)
     vae_dtype = dtype if vae_precision == "auto" else sample_dtype(device_, vae_precision)
+    if vae_precision == "auto" and fp32_vae_for_fp16 and dtype == torch.float16:
+        vae_dtype = torch.float32
     # What decides the pixels; not --sampler (both samplers make the same images, tested) nor
     # the speed options (compile, attention kernel, batch size).
     settings = {"seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,

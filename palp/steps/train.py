@@ -345,6 +345,9 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int, progress:
     from accelerate import PartialState
 
     base = load_base_model(cfg.pretrained_model)
+    if base.family == "sdxl" and cfg.personalize == "custom-diffusion":
+        raise ConfigError(f"{cfg.pretrained_model} is an SDXL model: --personalize custom-diffusion trains Stable Diffusion "
+                          f"1.x/2.x models only; use --personalize lora-token (and a --method other than custom-diffusion)")
     images = [load_subject_images(s.placeholder, s.images, resolution=base.resolution, min_size=cfg.min_image_size) for s in cfg.subjects]
     # --micro-batch-size auto: a resumed run keeps the size its checkpoints were made with (a
     # resume stays bit-identical); a new one probes once its model is on the device (below).
@@ -377,6 +380,7 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int, progress:
     config = {
         **cfg.to_dict(), "palp_version": __version__, "pretrained_model": portable_reference(cfg.pretrained_model),
         "base_model_pin": base.pin, "resolution": base.resolution, "prediction_type": base.prediction_type,
+        "model_family": base.family,
         "placeholder_tokens": dict(zip(token_ids, tokens)), "class_words": cfg.class_words,
         "micro_batch_size": micro, "micro_batch_auto": cfg.micro_batch_size is None,
         "gradient_accumulation_steps": accum, "num_processes": accelerator.num_processes,

@@ -119,11 +119,14 @@ def sample_personalized(model, vae, scheduler_config, input_ids: torch.Tensor, u
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     with autocast():
-        states = torch.cat([model.encode(uncond_ids.expand(len(input_ids), -1)), model.encode(input_ids)])  # (2B, 77, D)
+        ids = torch.cat([uncond_ids.expand(len(input_ids), -1), input_ids])  # (2B, 77)
+        first = torch.full((len(ids),), int(scheduler.timesteps[0]), device=device)
+        states = model.encode(ids, first) if model.personalize == "neti" else model.encode(ids)  # (2B, 77, D)
         x = noise.to(device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps.tolist():
             rows = torch.cat([x, x]).to(states.dtype)
-            eps_uncond, eps_cond = model.predict(rows, torch.full((len(rows),), t, device=device), states).float().chunk(2)
+            t_rows = torch.full((len(rows),), t, device=device)
+            eps_uncond, eps_cond = model.predict(rows, t_rows, model.states_at(ids, t_rows, states)).float().chunk(2)
             x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x.float(), return_dict=False)[0]
             xla.sync(device)  # XLA: a graph per denoising step (one graph for all but the first and last), not the loop unrolled
     return decode_latents(vae, x)

@@ -116,6 +116,11 @@ class PersonalizedModel(nn.Module):
         states = self.encode(input_ids)
         return self.unet(z_t, t, encoder_hidden_states=states).sample, states
 
+    def states_at(self, input_ids: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The text states of ``input_ids`` at timesteps ``t``, given ``states`` (theirs at another
+        timestep): the same here; NeTI's depend on the timestep (palp.models.layered)."""
+        return states
+
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         return self.unet(z_t, t, encoder_hidden_states=states).sample
 
@@ -142,11 +147,11 @@ class PersonalizedModel(nn.Module):
 def build_personalized_model(base, class_words: dict[str, str], *, rank: int | None = None, alpha: float | None = None,
                              targets: str = "attention", personalize: str = "lora-token"):
     """Freeze the base, add LoRA (or Custom Diffusion's deltas) and placeholder tokens.
-    Returns (model, lora_config (None for Custom Diffusion), token ids)."""
-    from palp.core.methods import PERSONALIZATIONS
-
-    if personalize not in PERSONALIZATIONS:
-        raise ValueError(f"personalize must be one of {', '.join(PERSONALIZATIONS)}, not {personalize!r}")
+    Returns (model, lora_config (None for Custom Diffusion), token ids). P+ and NeTI are
+    palp.models.layered.build_layered_model's."""
+    if personalize not in ("lora-token", "custom-diffusion"):
+        raise ValueError(f"personalize must be lora-token or custom-diffusion here, not {personalize!r} "
+                         f"(P+ and NeTI: palp.models.layered.build_layered_model)")
     for module in (base.unet, base.vae, base.text_encoder):
         module.requires_grad_(False)
     token_ids = add_placeholder_tokens(base.tokenizer, base.text_encoder, class_words)

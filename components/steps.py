@@ -46,7 +46,7 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
     ``processes``: one per accelerator the step was given; the global batch is split across them
     (palp.steps.launch). ``prior_preservation``: DreamBooth's prior-preservation loss
     (--prior-preservation), with ``prior_weight`` and ``num_class_images`` (0: the library's default).
-    ``method`` is a variant (``palp-iid``, ``palp+custom-diffusion``, ``custom-diffusion``): 0 for
+    ``method`` is a variant (``palp-iid``, ``palp+custom-diffusion``, ``custom-diffusion``, ``p-plus``, ``neti``): 0 for
     ``steps``, ``batch_size``, ``lr``, ``lora_rank`` and False for ``prior_preservation`` take the
     method's defaults; the LoRA settings apply to LoRA runs only, ``prior_weight`` and
     ``num_class_images`` to runs with prior preservation (given, or the method's default)."""
@@ -83,7 +83,8 @@ def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: st
         print(e, flush=True)
         raise SystemExit(e.exit_code) from None
     model.metadata.update({"task": task, "method": method, "steps": cfg.steps,
-                           "framework": "diffusers-lora" if lora else "diffusers-custom-diffusion"})
+                           "framework": {"lora-token": "diffusers-lora", "custom-diffusion": "diffusers-custom-diffusion"}
+                           .get(personalize, f"palp-{personalize}")})  # P+ and NeTI: palp's layered_tokens file
     for name, value in final_scalars(read_metrics_csv(Path(model.path, METRICS_FILE))).items():
         metrics.log_metric(name, value)
     shutil.copyfile(os.path.join(model.path, REPORT_FILE), report.path)

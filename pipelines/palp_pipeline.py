@@ -98,13 +98,13 @@ DIFFERENT_DEFAULTS = {
                             "DreamBooth default 100, Custom Diffusion's 200; without, unset)"),
     # Settings whose default depends on the method (palp.core.methods): each training takes its method's
     "train_steps": (0, "a KFP parameter cannot be None: 0 is the library's None (each method's default steps: 500, "
-                       "custom-diffusion 250)"),
+                       "custom-diffusion 250, p-plus 500, neti 1000)"),
     "batch_size": (0, "a KFP parameter cannot be None: 0 is the library's None (each method's default batch: 32, "
-                      "custom-diffusion 2)"),
+                      "custom-diffusion 2, p-plus and neti 8)"),
     "lr": (0.0, "a KFP parameter cannot be None: 0 is the library's None (each training's default learning rate: "
-                "5e-5, 1e-5 over Custom Diffusion)"),
+                "5e-5, 1e-5 over Custom Diffusion, 5e-3 over P+, 8e-3 over NeTI)"),
     "lora_rank": (0, "a KFP parameter cannot be None: 0 is the library's None (rank 32; LoRA runs only, the "
-                     "Custom Diffusion variants have no rank)"),
+                     "Custom Diffusion, P+ and NeTI variants have no rank)"),
     "prior_preservation": (False, "a KFP parameter cannot be None: False is the library's None (each method's "
                                   "default: off, on for custom-diffusion); True turns it on for every method"),
 }

@@ -47,7 +47,7 @@ def test_variants_labels_and_defaults():
     assert split_variant("palp+custom-diffusion") == ("palp", "same", "custom-diffusion")
     assert split_variant("palp-iid+custom-diffusion") == ("palp", "iid", "custom-diffusion")
     assert split_variant("palp") == ("palp", "same", "lora-token") and split_method("palp-iid") == ("palp", "iid")
-    for bad in ("custom-diffusion-iid", "custom-diffusion+custom-diffusion", "palp+lora-token", "palp+neti", "ti-db+x", "ti-db+custom-diffusion"):
+    for bad in ("custom-diffusion-iid", "custom-diffusion+custom-diffusion", "palp+lora-token", "palp+unknown", "ti-db+x", "ti-db+custom-diffusion"):
         with pytest.raises(ConfigError):
             split_variant(bad)
     assert method_label("palp", "same", "custom-diffusion") == "palp+custom-diffusion"
@@ -413,29 +413,35 @@ def test_a_damaged_custom_diffusion_file_is_refused_when_sampling(cd_workspace, 
 # ---------------------------------------------------------------- the pipeline
 
 
-def test_pipeline_runs_custom_diffusion_variants_locally(tmp_path, capsys):
-    """The tiny experiment with methods [custom-diffusion, palp+custom-diffusion], one subject, under
-    kfp.local: custom-diffusion trains with its own prior preservation, palp over it without; both
-    runs hold the Custom Diffusion file, are sampled and reach the comparison table."""
+def test_pipeline_runs_custom_diffusion_p_plus_and_neti_variants_locally(tmp_path, capsys):
+    """The tiny experiment with methods [custom-diffusion, palp+custom-diffusion, p-plus, neti,
+    palp+p-plus, palp+neti], one subject, under kfp.local: custom-diffusion trains with its own prior
+    preservation, palp over it without; every run holds its personalization's file, is sampled and
+    reaches the comparison table."""
     import yaml
 
+    from palp.models.run_weights import LAYERED_FILE
     from pipelines.cli import main as pipeline_main
 
+    methods = ["custom-diffusion", "palp+custom-diffusion", "p-plus", "neti", "palp+p-plus", "palp+neti"]
     config = yaml.safe_load((REPO / "evaluation/experiments/tiny.yaml").read_text())
     config.update(subjects=[{"name": "cat", "images": str(REPO / "examples/subjects/cat"), "class_word": "cat"}],
-                  methods=["custom-diffusion", "palp+custom-diffusion"], train_steps=2, save_steps="2",
-                  num_class_images=2, study_forms=1)
+                  methods=methods, train_steps=2, save_steps="2", num_class_images=2, study_forms=1)
     (tmp_path / "cd.yaml").write_text(yaml.safe_dump(config))
     assert pipeline_main(["pipeline", "run-local", "--config", str(tmp_path / "cd.yaml"),
                           "--pipeline-root", str(tmp_path / "root")]) == 0
     out = capsys.readouterr().out
-    assert "| custom-diffusion" in out and "| palp+custom-diffusion" in out
+    assert all(f"| {m} " in out or f"| {m}|" in out for m in methods), out[-3000:]
     run = next((tmp_path / "root").glob("palp-*"))
     configs = {json.loads(p.read_text())["method"] + "/" + json.loads(p.read_text())["personalize"]:
                json.loads(p.read_text()) for p in run.glob("for-loop-*/train/model/training_config.json")}
-    assert set(configs) == {"custom-diffusion/custom-diffusion", "palp/custom-diffusion"}
+    assert set(configs) == {"custom-diffusion/custom-diffusion", "palp/custom-diffusion", "p-plus/p-plus", "neti/neti",
+                            "palp/p-plus", "palp/neti"}
     cd, palp_cd = configs["custom-diffusion/custom-diffusion"], configs["palp/custom-diffusion"]
     assert cd["prior_preservation"] and cd["num_class_images"] == 2 and not palp_cd["prior_preservation"]
     assert cd["lr"] == palp_cd["lr"] == 0.001 and cd["lora_rank"] is None  # the experiment's lr; no LoRA rank
+    assert configs["neti/neti"]["neti_hidden"] == 128 and not configs["palp/p-plus"]["prior_preservation"]
     for p in run.glob("for-loop-*/train/model"):
-        assert (p / CUSTOM_DIFFUSION_FILE).is_file() and not (p / "pytorch_lora_weights.safetensors").exists()
+        personalize = json.loads((p / "training_config.json").read_text())["personalize"]
+        want = CUSTOM_DIFFUSION_FILE if personalize == "custom-diffusion" else LAYERED_FILE
+        assert (p / want).is_file() and not (p / "pytorch_lora_weights.safetensors").exists()

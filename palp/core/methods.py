@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 # What is personalized (``--personalize``): the weights the step trains on top of the frozen base.
 # lora-token: LoRA on the UNet's attention projections + one learned token per placeholder (the paper's);
 # custom-diffusion: Custom Diffusion (Kumari et al. 2023): the cross-attention layers' key and
-# value projections (full weights) + the learned token.
-PERSONALIZATIONS = ("lora-token", "custom-diffusion")
+# value projections (full weights) + the learned token;
+# p-plus: P+ (Voynov et al. 2023): one learned token embedding per cross-attention layer, UNet frozen;
+# neti: NeTI (Alaluf et al. 2023): a mapper from (timestep, layer) to the token's embedding, UNet frozen.
+PERSONALIZATIONS = ("lora-token", "custom-diffusion", "p-plus", "neti")
 DEFAULT_PERSONALIZATION = "lora-token"
 
 
@@ -60,6 +62,20 @@ METHOD_TABLE = {m.name: m for m in (
                                                 "example's --num_class_images)"),
                "prior_weight": Default(1.0, "the diffusers example's --prior_loss_weight"),
            }),
+    # P+ alone (Extended Textual Inversion): Eq. 1 on its per-layer tokens, no alignment term.
+    Method("p-plus", aligns=False, personalized=False, negative=False, personalize="p-plus",
+           defaults={
+               "steps": Default(500, "P+ (Voynov et al. 2023), Sec. 5: Extended Textual Inversion converges in 500 "
+                                     "steps, a tenth of Textual Inversion's 5000"),
+               "batch_size": Default(8, "P+ (Voynov et al. 2023), Sec. 5: batch size 8, as Textual Inversion"),
+           }),
+    # NeTI alone: Eq. 1 on its mapper, no alignment term.
+    Method("neti", aligns=False, personalized=False, negative=False, personalize="neti",
+           defaults={
+               "steps": Default(1000, "NeTI's code (NeuralTextualInversion/NeTI), input_configs/train.yaml: "
+                                      "max_train_steps 1000"),
+               "batch_size": Default(8, "NeTI's code: train_batch_size 2 x gradient_accumulation_steps 4"),
+           }),
 )}
 
 # Defaults that follow from the personalization, whatever the method (a method's own defaults come first).
@@ -68,6 +84,13 @@ PERSONALIZATION_DEFAULTS = {
         "lr": Default(1e-5, "the diffusers example's --learning_rate, taken as given: palp's --lr is the AdamW "
                             "rate itself, not scaled by the batch size (the example's --scale_lr would multiply it "
                             "by the batch, 2 x 1e-5 at its batch of 2)"),
+    },
+    "p-plus": {
+        "lr": Default(5e-3, "P+ (Voynov et al. 2023), Sec. 5: learning rate 5e-3, as Textual Inversion"),
+    },
+    "neti": {
+        "lr": Default(8e-3, "NeTI's code: learning_rate 1e-3 scaled (scale_lr) by its batch of 2 and 4 accumulation "
+                            "steps, 8e-3 on one device; palp's --lr is the rate itself"),
     },
 }
 

@@ -168,6 +168,10 @@ DEFAULT_STEPS = 500
 DEFAULT_LR = 5e-5
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_LORA_RANK = 32
+# NeTI's mapper as its code has it (NeuralTextualInversion/NeTI, models/neti_mapper.py).
+NETI_HIDDEN = 128
+NETI_FEATURES = 1024
+NETI_NESTED_DROPOUT = 0.5
 
 
 # DreamBooth's prior preservation, with diffusers' DreamBooth trainers' defaults
@@ -205,11 +209,14 @@ class TrainConfig:
                                       help="smallest accepted image side (default: half the model resolution)")
     method: str = flag("palp", section=METHOD, choices=METHODS,
                        help="palp: Eq. 1 + the prompt-aligned score (Eq. 6/7); sds, nfsd: other scores; ti-db: Eq. 1 alone; "
-                            "custom-diffusion: Custom Diffusion alone (Eq. 1 with its prior preservation)")
+                            "custom-diffusion: Custom Diffusion alone (Eq. 1 with its prior preservation); "
+                            "p-plus, neti: P+ or NeTI alone (Eq. 1)")
     personalize: str | None = flag(None, section=METHOD, choices=PERSONALIZATIONS,
-                                   help=f"what is trained: lora-token (LoRA + [V], the paper's) or custom-diffusion "
-                                        f"(cross-attention keys/values + [V]); default: the method's own "
-                                        f"({DEFAULT_PERSONALIZATION} but for --method custom-diffusion)")
+                                   help=f"what is trained: lora-token (LoRA + [V], the paper's), custom-diffusion "
+                                        f"(cross-attention keys/values + [V]), p-plus (a [V] per cross-attention "
+                                        f"layer) or neti (a mapper from timestep and layer to [V]); default: the "
+                                        f"method's own ({DEFAULT_PERSONALIZATION} but for --method custom-diffusion, "
+                                        f"p-plus, neti)")
     noise: str = flag("same", section=METHOD, choices=("same", "iid"), help="eps' of the re-noised estimate")  # docs/method.md, step 3
     align_timestep: str = flag("resample", section=METHOD, choices=("resample", "same"),
                                help="t' of the alignment term: drawn from [--align-t-min, --align-t-max] or = t")
@@ -257,6 +264,18 @@ class TrainConfig:
     lora_targets: str = flag("attention", section=OPTIMISATION, choices=LORA_TARGET_SETS,
                              help="attention: the attention projections (the paper's); attention+resnets: also the "
                                   "ResNet blocks' convolutions, for UNets with attention-free levels")
+    # NeTI's mapper (palp/models/neti.py); None: NeTI's own values, refused for other personalizations.
+    neti_hidden: int | None = flag(None, section=OPTIMISATION,
+                                   help=f"units of the NeTI mapper's hidden layers (default: {NETI_HIDDEN}; neti only)")
+    neti_features: int | None = flag(None, section=OPTIMISATION,
+                                     help=f"Fourier features of the mapper's (timestep, layer) input (default: "
+                                          f"{NETI_FEATURES}; neti only)")
+    neti_nested_dropout: float | None = flag(None, section=OPTIMISATION,
+                                             help=f"probability of the mapper's nested dropout per step (default: "
+                                                  f"{NETI_NESTED_DROPOUT}; neti only)")
+    neti_bypass: bool | None = flag(None, section=OPTIMISATION,
+                                    help="the mapper's output bypass, added to the text encoder's output at [V] for "
+                                         "the attention values (default: on; neti only)")
     max_grad_norm: float | None = flag(1.0, section=OPTIMISATION, help="0 turns clipping off")  # the CLI's 0 is None here
     weight_decay: float = flag(1e-2, section=OPTIMISATION, help="AdamW weight decay")
     mixed_precision: str = flag("no", section=OPTIMISATION, choices=MIXED_PRECISION, help="frozen weights and autocast in fp16/bf16; trainable weights stay fp32")
@@ -326,10 +345,32 @@ class TrainConfig:
                                       ("--lora-targets", self.lora_targets, "attention")) if v != d]
             need(not lora, f"{' and '.join(lora)} only apply to --personalize lora-token (this run trains "
                            f"{self.personalize}); drop {' and '.join(lora)}")
+        self._resolve_neti()
         for name, palp_default in (("steps", DEFAULT_STEPS), ("lr", DEFAULT_LR), ("batch_size", DEFAULT_BATCH_SIZE),
                                    ("prior_preservation", False)):
             if getattr(self, name) is None:
                 setattr(self, name, self.method_default(name, palp_default))
+
+    def _resolve_neti(self) -> None:
+        """NeTI's mapper settings: its defaults for --personalize neti, refused for the others."""
+        fields = (("--neti-hidden", "neti_hidden", NETI_HIDDEN), ("--neti-features", "neti_features", NETI_FEATURES),
+                  ("--neti-nested-dropout", "neti_nested_dropout", NETI_NESTED_DROPOUT), ("--neti-bypass", "neti_bypass", True))
+        if self.personalize != "neti":
+            given = [f for f, name, _ in fields if getattr(self, name) is not None]
+            need(not given, f"{' and '.join(given)} only apply to --personalize neti (this run trains {self.personalize}); "
+                            f"drop {' and '.join(given)}")
+            return
+        for _, name, default in fields:
+            setattr(self, name, default if getattr(self, name) is None else getattr(self, name))
+        need(self.neti_hidden >= 1, f"--neti-hidden must be >= 1, not {self.neti_hidden}")
+        need(self.neti_features >= 1, f"--neti-features must be >= 1, not {self.neti_features}")
+        need(0 <= self.neti_nested_dropout <= 1, f"--neti-nested-dropout must be in [0, 1], not {self.neti_nested_dropout}")
+
+    def neti_options(self) -> dict | None:
+        """The NeTI mapper's settings (palp.models.neti.NetiTokens), None for other personalizations."""
+        if self.personalize != "neti":
+            return None
+        return {"hidden": self.neti_hidden, "features": self.neti_features, "bypass": bool(self.neti_bypass)}
 
     def _check_values(self) -> None:
         need(bool(self.subjects), "at least one subject (--images) is needed")

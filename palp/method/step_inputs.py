@@ -14,6 +14,7 @@ import torch
 from palp.core import methods
 from palp.core.settings import TrainConfig
 from palp.models import speed as fast
+from palp.models.layered import LAYERED, build_layered_model
 from palp.models.personalize import PersonalizedModel, build_personalized_model
 
 log = logging.getLogger("palp.steps.train")  # the training's logger (compile warnings)
@@ -36,6 +37,8 @@ class Draws:
     class_latent_noise: torch.Tensor | None = None  # (B, 4, h, w) sample of its VAE posterior
     class_t: torch.Tensor | None = None  # (B,) its timestep, U{0..999}
     class_noise: torch.Tensor | None = None  # (B, 4, h, w) its eps
+    # --personalize neti: the NeTI mapper's hidden units each row keeps (nested dropout); None without
+    truncation: torch.Tensor | None = None  # (B,)
 
 
 def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, latent_shape, num_timesteps: int,
@@ -63,7 +66,19 @@ def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, l
         class_index = class_sets[index] * n + torch.randint(n, (batch,), generator=gen)
         prior = (class_index, torch.randn(shape, generator=gen), torch.randint(num_timesteps, (batch,), generator=gen),
                  torch.randn(shape, generator=gen))
-    return Draws(index, latent_noise, t, noise, t_align, noise_align, align_weight, *prior)
+    draws = Draws(index, latent_noise, t, noise, t_align, noise_align, align_weight, *prior)
+    if cfg.personalize == "neti" and cfg.neti_nested_dropout > 0:  # drawn last: the other draws are unchanged
+        draws.truncation = nested_dropout(gen, batch, cfg.neti_hidden, cfg.neti_nested_dropout)
+    return draws
+
+
+def nested_dropout(gen: torch.Generator, batch: int, hidden: int, probability: float) -> torch.Tensor:
+    """NeTI's nested dropout of one step: with ``probability`` (one draw for the step's batch, as
+    NeTI's code draws it per batch), row i keeps its first k_i ~ U{0..hidden-1} hidden units;
+    otherwise every row keeps all ``hidden``. (B,)"""
+    cut = torch.rand((), generator=gen) < probability
+    kept = torch.randint(hidden, (batch,), generator=gen)
+    return kept if bool(cut) else torch.full((batch,), hidden)
 
 
 @dataclass
@@ -136,8 +151,12 @@ def setup_model(base, cfg: TrainConfig, device: torch.device, dtype: torch.dtype
     compiled UNet: its cache and eager fallback)."""
     with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from --seed, not global state
         torch.manual_seed(cfg.seed)
-        model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                                                       targets=cfg.lora_targets, personalize=cfg.personalize)
+        if cfg.personalize in LAYERED:  # P+ and NeTI: per-layer tokens on the frozen UNet
+            model, _, token_ids = build_layered_model(base, cfg.class_words, cfg.personalize, cfg.neti_options())
+        else:
+            model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank,
+                                                           alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                                                           personalize=cfg.personalize)
     model.to(device, dtype)
     for p in model.trainable_parameters():  # trainable parameters stay fp32
         p.data = p.data.float()

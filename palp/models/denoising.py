@@ -147,11 +147,16 @@ def sample_personalized(model, vae, scheduler_config, input_ids: torch.Tensor, u
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     with autocast():
-        states = torch.cat([model.encode_unconditional(uncond_ids.expand(len(input_ids), -1)), model.encode(input_ids)])  # (2B, 77, D)
+        ids = torch.cat([uncond_ids.expand(len(input_ids), -1), input_ids])  # (2B, 77)
+        if model.personalize == "neti":  # NeTI's states depend on the timestep: states_at moves them along
+            states = model.encode(ids, torch.full((len(ids),), int(scheduler.timesteps[0]), device=device))
+        else:  # (2B, 77, D); an SDXL model's empty prompt may be zeros (encode_unconditional)
+            states = torch.cat([model.encode_unconditional(ids[:len(input_ids)]), model.encode(input_ids)])
         x = noise.to(device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps.tolist():
             rows = torch.cat([x, x]).to(states.dtype)
-            eps_uncond, eps_cond = model.predict(rows, torch.full((len(rows),), t, device=device), states).float().chunk(2)
+            t_rows = torch.full((len(rows),), t, device=device)
+            eps_uncond, eps_cond = model.predict(rows, t_rows, model.states_at(ids, t_rows, states)).float().chunk(2)
             x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x.float(), return_dict=False)[0]
             xla.sync(device)  # XLA: a graph per denoising step (one graph for all but the first and last), not the loop unrolled
     return decode_latents(vae, x)

@@ -140,6 +140,11 @@ class PersonalizedModel(nn.Module):
         states = self.encode(input_ids)
         return self.predict(z_t, t, states), states
 
+    def states_at(self, input_ids: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The text states of ``input_ids`` at timesteps ``t``, given ``states`` (theirs at another
+        timestep): the same here; NeTI's depend on the timestep (palp.models.layered)."""
+        return states
+
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         if self.xl is None:
             return self.unet(z_t, t, encoder_hidden_states=states).sample
@@ -168,11 +173,11 @@ class PersonalizedModel(nn.Module):
 def build_personalized_model(base, class_words: dict[str, str], *, rank: int | None = None, alpha: float | None = None,
                              targets: str = "attention", personalize: str = "lora-token"):
     """Freeze the base, add LoRA (or Custom Diffusion's deltas) and placeholder tokens.
-    Returns (model, lora_config (None for Custom Diffusion), token ids)."""
-    from palp.core.methods import PERSONALIZATIONS
-
-    if personalize not in PERSONALIZATIONS:
-        raise ValueError(f"personalize must be one of {', '.join(PERSONALIZATIONS)}, not {personalize!r}")
+    Returns (model, lora_config (None for Custom Diffusion), token ids). P+ and NeTI are
+    palp.models.layered.build_layered_model's."""
+    if personalize not in ("lora-token", "custom-diffusion"):
+        raise ValueError(f"personalize must be lora-token or custom-diffusion here, not {personalize!r} "
+                         f"(P+ and NeTI: palp.models.layered.build_layered_model)")
     xl = base.xl_conditioning()
     for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
         if module is not None:

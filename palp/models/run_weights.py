@@ -4,6 +4,9 @@
 - ``pytorch_custom_diffusion_weights.safetensors`` (``--personalize custom-diffusion``, instead of the
   LoRA file): the trained key and value weights of each cross-attention layer, in diffusers'
   Custom Diffusion format; docs/training.md shows how a stock pipeline loads them
+- ``layered_tokens.safetensors`` (``--personalize p-plus`` or ``neti``, instead of both other files): P+'s
+  per-layer embeddings or NeTI's mappers; ``palp.models.layered_pipeline.install_layered_tokens``
+  puts them into a stock pipeline
 - ``learned_embeds.safetensors``: one key per placeholder token (``<v>``: (1, D));
   ``load_textual_inversion(dir)`` for one subject; for several, pass the tensors and tokens:
   ``sd = safetensors.torch.load_file(...); pipe.load_textual_inversion(list(sd.values()), token=list(sd))``.
@@ -29,6 +32,7 @@ from palp.core import storage
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights.safetensors"  # = palp.models.custom_diffusion's
 EMBEDS_FILE = "learned_embeds.safetensors"
+LAYERED_FILE = "layered_tokens.safetensors"  # P+ and NeTI (= palp.models.layered's), instead of the two files above
 CONFIG_FILE = "training_config.json"
 METRICS_FILE = "metrics.csv"
 REPORT_FILE = "report.html"  # the run's page: curves and validation grids (palp.steps.run_page)
@@ -92,6 +96,8 @@ def xl_embeds(path: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor] 
 
 def weights_file(personalize: str) -> str:
     """The UNet weights file of a run that trained ``personalize``."""
+    if personalize in ("p-plus", "neti"):
+        return LAYERED_FILE
     return CUSTOM_DIFFUSION_FILE if personalize == "custom-diffusion" else LORA_FILE
 
 
@@ -104,6 +110,13 @@ def export_weights(model, tokens: list[str], out_dir: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out_dir))
     personalize = getattr(model, "personalize", "lora-token")
     try:
+        if personalize in ("p-plus", "neti"):  # one file: the per-layer tokens or the mappers, with their metadata
+            from palp.models.layered import layered_file_contents
+
+            tensors, metadata = layered_file_contents(model, tokens)
+            save_file(tensors, str(tmp / LAYERED_FILE), metadata=metadata)
+            os.replace(tmp / LAYERED_FILE, out_dir / LAYERED_FILE)
+            return
         if personalize == "custom-diffusion":
             from palp.models.custom_diffusion import custom_diffusion_state_dict
 

@@ -26,8 +26,8 @@ from palp.core import gcs, storage
 from palp.core.settings import ConfigError
 from palp.core.storage import atomic_directory
 from palp.core.tracking import LOG_FOLDER
-from palp.models.run_weights import (CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LORA_FILE, METRICS_FILE, REPORT_FILE, atomic_write_json,
-                                     export_weights, read_metrics_csv, write_metrics_csv)
+from palp.models.run_weights import (CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LAYERED_FILE, LORA_FILE, METRICS_FILE,
+                                     REPORT_FILE, atomic_write_json, export_weights, read_metrics_csv, write_metrics_csv)
 from palp.steps.validation import FOLDER as VALIDATION_FOLDER
 
 DIR = "checkpoints"
@@ -67,7 +67,7 @@ def check_output(out: Path, *, resume: bool) -> None:
         raise ConfigError(f"--output {out} is a file; give a folder")
     if resume:
         return
-    if (out / CONFIG_FILE).exists() or (out / LORA_FILE).exists() or (out / CUSTOM_DIFFUSION_FILE).exists():
+    if any((out / name).exists() for name in (CONFIG_FILE, LORA_FILE, CUSTOM_DIFFUSION_FILE, LAYERED_FILE)):
         raise ConfigError(f"--output {out} already holds a finished run; choose another folder (or --resume to extend it)")
     if _step_dirs(out):
         raise ConfigError(f"--output {out} holds checkpoints of an unfinished run; pass --resume to continue it")
@@ -379,6 +379,6 @@ class RunOutput:
         atomic_write_json(self.local / CONFIG_FILE, config)  # written last: the run is done
         if self.remote:
             self.publish(*(self.local / n for n in (LOG_FOLDER, VALIDATION_FOLDER, LORA_FILE, CUSTOM_DIFFUSION_FILE,
-                                                     EMBEDS_FILE, METRICS_FILE, REPORT_FILE)))
+                                                     LAYERED_FILE, EMBEDS_FILE, METRICS_FILE, REPORT_FILE)))
             self.publish(self.local / CONFIG_FILE)  # the config last, as locally
 

@@ -45,7 +45,7 @@ from palp.core.prompts import CheckedPrompt, to_token_prompt
 from palp.core.settings import SampleSettings as _S
 from palp.core.settings import method_label
 from palp.models.denoising import SCHEDULERS, build_pipeline, generate, initial_latents, is_xl, write_png
-from palp.models.run_weights import CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LORA_FILE, xl_embeds
+from palp.models.run_weights import CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LAYERED_FILE, LORA_FILE, xl_embeds
 from palp.steps.sample_jobs import (SampleError, Weights, finished, make_jobs, merge_tables, prompt_key, settings_key,
                                     texts_by_task, unfinished_batches, write_settings)
 
@@ -69,7 +69,7 @@ def fetch_run(model: str, *, cache: Path) -> Path:
     if not storage.exists(storage.join(model, CONFIG_FILE)):
         raise SampleError(f"{model} is not a finished training run (no {CONFIG_FILE}); train it first")
     for name in storage.list_files(model, recursive=True):
-        if name in (CONFIG_FILE, LORA_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE) or name.startswith("snapshots/"):
+        if name in (CONFIG_FILE, LORA_FILE, CUSTOM_DIFFUSION_FILE, LAYERED_FILE, EMBEDS_FILE) or name.startswith("snapshots/"):
             if not (local / name).exists():
                 storage.write_bytes(local / name, storage.read_bytes(storage.join(model, name)))
     return local
@@ -97,10 +97,14 @@ def load_weights(pipe, folder: Path, personalize: str = "lora-token") -> None:
     palp (custom_diffusion.set_custom_diffusion_processors), which checks they are in place:
     diffusers' ``unet.load_attn_procs(folder, weight_name=...)`` called without its private
     ``_pipeline`` argument reads the file and sets nothing (docs/training.md)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if personalize not in ("lora-token", "custom-diffusion"):
+    from palp.models.layered_pipeline import install_layered_tokens, remove_layered_tokens
+
+    if personalize not in ("lora-token", "custom-diffusion", "p-plus", "neti"):
         raise SampleError(f"the run trained {personalize!r}, which this palp cannot sample; use a newer palp")
+    remove_layered_tokens(pipe)
     pipe.unload_lora_weights()
     pairs = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if is_xl(pipe) else [])
     for tokenizer, encoder in pairs:
@@ -109,6 +113,12 @@ def load_weights(pipe, folder: Path, personalize: str = "lora-token") -> None:
             encoder.to("cpu")
         pipe.unload_textual_inversion(tokenizer=tokenizer, text_encoder=encoder)
         encoder.to(device)
+    if personalize in ("p-plus", "neti"):  # P+'s per-layer tokens or NeTI's mappers, through palp's processors
+        try:
+            install_layered_tokens(pipe, folder / LAYERED_FILE)
+        except (ValueError, OSError, SafetensorError) as e:
+            raise SampleError(f"{folder / LAYERED_FILE}: {e}") from e
+        return
     if personalize == "custom-diffusion":
         from palp.models.custom_diffusion import set_custom_diffusion_processors
 

@@ -77,7 +77,8 @@ def step_losses(
     v_model = prediction_type == "v_prediction"
     ab_t = alphas_cumprod[draws.t]  # (B,)
     z_t = guidance.add_noise(x0=z0, noise=draws.noise, alpha_bar=ab_t)  # (B, 4, h, w)
-    eps_pred, states = model(z_t, draws.t, input_ids)  # personalization prediction (v for a v-model), with grad
+    extra = {} if draws.truncation is None else {"truncation": draws.truncation}  # NeTI's nested dropout
+    eps_pred, states = model(z_t, draws.t, input_ids, **extra)  # personalization prediction (v for a v-model), with grad
     target = guidance.v_target(x0=z0, noise=draws.noise, alpha_bar=ab_t) if v_model else draws.noise
     if not method.aligns or reconstruction_only:
         loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target)
@@ -100,9 +101,12 @@ def step_losses(
         x_t2 = guidance.add_noise(x0=x0_hat, noise=sub(draws.noise_align), alpha_bar=alphas_cumprod[sub(draws.t_align)])  # step 3
         # Pretrained branch: adapters off, no placeholder. Personalized branch (palp): LoRA on,
         # y_P (the states the grad branch just used).
-        text = {"pretrained_uncond": cond.uncond, "pretrained_clean": cond.clean, "pretrained_negative": cond.negative,
-                "personalized_uncond": cond.uncond, "personalized_cond": sub(states.detach())}
         names = guidance.needed_predictions(method, beta=cfg.beta)
+        # y_P's states at t' (NeTI's depend on the timestep; every other personalization's are those at t)
+        pers_cond = (pretrained.states_at(sub(input_ids), sub(draws.t_align), sub(states.detach()))
+                     if "personalized_cond" in names else None)
+        text = {"pretrained_uncond": cond.uncond, "pretrained_clean": cond.clean, "pretrained_negative": cond.negative,
+                "personalized_uncond": cond.uncond, "personalized_cond": pers_cond}
         pre_names = [n for n in names if n.startswith("pretrained_")]
         pers_names = [n for n in names if n.startswith("personalized_")]
         preds = guidance_predictions(pretrained, x_t2, sub(draws.t_align), [text[n].expand(B, -1, -1) for n in pre_names],
@@ -345,9 +349,9 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int, progress:
     from accelerate import PartialState
 
     base = load_base_model(cfg.pretrained_model)
-    if base.family == "sdxl" and cfg.personalize == "custom-diffusion":
-        raise ConfigError(f"{cfg.pretrained_model} is an SDXL model: --personalize custom-diffusion trains Stable Diffusion "
-                          f"1.x/2.x models only; use --personalize lora-token (and a --method other than custom-diffusion)")
+    if base.family == "sdxl" and cfg.personalize != "lora-token":
+        raise ConfigError(f"{cfg.pretrained_model} is an SDXL model: --personalize {cfg.personalize} trains Stable Diffusion "
+                          f"1.x/2.x models only; use --personalize lora-token (and a --method other than {cfg.personalize})")
     images = [load_subject_images(s.placeholder, s.images, resolution=base.resolution, min_size=cfg.min_image_size) for s in cfg.subjects]
     # --micro-batch-size auto: a resumed run keeps the size its checkpoints were made with (a
     # resume stays bit-identical); a new one probes once its model is on the device (below).

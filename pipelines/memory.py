@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from palp.core.settings import DEFAULT_BATCH_SIZE, method_default, split_variant
+
 GiB = 2**30
 # What the H200 measured at batch 32 (GiB), and the fixed part of it.
 MEASURED_BATCH = 32
@@ -66,30 +68,45 @@ def predicted(params: dict) -> bool:
     return str(params.get("pretrained_model") or SD1_512[0]) in SD1_512
 
 
-def _batches(params: dict) -> tuple[int, int, int]:
-    """(global batch, train processes, batch per process): each of the train step's
+def _batches(params: dict, variant: str) -> tuple[int, int, int]:
+    """(global batch, train processes, batch per process) of ``variant``'s trainings: the
+    experiment's batch_size, or (0, absent) the method's own default; each of the train step's
     ``train_accelerators`` processes trains its share of the global batch on its own card."""
-    batch = int(params.get("batch_size") or MEASURED_BATCH)
+    method, _, personalize = split_variant(variant)
+    batch = int(params.get("batch_size") or method_default(method, personalize, "batch_size", DEFAULT_BATCH_SIZE))
     processes = max(1, int(params.get("train_accelerators") or 1))
     return batch, processes, batch // processes
+
+
+def _methods(params: dict) -> list[str]:
+    return list(params.get("methods") or ["palp", "ti-db"])
+
+
+def _batch_words(params: dict) -> str:
+    """The global batch in the table's first line: one number, or each method's where they differ."""
+    batches = {m: _batches(params, m) for m in _methods(params)}
+    (total, processes, batch), *_ = batches.values()
+    if len({b[0] for b in batches.values()}) > 1:
+        per = ", ".join(f"{m} {b[0]}" for m, b in batches.items())
+        return f"global batch by method ({per})" + ("" if processes == 1 else f" over {processes} cards")
+    return f"global batch {total}" + ("" if processes == 1 else f" over {processes} cards, {batch} per card")
 
 
 def table(params: dict, card: str) -> str:
     """The train step's predicted peak and micro-batch per method on ``card`` (markdown), or a
     line saying why there is no prediction."""
-    methods = list(params.get("methods") or ["palp", "ti-db"])
-    total, processes, batch = _batches(params)
+    methods = _methods(params)
     if card not in CARDS:
         return f"train step memory on {card}: not predicted (no memory size known for it)\n"
     if not predicted(params):
         return (f"train step memory: not predicted for base model {params.get('pretrained_model')} (the model is "
                 f"SD-1.x at 512 px, from one H200 measurement); --micro-batch-size auto finds the size on the card\n")
     micro = int(params.get("micro_batch_size") or 0)
-    split = "" if processes == 1 else f" over {processes} cards, {batch} per card"
-    lines = [f"train step on {card} ({CARDS[card]:g} GiB, {USABLE:.0%} usable), global batch {total}{split}: PREDICTED from "
+    lines = [f"train step on {card} ({CARDS[card]:g} GiB, {USABLE:.0%} usable), {_batch_words(params)}: PREDICTED from "
              f"one H200 measurement at batch {MEASURED_BATCH}, not measured on this card",
              "| method | micro-batch | accumulation | predicted peak GiB |", "|---|---|---|---|"]
     for method in methods:
+        batch = _batches(params, method)[2]
         p = plan(method, card, batch)
         if micro:  # a size the experiment fixes: its own peak
             peak = FIXED + micro * per_sample(method)
@@ -122,14 +139,16 @@ def sample_line(params: dict, card: str) -> str:
 
 def refusal(params: dict, card: str) -> str | None:
     """Why this run cannot fit ``card`` even at micro-batch 1 (or at the size it fixes), or None."""
-    total, processes, batch = _batches(params)
-    if total % processes:
-        return f"batch_size {total} is not divisible by train_accelerators {processes}: each card trains an equal share"
+    for method in _methods(params):
+        total, processes, _ = _batches(params, method)
+        if total % processes:
+            whose = "" if params.get("batch_size") else f"{method}'s default "
+            return f"{whose}batch_size {total} is not divisible by train_accelerators {processes}: each card trains an equal share"
     if card not in CARDS or not predicted(params):
         return None
     micro = int(params.get("micro_batch_size") or 0)
-    for method in params.get("methods") or ["palp", "ti-db"]:
-        p = plan(method, card, batch)
+    for method in _methods(params):
+        p = plan(method, card, _batches(params, method)[2])
         if p.micro is None:
             return (f"{method}'s training step is predicted to need {p.peak_gib:.1f} GiB even at micro-batch 1, more than "
                     f"{card}'s usable {p.usable_gib:.1f} GiB: choose a larger --accelerator")

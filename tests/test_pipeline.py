@@ -140,7 +140,7 @@ def test_vertex_job_up_to_the_network_boundary(tmp_path, no_network):
     runtime = job._gca_resource.runtime_config
     assert runtime.gcs_output_directory == "gs://bucket/palp"
     values = {k: v for k, v in runtime.parameter_values.items()}
-    assert values["train_steps"] == 500 and values["methods"] == ["palp", "ti-db", "sds"]
+    assert values["train_steps"] == 0 and values["methods"] == ["palp", "ti-db", "p-plus", "neti", "custom-diffusion"]  # 0: each method's own
     assert values["pretrained_model"] == "CompVis/stable-diffusion-v1-4"
     assert values["prompts_file"].endswith("evaluation/prompts/paper.yaml")
     from google.protobuf import json_format

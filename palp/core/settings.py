@@ -52,6 +52,15 @@ NOISE_SUFFIX = "-iid"
 PERSONALIZE_JOIN = "+"
 
 
+def method_default(method: str, personalize: str | None, name: str, palp_default):
+    """A training setting's default for ``method`` over ``personalize`` (None: the method's own
+    personalization, else palp's): the method's own, else its personalization's, else ``palp_default``."""
+    row = METHOD_TABLE.get(method)
+    personalize = personalize or (row.personalize if row else None) or DEFAULT_PERSONALIZATION
+    own = (row.defaults if row else {}).get(name) or PERSONALIZATION_DEFAULTS.get(personalize, {}).get(name)
+    return palp_default if own is None else own.value
+
+
 def split_variant(variant: str) -> tuple[str, str, str]:
     """``palp`` -> (palp, same, lora-token); ``palp-iid`` -> (palp, iid, lora-token);
     ``palp+custom-diffusion`` -> (palp, same, custom-diffusion); ``custom-diffusion`` ->
@@ -325,9 +334,7 @@ class TrainConfig:
 
     def method_default(self, name: str, palp_default):
         """A setting's default for this run: the method's own, else its personalization's, else palp's."""
-        method = METHOD_TABLE.get(self.method)
-        own = (method.defaults if method else {}).get(name) or PERSONALIZATION_DEFAULTS.get(self.personalize, {}).get(name)
-        return palp_default if own is None else own.value
+        return method_default(self.method, self.personalize, name, palp_default)
 
     def _resolve_defaults(self) -> None:
         need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")

@@ -205,6 +205,7 @@ class LayeredModel(PersonalizedModel):
         nn.Module.__init__(self)
         self.unet, self.text_encoder, self.conditioning = unet, text_encoder, conditioning
         self.personalize, self.layers = personalize, list(layers)
+        self.text_encoder_2 = self.xl = None  # SD 1.x/2.x only: build_layered_model refuses an SDXL base
         self._lora_gate = _NoGate()
 
     @property

@@ -33,6 +33,8 @@ def prepare(subjects: list, prompts: list, prompts_file: str, methods: list, pre
     return fan_out(manifest, methods)
 
 
+# Longer than most functions here: its parameter list is the component's interface, which KFP
+# reads from the signature (a comment, not the docstring: the function's source is in the compiled YAML).
 def train(prepared: Input[Dataset], task: str, method: str, pretrained_model: str, steps: int, batch_size: int,
           micro_batch_size: int, lr: float, lora_rank: int, save_steps: str, checkpoint_every: int, mixed_precision: str,
           seed: int, model: Output[Model], metrics: Output[Metrics], report: Output[HTML], lora_targets: str = "attention",

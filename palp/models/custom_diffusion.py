@@ -30,16 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from palp.models.lora_gate import RowGate
+
 CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights.safetensors"
 PROJECTIONS = ("to_k", "to_v")
 
 
-class DeltaSwitch:
-    """The on/off switch shared by a UNet's ``CustomDiffusionLinear`` layers."""
+class DeltaSwitch(RowGate):
+    """The on/off switch shared by a UNet's ``CustomDiffusionLinear`` layers; ``with switch(flags)``
+    gates the deltas per row (N,), as ``LoraGate`` gates LoRA."""
+
+    what = "Custom Diffusion gate"
 
     def __init__(self):
         self.enabled = True
-        self.flags: torch.Tensor | None = None  # (N,) per-row gate inside ``with switch(flags)``
 
     @contextlib.contextmanager
     def disabled(self):
@@ -48,16 +52,6 @@ class DeltaSwitch:
             yield
         finally:
             self.enabled = True
-
-    @contextlib.contextmanager
-    def __call__(self, flags: torch.Tensor):
-        if flags.dim() != 1:
-            raise ValueError(f"Custom Diffusion gate flags must be (N,), got {tuple(flags.shape)}")
-        self.flags = flags
-        try:
-            yield
-        finally:
-            self.flags = None
 
 
 class CustomDiffusionLinear(nn.Module):

@@ -16,7 +16,25 @@ import torch
 from torch import nn
 
 
-class LoraGate:
+class RowGate:
+    """What every per-row switch of a UNet's trained layers shares: ``with gate(flags): unet(x)``
+    hands the switched layers ``flags`` (N,), one per row of the call, and takes them back after."""
+
+    what = "row gate"  # its name in the error message
+    flags: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def __call__(self, flags: torch.Tensor):
+        if flags.dim() != 1:
+            raise ValueError(f"{self.what} flags must be (N,), got {tuple(flags.shape)}")
+        self.flags = flags
+        try:
+            yield
+        finally:
+            self.flags = None
+
+
+class LoraGate(RowGate):
     """A per-row LoRA switch for one UNet: ``with gate(flags): unet(x)`` with ``flags`` (N,) in {0, 1}.
 
     Hooks sit on every LoRA ``lora_A`` projection and multiply its (N, ..., r) output by the
@@ -24,10 +42,11 @@ class LoraGate:
     input in diffusers' attention is the UNet's batch dimension, which the hook checks.
     """
 
+    what = "LoRA gate"
+
     def __init__(self, unet: nn.Module):
         from peft.tuners.lora import LoraLayer
 
-        self.flags: torch.Tensor | None = None
         self._handles = [
             a.register_forward_hook(self._hook)
             for layer in unet.modules() if isinstance(layer, LoraLayer)
@@ -42,16 +61,6 @@ class LoraGate:
         if output.shape[0] != self.flags.shape[0]:
             raise RuntimeError(f"LoRA gate of {self.flags.shape[0]} rows met a LoRA input of {output.shape[0]} rows")
         return output * self.flags.view(-1, *(1,) * (output.dim() - 1)).to(output.dtype)
-
-    @contextlib.contextmanager
-    def __call__(self, flags: torch.Tensor):
-        if flags.dim() != 1:
-            raise ValueError(f"LoRA gate flags must be (N,), got {tuple(flags.shape)}")
-        self.flags = flags
-        try:
-            yield
-        finally:
-            self.flags = None
 
     def remove(self) -> None:
         for h in self._handles:

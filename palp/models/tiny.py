@@ -109,25 +109,25 @@ def _tiny_vae(resolution: int):
     )
 
 
+def _tiny_unet(resolution: int, **shape):
+    """A tiny UNet2DConditionModel with weights from the current seed: two levels of 32 and 64
+    channels, one layer each, cross-attention on the first level unless ``shape`` says otherwise."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(sample_size=resolution // 8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                  norm_num_groups=8)
+    return UNet2DConditionModel(**{**config, **shape})
+
+
 def build_tiny_pipeline(seed: int = TINY_SEED):
     """The tiny StableDiffusionPipeline, with weights drawn from ``seed``."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=TINY_RESOLUTION // 8,  # latents (B, 4, 8, 8)
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
+        unet = _tiny_unet(TINY_RESOLUTION, cross_attention_dim=32, attention_head_dim=8)  # latents (B, 4, 8, 8)
         torch.manual_seed(seed + 1)
         vae = _tiny_vae(TINY_RESOLUTION)
         torch.manual_seed(seed + 2)
@@ -164,27 +164,15 @@ def build_tiny_sd2_pipeline(seed: int = TINY_SEED, *, prediction_type: str = "v_
     transformer blocks project with linear layers (``use_linear_projection``), the
     v-prediction model upcasts attention to fp32 (``upcast_attention``, as SD 2.1's 768 model),
     and the scheduler config names its ``prediction_type``."""
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     v = prediction_type == "v_prediction"
     resolution = 96 if v else 64
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 10)
-        unet = UNet2DConditionModel(
-            sample_size=resolution // 8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=(4, 8),
-            use_linear_projection=True,
-            upcast_attention=v,
-            norm_num_groups=8,
-        )
+        unet = _tiny_unet(resolution, cross_attention_dim=32, attention_head_dim=(4, 8), use_linear_projection=True,
+                          upcast_attention=v)
         torch.manual_seed(seed + 11)
         vae = _tiny_vae(resolution)
         torch.manual_seed(seed + 12)
@@ -220,28 +208,16 @@ def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
     (pooled text embedding + time ids), per-block head counts, several transformer layers in its
     inner block and linear projections; SDXL's VAE scaling factor 0.13025; Euler's scheduler
     config, and ``force_zeros_for_empty_prompt`` (the empty prompt's states are zeros)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 20)
-        unet = UNet2DConditionModel(
-            sample_size=TINY_SDXL_RESOLUTION // 8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            transformer_layers_per_block=(1, 2),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 32,
-            cross_attention_dim=64,
-            norm_num_groups=8,
-        )
+        unet = _tiny_unet(TINY_SDXL_RESOLUTION, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                          transformer_layers_per_block=(1, 2), use_linear_projection=True,
+                          addition_embed_type="text_time", addition_time_embed_dim=8,
+                          projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64)
         torch.manual_seed(seed + 21)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,

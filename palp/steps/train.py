@@ -90,42 +90,59 @@ def step_losses(
         if rows.numel() == 0:  # none of this micro-batch's rows was drawn
             loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target)
             return loss, {"rec_loss": rec.detach(), "align_loss": torch.zeros((), device=rec.device)}
-    full_b = z0.shape[0]
-    sub = (lambda x: x) if rows is None else (lambda x: x[rows])
-    with torch.no_grad():
-        B = full_b if rows is None else rows.numel()
-        if v_model:
-            x0_hat = guidance.predict_x0_from_v(z_t=sub(z_t), v=sub(eps_pred.detach()), alpha_bar=sub(ab_t))  # Eq. 2
-        else:
-            x0_hat = guidance.predict_x0(z_t=sub(z_t), eps=sub(eps_pred.detach()), alpha_bar=sub(ab_t))  # Eq. 2
-        x_t2 = guidance.add_noise(x0=x0_hat, noise=sub(draws.noise_align), alpha_bar=alphas_cumprod[sub(draws.t_align)])  # step 3
-        # Pretrained branch: adapters off, no placeholder. Personalized branch (palp): LoRA on,
-        # y_P (the states the grad branch just used).
-        names = guidance.needed_predictions(method, beta=cfg.beta)
-        # y_P's states at t' (NeTI's depend on the timestep; every other personalization's are those at t)
-        pers_cond = (pretrained.states_at(sub(input_ids), sub(draws.t_align), sub(states.detach()))
-                     if "personalized_cond" in names else None)
-        text = {"pretrained_uncond": cond.uncond, "pretrained_clean": cond.clean, "pretrained_negative": cond.negative,
-                "personalized_uncond": cond.uncond, "personalized_cond": pers_cond}
-        pre_names = [n for n in names if n.startswith("pretrained_")]
-        pers_names = [n for n in names if n.startswith("personalized_")]
-        preds = guidance_predictions(pretrained, x_t2, sub(draws.t_align), [text[n].expand(B, -1, -1) for n in pre_names],
-                                     [text[n].expand(B, -1, -1) for n in pers_names], fused=cfg.fused_guidance)
-        if v_model:  # Eq. 6's delta is a difference of noise predictions: each v as the eps it implies
-            preds = [guidance.eps_from_v(z_t=x_t2.float(), v=p, alpha_bar=alphas_cumprod[sub(draws.t_align)].float())
-                     for p in preds]
-        predictions = guidance.GuidancePredictions(**dict(zip(pre_names + pers_names, preds)))
-        delta = guidance.alignment_delta(method, predictions=predictions, noise=sub(draws.noise_align).float(),
-                                         t=sub(draws.t_align), alpha=cfg.alpha, beta=cfg.beta)
-        coefficient = (guidance.v_alignment_coefficient if v_model else guidance.alignment_coefficient)(
-            alpha_bar_t=sub(ab_t).float(), lam=cfg.lam, rescale=cfg.rescale)
-        size = delta.pow(2).mean()  # the size of the score (of the drawn rows); the surrogate's value is not a loss
-        if rows is not None:  # back to the whole micro-batch: 0 on the rows not drawn, B/k on the drawn ones
-            coefficient = coefficient * draws.align_weight[rows].to(coefficient)
-            delta = torch.zeros((full_b, *delta.shape[1:]), dtype=delta.dtype, device=delta.device).index_copy(0, rows, delta)
-            coefficient = torch.zeros(full_b, dtype=coefficient.dtype, device=coefficient.device).index_copy(0, rows, coefficient)
+    delta, coefficient, size = _alignment_term(pretrained, method, cfg, z_t=z_t, eps_pred=eps_pred, states=states,
+                                               input_ids=input_ids, draws=draws, cond=cond, alphas_cumprod=alphas_cumprod,
+                                               rows=rows, v_model=v_model)
     loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target, delta=delta, coefficient=coefficient)
     return loss, {"rec_loss": rec.detach(), "align_loss": size}
+
+
+@torch.no_grad()
+def _alignment_term(pretrained: PersonalizedModel, method: methods.Method, cfg: TrainConfig, *, z_t: torch.Tensor,
+                    eps_pred: torch.Tensor, states: torch.Tensor, input_ids: torch.Tensor, draws: Draws,
+                    cond: Conditioning, alphas_cumprod: torch.Tensor, rows: torch.Tensor | None,
+                    v_model: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(delta, coefficient, size) of the alignment term (Eqs. 2-7, docs/method.md) for the step
+    whose personalization prediction is ``eps_pred`` at ``z_t``: the score direction of each
+    row, the factor its surrogate is weighted by (lambda included) and the score's mean square.
+
+    ``rows`` (--align-fraction): the drawn rows; the others get delta 0 and coefficient 0, the
+    drawn ones their weight B/k."""
+    full_b = z_t.shape[0]
+    sub = (lambda x: x) if rows is None else (lambda x: x[rows])
+    B = full_b if rows is None else rows.numel()
+    ab_t = alphas_cumprod[draws.t]  # (B,)
+    t2, ab_t2 = sub(draws.t_align), alphas_cumprod[sub(draws.t_align)]
+    if v_model:
+        x0_hat = guidance.predict_x0_from_v(z_t=sub(z_t), v=sub(eps_pred.detach()), alpha_bar=sub(ab_t))  # Eq. 2
+    else:
+        x0_hat = guidance.predict_x0(z_t=sub(z_t), eps=sub(eps_pred.detach()), alpha_bar=sub(ab_t))  # Eq. 2
+    x_t2 = guidance.add_noise(x0=x0_hat, noise=sub(draws.noise_align), alpha_bar=ab_t2)  # step 3
+    # Pretrained branch: adapters off, no placeholder. Personalized branch (palp): LoRA on,
+    # y_P (the states the grad branch just used).
+    names = guidance.needed_predictions(method, beta=cfg.beta)
+    # y_P's states at t' (NeTI's depend on the timestep; every other personalization's are those at t)
+    pers_cond = (pretrained.states_at(sub(input_ids), t2, sub(states.detach()))
+                 if "personalized_cond" in names else None)
+    text = {"pretrained_uncond": cond.uncond, "pretrained_clean": cond.clean, "pretrained_negative": cond.negative,
+            "personalized_uncond": cond.uncond, "personalized_cond": pers_cond}
+    pre_names = [n for n in names if n.startswith("pretrained_")]
+    pers_names = [n for n in names if n.startswith("personalized_")]
+    preds = guidance_predictions(pretrained, x_t2, t2, [text[n].expand(B, -1, -1) for n in pre_names],
+                                 [text[n].expand(B, -1, -1) for n in pers_names], fused=cfg.fused_guidance)
+    if v_model:  # Eq. 6's delta is a difference of noise predictions: each v as the eps it implies
+        preds = [guidance.eps_from_v(z_t=x_t2.float(), v=p, alpha_bar=ab_t2.float()) for p in preds]
+    predictions = guidance.GuidancePredictions(**dict(zip(pre_names + pers_names, preds)))
+    delta = guidance.alignment_delta(method, predictions=predictions, noise=sub(draws.noise_align).float(),
+                                     t=t2, alpha=cfg.alpha, beta=cfg.beta)
+    coefficient = (guidance.v_alignment_coefficient if v_model else guidance.alignment_coefficient)(
+        alpha_bar_t=sub(ab_t).float(), lam=cfg.lam, rescale=cfg.rescale)
+    size = delta.pow(2).mean()  # the size of the score (of the drawn rows); the surrogate's value is not a loss
+    if rows is not None:  # back to the whole micro-batch: 0 on the rows not drawn, B/k on the drawn ones
+        coefficient = coefficient * draws.align_weight[rows].to(coefficient)
+        delta = torch.zeros((full_b, *delta.shape[1:]), dtype=delta.dtype, device=delta.device).index_copy(0, rows, delta)
+        coefficient = torch.zeros(full_b, dtype=coefficient.dtype, device=coefficient.device).index_copy(0, rows, coefficient)
+    return delta, coefficient, size
 
 
 def guidance_predictions(model: PersonalizedModel, x: torch.Tensor, t: torch.Tensor, pretrained_states: list[torch.Tensor],
@@ -353,12 +370,7 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int, progress:
         raise ConfigError(f"{cfg.pretrained_model} is an SDXL model: --personalize {cfg.personalize} trains Stable Diffusion "
                           f"1.x/2.x models only; use --personalize lora-token (and a --method other than {cfg.personalize})")
     images = [load_subject_images(s.placeholder, s.images, resolution=base.resolution, min_size=cfg.min_image_size) for s in cfg.subjects]
-    # --micro-batch-size auto: a resumed run keeps the size its checkpoints were made with (a
-    # resume stays bit-identical); a new one probes once its model is on the device (below).
-    recorded = checkpoints.recorded_setting(out, "micro_batch_size") if resume and cfg.micro_batch_size is None else None
-    if recorded is not None and (not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 1):
-        raise ConfigError(f"{out / checkpoints.DIR / 'config.json'} records micro_batch_size {recorded!r}, not a size; "
-                          f"give --micro-batch-size N, or train into a new --output")
+    recorded = _recorded_micro_batch(cfg, out, resume=resume)
     micro, accum = cfg.accumulation(PartialState().num_processes, recorded)
     probe = cfg.micro_batch_size is None and recorded is None
     report_to = tracking.resolve_report_to(cfg.report_to)
@@ -392,6 +404,29 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int, progress:
         "training_images": {im.placeholder: [str(p) for p in im.paths] for im in images},
         **({"class_images": {word: s.record() for word, s in class_sets.items()}} if class_sets else {}),
     }
+    start, rows = _record_and_resume(cfg, out, config, ctx, model, accelerator, resume=resume, class_sets=class_sets)
+    xla.sync(device)  # XLA: the encoded photos and prompts (and a loaded checkpoint) as data, not in every step's graph
+    validator = _validator(cfg, model, base, ctx, accelerator) if cfg.validation_every else None
+    if report_to != "none":
+        accelerator.init_trackers(tracking.PROJECT, config=tracking.hyperparameters(config),
+                                  init_kwargs={"mlflow": {"run_name": Path(cfg.output).name}})
+    return _Run(ctx, model, compiled, accelerator, base.tokenizer, tokens, micro, accum, config, start, rows, validator)
+
+
+def _recorded_micro_batch(cfg: TrainConfig, out: Path, *, resume: bool) -> int | None:
+    """--micro-batch-size auto: a resumed run keeps the size its checkpoints were made with (a
+    resume stays bit-identical); None for a new run, which probes once its model is on the device."""
+    recorded = checkpoints.recorded_setting(out, "micro_batch_size") if resume and cfg.micro_batch_size is None else None
+    if recorded is not None and (not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 1):
+        raise ConfigError(f"{out / checkpoints.DIR / 'config.json'} records micro_batch_size {recorded!r}, not a size; "
+                          f"give --micro-batch-size N, or train into a new --output")
+    return recorded
+
+
+def _record_and_resume(cfg: TrainConfig, out: Path, config: dict, ctx: StepContext, model: PersonalizedModel,
+                       accelerator, *, resume: bool, class_sets: dict) -> tuple[int, list[dict]]:
+    """Record the run's config (the main process) and, with ``resume``, load the newest
+    checkpoint: (the last step taken, the metrics rows of the steps taken)."""
     start, rows = 0, []
     if resume and class_sets and accelerator.is_main_process:
         _check_class_images(out, config["class_images"])
@@ -401,12 +436,7 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int, progress:
         start, rows = checkpoints.load_latest(out, model, ctx.optimizer, max_step=cfg.steps)
         for group in ctx.optimizer.param_groups:  # the optimizer state carries the old lr
             group["lr"] = cfg.lr
-    xla.sync(device)  # XLA: the encoded photos and prompts (and a loaded checkpoint) as data, not in every step's graph
-    validator = _validator(cfg, model, base, ctx, accelerator) if cfg.validation_every else None
-    if report_to != "none":
-        accelerator.init_trackers(tracking.PROJECT, config=tracking.hyperparameters(config),
-                                  init_kwargs={"mlflow": {"run_name": Path(cfg.output).name}})
-    return _Run(ctx, model, compiled, accelerator, base.tokenizer, tokens, micro, accum, config, start, rows, validator)
+    return start, rows
 
 
 def _class_image_sets(cfg: TrainConfig, base, accelerator, *, progress: bool) -> dict:

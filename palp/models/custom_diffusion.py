@@ -43,6 +43,7 @@ class DeltaSwitch(RowGate):
     what = "Custom Diffusion gate"
 
     def __init__(self):
+        super().__init__()
         self.enabled = True
 
     @contextlib.contextmanager

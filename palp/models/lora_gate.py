@@ -21,7 +21,11 @@ class RowGate:
     hands the switched layers ``flags`` (N,), one per row of the call, and takes them back after."""
 
     what = "row gate"  # its name in the error message
-    flags: torch.Tensor | None = None
+
+    def __init__(self):
+        # An instance attribute from the start: torch.compile guards on where ``flags`` is found,
+        # so a class attribute shadowed by the first ``with`` would recompile the next step.
+        self.flags: torch.Tensor | None = None
 
     @contextlib.contextmanager
     def __call__(self, flags: torch.Tensor):
@@ -47,6 +51,7 @@ class LoraGate(RowGate):
     def __init__(self, unet: nn.Module):
         from peft.tuners.lora import LoraLayer
 
+        super().__init__()
         self._handles = [
             a.register_forward_hook(self._hook)
             for layer in unet.modules() if isinstance(layer, LoraLayer)

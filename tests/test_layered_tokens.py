@@ -22,7 +22,8 @@ from palp.core.prompts import to_token_prompt
 from palp.core.settings import ConfigError, Subject, TrainConfig, method_label, split_variant
 from palp.method.step_inputs import Draws, encode_fixed_prompts, nested_dropout, tokenize
 from palp.models.base_model import load_base_model
-from palp.models.layered import LAYERED_FILE, build_layered_model, cross_attention_order
+from palp.models.layered import build_layered_model, cross_attention_order
+from palp.models.run_weights import LAYERED_FILE
 from palp.steps.train import step_losses
 
 TARGET = "A sketch of [V] in Paris at night"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 # p-plus: P+ (Voynov et al. 2023): one learned token embedding per cross-attention layer, UNet frozen;
 # neti: NeTI (Alaluf et al. 2023): a mapper from (timestep, layer) to the token's embedding, UNet frozen.
 PERSONALIZATIONS = ("lora-token", "custom-diffusion", "p-plus", "neti")
+LAYERED = ("p-plus", "neti")  # per-layer tokens on the frozen UNet (palp.models.layered)
 DEFAULT_PERSONALIZATION = "lora-token"
 
 

@@ -14,7 +14,7 @@ import torch
 from palp.core import methods
 from palp.core.settings import TrainConfig
 from palp.models import speed as fast
-from palp.models.layered import LAYERED, build_layered_model
+from palp.models.layered import build_layered_model
 from palp.models.personalize import PersonalizedModel, build_personalized_model
 
 log = logging.getLogger("palp.steps.train")  # the training's logger (compile warnings)
@@ -151,7 +151,7 @@ def setup_model(base, cfg: TrainConfig, device: torch.device, dtype: torch.dtype
     compiled UNet: its cache and eager fallback)."""
     with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from --seed, not global state
         torch.manual_seed(cfg.seed)
-        if cfg.personalize in LAYERED:  # P+ and NeTI: per-layer tokens on the frozen UNet
+        if cfg.personalize in methods.LAYERED:  # P+ and NeTI: per-layer tokens on the frozen UNet
             model, _, token_ids = build_layered_model(base, cfg.class_words, cfg.personalize, cfg.neti_options())
         else:
             model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank,

@@ -440,30 +440,23 @@ def load_base_model(spec: str, *, cache_dir: str | Path | None = None, pin: str 
 
     resolved = resolve_model(spec, cache_dir=cache_dir, pin=pin)
     path = resolved.path
-    if check_family(path, spec=spec) == "sdxl":
+    family = check_family(path, spec=spec)  # refused before anything is loaded
+    tokenizer, xl = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"), {}
+    if family == "sdxl":  # the second encoder and tokenizer, and the empty prompt's rule
         from transformers import CLIPTextModelWithProjection
 
         from palp.models.text_conditioning import TokenizerPair
 
-        index = _config(path, "model_index.json", spec)
-        return BaseModel(
-            path=path,
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-            tokenizer=TokenizerPair(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-                                    CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")),
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-            pin=resolved.pin,
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
-            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
-        )
+        tokenizer = TokenizerPair(tokenizer, CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+        xl = {"text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
+              "force_zeros_for_empty_prompt": bool(_config(path, "model_index.json", spec).get("force_zeros_for_empty_prompt", True))}
     return BaseModel(
         path=path,
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        tokenizer=tokenizer,
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
         pin=resolved.pin,
+        **xl,
     )

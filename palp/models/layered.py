@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from palp.core.methods import LAYERED
 from palp.models.neti import NetiTokens, keep_fp32_apply
 from palp.models.personalize import PersonalizedModel, PlaceholderEmbedding, add_placeholder_tokens
 
-LAYERED = ("p-plus", "neti")
-LAYERED_FILE = "layered_tokens.safetensors"
 # The order in which a UNet's forward pass meets its cross-attention layers (NeTI's layer index).
 _FORWARD_ORDER = ("down_blocks.", "mid_block.", "up_blocks.")
 

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from palp.models.layered import (LAYERED_FILE, RowEmbedding, conditioning_from_file, cross_attention_order,
-                                 layered_states, set_layer_processors)
+from palp.models.layered import (RowEmbedding, conditioning_from_file, cross_attention_order, layered_states,
+                                 set_layer_processors)
+from palp.models.run_weights import LAYERED_FILE
 
 _ATTR = "_palp_layered_tokens"
 REMEMBERED = 64  # prompts the text-encoder hook keeps (the latest)

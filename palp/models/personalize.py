@@ -182,18 +182,15 @@ def build_personalized_model(base, class_words: dict[str, str], *, rank: int | N
     for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
         if module is not None:
             module.requires_grad_(False)
-    if xl is not None:  # SDXL: the token in both tokenizers and both encoders, each initialised from its class word
-        if personalize == "custom-diffusion":
-            raise ValueError("--personalize custom-diffusion trains Stable Diffusion 1.x/2.x models; "
-                             "use lora-token for an SDXL model")
+    if xl is not None and personalize == "custom-diffusion":
+        raise ValueError("--personalize custom-diffusion trains Stable Diffusion 1.x/2.x models; "
+                         "use lora-token for an SDXL model")
+    if xl is None:
+        token_ids = add_placeholder_tokens(base.tokenizer, base.text_encoder, class_words)
+    else:  # SDXL: the token in both tokenizers and both encoders, each initialised from its class word
         token_ids = add_placeholder_tokens(base.tokenizer.first, base.text_encoder, class_words)
         if add_placeholder_tokens(base.tokenizer.second, base.text_encoder_2, class_words) != token_ids:
             raise RuntimeError("the placeholder tokens got other ids in SDXL's second tokenizer")
-        if rank is None:
-            raise ValueError("LoRA needs a rank")
-        config = add_lora(base.unet, rank=rank, alpha=alpha, targets=targets)
-        return PersonalizedModel(base.unet, base.text_encoder, text_encoder_2=base.text_encoder_2, xl=xl), config, token_ids
-    token_ids = add_placeholder_tokens(base.tokenizer, base.text_encoder, class_words)
     if personalize == "custom-diffusion":
         from palp.models.custom_diffusion import add_custom_diffusion
 
@@ -202,4 +199,4 @@ def build_personalized_model(base, class_words: dict[str, str], *, rank: int | N
     if rank is None:
         raise ValueError("LoRA needs a rank")
     config = add_lora(base.unet, rank=rank, alpha=alpha, targets=targets)
-    return PersonalizedModel(base.unet, base.text_encoder), config, token_ids
+    return PersonalizedModel(base.unet, base.text_encoder, text_encoder_2=base.text_encoder_2, xl=xl), config, token_ids

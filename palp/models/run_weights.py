@@ -28,11 +28,12 @@ import torch
 from safetensors.torch import save_file
 
 from palp.core import storage
+from palp.core.methods import LAYERED
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights.safetensors"  # = palp.models.custom_diffusion's
 EMBEDS_FILE = "learned_embeds.safetensors"
-LAYERED_FILE = "layered_tokens.safetensors"  # P+ and NeTI (= palp.models.layered's), instead of the two files above
+LAYERED_FILE = "layered_tokens.safetensors"  # P+ and NeTI (palp.models.layered), instead of the two files above
 CONFIG_FILE = "training_config.json"
 METRICS_FILE = "metrics.csv"
 REPORT_FILE = "report.html"  # the run's page: curves and validation grids (palp.steps.run_page)
@@ -96,7 +97,7 @@ def xl_embeds(path: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor] 
 
 def weights_file(personalize: str) -> str:
     """The UNet weights file of a run that trained ``personalize``."""
-    if personalize in ("p-plus", "neti"):
+    if personalize in LAYERED:
         return LAYERED_FILE
     return CUSTOM_DIFFUSION_FILE if personalize == "custom-diffusion" else LORA_FILE
 
@@ -110,7 +111,7 @@ def export_weights(model, tokens: list[str], out_dir: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out_dir))
     personalize = getattr(model, "personalize", "lora-token")
     try:
-        if personalize in ("p-plus", "neti"):  # one file: the per-layer tokens or the mappers, with their metadata
+        if personalize in LAYERED:  # one file: the per-layer tokens or the mappers, with their metadata
             from palp.models.layered import layered_file_contents
 
             tensors, metadata = layered_file_contents(model, tokens)

@@ -39,6 +39,7 @@ from palp.core import gcs, storage, xla
 from palp.core.elements import elements_of
 from palp.core.locks import output_lock
 from palp.core.memory import is_out_of_memory, release_memory
+from palp.core.methods import LAYERED, PERSONALIZATIONS
 from palp.core.precision import SAMPLE_PRECISIONS, sample_dtype
 from palp.core.preemption import Preempted, StopRequests
 from palp.core.prompts import CheckedPrompt, to_token_prompt
@@ -102,7 +103,7 @@ def load_weights(pipe, folder: Path, personalize: str = "lora-token") -> None:
 
     from palp.models.layered_pipeline import install_layered_tokens, remove_layered_tokens
 
-    if personalize not in ("lora-token", "custom-diffusion", "p-plus", "neti"):
+    if personalize not in PERSONALIZATIONS:
         raise SampleError(f"the run trained {personalize!r}, which this palp cannot sample; use a newer palp")
     remove_layered_tokens(pipe)
     pipe.unload_lora_weights()
@@ -113,7 +114,7 @@ def load_weights(pipe, folder: Path, personalize: str = "lora-token") -> None:
             encoder.to("cpu")
         pipe.unload_textual_inversion(tokenizer=tokenizer, text_encoder=encoder)
         encoder.to(device)
-    if personalize in ("p-plus", "neti"):  # P+'s per-layer tokens or NeTI's mappers, through palp's processors
+    if personalize in LAYERED:  # P+'s per-layer tokens or NeTI's mappers, through palp's processors
         try:
             install_layered_tokens(pipe, folder / LAYERED_FILE)
         except (ValueError, OSError, SafetensorError) as e:

@@ -85,6 +85,9 @@ PERSONALIZATION_DEFAULTS = {
         "lr": Default(1e-5, "the diffusers example's --learning_rate, taken as given: palp's --lr is the AdamW "
                             "rate itself, not scaled by the batch size (the example's --scale_lr would multiply it "
                             "by the batch, 2 x 1e-5 at its batch of 2)"),
+        "scale_augmentation": Default(True, "Custom Diffusion (Kumari et al. 2023), its training details: images rescaled "
+                                            "at random with 'very small'/'zoomed in' phrases, the loss on the image's region; the "
+                                            "diffusers example's CustomDiffusionDataset(aug=True), its default"),
     },
     "p-plus": {
         "lr": Default(5e-3, "P+ (Voynov et al. 2023), Sec. 5: learning rate 5e-3, as Textual Inversion"),

@@ -256,6 +256,13 @@ class TrainConfig:
     class_image_steps: int | None = flag(None, section=METHOD,
                                          help=f"DDIM steps of each class image (with --prior-preservation: "
                                               f"{CLASS_IMAGE_STEPS}, as palp sample)")
+    # Custom Diffusion's scale augmentation (palp.method.augment): None resolves to the
+    # personalization's default (on for custom-diffusion, off otherwise).
+    scale_augmentation: bool | None = flag(None, section=METHOD, bare=True,
+                                           help="Custom Diffusion's augmentation: each row's photo rescaled to a random size "
+                                                "(1/3 to 1x, or 1.2 to 1.4x cropped), its prompt told so ('very small', "
+                                                "'close up'...) and the loss masked to the photo (default: on for "
+                                                "--personalize custom-diffusion, off otherwise)")
     steps: int | None = flag(None, section=OPTIMISATION,
                              help=f"optimizer steps (default: {DEFAULT_STEPS}; 250 for --method custom-diffusion)")
     lr: float | None = flag(None, section=OPTIMISATION,
@@ -354,7 +361,7 @@ class TrainConfig:
                            f"{self.personalize}); drop {' and '.join(lora)}")
         self._resolve_neti()
         for name, palp_default in (("steps", DEFAULT_STEPS), ("lr", DEFAULT_LR), ("batch_size", DEFAULT_BATCH_SIZE),
-                                   ("prior_preservation", False)):
+                                   ("prior_preservation", False), ("scale_augmentation", False)):
             if getattr(self, name) is None:
                 setattr(self, name, self.method_default(name, palp_default))
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from palp.core.methods import Method
+from palp.method import augment
 
 # NFSD's "denoising" direction switches at this timestep (Katzir et al., Sec. 4).
 NFSD_SMALL_T = 200
@@ -168,11 +169,13 @@ def alignment_delta(method: Method, *, predictions: GuidancePredictions, noise: 
 
 
 def step_loss(*, eps_pred: torch.Tensor, noise: torch.Tensor, delta: torch.Tensor | None = None,
-              coefficient: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              coefficient: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, reconstruction) of one step: Eq. 1's ||eps_theta - eps||^2, plus, with a
     ``delta`` and its ``coefficient`` (lambda included), the alignment surrogate whose
-    gradient is Eq. 7's. Without ``delta`` (TI+DB) the loss is Eq. 1 alone."""
-    rec = F.mse_loss(eps_pred.float(), noise.float())
+    gradient is Eq. 7's. Without ``delta`` (TI+DB) the loss is Eq. 1 alone. ``mask`` (B, 1, h, w)
+    (--scale-augmentation): Eq. 1 over each row's masked positions only (``augment.masked_mse``);
+    the alignment surrogate keeps every position."""
+    rec = F.mse_loss(eps_pred.float(), noise.float()) if mask is None else augment.masked_mse(eps_pred, noise, mask)
     if delta is None:
         return rec, rec
     return rec + alignment_surrogate(eps_pred=eps_pred.float(), delta=delta, coefficient=coefficient), rec

@@ -13,6 +13,7 @@ import torch
 
 from palp.core import methods
 from palp.core.settings import TrainConfig
+from palp.method import augment
 from palp.models import speed as fast
 from palp.models.layered import build_layered_model
 from palp.models.personalize import PersonalizedModel, build_personalized_model
@@ -39,12 +40,18 @@ class Draws:
     class_noise: torch.Tensor | None = None  # (B, 4, h, w) its eps
     # --personalize neti: the NeTI mapper's hidden units each row keeps (nested dropout); None without
     truncation: torch.Tensor | None = None  # (B,)
+    # --scale-augmentation: each row's rescaling (palp.method.augment.rescale_draws); None without
+    rescale: torch.Tensor | None = None  # (B,) the photo's new side, in pixels
+    rescale_top: torch.Tensor | None = None  # (B,) its offset (on the canvas, or of the crop)
+    rescale_left: torch.Tensor | None = None  # (B,)
+    rescale_phrase: torch.Tensor | None = None  # (B,) index into palp.method.augment.PHRASES
 
 
 def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, latent_shape, num_timesteps: int,
-         class_sets: torch.Tensor | None = None) -> Draws:
+         class_sets: torch.Tensor | None = None, resolution: int | None = None) -> Draws:
     """One step's draws. ``class_sets`` (with --prior-preservation): the class-image set of each
-    training image, (n_images,); set k holds class images [k n, (k + 1) n), n = --num-class-images."""
+    training image, (n_images,); set k holds class images [k n, (k + 1) n), n = --num-class-images.
+    ``resolution`` (with --scale-augmentation): the photos' side in pixels."""
     shape = (batch, *latent_shape)
     index = torch.randint(n_images, (batch,), generator=gen)
     latent_noise = torch.randn(shape, generator=gen)
@@ -69,6 +76,8 @@ def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, l
     draws = Draws(index, latent_noise, t, noise, t_align, noise_align, align_weight, *prior)
     if cfg.personalize == "neti" and cfg.neti_nested_dropout > 0:  # drawn last: the other draws are unchanged
         draws.truncation = nested_dropout(gen, batch, cfg.neti_hidden, cfg.neti_nested_dropout)
+    if cfg.scale_augmentation:  # drawn last: the other draws are unchanged
+        draws.rescale, draws.rescale_top, draws.rescale_left, draws.rescale_phrase = augment.rescale_draws(gen, batch, resolution)
     return draws
 
 
@@ -89,6 +98,32 @@ class ClassImages:
     std: torch.Tensor  # (K n, 4, h, w)
     ids: torch.Tensor  # (K n, 77) the tokens of each image's class prompt
     sets: torch.Tensor  # (N,) the class set of each training image (on the CPU: the draws index it)
+
+
+@dataclass
+class ScaleAugmentation:
+    """--scale-augmentation's rows (palp.method.augment): the photos (on the host), the VAE (on
+    the run's device, fp32) and each photo's prompt with each of ``augment.PHRASES``."""
+
+    pixels: torch.Tensor  # (N, 3, R, R) on the host, in [-1, 1]
+    vae: torch.nn.Module
+    phrase_ids: torch.Tensor  # (N, len(PHRASES), L) on the run's device: y_P with each phrase, tokenized
+
+    @property
+    def resolution(self) -> int:
+        return self.pixels.shape[-1]
+
+    @torch.no_grad()
+    def rows(self, index: torch.Tensor, side: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
+             phrase: torch.Tensor, latent_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z0, mask, input_ids) of rows drawn with (``index``, side, top, left, phrase) on the host
+        and their posterior noise ``latent_noise`` (on the device): the rescaled photos' latents."""
+        device = latent_noise.device
+        factor = self.resolution // latent_noise.shape[-1]
+        photos, mask = augment.rescale_photos(self.pixels[index], side, top, left, factor)
+        mean, std = encode_latent_posteriors(self.vae, photos, batch=1)  # a row's latents whatever the micro-batch
+        ids = self.phrase_ids[index.to(self.phrase_ids.device), phrase.to(self.phrase_ids.device)]
+        return (mean.to(device) + std.to(device) * latent_noise), mask.to(device), ids
 
 
 @dataclass

@@ -30,8 +30,8 @@ from palp.core.reproducible import reproducible, resolve_threads
 from palp.core.settings import ConfigError, TrainConfig, method_label
 from palp.core.subject_images import load_subject_images
 from palp.method import guidance
-from palp.method.step_inputs import (ClassImages, ClassRows, Conditioning, Draws, draw, encode_fixed_prompts,
-                                     encode_latent_posteriors, setup_model, step_generator, tokenize)
+from palp.method.step_inputs import (ClassImages, ClassRows, Conditioning, Draws, ScaleAugmentation, draw,
+                                     encode_fixed_prompts, encode_latent_posteriors, setup_model, step_generator, tokenize)
 from palp.models import speed as fast
 from palp.models.base_model import load_base_model, portable_reference
 from palp.models.lora_gate import row_flags
@@ -53,6 +53,7 @@ def step_losses(
     model: PersonalizedModel, *, z0: torch.Tensor, input_ids: torch.Tensor, draws: Draws, cond: Conditioning,
     alphas_cumprod: torch.Tensor, cfg: TrainConfig, pretrained: PersonalizedModel | None = None,
     prediction_type: str = "epsilon", prior: ClassRows | None = None, reconstruction_only: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch; its gradient is Eq. 1's plus lambda times Eq. 6/7's.
 
@@ -61,11 +62,12 @@ def step_losses(
     ``prediction_type``: the base model's output, ``epsilon`` or ``v_prediction`` (docs/method.md).
     ``prior`` (--prior-preservation): the class-image rows, whose reconstruction loss (the
     same Eq. 1, no alignment term) is added times --prior-weight. ``reconstruction_only``:
-    Eq. 1 alone, whatever the method.
+    Eq. 1 alone, whatever the method. ``mask`` (--scale-augmentation, (B, 1, h, w)): Eq. 1 over
+    each row's rescaled photo only.
     """
     if prior is not None:  # DreamBooth's prior preservation
         loss, m = step_losses(model, z0=z0, input_ids=input_ids, draws=draws, cond=cond, alphas_cumprod=alphas_cumprod,
-                              cfg=cfg, pretrained=pretrained, prediction_type=prediction_type)
+                              cfg=cfg, pretrained=pretrained, prediction_type=prediction_type, mask=mask)
         prior_rec, _ = step_losses(model, z0=prior.z0, input_ids=prior.input_ids, draws=prior.draws, cond=cond,
                                    alphas_cumprod=alphas_cumprod, cfg=cfg, prediction_type=prediction_type,
                                    reconstruction_only=True)
@@ -81,19 +83,19 @@ def step_losses(
     eps_pred, states = model(z_t, draws.t, input_ids, **extra)  # personalization prediction (v for a v-model), with grad
     target = guidance.v_target(x0=z0, noise=draws.noise, alpha_bar=ab_t) if v_model else draws.noise
     if not method.aligns or reconstruction_only:
-        loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target)
+        loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target, mask=mask)
         return loss, {"rec_loss": rec.detach()}
 
     rows = None
     if draws.align_weight is not None:  # --align-fraction: the term on the drawn rows only, rescaled
         rows = torch.nonzero(draws.align_weight).flatten()  # a host sync, only with the option
         if rows.numel() == 0:  # none of this micro-batch's rows was drawn
-            loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target)
+            loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target, mask=mask)
             return loss, {"rec_loss": rec.detach(), "align_loss": torch.zeros((), device=rec.device)}
     delta, coefficient, size = _alignment_term(pretrained, method, cfg, z_t=z_t, eps_pred=eps_pred, states=states,
                                                input_ids=input_ids, draws=draws, cond=cond, alphas_cumprod=alphas_cumprod,
                                                rows=rows, v_model=v_model)
-    loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target, delta=delta, coefficient=coefficient)
+    loss, rec = guidance.step_loss(eps_pred=eps_pred, noise=target, delta=delta, coefficient=coefficient, mask=mask)
     return loss, {"rec_loss": rec.detach(), "align_loss": size}
 
 
@@ -191,6 +193,7 @@ class StepContext:
     dtype: torch.dtype  # of the frozen weights and the latents
     prediction_type: str = "epsilon"  # the base model's output: epsilon or v_prediction
     classes: ClassImages | None = None  # --prior-preservation's class images
+    rescaling: ScaleAugmentation | None = None  # --scale-augmentation's photos, VAE and prompts
 
 
 def make_context(model: PersonalizedModel, accelerator, cfg: TrainConfig, **tensors) -> StepContext:
@@ -246,7 +249,7 @@ def _micro_batch_loss(ctx: StepContext, cfg: TrainConfig, full: Draws, start: in
     the gradient branch run through ``module`` (the wrapped model, or the bare one to probe)."""
     device = ctx.mean.device
     d = Draws(*(None if x is None else x[start : start + size].to(device, non_blocking=True) for x in dataclasses.astuple(full)))
-    z0 = (ctx.mean[d.index] + ctx.std[d.index] * d.latent_noise).to(ctx.dtype)  # (B, 4, h, w)
+    z0, input_ids, mask = _subject_rows(ctx, full, d, start, size)
     d.noise, d.noise_align = d.noise.to(ctx.dtype), d.noise_align.to(ctx.dtype)
     prior = None
     if ctx.classes is not None:  # --prior-preservation: the class-image rows drawn with these rows
@@ -254,9 +257,20 @@ def _micro_batch_loss(ctx: StepContext, cfg: TrainConfig, full: Draws, start: in
         prior = ClassRows(z0=(c.mean[i] + c.std[i] * d.class_latent_noise).to(ctx.dtype), input_ids=c.ids[i],
                           draws=Draws(i, d.class_latent_noise, d.class_t, d.class_noise.to(ctx.dtype), None, None))
     with ctx.accelerator.autocast():
-        return step_losses(module, z0=z0, input_ids=ctx.image_ids[d.index], draws=d, cond=ctx.cond,
+        return step_losses(module, z0=z0, input_ids=input_ids, draws=d, cond=ctx.cond,
                            alphas_cumprod=ctx.alphas_cumprod, cfg=cfg, pretrained=ctx.model,
-                           prediction_type=ctx.prediction_type, prior=prior)
+                           prediction_type=ctx.prediction_type, prior=prior, mask=mask)
+
+
+def _subject_rows(ctx: StepContext, full: Draws, d: Draws, start: int, size: int):
+    """(z0, input_ids, mask) of the micro-batch's subject rows ``d`` (on the device; ``full``: the
+    process's draws on the host): a sample of each photo's posterior and its prompt, or with
+    --scale-augmentation the rescaled photo's, its prompt with the phrase and its loss mask."""
+    if ctx.rescaling is None:
+        return (ctx.mean[d.index] + ctx.std[d.index] * d.latent_noise).to(ctx.dtype), ctx.image_ids[d.index], None
+    host = [x[start : start + size] for x in (full.index, full.rescale, full.rescale_top, full.rescale_left, full.rescale_phrase)]
+    z0, mask, ids = ctx.rescaling.rows(*host, latent_noise=d.latent_noise)
+    return z0.to(ctx.dtype), ids, mask
 
 
 def fit_micro_batch(ctx: StepContext, cfg: TrainConfig, full: Draws, compiled=None) -> tuple[int, list[int]]:
@@ -387,10 +401,11 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int, progress:
     ids_per_subject = tokenize(base.tokenizer, [to_token_prompt(s.personalization_prompt) for s in cfg.subjects])
     image_ids = torch.cat([ids_per_subject[i].expand(len(im.paths), -1) for i, im in enumerate(images)])  # (N, 77)
     classes = _encode_class_images(cfg, base, class_sets, images, device) if class_sets else None
+    rescaling = _scale_augmentation(cfg, base, images, device) if cfg.scale_augmentation else None
     ctx = make_context(model, accelerator, cfg, mean=mean, std=std, image_ids=image_ids.to(device),
                        cond=encode_fixed_prompts(model, base.tokenizer, cfg, device),
                        alphas_cumprod=base.noise_scheduler.alphas_cumprod.to(device), dtype=dtype,
-                       prediction_type=base.prediction_type, classes=classes)
+                       prediction_type=base.prediction_type, classes=classes, rescaling=rescaling)
     if probe:
         micro, accum = _probe_micro_batch(ctx, cfg, compiled, accelerator, per_process=micro * accum)
     config = {
@@ -437,6 +452,16 @@ def _record_and_resume(cfg: TrainConfig, out: Path, config: dict, ctx: StepConte
         for group in ctx.optimizer.param_groups:  # the optimizer state carries the old lr
             group["lr"] = cfg.lr
     return start, rows
+
+
+def _scale_augmentation(cfg: TrainConfig, base, images: list, device) -> ScaleAugmentation:
+    """--scale-augmentation's photos (kept on the host), the VAE and every photo's prompt with each phrase."""
+    from palp.method.augment import PHRASES
+
+    ids = [tokenize(base.tokenizer, [to_token_prompt(phrase + s.personalization_prompt) for phrase in PHRASES])
+           for s in cfg.subjects]  # (len(PHRASES), L) per subject
+    phrase_ids = torch.cat([ids[i].unsqueeze(0).expand(len(im.paths), *ids[i].shape) for i, im in enumerate(images)])
+    return ScaleAugmentation(pixels=torch.cat([im.pixels for im in images]), vae=base.vae, phrase_ids=phrase_ids.to(device))
 
 
 def _class_image_sets(cfg: TrainConfig, base, accelerator, *, progress: bool) -> dict:
@@ -503,9 +528,7 @@ def _accelerator(cfg: TrainConfig, out: Path, accum: int, report_to: str):
 def _probe_micro_batch(ctx: StepContext, cfg: TrainConfig, compiled, accelerator, *, per_process: int) -> tuple[int, int]:
     """``--micro-batch-size auto`` for a new run: the largest micro-batch whose first step fits
     on the device, and the accumulation steps that make up the batch; said once, in one line."""
-    first = process_draws(cfg, 1, accelerator, per_process=per_process, n_images=len(ctx.mean),
-                          latent_shape=ctx.mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod),
-                          class_sets=None if ctx.classes is None else ctx.classes.sets)
+    first = process_draws(cfg, 1, accelerator, per_process=per_process, **draw_shapes(ctx))
     micro, failed = fit_micro_batch(ctx, cfg, first, compiled)
     micro, accum = cfg.accumulation(accelerator.num_processes, micro)
     accelerator.gradient_accumulation_steps = accum
@@ -534,9 +557,7 @@ def _loop(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: StopRe
     device = accelerator.device
 
     def draws_of(step: int) -> Draws:
-        full = process_draws(cfg, step, accelerator, per_process=run.micro * run.accum, n_images=len(ctx.mean),
-                             latent_shape=ctx.mean.shape[1:], num_timesteps=len(ctx.alphas_cumprod),
-                             class_sets=None if ctx.classes is None else ctx.classes.sets)
+        full = process_draws(cfg, step, accelerator, per_process=run.micro * run.accum, **draw_shapes(ctx))
         return Draws(*(None if x is None else x.pin_memory() for x in dataclasses.astuple(full))) if device.type == "cuda" else full
 
     if _any_process(accelerator, stops.requested):  # asked while the lock was waited for or the model loaded
@@ -609,14 +630,21 @@ def _keep_step(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: S
     return stop
 
 
+def draw_shapes(ctx: StepContext) -> dict:
+    """What a run's draws are drawn over (``draw``'s keyword arguments beyond the batch)."""
+    return {"n_images": len(ctx.mean), "latent_shape": ctx.mean.shape[1:], "num_timesteps": len(ctx.alphas_cumprod),
+            "class_sets": None if ctx.classes is None else ctx.classes.sets,
+            "resolution": None if ctx.rescaling is None else ctx.rescaling.resolution}
+
+
 def process_draws(cfg: TrainConfig, step: int, accelerator, *, per_process: int, n_images: int, latent_shape,
-                  num_timesteps: int, class_sets: torch.Tensor | None = None) -> Draws:
+                  num_timesteps: int, class_sets: torch.Tensor | None = None, resolution: int | None = None) -> Draws:
     """This process's rows of step ``step``'s draws. One draw is made for the whole global
     batch, from a generator of (seed, step), and each process takes its slice: results depend
     neither on the micro-batch size nor on how many processes share the batch."""
     n, rank = accelerator.num_processes, accelerator.process_index
     full = draw(step_generator(cfg.seed, step, 0), cfg, n_images=n_images, batch=per_process * n,
-                latent_shape=latent_shape, num_timesteps=num_timesteps, class_sets=class_sets)
+                latent_shape=latent_shape, num_timesteps=num_timesteps, class_sets=class_sets, resolution=resolution)
     if n == 1:
         return full
     return Draws(*(None if x is None else x[rank * per_process : (rank + 1) * per_process] for x in dataclasses.astuple(full)))
@@ -646,13 +674,18 @@ def _write_report(out: RunOutput, cfg: TrainConfig) -> None:
 
 
 def _report_notes(cfg: TrainConfig) -> list[str]:
-    """The run page's lines on options beyond the method (--prior-preservation)."""
+    """The run page's lines on options beyond the method (--scale-augmentation, --prior-preservation)."""
+    notes = []
+    if cfg.scale_augmentation:
+        notes.append("Scale augmentation (Custom Diffusion): each row's photo rescaled to a random side (1/3 to 1x on a "
+                     "grey canvas, or 1.2 to 1.4x cropped), its prompt prefixed 'a far away'/'very small' or 'zoomed "
+                     "in'/'close up' to match, and rec_loss taken over the photo's region only.")
     if not cfg.prior_preservation:
-        return []
+        return notes
     from palp.steps.class_images import class_prompt
 
     prompts = ", ".join(repr(class_prompt(w)) for w in dict.fromkeys(s.class_word for s in cfg.subjects))
-    return [f"Prior preservation (DreamBooth): + {cfg.prior_weight:g} x the reconstruction loss on {cfg.num_class_images} "
+    return notes + [f"Prior preservation (DreamBooth): + {cfg.prior_weight:g} x the reconstruction loss on {cfg.num_class_images} "
             f"class images per class word that the base model made of {prompts} ({cfg.class_image_steps} DDIM steps); "
             f"prior_loss is that loss."]
 

@@ -205,6 +205,9 @@ def add_sample_parser(sub) -> None:
                    help="torch.compile the UNet's repeated blocks or all of it; auto: blocks on CUDA, none elsewhere")
     p.add_argument("--compile-cache", default="", metavar="DIR", help="folder or gs:// prefix keeping the compiled kernels")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="the SDPA kernel (auto: PyTorch's choice)")
+    p.add_argument("--neti-truncation", type=int, default=None, metavar="K",
+                   help="NeTI runs: keep only the mapper's first K hidden units (NeTI's inference-time truncation: "
+                        "smaller K, a coarser and more editable token; default: all of them)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_sample)
 
@@ -216,7 +219,8 @@ def run_sample(args) -> int:
     rows = sample(args.model, args.output, prompts=args.prompts, tasks=args.task, prepared=args.prepared,
                   **settings(args, SampleSettings), reference=args.reference, precision=args.precision,
                   device=args.device, progress=not args.quiet, sampler=args.sampler, vae_precision=args.vae_precision,
-                  compile=args.compile, compile_cache=args.compile_cache, attention=args.attention)
+                  compile=args.compile, compile_cache=args.compile_cache, attention=args.attention,
+                  neti_truncation=args.neti_truncation)
     print(f"{len(rows)} samples -> {args.output}")
     return 0
 

@@ -388,6 +388,47 @@ def test_stock_pipeline_with_the_installed_processors_gives_palp_samples_images(
     assert np.abs(_pixels(out / snap) - _pixels(out / final["file"][0])).mean() > 0.1  # the snapshot is its own weights
 
 
+def test_neti_truncation_in_palp_sample_and_the_stock_pipeline(workspace, tmp_path, capsys):
+    """--neti-truncation K: every unit (K = --neti-hidden) is the untruncated sampling, bit for bit;
+    fewer units give other images, which a stock pipeline installed with the same truncation makes
+    too; P+ runs, --reference and K outside 1..hidden are refused in one line."""
+    import pandas as pd
+
+    from palp.models.denoising import initial_latents
+    from palp.models.layered_pipeline import install_layered_tokens
+
+    run = workspace / "neti"
+
+    def sample(out, *extra):
+        assert main(["sample", "--model", str(run), "--output", str(out), "--num-samples", "2", "--steps", "4",
+                     "--batch-size", "2", "--quiet", *extra]) == 0
+        rows = pd.read_csv(out / "samples.csv")
+        return rows, np.stack([_pixels(out / f) for f in rows["file"]])
+
+    rows, whole = sample(tmp_path / "all")
+    _, every = sample(tmp_path / "k8", "--neti-truncation", "8")
+    cut_rows, cut = sample(tmp_path / "k2", "--neti-truncation", "2")
+    assert np.array_equal(whole, every) and np.abs(whole - cut).mean() > 0.1
+    assert set(cut_rows["settings"]) != set(rows["settings"])  # other pixels, another settings folder
+    pipe = stock_pipeline()
+    install_layered_tokens(pipe, run, truncation=2)
+    latents = initial_latents(list(cut_rows["seed"]), (4, 8, 8))
+    stock = (pipe([to_token_prompt(TARGET)] * 2, num_inference_steps=4, guidance_scale=7.5, latents=latents,
+                  output_type="np").images * 255).round()
+    assert np.abs(cut - stock).max() <= 1
+    with pytest.raises(ValueError, match="NeTI runs only"):
+        install_layered_tokens(pipe, workspace / "p-plus", truncation=2)
+    capsys.readouterr()
+    for model, extra, says in ((workspace / "p-plus", ["--neti-truncation", "2"], "applies to NeTI runs only"),
+                               (run, ["--neti-truncation", "9"], "between 1 and the run's 8 mapper units"),
+                               (run, ["--neti-truncation", "0"], "between 1 and the run's 8"),
+                               (run, ["--neti-truncation", "2", "--reference"], "--reference samples the base model")):
+        code = main(["sample", "--model", str(model), "--output", str(tmp_path / "refused"), "--quiet", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_runs_are_scored_and_a_damaged_file_is_refused(workspace, tmp_path, capsys):
     import shutil
 

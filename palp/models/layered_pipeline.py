@@ -37,9 +37,10 @@ REMEMBERED = 64  # prompts the text-encoder hook keeps (the latest)
 class _Installation:
     """What ``install_layered_tokens`` added to one pipeline, and its two hooks."""
 
-    def __init__(self, pipe, conditioning, tokens: list[str], first_id: int, n_layers: int, processors: dict):
+    def __init__(self, pipe, conditioning, tokens: list[str], first_id: int, n_layers: int, processors: dict,
+                 truncation: int | None = None):
         self.pipe, self.conditioning, self.tokens, self.first_id = pipe, conditioning, tokens, first_id
-        self.n_layers = n_layers
+        self.n_layers, self.truncation = n_layers, truncation
         self.processors = processors  # the attention processors before installing (restored on removal)
         self.known: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a prompt's states (L, D), its ids (L,))
         self.busy = False
@@ -87,7 +88,8 @@ class _Installation:
     def layered(self, ids: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         te = self.pipe.text_encoder
         cond = self.conditioning.to(ids.device)
-        vectors, bypass = cond(len(ids), t)
+        cut = None if self.truncation is None else torch.full((len(ids),), self.truncation, device=ids.device)
+        vectors, bypass = cond(len(ids), t, cut)
         stock = te.get_input_embeddings()
         te.set_input_embeddings(RowEmbedding(stock, self.first_id, vectors[0, 0].float()))
         self.busy = True
@@ -106,31 +108,42 @@ class _Installation:
             self.pipe.unload_textual_inversion(present)
 
 
-def install_layered_tokens(pipe, run) -> None:
+def install_layered_tokens(pipe, run, *, truncation: int | None = None) -> None:
     """Make a stock ``StableDiffusionPipeline`` sample a P+ or NeTI run: ``run`` is the run's folder
     (or a snapshot's) or its ``layered_tokens.safetensors``. Afterwards ``pipe("A sketch of <v> ...")``
     uses the run's per-layer (and, for NeTI, per-timestep) token. Installing again replaces the
     previous run's; ``remove_layered_tokens`` undoes it. ValueError if the file does not fit this
-    pipeline's UNet (another base model) or is not a P+/NeTI file; safetensors only."""
+    pipeline's UNet (another base model) or is not a P+/NeTI file; safetensors only.
+
+    ``truncation`` (NeTI only): the mapper keeps only its first ``truncation`` hidden units at every
+    step, as NeTI's inference-time truncation of its nested-dropout ordering does (fewer units: a
+    coarser, more editable token); None keeps them all."""
     from safetensors import safe_open
 
     path = Path(run) / LAYERED_FILE if Path(run).is_dir() else Path(run)
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not a dict)
     conditioning, tokens, layers = conditioning_from_file(tensors, meta)
+    if truncation is not None:
+        hidden = getattr(conditioning, "hidden", None)
+        if hidden is None:
+            raise ValueError("truncation applies to NeTI runs only; this is a P+ file")
+        if not 1 <= truncation <= hidden:
+            raise ValueError(f"truncation must be between 1 and the mapper's {hidden} hidden units, not {truncation}")
     remove_layered_tokens(pipe)
     if layers != cross_attention_order(pipe.unet):
         raise ValueError(f"{path} was trained on a UNet with cross-attention layers {layers[:2]}...; this pipeline's differ")
     conditioning.to(pipe.text_encoder.device)
     with torch.no_grad():  # the stand-in embedding: the layers' mean at the schedule's middle
-        vectors, _ = conditioning(1, torch.tensor([500], device=pipe.text_encoder.device))
+        cut = None if truncation is None else torch.tensor([truncation], device=pipe.text_encoder.device)
+        vectors, _ = conditioning(1, torch.tensor([500], device=pipe.text_encoder.device), cut)
     pipe.load_textual_inversion(list(vectors[0].mean(0).to(pipe.text_encoder.dtype)), token=tokens)
     ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
     if ids != list(range(ids[0], ids[0] + len(ids))):
         raise ValueError(f"the tokens {tokens} got ids {ids}; load them into a pipeline without other added tokens")
     processors = dict(pipe.unet.attn_processors)
     set_layer_processors(pipe.unet, layers)
-    setattr(pipe, _ATTR, _Installation(pipe, conditioning, tokens, ids[0], len(layers), processors))
+    setattr(pipe, _ATTR, _Installation(pipe, conditioning, tokens, ids[0], len(layers), processors, truncation))
 
 
 def remove_layered_tokens(pipe) -> None:

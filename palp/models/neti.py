@@ -74,7 +74,7 @@ class NetiTokens(nn.Module):
 
     def __init__(self, init: torch.Tensor, n_layers: int, *, hidden: int = 128, features: int = 1024, bypass: bool = True):
         super().__init__()
-        self.n_layers, self.bypass = n_layers, bypass
+        self.n_layers, self.bypass, self.hidden = n_layers, bypass, hidden
         self.mappers = nn.ModuleList(NetiMapper(n_layers, init.shape[-1], float(row.float().norm()), hidden=hidden,
                                                 features=features, bypass=bypass) for row in init)
 

@@ -90,7 +90,7 @@ def weights_to_sample(run: Path, checkpoints: str, reference: bool) -> list[Weig
     return found
 
 
-def load_weights(pipe, folder: Path, personalize: str = "lora-token") -> None:
+def load_weights(pipe, folder: Path, personalize: str = "lora-token", *, truncation: int | None = None) -> None:
     """Swap in one set of LoRA (or Custom Diffusion weights, as the run's ``personalize`` says) +
     embeddings with diffusers' loaders (unloading any previous set).
 
@@ -116,7 +116,7 @@ def load_weights(pipe, folder: Path, personalize: str = "lora-token") -> None:
         encoder.to(device)
     if personalize in LAYERED:  # P+'s per-layer tokens or NeTI's mappers, through palp's processors
         try:
-            install_layered_tokens(pipe, folder / LAYERED_FILE)
+            install_layered_tokens(pipe, folder / LAYERED_FILE, truncation=truncation)
         except (ValueError, OSError, SafetensorError) as e:
             raise SampleError(f"{folder / LAYERED_FILE}: {e}") from e
         return
@@ -215,7 +215,8 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
            steps: int = _S.steps, scheduler: str = _S.scheduler, guidance: float = _S.guidance, batch_size: int = _S.batch_size,
            checkpoints: str = _S.checkpoints, reference: bool = False, precision: str = "auto",
            device: str | None = None, progress: bool = True, sampler: str = "palp", vae_precision: str = "auto",
-           compile: str = "auto", compile_cache: str = "", attention: str = "auto") -> list[dict]:
+           compile: str = "auto", compile_cache: str = "", attention: str = "auto",
+           neti_truncation: int | None = None) -> list[dict]:
     """Sample a trained run (or, with ``reference``, its base model on the clean prompts):
     its target prompt, other ``prompts``, or the target prompts of ``tasks`` of the
     ``prepared`` dataset (``texts_to_sample``).
@@ -223,7 +224,8 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
     ``sampler``: ``palp`` (``generate``: the stock pipeline's steps without its per-step host
     syncs) or ``stock`` (the pipeline's ``__call__``). ``vae_precision``: the decoder's dtype
     (``auto``: the model's). ``compile``/``compile_cache``: as for training (palp sampler only);
-    ``attention``: the SDPA kernel (fast.attention_backend).
+    ``attention``: the SDPA kernel (fast.attention_backend). ``neti_truncation`` (NeTI runs):
+    the mapper's hidden units kept (``install_layered_tokens``); None keeps them all.
     """
     from palp.core.cache import cache_root
     from palp.models import speed as fast
@@ -233,12 +235,15 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
                    attention=attention, precision=precision, vae_precision=vae_precision)
     run = fetch_run(model, cache=cache_root())
     config = json.loads((run / CONFIG_FILE).read_text())
+    _check_truncation(neti_truncation, config, model=model, reference=reference)
     texts = texts_to_sample(config, prompts=prompts, tasks=tasks, prepared=prepared)
     weights = weights_to_sample(run, checkpoints, reference)
     method, subject, run_tag = _run_names(config, texts, model=model, reference=reference)
     device_, dtype, vae_dtype, settings = _pixel_settings(seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
                                                           device=device, precision=precision, vae_precision=vae_precision,
                                                           fp32_vae_for_fp16=config.get("model_family") == "sdxl")
+    if neti_truncation is not None:  # other pixels: another settings folder (absent otherwise, keeping older keys)
+        settings["neti_truncation"] = neti_truncation
     key = settings_key(settings)
     jobs = make_jobs(texts, weights, num_samples=num_samples, seed=seed, key=key, run_tag=run_tag, subject=subject,
                      method=method, model=model)
@@ -257,6 +262,7 @@ def sample(model: str, output: str, *, prompts: list[str] | None = None, tasks: 
                                             sampler=sampler, compile=compile, compile_cache=compile_cache)
             with fast.attention_backend(attention):
                 _render(pipe, compiled, todo, output=output, reference=reference, sampler=sampler, steps=steps,
+                        neti_truncation=neti_truncation,
                         guidance=guidance, batch_size=batch_size, dtype=dtype,
                         on_batch=lambda batch: bar.update(sum(j["file"] not in done for j in batch)))
         bar.close()
@@ -275,6 +281,20 @@ def _kept_on_stop(output: str, files: list[str]):
         kept = len(set(files) & finished(output))
         raise Preempted(e.signum, f"{e}: {kept} of {len(files)} images are written in {output} and kept; rerun the "
                                   f"same command to make the rest") from None
+
+
+def _check_truncation(truncation: int | None, config: dict, *, model: str, reference: bool) -> None:
+    """--neti-truncation: refused for a run that is not NeTI's (or with --reference) and outside
+    1..the run's mapper width."""
+    if truncation is None:
+        return
+    personalize = config.get("personalize") or "lora-token"
+    if reference or personalize != "neti":
+        what = "--reference samples the base model" if reference else f"{model} trained --personalize {personalize}"
+        raise SampleError(f"--neti-truncation applies to NeTI runs only ({what}); drop --neti-truncation")
+    hidden = int(config.get("neti_hidden") or 0)
+    if not 1 <= truncation <= hidden:
+        raise SampleError(f"--neti-truncation must be between 1 and the run's {hidden} mapper units (--neti-hidden), not {truncation}")
 
 
 def _run_names(config: dict, texts: list[dict], *, model: str, reference: bool) -> tuple[str, str, str]:
@@ -343,7 +363,7 @@ def _make_images(pipe, compiled, part: list[dict], *, size: int, reference: bool
 
 
 def _render(pipe, compiled, todo: list[list[dict]], *, output: str, reference: bool, sampler: str, steps: int,
-            guidance: float, batch_size: int, dtype: torch.dtype, on_batch) -> None:
+            guidance: float, batch_size: int, dtype: torch.dtype, on_batch, neti_truncation: int | None = None) -> None:
     """Make and write every batch of ``todo``, swapping in each batch's weights; PNG encoding
     and writing (slow on gs://) run beside the device's work on the next batch.
 
@@ -375,7 +395,7 @@ def _render(pipe, compiled, todo: list[list[dict]], *, output: str, reference: b
         for whole in todo:
             w = whole[0]["_weights"]
             if w is not loaded and w.folder is not None:
-                load_weights(pipe, w.folder, w.personalize)
+                load_weights(pipe, w.folder, w.personalize, truncation=neti_truncation)
             loaded = w
             done = 0
             while done < len(whole):

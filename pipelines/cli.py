@@ -34,6 +34,8 @@ def add_pipeline_parser(sub) -> None:
     r.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess")
     r.add_argument("--pipeline-root", help="where artifacts go (default: a new temporary folder)")
     r.add_argument("--image", help="with --runner docker: the step image (default: palp-cpu:<version>, built locally)")
+    r.add_argument("--train-image", help="with --runner docker: the train step's image, where it differs, e.g. "
+                                         "palp-tpu:<version> (with PJRT_DEVICE=CPU set: XLA on the CPU, no TPU needed)")
     r.add_argument("--gpus", action="store_true", help="with --runner docker: pass the host's GPUs to the steps")
     r.add_argument("--share-cache", action="store_true",
                    help="speed option: steps share one model cache (default: each starts empty, as on a cluster)")
@@ -80,8 +82,9 @@ def run_pipeline_local(args) -> int:
     from pipelines.run import run_local
 
     try:
-        root = run_local(args.config, runner=args.runner, pipeline_root=args.pipeline_root, image=args.image, gpus=args.gpus,
-                         share_cache=args.share_cache, verbose=args.stream or args.verbose)
+        root = run_local(args.config, runner=args.runner, pipeline_root=args.pipeline_root, image=args.image,
+                         train_image=args.train_image, gpus=args.gpus, share_cache=args.share_cache,
+                         verbose=args.stream or args.verbose)
     except StepFailed as e:
         print(f"palp pipeline run-local: error: {e}", file=sys.stderr)
         return 1

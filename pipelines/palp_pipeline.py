@@ -111,18 +111,21 @@ DIFFERENT_DEFAULTS = {
 
 
 def build_pipeline(backend: str = "kubeflow", accelerator: Optional[str] = None, image: Optional[str] = None,
-                   retries: bool = True, max_parallel: int = DEFAULT_MAX_PARALLEL):
+                   retries: bool = True, max_parallel: int = DEFAULT_MAX_PARALLEL, train_image: Optional[str] = None):
     """The pipeline function for one backend (resources differ; the DAG is the same).
 
     ``retries=False`` drops the preemption retries, for local runs where a failure is final.
     ``max_parallel``: trainings at once (the ParallelFor's parallelism, in the compiled YAML).
+    ``train_image``: the train step's image, where it differs from the other steps' (local runs:
+    the tpu image; the vertex-tpu backend takes the tpu image by itself).
     (Longer than most functions here: the inner pipeline function's parameter list is the
     pipeline's interface, grouped by step, and KFP needs it spelled out.)"""
     accelerator = check_backend(backend, accelerator)
     if not isinstance(max_parallel, int) or max_parallel < 1:
         raise PipelineError(f"--max-parallel must be a whole number >= 1, not {max_parallel!r}")
     comps = make_components(image)
-    train_op = _tpu_train(comps, accelerator, None if image is None else image) if backend == "vertex-tpu" else comps.train
+    train_op = _tpu_train(comps, accelerator, None if image is None else image) if backend == "vertex-tpu" else \
+        make_components(train_image).train if train_image else comps.train
 
     @dsl.pipeline(name=PIPELINE_NAME, description="PALP: prompt-aligned personalization, compared across methods")
     def palp_pipeline(

@@ -18,8 +18,9 @@ from pipelines.inputs import inputs_fingerprint
 from pipelines.palp_pipeline import build_pipeline
 from pipelines.runs_compare import newest_run
 
-# Environment handed to step containers (DockerRunner): the emulator and project, if set.
-PASSED_ENV = ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "HF_HUB_OFFLINE", "PALP_STORAGE_RETRIES")
+# Environment handed to step containers (DockerRunner): the emulator and project, and XLA's
+# device (PJRT_DEVICE=CPU trains on XLA:CPU in the tpu image where there is no TPU), if set.
+PASSED_ENV = ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "HF_HUB_OFFLINE", "PALP_STORAGE_RETRIES", "PJRT_DEVICE")
 
 
 def _stage_inputs(params: dict, root: Path) -> dict:
@@ -78,11 +79,14 @@ def _runner(runner: str, root: Path, params: dict, *, image: Optional[str], gpus
 
 
 def run_local(config: Optional[str] = None, *, runner: str = "subprocess", pipeline_root: Optional[str] = None,
-              image: Optional[str] = None, gpus: bool = False, share_cache: bool = False, verbose: bool = False) -> Path:
+              image: Optional[str] = None, train_image: Optional[str] = None, gpus: bool = False, share_cache: bool = False,
+              verbose: bool = False) -> Path:
     """Run the whole DAG with kfp.local; returns the pipeline root holding every artifact.
 
     ``runner="docker"`` runs every step in the step image (default: the locally built
-    ``palp-cpu:<version>``), with ``gpus`` passing the host's GPUs through. Each step starts
+    ``palp-cpu:<version>``), with ``gpus`` passing the host's GPUs through, and the train step
+    in ``train_image`` if given (the tpu image: with ``PJRT_DEVICE=CPU`` in this environment, it
+    trains on XLA:CPU where there is no TPU). Each step starts
     from an empty model cache, as on a cluster, unless ``share_cache``: only parameters and
     artifacts travel between steps. The console gets one line per step start and end, each
     step's output goes to ``<root>/logs/<step>[-<task>-<method>].log`` (``verbose``: and to
@@ -90,6 +94,8 @@ def run_local(config: Optional[str] = None, *, runner: str = "subprocess", pipel
     its error and the path of its log."""
     from kfp import local
 
+    if train_image and runner != "docker":
+        raise ExperimentError("--train-image needs --runner docker (subprocess steps run in this environment)")
     params = load_experiment(config)
     params["inputs_fingerprint"] = inputs_fingerprint(params)  # recorded in the manifest, as on a cluster
     root = writable_root(Path(pipeline_root or tempfile.mkdtemp(prefix="palp-pipeline-")).resolve())
@@ -97,7 +103,8 @@ def run_local(config: Optional[str] = None, *, runner: str = "subprocess", pipel
     local.init(runner=chosen, pipeline_root=str(root), raise_on_error=True)
     with RunConsole(root, verbose=verbose) as console, _threads_per_step(runner), _cache_per_step(runner, root, share_cache):
         try:
-            build_pipeline("kubeflow", image=image, retries=False)(**params)  # resources are ignored locally
+            # resources are ignored locally
+            build_pipeline("kubeflow", image=image, train_image=train_image, retries=False)(**params)
         except Exception as e:
             if not console.failures:
                 raise

@@ -50,16 +50,25 @@ def wheelhouse():
     server.shutdown()
 
 
+def _base_image() -> str:
+    """The local Debian base (images/make-base.sh), made once (again where an older one lacks libpython3.11)."""
+    assert _docker_ok(), "docker is needed: install docker.io and start dockerd (see .ci/run)"
+    lib = ["docker", "run", "--rm", "--entrypoint", "test", BASE, "-e", "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0"]
+    if subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode != 0 or \
+            subprocess.run(lib, capture_output=True).returncode != 0:
+        subprocess.run(["bash", str(REPO / "images" / "make-base.sh"), BASE], check=True)
+    return BASE
+
+
+CA = "/etc/ssl/certs/ca-certificates.crt"
+
+
 @pytest.fixture(scope="session")
 def image(wheelhouse):
-    assert _docker_ok(), "docker is needed: install docker.io and start dockerd (see .ci/run)"
-    if subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode != 0:
-        subprocess.run(["bash", str(REPO / "images" / "make-base.sh"), BASE], check=True)
     from palp.step_image import build
 
-    ca = "/etc/ssl/certs/ca-certificates.crt"
-    return build("cpu", base_image=BASE, find_links=[wheelhouse], trusted_hosts=["127.0.0.1"],
-                 ca_bundle=ca if os.path.exists(ca) else None, quiet=True)
+    return build("cpu", base_image=_base_image(), find_links=[wheelhouse], trusted_hosts=["127.0.0.1"],
+                 ca_bundle=CA if os.path.exists(CA) else None, quiet=True)
 
 
 def docker_run(image: str, data: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -149,3 +158,57 @@ def test_gpu_and_tpu_install_steps_resolve(extra, tmp_path):
         assert installed["torch"] == "2.14.1" and any(n.startswith("nvidia-cudnn") for n in installed)
     else:
         assert installed["torch"] == "2.9.0" and installed["torch-xla"] == "2.9.0" and "libtpu" in installed
+
+
+@pytest.mark.skipif(os.environ.get("PALP_TPU_IMAGE_TEST") != "1",
+                    reason="opt-in (PALP_TPU_IMAGE_TEST=1): builds the tpu image, torch 2.9.0 + torch_xla from PyPI")
+def test_tpu_image_trains_on_xla_under_docker_runner(image, tmp_path, monkeypatch):
+    """The tpu image built, then the tiny DAG under DockerRunner with its train steps in it, on
+    XLA:CPU (PJRT_DEVICE=CPU: no TPU here), the other steps in the cpu image; and in the same
+    image, evaluation/benchmarks/xla_train_steps.py's compilations per step. Prints what it measured."""
+    import re
+    import time
+
+    from palp.step_image import build
+    from pipelines.run import run_local
+
+    t0 = time.perf_counter()
+    tpu = build("tpu", base_image=_base_image(), ca_bundle=CA if os.path.exists(CA) else None, quiet=True)
+    built = time.perf_counter() - t0
+    size = int(subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", tpu], capture_output=True, text=True,
+                              check=True).stdout)
+    print(f"\n{tpu}: built in {built:.0f} s, {size / 1e9:.2f} GB")
+    versions = subprocess.run(["docker", "run", "--rm", "--network", "host", "--entrypoint", "python", tpu, "-c",
+                               "import torch, torch_xla; print(torch.__version__, torch_xla.__version__)"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    assert versions[0].startswith("2.9.0") and versions[1].startswith("2.9.0"), versions
+
+    # Compilations per training step, in the image (the repository mounted for the script).
+    bench = subprocess.run(["docker", "run", "--rm", "--network", "host", "-u", f"{os.getuid()}:{os.getgid()}",
+                            "-v", f"{REPO}:/repo:ro", "-e", "PJRT_DEVICE=CPU", "-e", "HF_HUB_OFFLINE=1",
+                            "-e", "OMP_NUM_THREADS=2", "--entrypoint", "python", tpu,
+                            "/repo/evaluation/benchmarks/xla_train_steps.py", "--steps", "5",
+                            "--output", "/tmp/xla-run"], capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
+    print(bench.stdout)
+    steps = {int(n): int(c) for n, c in re.findall(r"^step (\d+) \(loss [^)]*\): compilations (\d+)", bench.stdout, re.M)}
+    assert sorted(steps) == [1, 2, 3, 4, 5] and steps[1] > 0 and steps[3] == steps[4] == steps[5] == 0, steps
+
+    # The DAG: train in the tpu image on XLA:CPU, the other steps in the cpu image.
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    t0 = time.perf_counter()
+    root = run_local(str(REPO / "evaluation/experiments/tiny.yaml"), runner="docker", pipeline_root=str(tmp_path / "root"),
+                     image=image, train_image=tpu)
+    print(f"tiny DAG, train steps in {tpu}: {time.perf_counter() - t0:.0f} s")
+    train_logs = sorted((root / "logs").glob("*/train-*.log"))
+    assert len(train_logs) == 4, train_logs  # 2 subjects x (palp, ti-db)
+    for log in train_logs:
+        text = log.read_text()
+        assert f"Found image '{tpu}'" in text and "taken without a probe on xla:0" in text, text[-3000:]
+        print(log.name, next(line for line in text.splitlines() if "micro-batch-size auto" in line))
+    assert all(f"Found image '{image}'" in log.read_text() for log in (root / "logs").glob("*/sample-*.log"))
+    run = next(root.glob("palp-*"))
+    for curve in sorted(run.glob("for-loop-*/train/model/metrics.csv")):
+        print(curve.parent.parent.parent.name, curve.read_text().splitlines()[-1])  # step, loss, ...
+    metrics = json.loads((run / "compare" / "scores" / "metrics.json").read_text())
+    assert "palp/target_prompt" in metrics and "ti_db/image_alignment" in metrics

@@ -126,6 +126,28 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+def test_train_step_can_have_an_image_of_its_own(tmp_path, monkeypatch):
+    """run-local --runner docker --train-image: the train step in the tpu image, every other step in
+    the step image; PJRT_DEVICE reaches the containers (XLA:CPU where there is no TPU)."""
+    from kfp import compiler
+
+    from pipelines.experiment import ExperimentError
+    from pipelines.palp_pipeline import build_pipeline
+    from pipelines.run import docker_runner, run_local
+
+    compiler.Compiler().compile(build_pipeline("kubeflow", image="palp-cpu:t", train_image="palp-tpu:t"),
+                                package_path=str(tmp_path / "p.yaml"))
+    executors = yaml.safe_load((tmp_path / "p.yaml").read_text())["deploymentSpec"]["executors"]
+    assert {k: v["container"]["image"] for k, v in executors.items()} == {
+        "exec-prepare": "palp-cpu:t", "exec-train": "palp-tpu:t", "exec-sample": "palp-cpu:t", "exec-score": "palp-cpu:t",
+        "exec-compare": "palp-cpu:t"}
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    assert docker_runner(tmp_path).container_run_args["environment"]["PJRT_DEVICE"] == "CPU"
+    with pytest.raises(ExperimentError, match="--train-image needs --runner docker"):
+        run_local(str(REPO / "evaluation/experiments/tiny.yaml"), train_image="palp-tpu:t", pipeline_root=str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
 def test_vertex_job_up_to_the_network_boundary(tmp_path, no_network):
     from google.auth.credentials import AnonymousCredentials
 

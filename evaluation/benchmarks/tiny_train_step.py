@@ -3,7 +3,8 @@
     python evaluation/benchmarks/tiny_train_step.py [--batch-size 32] [--threads 1] [--steps 30] [--variants ...]
 
 Runs `palp.steps.train.train` (what users run) twice per variant, for 2 and for 2 + N steps; the
-difference over N is the steady-state time of one optimizer step at the global batch. Every
+difference over N is the steady-state time of one optimizer step at the global batch (after one
+untimed run, which builds and caches the tiny model). Every
 variant runs without prior preservation (its class rows would add a forward and backward per
 row, the same for every method), so the rows compare the personalization and the alignment term;
 ``custom-diffusion/no-aug`` is Custom Diffusion with ``--scale-augmentation off`` (the difference
@@ -52,6 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"tiny model, global batch {args.batch_size}, {args.threads} CPU thread(s), {args.steps} timed steps")
+    run_seconds("ti-db", args.batch_size, 2)  # untimed: the first run also builds and caches the tiny model
     print("| variant | s/step |\n|---|---|", flush=True)
     for variant in args.variants:
         warm = run_seconds(variant, args.batch_size, 2)

@@ -22,7 +22,8 @@ from palp.core.prompts import to_token_prompt
 from palp.core.settings import Subject, TrainConfig
 from palp.method import augment
 from palp.method.guidance import step_loss
-from palp.method.step_inputs import ScaleAugmentation, draw, encode_latent_posteriors, step_generator, tokenize
+from palp.method.step_inputs import (Draws, ScaleAugmentation, draw, encode_latent_posteriors, prompt_variants,
+                                     row_prompt_ids, step_generator, tokenize)
 from palp.models.base_model import load_base_model
 from palp.models.run_weights import REPORT_FILE
 
@@ -124,17 +125,20 @@ def test_rows_encode_the_rescaled_photo_and_take_the_phrase(tiny_dir, cat_images
 
     base = load_base_model("tiny")
     photos = load_subject_images("[V]", cat_images, resolution=base.resolution).pixels
-    prompts = [to_token_prompt(p + "A photo of [V]") for p in augment.PHRASES]
-    ids = tokenize(base.tokenizer, prompts)
-    aug = ScaleAugmentation(pixels=photos, vae=base.vae, phrase_ids=ids.unsqueeze(0).expand(len(photos), *ids.shape))
+    aug = ScaleAugmentation(pixels=photos, vae=base.vae)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     r = base.resolution
-    z0, mask, row_ids = aug.rows(torch.tensor([2, 0]), torch.tensor([r, 30]), torch.tensor([0, 3]), torch.tensor([0, 9]),
-                                 torch.tensor([0, 2]), latent_noise=noise)
+    index = torch.tensor([2, 0])
+    z0, mask = aug.rows(index, torch.tensor([r, 30]), torch.tensor([0, 3]), torch.tensor([0, 9]), latent_noise=noise)
     mean, std = encode_latent_posteriors(base.vae, photos[2:3])
     torch.testing.assert_close(z0[0:1], mean + std * noise[0:1])  # its own size: the photo's own posterior
     assert not torch.allclose(z0[1:2], encode_latent_posteriors(base.vae, photos[0:1])[0], atol=0.05)
-    assert torch.equal(row_ids[0], ids[0]) and torch.equal(row_ids[1], tokenize(base.tokenizer, [to_token_prompt("very small A photo of [V]")])[0])
+    variants = prompt_variants(base.tokenizer, cfg_of(method="custom-diffusion"), [len(photos)])
+    assert variants.shape[:3] == (len(photos), 1, len(augment.PHRASES))
+    rows = Draws(index, noise, None, None, None, None, rescale_phrase=torch.tensor([0, 2]))
+    row_ids = row_prompt_ids(variants, rows)
+    assert torch.equal(row_ids[0], tokenize(base.tokenizer, [to_token_prompt("A photo of [V]")])[0])
+    assert torch.equal(row_ids[1], tokenize(base.tokenizer, [to_token_prompt("very small A photo of [V]")])[0])
     # its own size: 8 - 2 latent rows and columns; 30 px at (3, 9): rows 3//8+1 .. 33//8-1 = [1, 3), cols [2, 3)
     assert mask[0].sum() == 36 and mask[1].sum() == 2
 

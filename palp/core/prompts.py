@@ -208,6 +208,29 @@ def _clean(prompt: str, class_words: Mapping[str, str]) -> str:
     return "".join(out)
 
 
+# Textual Inversion's 27 object templates ("imagenet_templates_small"), which NeTI's trainer draws
+# one of per training image (--prompt-templates textual-inversion); "{}" is the placeholder.
+PROMPT_TEMPLATES = {
+    "textual-inversion": (
+        "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+        "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+        "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+        "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+        "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+        "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+        "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+    ),
+}
+
+
+def training_prompts(personalization_prompt: str, placeholder: str, templates: str) -> list[str]:
+    """The prompts a subject's training rows are drawn from: its personalization prompt alone
+    (``templates`` "none"), or each template of ``PROMPT_TEMPLATES[templates]`` holding its placeholder."""
+    if templates == "none":
+        return [personalization_prompt]
+    return [t.format(placeholder) for t in PROMPT_TEMPLATES[templates]]
+
+
 def to_token_prompt(prompt: str) -> str:
     """The text the tokenizer sees: each placeholder becomes its token ("[V]" -> "<v>")."""
     return PLACEHOLDER_RE.sub(lambda m: placeholder_token(m.group(0)), prompt)

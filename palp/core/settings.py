@@ -14,7 +14,7 @@ from palp.core.methods import (DEFAULT_PERSONALIZATION, METHOD_TABLE, METHODS, N
                                PERSONALIZATIONS)
 from palp.core.names import check_name
 from palp.core.precision import MIXED_PRECISION
-from palp.core.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, CheckedPrompt, PromptError,
+from palp.core.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PROMPT_TEMPLATES, CheckedPrompt, PromptError,
                                check_token_length)
 from palp.core.tracking import REPORT_TO, TrackingError, resolve_report_to
 
@@ -263,6 +263,11 @@ class TrainConfig:
                                                 "(1/3 to 1x, or 1.2 to 1.4x cropped), its prompt told so ('very small', "
                                                 "'close up'...) and the loss masked to the photo (default: on for "
                                                 "--personalize custom-diffusion, off otherwise)")
+    prompt_templates: str | None = flag(None, section=METHOD, choices=("none", *PROMPT_TEMPLATES),
+                                        help="each training row's prompt: none: the subject's personalization prompt; "
+                                             "textual-inversion: one of Textual Inversion's 27 object templates ('a photo of "
+                                             "the small [V]'...), drawn per row (default: none; textual-inversion for "
+                                             "--personalize neti, as NeTI trains)")
     steps: int | None = flag(None, section=OPTIMISATION,
                              help=f"optimizer steps (default: {DEFAULT_STEPS}; 250 for --method custom-diffusion)")
     lr: float | None = flag(None, section=OPTIMISATION,
@@ -361,9 +366,11 @@ class TrainConfig:
                            f"{self.personalize}); drop {' and '.join(lora)}")
         self._resolve_neti()
         for name, palp_default in (("steps", DEFAULT_STEPS), ("lr", DEFAULT_LR), ("batch_size", DEFAULT_BATCH_SIZE),
-                                   ("prior_preservation", False), ("scale_augmentation", False)):
+                                   ("prior_preservation", False), ("scale_augmentation", False), ("prompt_templates", "none")):
             if getattr(self, name) is None:
                 setattr(self, name, self.method_default(name, palp_default))
+        need(self.prompt_templates in ("none", *PROMPT_TEMPLATES),
+             f"--prompt-templates must be one of none, {', '.join(PROMPT_TEMPLATES)}, not {self.prompt_templates!r}")
 
     def _resolve_neti(self) -> None:
         """NeTI's mapper settings: its defaults for --personalize neti, refused for the others."""

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from palp.core import methods
+from palp.core.prompts import PROMPT_TEMPLATES, to_token_prompt, training_prompts
 from palp.core.settings import TrainConfig
 from palp.method import augment
 from palp.models import speed as fast
@@ -45,6 +46,8 @@ class Draws:
     rescale_top: torch.Tensor | None = None  # (B,) its offset (on the canvas, or of the crop)
     rescale_left: torch.Tensor | None = None  # (B,)
     rescale_phrase: torch.Tensor | None = None  # (B,) index into palp.method.augment.PHRASES
+    # --prompt-templates: each row's template (index into the run's templates); None without
+    template: torch.Tensor | None = None  # (B,)
 
 
 def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, latent_shape, num_timesteps: int,
@@ -78,6 +81,8 @@ def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, l
         draws.truncation = nested_dropout(gen, batch, cfg.neti_hidden, cfg.neti_nested_dropout)
     if cfg.scale_augmentation:  # drawn last: the other draws are unchanged
         draws.rescale, draws.rescale_top, draws.rescale_left, draws.rescale_phrase = augment.rescale_draws(gen, batch, resolution)
+    if cfg.prompt_templates != "none":  # drawn last: the other draws are unchanged
+        draws.template = torch.randint(len(PROMPT_TEMPLATES[cfg.prompt_templates]), (batch,), generator=gen)
     return draws
 
 
@@ -102,12 +107,11 @@ class ClassImages:
 
 @dataclass
 class ScaleAugmentation:
-    """--scale-augmentation's rows (palp.method.augment): the photos (on the host), the VAE (on
-    the run's device, fp32) and each photo's prompt with each of ``augment.PHRASES``."""
+    """--scale-augmentation's rows (palp.method.augment): the photos (on the host) and the VAE
+    (on the run's device, fp32); the phrases' prompts are the run's ``PromptVariants``."""
 
     pixels: torch.Tensor  # (N, 3, R, R) on the host, in [-1, 1]
     vae: torch.nn.Module
-    phrase_ids: torch.Tensor  # (N, len(PHRASES), L) on the run's device: y_P with each phrase, tokenized
 
     @property
     def resolution(self) -> int:
@@ -115,15 +119,36 @@ class ScaleAugmentation:
 
     @torch.no_grad()
     def rows(self, index: torch.Tensor, side: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
-             phrase: torch.Tensor, latent_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(z0, mask, input_ids) of rows drawn with (``index``, side, top, left, phrase) on the host
-        and their posterior noise ``latent_noise`` (on the device): the rescaled photos' latents."""
+             latent_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z0, mask) of rows drawn with (``index``, side, top, left) on the host and their
+        posterior noise ``latent_noise`` (on the device): the rescaled photos' latents."""
         device = latent_noise.device
         factor = self.resolution // latent_noise.shape[-1]
         photos, mask = augment.rescale_photos(self.pixels[index], side, top, left, factor)
         mean, std = encode_latent_posteriors(self.vae, photos, batch=1)  # a row's latents whatever the micro-batch
-        ids = self.phrase_ids[index.to(self.phrase_ids.device), phrase.to(self.phrase_ids.device)]
-        return (mean.to(device) + std.to(device) * latent_noise), mask.to(device), ids
+        return (mean.to(device) + std.to(device) * latent_noise), mask.to(device)
+
+
+def prompt_variants(tokenizer, cfg: TrainConfig, counts: list[int]) -> torch.Tensor | None:
+    """The tokens of every prompt a training row may take, (N, T, P, L) for the N photos (``counts``
+    per subject): T templates (--prompt-templates; 1: the personalization prompt) x P scale
+    phrases (--scale-augmentation; 1: none); None when a photo's prompt is always its y_P."""
+    if cfg.prompt_templates == "none" and not cfg.scale_augmentation:
+        return None
+    phrases = augment.PHRASES if cfg.scale_augmentation else ("",)
+    out = []
+    for s, n in zip(cfg.subjects, counts):
+        bases = training_prompts(s.personalization_prompt, s.placeholder, cfg.prompt_templates)
+        ids = tokenize(tokenizer, [to_token_prompt(p + b) for b in bases for p in phrases])
+        ids = ids.reshape(len(bases), len(phrases), *ids.shape[1:])
+        out.append(ids.unsqueeze(0).expand(n, *ids.shape))
+    return torch.cat(out)
+
+
+def row_prompt_ids(variants: torch.Tensor, d: Draws) -> torch.Tensor:
+    """The prompt tokens of the rows ``d``: each photo's template and phrase as drawn (0 where none is)."""
+    zero = torch.zeros_like(d.index)
+    return variants[d.index, zero if d.template is None else d.template, zero if d.rescale_phrase is None else d.rescale_phrase]
 
 
 @dataclass

@@ -25,13 +25,14 @@ from palp.core.locks import Held, output_lock
 from palp.core.memory import is_out_of_memory, release_memory
 from palp.core.precision import weight_dtype
 from palp.core.preemption import StopRequests
-from palp.core.prompts import placeholder_token, to_token_prompt
+from palp.core.prompts import PROMPT_TEMPLATES, placeholder_token, to_token_prompt
 from palp.core.reproducible import reproducible, resolve_threads
 from palp.core.settings import ConfigError, TrainConfig, method_label
 from palp.core.subject_images import load_subject_images
 from palp.method import guidance
 from palp.method.step_inputs import (ClassImages, ClassRows, Conditioning, Draws, ScaleAugmentation, draw,
-                                     encode_fixed_prompts, encode_latent_posteriors, setup_model, step_generator, tokenize)
+                                     encode_fixed_prompts, encode_latent_posteriors, prompt_variants, row_prompt_ids,
+                                     setup_model, step_generator, tokenize)
 from palp.models import speed as fast
 from palp.models.base_model import load_base_model, portable_reference
 from palp.models.lora_gate import row_flags
@@ -193,7 +194,8 @@ class StepContext:
     dtype: torch.dtype  # of the frozen weights and the latents
     prediction_type: str = "epsilon"  # the base model's output: epsilon or v_prediction
     classes: ClassImages | None = None  # --prior-preservation's class images
-    rescaling: ScaleAugmentation | None = None  # --scale-augmentation's photos, VAE and prompts
+    rescaling: ScaleAugmentation | None = None  # --scale-augmentation's photos and VAE
+    variant_ids: torch.Tensor | None = None  # (N, T, P, 77) with --prompt-templates or --scale-augmentation
 
 
 def make_context(model: PersonalizedModel, accelerator, cfg: TrainConfig, **tensors) -> StepContext:
@@ -264,12 +266,13 @@ def _micro_batch_loss(ctx: StepContext, cfg: TrainConfig, full: Draws, start: in
 
 def _subject_rows(ctx: StepContext, full: Draws, d: Draws, start: int, size: int):
     """(z0, input_ids, mask) of the micro-batch's subject rows ``d`` (on the device; ``full``: the
-    process's draws on the host): a sample of each photo's posterior and its prompt, or with
-    --scale-augmentation the rescaled photo's, its prompt with the phrase and its loss mask."""
+    process's draws on the host): a sample of each photo's posterior (with --scale-augmentation:
+    the rescaled photo's, and its loss mask) and its prompt (its template and phrase as drawn)."""
+    ids = ctx.image_ids[d.index] if ctx.variant_ids is None else row_prompt_ids(ctx.variant_ids, d)
     if ctx.rescaling is None:
-        return (ctx.mean[d.index] + ctx.std[d.index] * d.latent_noise).to(ctx.dtype), ctx.image_ids[d.index], None
-    host = [x[start : start + size] for x in (full.index, full.rescale, full.rescale_top, full.rescale_left, full.rescale_phrase)]
-    z0, mask, ids = ctx.rescaling.rows(*host, latent_noise=d.latent_noise)
+        return (ctx.mean[d.index] + ctx.std[d.index] * d.latent_noise).to(ctx.dtype), ids, None
+    host = [x[start : start + size] for x in (full.index, full.rescale, full.rescale_top, full.rescale_left)]
+    z0, mask = ctx.rescaling.rows(*host, latent_noise=d.latent_noise)
     return z0.to(ctx.dtype), ids, mask
 
 
@@ -401,11 +404,13 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int, progress:
     ids_per_subject = tokenize(base.tokenizer, [to_token_prompt(s.personalization_prompt) for s in cfg.subjects])
     image_ids = torch.cat([ids_per_subject[i].expand(len(im.paths), -1) for i, im in enumerate(images)])  # (N, 77)
     classes = _encode_class_images(cfg, base, class_sets, images, device) if class_sets else None
-    rescaling = _scale_augmentation(cfg, base, images, device) if cfg.scale_augmentation else None
+    rescaling = ScaleAugmentation(torch.cat([im.pixels for im in images]), base.vae) if cfg.scale_augmentation else None
+    variant_ids = prompt_variants(base.tokenizer, cfg, [len(im.paths) for im in images])
     ctx = make_context(model, accelerator, cfg, mean=mean, std=std, image_ids=image_ids.to(device),
                        cond=encode_fixed_prompts(model, base.tokenizer, cfg, device),
                        alphas_cumprod=base.noise_scheduler.alphas_cumprod.to(device), dtype=dtype,
-                       prediction_type=base.prediction_type, classes=classes, rescaling=rescaling)
+                       prediction_type=base.prediction_type, classes=classes, rescaling=rescaling,
+                       variant_ids=None if variant_ids is None else variant_ids.to(device))
     if probe:
         micro, accum = _probe_micro_batch(ctx, cfg, compiled, accelerator, per_process=micro * accum)
     config = {
@@ -452,16 +457,6 @@ def _record_and_resume(cfg: TrainConfig, out: Path, config: dict, ctx: StepConte
         for group in ctx.optimizer.param_groups:  # the optimizer state carries the old lr
             group["lr"] = cfg.lr
     return start, rows
-
-
-def _scale_augmentation(cfg: TrainConfig, base, images: list, device) -> ScaleAugmentation:
-    """--scale-augmentation's photos (kept on the host), the VAE and every photo's prompt with each phrase."""
-    from palp.method.augment import PHRASES
-
-    ids = [tokenize(base.tokenizer, [to_token_prompt(phrase + s.personalization_prompt) for phrase in PHRASES])
-           for s in cfg.subjects]  # (len(PHRASES), L) per subject
-    phrase_ids = torch.cat([ids[i].unsqueeze(0).expand(len(im.paths), *ids[i].shape) for i, im in enumerate(images)])
-    return ScaleAugmentation(pixels=torch.cat([im.pixels for im in images]), vae=base.vae, phrase_ids=phrase_ids.to(device))
 
 
 def _class_image_sets(cfg: TrainConfig, base, accelerator, *, progress: bool) -> dict:
@@ -674,8 +669,13 @@ def _write_report(out: RunOutput, cfg: TrainConfig) -> None:
 
 
 def _report_notes(cfg: TrainConfig) -> list[str]:
-    """The run page's lines on options beyond the method (--scale-augmentation, --prior-preservation)."""
+    """The run page's lines on options beyond the method (--prompt-templates, --scale-augmentation,
+    --prior-preservation)."""
     notes = []
+    if cfg.prompt_templates != "none":
+        notes.append(f"Prompt templates ({cfg.prompt_templates}): each row's prompt is one of "
+                     f"{len(PROMPT_TEMPLATES[cfg.prompt_templates])} templates holding its subject's placeholder "
+                     f"('{PROMPT_TEMPLATES[cfg.prompt_templates][0]}'...), drawn per row, instead of its personalization prompt.")
     if cfg.scale_augmentation:
         notes.append("Scale augmentation (Custom Diffusion): each row's photo rescaled to a random side (1/3 to 1x on a "
                      "grey canvas, or 1.2 to 1.4x cropped), its prompt prefixed 'a far away'/'very small' or 'zoomed "

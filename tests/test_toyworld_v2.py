@@ -272,3 +272,67 @@ def test_v2_checkpoints_by_wall_time_too(tmp_path, monkeypatch, capsys):
 def test_v2_refuses_a_work_folder_without_its_data(tmp_path):
     with pytest.raises(SystemExit, match="no v2 data set"):
         pretrain_script().main(["vae", "--world", "v2", "--work", str(tmp_path / "empty")])
+
+
+def test_rendering_in_worker_processes_gives_the_same_data():
+    """render_dataset and the judge's batches in 2 worker processes equal the in-process ones, in
+    order; a step asked out of order (a resumed run) starts the queue again from it."""
+    one = w2.render_dataset(1100, seed=3, progress=False)
+    two = w2.render_dataset(1100, seed=3, progress=False, workers=2)
+    for a, b in zip(one[:3], two[:3]):
+        assert np.array_equal(a, b)
+    assert one[3] == two[3]
+    pretrain_script()
+    v2 = sys.modules["pretrain_v2"]
+    import functools
+
+    fn = functools.partial(v2.judge_renders, b=4)
+    ahead = v2.Prefetched(fn, 10, 2)
+    try:
+        for step in (1, 2, 3, 7, 8):
+            images, labels = ahead(step)
+            want_images, want_labels = fn(step)
+            assert np.array_equal(images, want_images) and labels == want_labels, step
+    finally:
+        ahead.close()
+
+
+def test_the_gpu_hand_off_trains_the_unet_elsewhere_and_exports_here(tmp_path):
+    """gpu_unet_v2.sh rehearsed on the CPU at a tiny size: the CPU stages here, the carried VAE
+    checkpoint, ``run`` (data rendered again in 2 processes, latents, UNet) into parts under
+    15 MiB, ``unpack`` and ``export``: a pipeline that loads, with the run's records in recipe.json."""
+    import os
+    import subprocess
+
+    from diffusers import StableDiffusionPipeline
+
+    from conftest import REPO
+
+    pretrain = pretrain_script()
+    small = ["--world", "v2", "--n-train", "48", "--vae-batch", "4", "--judge-batch", "4", "--judge-eval-n", "8",
+             "--clip-batch", "8", "--unet-batch", "4", "--vae-steps", "2", "--judge-steps", "2", "--clip-steps", "2",
+             "--unet-steps", "2"]
+    work = tmp_path / "work"
+    for stage in ("data", "vae", "judge", "clip"):
+        pretrain.main([stage, "--work", str(work), *small])
+    carry = tmp_path / "carry"
+    (carry / "work").mkdir(parents=True)
+    for f in ("names.json", "recipe.json", "vae.ckpt"):
+        (carry / "work" / f).write_bytes((work / f).read_bytes())
+    script = str(REPO / "evaluation/toyworld/gpu_unet_v2.sh")
+    env = dict(os.environ, V2_CARRY=str(carry), V2_WORK=str(tmp_path / "gpu"), OUT=str(tmp_path / "out"), V2_DEVICE="cpu",
+               V2_WORKERS="2", V2_FLAGS=" ".join(small[2:]), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    subprocess.run(["bash", script, "run"], env=env, check=True, capture_output=True, text=True)
+    out = tmp_path / "out"
+    parts = sorted(out.glob("weights.tar.part-*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts) and len(list(out.iterdir())) <= 8
+    log = (out / "log.txt").read_text()
+    assert "[v2] stage unet:" in log and "resumed vae.ckpt at step 2" in log
+    subprocess.run(["bash", script, "unpack", str(out), str(work)], env=env, check=True, capture_output=True)
+    pretrain.main(["export", "--work", str(work), "--out", str(tmp_path / "weights"), *small])
+    recipe = json.loads((work / "recipe.json").read_text())
+    assert recipe["stages"]["unet"]["steps"] == 2 and "hardware" in recipe["stages"]["unet"]
+    assert [h["stage"] for h in recipe["history"]][-1] == "unet"
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "weights" / "sd", safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    assert pipe.unet.config.cross_attention_dim == 96

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -99,9 +100,10 @@ class PretrainConfigV2:
     unet_batch: int = 64
     unet_lr: float = 6e-4
     device: torch.device = torch.device("cpu")
+    workers: int = 1  # rendering processes (data, judge); the results are the same for any number
 
     def settings(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "device"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("device", "workers")}
 
     def stage_settings(self, stage: str) -> dict:
         return {k: v for k, v in self.settings().items() if k.startswith(stage + "_") or (stage == "data" and k == "n_train")}
@@ -141,7 +143,7 @@ def stage_data(work: Path, cfg: PretrainConfigV2):
     from palp.toyworld.v2.world import NAMES, render_dataset
 
     t0 = time.perf_counter()
-    images, labels, instance, captions = render_dataset(cfg.n_train, seed=SEED)
+    images, labels, instance, captions = render_dataset(cfg.n_train, seed=SEED, workers=cfg.workers)
     save_npz(work / "data.npz", images=images, labels=labels, instance=instance)
     write_text(work / "captions.json", json.dumps(captions))
     write_json(work / "names.json", list(NAMES))
@@ -180,17 +182,52 @@ def stage_vae(work: Path, cfg: PretrainConfigV2):
         encode_latents(work, vae, images, dev, state.step)
 
 
-def judge_batch(step: int, b: int, vae, dev):
-    """Step ``step``'s ``b`` v2 renders (any composite; the first half through ``vae``,
-    augmented) and their labels: a function of the step."""
+def judge_renders(step: int, b: int) -> tuple[np.ndarray, list]:
+    """Step ``step``'s ``b`` v2 renders (any composite) and their label vectors: a function of the
+    step (what a rendering worker computes)."""
     from palp.toyworld.v2.render import render_array
     from palp.toyworld.v2.world import label_vector, random_judge_scene
 
-    rng, g = random.Random(f"v2-judge-{SEED}-{step}"), step_generator(SEED + 4, step)
+    rng = random.Random(f"v2-judge-{SEED}-{step}")
     scenes = [random_judge_scene(rng) for _ in range(b)]
-    x = to_tensor(np.stack([render_array(s) for s in scenes])).to(dev)
-    y = torch.tensor([label_vector(s) for s in scenes], device=dev)
+    return np.stack([render_array(s) for s in scenes]), [label_vector(s) for s in scenes]
+
+
+def judge_batch(step: int, b: int, vae, dev, renders=None):
+    """Step ``step``'s ``b`` v2 renders (the first half through ``vae``, augmented) and their
+    labels: a function of the step. ``renders``: the step's ``judge_renders``, if made already."""
+    images, labels = renders if renders is not None else judge_renders(step, b)
+    g = step_generator(SEED + 4, step)
+    x = to_tensor(images).to(dev)
+    y = torch.tensor(labels, device=dev)
     return judge_augment(through_vae_half(x, vae, g, dev), g), y
+
+
+class Prefetched:
+    """``fn(step)`` for steps asked in increasing order, computed ahead in ``workers`` processes
+    (1: in this process, when asked). A step out of order starts the queue again from it."""
+
+    def __init__(self, fn, last: int, workers: int):
+        self.fn, self.last, self.workers = fn, last, workers
+        self.pool, self.queue, self.next = None, None, None
+
+    def __call__(self, step: int):
+        if self.workers <= 1:
+            return self.fn(step)
+        if self.pool is None:
+            import multiprocessing
+
+            methods = multiprocessing.get_all_start_methods()
+            self.pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(self.workers)
+        if step != self.next:
+            self.queue, self.next = self.pool.imap(self.fn, range(step, self.last + 1)), step
+        self.next += 1
+        return next(self.queue)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
 
 
 def stage_judge(work: Path, cfg: PretrainConfigV2):
@@ -203,20 +240,24 @@ def stage_judge(work: Path, cfg: PretrainConfigV2):
     seed_all(SEED + 4)
     judge = Judge().to(dev)
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    renders = Prefetched(functools.partial(judge_renders, b=cfg.judge_batch), cfg.judge_steps, cfg.workers)
 
     def run_step(step):
         lr = cosine(step, cfg.judge_steps, 2e-3, 100, 0.0)
         for group in opt.param_groups:
             group["lr"] = lr
         judge.train()
-        x, y = judge_batch(step, cfg.judge_batch, vae, dev)
+        x, y = judge_batch(step, cfg.judge_batch, vae, dev, renders(step))
         loss = judge_loss(judge(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.item()
 
-    loop("judge", work, cfg, cfg.judge_steps, EVERY["judge"], run_step, judge=judge, opt=opt)
+    try:
+        loop("judge", work, cfg, cfg.judge_steps, EVERY["judge"], run_step, judge=judge, opt=opt)
+    finally:
+        renders.close()
     judge.cpu().eval()
     vae_cpu = vae.cpu()
     n = cfg.judge_eval_n
@@ -380,6 +421,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="where export writes the weights (default: WORK/weights)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="auto", help="auto: cuda where there is a GPU, else cpu; or cpu, cuda, cuda:1...")
+    ap.add_argument("--workers", type=int, default=1, help="rendering processes for the data and judge stages "
+                                                           "(the same results for any number; a GPU machine's cores)")
     for k, v in DEFAULTS.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     args = ap.parse_args(argv)
@@ -391,7 +434,7 @@ def main(argv=None):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         ap.error(f"--device {args.device}: {e}".splitlines()[0])
-    cfg = PretrainConfigV2(**{k: getattr(args, k) for k in DEFAULTS}, device=device)
+    cfg = PretrainConfigV2(**{k: getattr(args, k) for k in DEFAULTS}, device=device, workers=args.workers)
     args.work.mkdir(parents=True, exist_ok=True)
     out = args.out or args.work / "weights"
     for s in STAGES if args.stage == "all" else (args.stage,):

@@ -308,24 +308,45 @@ def label_vector(scene: Scene) -> list[int]:
     return [ATTRIBUTES[k].index(labels[k]) for k in ATTRIBUTES]
 
 
-def render_dataset(n: int, seed: int = 0, *, progress: bool = True):
+def render_dataset(n: int, seed: int = 0, *, progress: bool = True, workers: int = 1):
     """The first ``n`` scenes of the pretraining plan: images (n, 64, 64, 3) uint8, labels
-    (n, 8) int64 (v1's attributes), the named instance of each (-1 for none), captions."""
+    (n, 8) int64 (v1's attributes), the named instance of each (-1 for none), captions.
+    ``workers`` > 1 renders in that many processes: the same arrays, in the same order."""
     from tqdm import tqdm
-
-    from palp.toyworld.v2.render import render_array
 
     plan = pretraining_plan(n, seed)
     images = np.empty((len(plan), 64, 64, 3), np.uint8)
     labels = np.empty((len(plan), len(ATTRIBUTES)), np.int64)
-    instance = np.empty(len(plan), np.int16)
-    captions = []
-    for i, ns in enumerate(tqdm(plan, desc=f"rendering {len(plan)} v2 scenes", disable=not progress, mininterval=10)):
-        images[i] = render_array(ns.scene)
-        labels[i] = label_vector(ns.scene)
-        instance[i] = ns.instance
-        captions.append(ns.caption())
+    instance = np.array([ns.instance for ns in plan], np.int16)
+    captions = [ns.caption() for ns in plan]
+    chunk = 500
+    parts = [plan[i : i + chunk] for i in range(0, len(plan), chunk)]
+    bar = tqdm(total=len(plan), desc=f"rendering {len(plan)} v2 scenes", disable=not progress, mininterval=10)
+    with _pool(workers) as pool:
+        for k, (ims, labs) in enumerate((pool.imap if pool else map)(_render_scenes, [[ns.scene for ns in p] for p in parts])):
+            images[k * chunk : k * chunk + len(ims)], labels[k * chunk : k * chunk + len(ims)] = ims, labs
+            bar.update(len(ims))
+    bar.close()
     return images, labels, instance, captions
+
+
+def _render_scenes(scenes: list[Scene]) -> tuple[np.ndarray, np.ndarray]:
+    """(images, label vectors) of ``scenes``, in order (a worker's share of ``render_dataset``)."""
+    from palp.toyworld.v2.render import render_array
+
+    return (np.stack([render_array(s) for s in scenes]).astype(np.uint8),
+            np.array([label_vector(s) for s in scenes], np.int64).reshape(len(scenes), len(ATTRIBUTES)))
+
+
+def _pool(workers: int):
+    """A process pool of ``workers`` (fork where the platform has it), or a null context for 1."""
+    import contextlib
+    import multiprocessing
+
+    if workers <= 1:
+        return contextlib.nullcontext()
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(workers)
 
 
 # ----------------------------------------------------------------------------- personal subjects and the judge

@@ -335,7 +335,7 @@ def stage_unet(work: Path, cfg: PretrainConfigV2):
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
     ac = sched.alphas_cumprod
-    pairs = list(zip(params, list(ema_unet.parameters()) + list(ema_te.parameters())))
+    ema = list(ema_unet.parameters()) + list(ema_te.parameters())
     b = cfg.unet_batch
 
     def run_step(step):
@@ -359,9 +359,8 @@ def stage_unet(work: Path, cfg: PretrainConfigV2):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p, e in pairs:
-                e.lerp_(p, 1 - decay)
+        with torch.no_grad():  # one fused update of every EMA tensor (a launch per tensor would dominate on a GPU)
+            torch._foreach_lerp_(ema, params, 1 - decay)
         return loss.item()
 
     loop("unet", work, cfg, cfg.unet_steps, EVERY["unet"], run_step, unet=unet, te=te, ema_unet=ema_unet, ema_te=ema_te, opt=opt)

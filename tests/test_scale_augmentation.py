@@ -167,3 +167,51 @@ def test_bad_value_is_refused_at_parsing(cat_images, tmp_path, capsys):
               "tiny", "--output", str(tmp_path / "x"), "--scale-augmentation", "maybe"])
     assert exit_.value.code == 2 and "argument --scale-augmentation: use on or off" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- horizontal flips (--hflip)
+
+
+def test_hflip_defaults_and_draws():
+    from palp.core.settings import ConfigError
+
+    assert cfg_of(method="neti").hflip == 0.5 and cfg_of(method="palp", personalize="neti").hflip == 0.5
+    assert cfg_of(method="palp").hflip == 0 and cfg_of(method="custom-diffusion").hflip == 0
+    with pytest.raises(ConfigError, match="--hflip must be a probability between 0 and 1, not 1.5"):
+        cfg_of(method="palp", hflip=1.5)
+    kw = dict(n_images=3, latent_shape=(4, 8, 8), num_timesteps=1000)
+    plain = draw(step_generator(0, 7, 0), cfg_of(method="palp"), batch=4, **kw)
+    flipped = draw(step_generator(0, 7, 0), cfg_of(method="palp", hflip=0.3), batch=4, **kw)
+    for name in ("index", "latent_noise", "t", "noise", "t_align", "noise_align"):
+        assert torch.equal(getattr(plain, name), getattr(flipped, name)), name
+    many = draw(step_generator(0, 8, 0), cfg_of(method="palp", hflip=0.3), batch=20000, **kw).hflip
+    assert plain.hflip is None and abs(many.float().mean().item() - 0.3) < 0.015
+
+
+@pytest.mark.parametrize("method", ["ti-db", "custom-diffusion"])
+def test_every_row_flipped_trains_as_the_mirrored_photos(tiny_dir, cat_images, tmp_path, method):
+    """--hflip 1 on the photos trains what --hflip 0 trains on mirrored copies of them (the flips
+    are drawn after every other draw); Custom Diffusion mirrors before its rescaling."""
+    import numpy as np
+    from PIL import Image
+
+    mirrored = tmp_path / "mirrored"
+    mirrored.mkdir()
+    for p in sorted(cat_images.iterdir()):
+        Image.fromarray(np.asarray(Image.open(p).convert("RGB"))[:, ::-1]).save(mirrored / f"{p.stem}.png")
+
+    def run(name, images, flip):
+        out = tmp_path / f"run-{name}"
+        assert main(["train", "--images", str(images), "--class-word", "cat", "--prompt", TARGET, "--pretrained-model",
+                     "tiny", "--method", method, "--prior-preservation", "off", "--steps", "2", "--batch-size", "2",
+                     "--lr", "1e-3", "--hflip", flip, "--output", str(out), "--quiet"]) == 0
+        return out
+
+    a, b = run("flipped", cat_images, "1"), run("mirrored", mirrored, "0")
+    weights = "pytorch_custom_diffusion_weights.safetensors" if method == "custom-diffusion" else "pytorch_lora_weights.safetensors"
+    wa, wb = load_file(a / weights), load_file(b / weights)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=2e-5)  # photos encoded in other batch shapes
+    assert "Horizontal flips" in (a / REPORT_FILE).read_text() and "Horizontal flips" not in (b / REPORT_FILE).read_text()
+    c = load_file(run("unflipped", cat_images, "0") / weights)
+    assert any(not torch.allclose(wa[k], c[k], rtol=1e-3, atol=2e-5) for k in wa if wa[k].numel())

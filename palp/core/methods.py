@@ -93,6 +93,8 @@ PERSONALIZATION_DEFAULTS = {
         "lr": Default(5e-3, "P+ (Voynov et al. 2023), Sec. 5: learning rate 5e-3, as Textual Inversion"),
     },
     "neti": {
+        "hflip": Default(0.5, "NeTI's code (training/dataset.py): each image is mirrored left-right with probability 0.5 "
+                              "(its TextualInversionDataset's flip_p)"),
         "prompt_templates": Default("textual-inversion", "NeTI's code (training/dataset.py): each image's prompt is one "
                                                          "of Textual Inversion's object templates, drawn at random"),
         "lr": Default(8e-3, "NeTI's code: learning_rate 1e-3 scaled (scale_lr) by its batch of 2 and 4 accumulation "

@@ -263,6 +263,9 @@ class TrainConfig:
                                                 "(1/3 to 1x, or 1.2 to 1.4x cropped), its prompt told so ('very small', "
                                                 "'close up'...) and the loss masked to the photo (default: on for "
                                                 "--personalize custom-diffusion, off otherwise)")
+    hflip: float | None = flag(None, section=METHOD, metavar="P",
+                               help="the chance that a training row takes its photo mirrored left-right (default: 0; "
+                                    "0.5 for --personalize neti, as NeTI trains)")
     prompt_templates: str | None = flag(None, section=METHOD, choices=("none", *PROMPT_TEMPLATES),
                                         help="each training row's prompt: none: the subject's personalization prompt; "
                                              "textual-inversion: one of Textual Inversion's 27 object templates ('a photo of "
@@ -366,9 +369,11 @@ class TrainConfig:
                            f"{self.personalize}); drop {' and '.join(lora)}")
         self._resolve_neti()
         for name, palp_default in (("steps", DEFAULT_STEPS), ("lr", DEFAULT_LR), ("batch_size", DEFAULT_BATCH_SIZE),
-                                   ("prior_preservation", False), ("scale_augmentation", False), ("prompt_templates", "none")):
+                                   ("prior_preservation", False), ("scale_augmentation", False), ("prompt_templates", "none"),
+                                   ("hflip", 0.0)):
             if getattr(self, name) is None:
                 setattr(self, name, self.method_default(name, palp_default))
+        need(0 <= self.hflip <= 1, f"--hflip must be a probability between 0 and 1, not {self.hflip}")
         need(self.prompt_templates in ("none", *PROMPT_TEMPLATES),
              f"--prompt-templates must be one of none, {', '.join(PROMPT_TEMPLATES)}, not {self.prompt_templates!r}")
 

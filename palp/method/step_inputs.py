@@ -48,6 +48,8 @@ class Draws:
     rescale_phrase: torch.Tensor | None = None  # (B,) index into palp.method.augment.PHRASES
     # --prompt-templates: each row's template (index into the run's templates); None without
     template: torch.Tensor | None = None  # (B,)
+    # --hflip > 0: whether each row's photo is mirrored left-right; None without
+    hflip: torch.Tensor | None = None  # (B,) bool
 
 
 def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, latent_shape, num_timesteps: int,
@@ -83,6 +85,8 @@ def draw(gen: torch.Generator, cfg: TrainConfig, *, n_images: int, batch: int, l
         draws.rescale, draws.rescale_top, draws.rescale_left, draws.rescale_phrase = augment.rescale_draws(gen, batch, resolution)
     if cfg.prompt_templates != "none":  # drawn last: the other draws are unchanged
         draws.template = torch.randint(len(PROMPT_TEMPLATES[cfg.prompt_templates]), (batch,), generator=gen)
+    if cfg.hflip > 0:  # drawn last: the other draws are unchanged
+        draws.hflip = torch.rand(batch, generator=gen) < cfg.hflip
     return draws
 
 
@@ -119,12 +123,15 @@ class ScaleAugmentation:
 
     @torch.no_grad()
     def rows(self, index: torch.Tensor, side: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
-             latent_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z0, mask) of rows drawn with (``index``, side, top, left) on the host and their
-        posterior noise ``latent_noise`` (on the device): the rescaled photos' latents."""
+             latent_noise: torch.Tensor, hflip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z0, mask) of rows drawn with (``index``, side, top, left; ``hflip``: mirrored first) on
+        the host and their posterior noise ``latent_noise`` (on the device): the rescaled photos' latents."""
         device = latent_noise.device
         factor = self.resolution // latent_noise.shape[-1]
-        photos, mask = augment.rescale_photos(self.pixels[index], side, top, left, factor)
+        pixels = self.pixels[index]
+        if hflip is not None:
+            pixels = torch.where(hflip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
+        photos, mask = augment.rescale_photos(pixels, side, top, left, factor)
         mean, std = encode_latent_posteriors(self.vae, photos, batch=1)  # a row's latents whatever the micro-batch
         return (mean.to(device) + std.to(device) * latent_noise), mask.to(device)
 

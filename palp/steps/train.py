@@ -186,7 +186,7 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     accelerator: object
     trainable: list[torch.nn.Parameter]
-    mean: torch.Tensor  # (N, 4, h, w) VAE posterior of each training image, encoded once
+    mean: torch.Tensor  # (N, 4, h, w) VAE posterior of each training image, encoded once (2N with --hflip: mirrored after)
     std: torch.Tensor  # (N, 4, h, w)
     image_ids: torch.Tensor  # (N, 77) y_P's tokens for each training image
     cond: Conditioning  # the prompts without learned tokens, encoded once
@@ -269,10 +269,12 @@ def _subject_rows(ctx: StepContext, full: Draws, d: Draws, start: int, size: int
     process's draws on the host): a sample of each photo's posterior (with --scale-augmentation:
     the rescaled photo's, and its loss mask) and its prompt (its template and phrase as drawn)."""
     ids = ctx.image_ids[d.index] if ctx.variant_ids is None else row_prompt_ids(ctx.variant_ids, d)
-    if ctx.rescaling is None:
-        return (ctx.mean[d.index] + ctx.std[d.index] * d.latent_noise).to(ctx.dtype), ids, None
+    if ctx.rescaling is None:  # --hflip: a mirrored photo's posterior is row N + i of mean and std
+        i = d.index if d.hflip is None else d.index + len(ctx.image_ids) * d.hflip.long()
+        return (ctx.mean[i] + ctx.std[i] * d.latent_noise).to(ctx.dtype), ids, None
     host = [x[start : start + size] for x in (full.index, full.rescale, full.rescale_top, full.rescale_left)]
-    z0, mask = ctx.rescaling.rows(*host, latent_noise=d.latent_noise)
+    flips = None if full.hflip is None else full.hflip[start : start + size]
+    z0, mask = ctx.rescaling.rows(*host, latent_noise=d.latent_noise, hflip=flips)
     return z0.to(ctx.dtype), ids, mask
 
 
@@ -400,11 +402,13 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int, progress:
     model, token_ids, compiled = setup_model(base, cfg, device, dtype)
     base.vae.to(device)  # used once, to encode the images: kept in fp32
     tokens = [placeholder_token(p) for p in token_ids]
-    mean, std = encode_latent_posteriors(base.vae, torch.cat([im.pixels for im in images]))
+    pixels = torch.cat([im.pixels for im in images])
+    # --hflip: the mirrored photos' posteriors too, rows N..2N-1 (the VAE is not mirror-symmetric)
+    mean, std = encode_latent_posteriors(base.vae, torch.cat([pixels, pixels.flip(-1)]) if cfg.hflip > 0 else pixels)
     ids_per_subject = tokenize(base.tokenizer, [to_token_prompt(s.personalization_prompt) for s in cfg.subjects])
     image_ids = torch.cat([ids_per_subject[i].expand(len(im.paths), -1) for i, im in enumerate(images)])  # (N, 77)
     classes = _encode_class_images(cfg, base, class_sets, images, device) if class_sets else None
-    rescaling = ScaleAugmentation(torch.cat([im.pixels for im in images]), base.vae) if cfg.scale_augmentation else None
+    rescaling = ScaleAugmentation(pixels, base.vae) if cfg.scale_augmentation else None
     variant_ids = prompt_variants(base.tokenizer, cfg, [len(im.paths) for im in images])
     ctx = make_context(model, accelerator, cfg, mean=mean, std=std, image_ids=image_ids.to(device),
                        cond=encode_fixed_prompts(model, base.tokenizer, cfg, device),
@@ -627,7 +631,7 @@ def _keep_step(run: _Run, cfg: TrainConfig, out: RunOutput, held: Held, stops: S
 
 def draw_shapes(ctx: StepContext) -> dict:
     """What a run's draws are drawn over (``draw``'s keyword arguments beyond the batch)."""
-    return {"n_images": len(ctx.mean), "latent_shape": ctx.mean.shape[1:], "num_timesteps": len(ctx.alphas_cumprod),
+    return {"n_images": len(ctx.image_ids), "latent_shape": ctx.mean.shape[1:], "num_timesteps": len(ctx.alphas_cumprod),
             "class_sets": None if ctx.classes is None else ctx.classes.sets,
             "resolution": None if ctx.rescaling is None else ctx.rescaling.resolution}
 
@@ -672,6 +676,8 @@ def _report_notes(cfg: TrainConfig) -> list[str]:
     """The run page's lines on options beyond the method (--prompt-templates, --scale-augmentation,
     --prior-preservation)."""
     notes = []
+    if cfg.hflip > 0:
+        notes.append(f"Horizontal flips: each row's photo is mirrored left-right with probability {cfg.hflip:g}.")
     if cfg.prompt_templates != "none":
         notes.append(f"Prompt templates ({cfg.prompt_templates}): each row's prompt is one of "
                      f"{len(PROMPT_TEMPLATES[cfg.prompt_templates])} templates holding its subject's placeholder "

@@ -56,9 +56,11 @@ def test_variants_defaults_and_their_sources():
     over = make_cfg(method="palp", personalize="neti", neti_bypass=False)
     assert (over.steps, over.batch_size, over.lr, over.neti_options()) == (500, 32, 8e-3, {"hidden": 128, "features": 1024,
                                                                                            "bypass": False})
-    for name in ("p-plus", "neti"):
+    assert (neti.prompt_templates, neti.hflip, over.prompt_templates, over.hflip) == ("textual-inversion", 0.5) * 2
+    assert (pp.prompt_templates, pp.hflip) == ("none", 0)
+    for name, n in (("p-plus", 3), ("neti", 5)):
         sources = [*METHOD_TABLE[name].defaults.values(), *PERSONALIZATION_DEFAULTS[name].values()]
-        assert len(sources) == 3 and all(d.source for d in sources)
+        assert len(sources) == n and all(d.source for d in sources)
 
 
 @pytest.mark.parametrize("extra, says", [

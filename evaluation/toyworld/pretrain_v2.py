@@ -215,10 +215,9 @@ class Prefetched:
         if self.workers <= 1:
             return self.fn(step)
         if self.pool is None:
-            import multiprocessing
+            from palp.toyworld.v2.world import process_pool
 
-            methods = multiprocessing.get_all_start_methods()
-            self.pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(self.workers)
+            self.pool = process_pool(self.workers)
         if step != self.next:
             self.queue, self.next = self.pool.imap(self.fn, range(step, self.last + 1)), step
         self.next += 1

@@ -112,7 +112,7 @@ class ClassImages:
 @dataclass
 class ScaleAugmentation:
     """--scale-augmentation's rows (palp.method.augment): the photos (on the host) and the VAE
-    (on the run's device, fp32); the phrases' prompts are the run's ``PromptVariants``."""
+    (on the run's device, fp32); the phrases' prompts are in the run's ``prompt_variants``."""
 
     pixels: torch.Tensor  # (N, 3, R, R) on the host, in [-1, 1]
     vae: torch.nn.Module

@@ -186,7 +186,9 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     accelerator: object
     trainable: list[torch.nn.Parameter]
-    mean: torch.Tensor  # (N, 4, h, w) VAE posterior of each training image, encoded once (2N with --hflip: mirrored after)
+    # (N, 4, h, w) VAE posterior of each training image, encoded once (2N with --hflip and no
+    # --scale-augmentation: the mirrored photos after)
+    mean: torch.Tensor
     std: torch.Tensor  # (N, 4, h, w)
     image_ids: torch.Tensor  # (N, 77) y_P's tokens for each training image
     cond: Conditioning  # the prompts without learned tokens, encoded once
@@ -403,8 +405,10 @@ def _setup(cfg: TrainConfig, out: Path, *, resume: bool, threads: int, progress:
     base.vae.to(device)  # used once, to encode the images: kept in fp32
     tokens = [placeholder_token(p) for p in token_ids]
     pixels = torch.cat([im.pixels for im in images])
-    # --hflip: the mirrored photos' posteriors too, rows N..2N-1 (the VAE is not mirror-symmetric)
-    mean, std = encode_latent_posteriors(base.vae, torch.cat([pixels, pixels.flip(-1)]) if cfg.hflip > 0 else pixels)
+    # --hflip: the mirrored photos' posteriors too, rows N..2N-1 (the VAE is not mirror-symmetric);
+    # with --scale-augmentation every row is encoded at its step instead, mirrored there
+    mirrored = cfg.hflip > 0 and not cfg.scale_augmentation
+    mean, std = encode_latent_posteriors(base.vae, torch.cat([pixels, pixels.flip(-1)]) if mirrored else pixels)
     ids_per_subject = tokenize(base.tokenizer, [to_token_prompt(s.personalization_prompt) for s in cfg.subjects])
     image_ids = torch.cat([ids_per_subject[i].expand(len(im.paths), -1) for i, im in enumerate(images)])  # (N, 77)
     classes = _encode_class_images(cfg, base, class_sets, images, device) if class_sets else None

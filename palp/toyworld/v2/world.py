@@ -322,7 +322,7 @@ def render_dataset(n: int, seed: int = 0, *, progress: bool = True, workers: int
     chunk = 500
     parts = [plan[i : i + chunk] for i in range(0, len(plan), chunk)]
     bar = tqdm(total=len(plan), desc=f"rendering {len(plan)} v2 scenes", disable=not progress, mininterval=10)
-    with _pool(workers) as pool:
+    with process_pool(workers) as pool:
         for k, (ims, labs) in enumerate((pool.imap if pool else map)(_render_scenes, [[ns.scene for ns in p] for p in parts])):
             images[k * chunk : k * chunk + len(ims)], labels[k * chunk : k * chunk + len(ims)] = ims, labs
             bar.update(len(ims))
@@ -338,8 +338,9 @@ def _render_scenes(scenes: list[Scene]) -> tuple[np.ndarray, np.ndarray]:
             np.array([label_vector(s) for s in scenes], np.int64).reshape(len(scenes), len(ATTRIBUTES)))
 
 
-def _pool(workers: int):
-    """A process pool of ``workers`` (fork where the platform has it), or a null context for 1."""
+def process_pool(workers: int):
+    """A process pool of ``workers`` (fork where the platform has it), or a null context for 1
+    (the rendering processes of ``render_dataset`` and of the pretraining's judge batches)."""
     import contextlib
     import multiprocessing
 

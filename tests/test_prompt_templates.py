@@ -80,3 +80,27 @@ def test_a_neti_run_trains_on_the_templates(tiny_dir, cat_images, tmp_path):
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
     assert "Prompt templates (textual-inversion)" in (templated / REPORT_FILE).read_text()
     assert "Prompt templates" not in (plain / REPORT_FILE).read_text()
+
+
+def test_two_subjects_with_every_augmentation_resume_into_the_same_folder(tiny_dir, tmp_path):
+    """PALP over Custom Diffusion for two subjects with templates, flips and scale augmentation:
+    2 steps, then --resume into the same folder to 4, trains what 4 straight steps train, bit for bit."""
+    from conftest import REPO
+
+    def run(out, steps, *extra):
+        assert main(["train", "--images", f"[V1]={REPO / 'examples/subjects/cat'}", "--class-word", "[V1]=cat",
+                     "--images", f"[V2]={REPO / 'examples/subjects/cup'}", "--class-word", "[V2]=cup",
+                     "--prompt", "A sketch of [V1] and [V2] in Paris at night", "--pretrained-model", "tiny",
+                     "--method", "palp", "--personalize", "custom-diffusion", "--prompt-templates", "textual-inversion",
+                     "--hflip", "0.5", "--steps", str(steps), "--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "2",
+                     "--output", str(out), "--quiet", *extra]) == 0
+
+    run(tmp_path / "straight", 4)
+    run(tmp_path / "split", 2)
+    run(tmp_path / "split", 4, "--resume")
+    for name in ("pytorch_custom_diffusion_weights.safetensors", "learned_embeds.safetensors"):
+        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "split" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    config = json.loads((tmp_path / "split" / "training_config.json").read_text())
+    assert (config["scale_augmentation"], config["hflip"], config["prompt_templates"]) == (True, 0.5, "textual-inversion")
+    assert (tmp_path / "straight" / "metrics.csv").read_text() == (tmp_path / "split" / "metrics.csv").read_text()

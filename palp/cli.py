@@ -11,6 +11,16 @@ from palp import __version__
 from palp.core.flags import arguments, finite_float, settings
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the help states it already or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def _add_flags(parser, cls, sections=None, **choices) -> None:
     """The flags of the settings dataclass ``cls`` (palp.core.flags), each in its --help section."""
     for section, name, keywords in arguments(cls, **choices):
@@ -23,7 +33,7 @@ def add_train_parser(sub) -> None:
     from palp.core.settings import CHECKPOINTS, SUBJECT, TRAIN_SECTIONS, TrainConfig
 
     p = sub.add_parser("train", help="fine-tune LoRA + [V] on a subject with prompt-aligned guidance",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     sections = {title: p.add_argument_group(title) for title in TRAIN_SECTIONS}
     g = sections[SUBJECT]
     g.add_argument("--prepared", help="a dataset written by `palp prepare` (folder or gs:// prefix)")
@@ -119,7 +129,7 @@ def add_prepare_parser(sub) -> None:
     from palp.core.settings import DEFAULT_BASE_MODEL, ScoreSettings
 
     p = sub.add_parser("prepare", help="validate and prepare subject photos and target prompts",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("--subject", action="append", required=True, metavar="NAME=DIR_OR_GS_URI", help="a subject's photos")
     p.add_argument("--prompt", action="append", metavar="PROMPT", help="a target prompt with [V] (repeatable)")
     p.add_argument("--prompts-file", help="YAML prompts file (e.g. evaluation/prompts/paper.yaml)")
@@ -184,7 +194,7 @@ def add_sample_parser(sub) -> None:
     from palp.steps.sample import SAMPLERS
 
     p = sub.add_parser("sample", help="sample a trained run (or its base model) in batches",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("--model", required=True, help="a finished `palp train` output (folder or gs://)")
     p.add_argument("--output", required=True, help="samples folder or gs:// prefix (several runs may share it)")
     p.add_argument("--prompts", nargs="+", help="prompts with placeholders (default: the run's target prompt)")
@@ -229,7 +239,7 @@ def add_score_parser(sub) -> None:
     from palp.core.settings import ScoreSettings
 
     p = sub.add_parser("score", help="CLIP text and image alignment: Table 2, Fig. 6, an HTML report",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("--samples", action="append", required=True, help="a `palp sample` output (repeatable)")
     p.add_argument("--prepared", required=True, help="the prepared dataset the runs were trained on")
     p.add_argument("--output", required=True)
@@ -260,7 +270,7 @@ def add_study_parser(sub) -> None:
     study = sub.add_parser("study", help="user-study forms (export) and their analysis (Table 3)")
     ssub = study.add_subparsers(dest="study_command", required=True)
     e = ssub.add_parser("export", help="blinded forms from the samples of several methods",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_HelpFormatter)
     e.add_argument("--samples", action="append", required=True, help="a `palp sample` output (repeatable)")
     e.add_argument("--prepared", required=True, help="the prepared dataset (input images, elements)")
     e.add_argument("--output", required=True, help="folder or gs:// prefix: forms/ and key/")
@@ -272,7 +282,7 @@ def add_study_parser(sub) -> None:
     e.add_argument("--salt", default="", help="key/layout.json's salt of an earlier export: with its --seed, the same "
                                                "layout again (default: a fresh secret salt, kept in key/)")
     e.set_defaults(func=run_study_export)
-    a = ssub.add_parser("analyze", help="Table 3 from filled forms", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = ssub.add_parser("analyze", help="Table 3 from filled forms", formatter_class=_HelpFormatter)
     a.add_argument("--responses", required=True, help="a filled form, a folder of them, or a glob (XLSX or CSV)")
     a.add_argument("--key", required=True, help="key/answer_key.csv of the export")
     a.add_argument("--output", required=True)
@@ -302,7 +312,7 @@ def run_study_analyze(args) -> int:
 def add_image_parser(sub) -> None:
     img = sub.add_parser("image", help="build the step image")
     isub = img.add_subparsers(dest="image_command", required=True)
-    b = isub.add_parser("build", help="docker build of images/Dockerfile", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b = isub.add_parser("build", help="docker build of images/Dockerfile", formatter_class=_HelpFormatter)
     b.add_argument("--target", choices=("cpu", "gpu", "tpu"), default="cpu")
     b.add_argument("--base-image", help="default: the target's public base (python:3.11-slim-bookworm)")
     b.add_argument("--tag", help="default: palp-<target>:<palp version>")

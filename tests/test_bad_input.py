@@ -92,8 +92,9 @@ def test_bad_image_folder(tmp_path, capsys, make, message):
         ({"--prompt": "A sketch of [V2] in Paris"}, "uses [V2] but no subject has that placeholder"),
         ({"--pretrained-model": "/no/such/model"}, "model '/no/such/model' not found"),
         ({"--batch-size": "3", "--micro-batch-size": "2"}, "not a multiple of --micro-batch-size 2"),
+        ({"--token-init": "[V]"}, "--token-init must be class, rare or a word to start each token from, not '[V]'"),
     ],
-    ids=["no-placeholder", "unknown-placeholder", "unknown-model", "bad-batch"],
+    ids=["no-placeholder", "unknown-placeholder", "unknown-model", "bad-batch", "bad-token-init"],
 )
 def test_bad_arguments(tmp_path, capsys, cat_images, change, message):
     argv = train_args(cat_images, tmp_path / "out")

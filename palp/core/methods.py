@@ -88,6 +88,9 @@ PERSONALIZATION_DEFAULTS = {
         "scale_augmentation": Default(True, "Custom Diffusion (Kumari et al. 2023), its training details: images rescaled "
                                             "at random with 'very small'/'zoomed in' phrases, the loss on the image's region; the "
                                             "diffusers example's CustomDiffusionDataset(aug=True), its default"),
+        "token_init": Default("rare", "Custom Diffusion (Kumari et al. 2023): the modifier token V* is initialised with a "
+                                      "rarely occurring token embedding; the diffusers example's --initializer_token "
+                                      "ktn+pll+ucd, one word per modifier token"),
     },
     "p-plus": {
         "lr": Default(5e-3, "P+ (Voynov et al. 2023), Sec. 5: learning rate 5e-3, as Textual Inversion"),

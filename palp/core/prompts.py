@@ -231,6 +231,22 @@ def training_prompts(personalization_prompt: str, placeholder: str, templates: s
     return [t.format(placeholder) for t in PROMPT_TEMPLATES[templates]]
 
 
+# --token-init rare: Custom Diffusion's rarely used words, the initial embeddings of its modifier
+# tokens (its reference trainer's --initializer_token ktn+pll+ucd), one per subject in turn.
+RARE_INIT_WORDS = ("ktn", "pll", "ucd")
+
+
+def token_init_words(token_init: str, class_words: Mapping[str, str]) -> dict[str, str]:
+    """{placeholder: the word its token's embedding starts from} for ``--token-init``: ``class``
+    (each subject's class word), ``rare`` (RARE_INIT_WORDS, one per subject in the order given,
+    from the first again after the third) or one word for every subject."""
+    if token_init == "class":
+        return dict(class_words)
+    if token_init == "rare":
+        return {p: RARE_INIT_WORDS[i % len(RARE_INIT_WORDS)] for i, p in enumerate(class_words)}
+    return {p: token_init for p in class_words}
+
+
 def to_token_prompt(prompt: str) -> str:
     """The text the tokenizer sees: each placeholder becomes its token ("[V]" -> "<v>")."""
     return PLACEHOLDER_RE.sub(lambda m: placeholder_token(m.group(0)), prompt)

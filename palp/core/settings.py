@@ -15,7 +15,7 @@ from palp.core.methods import (DEFAULT_PERSONALIZATION, METHOD_TABLE, METHODS, N
 from palp.core.names import check_name
 from palp.core.precision import MIXED_PRECISION
 from palp.core.prompts import (DEFAULT_PERSONALIZATION_PROMPT, DEFAULT_PLACEHOLDER, PROMPT_TEMPLATES, CheckedPrompt, PromptError,
-                               check_token_length)
+                               check_token_length, placeholders_in, token_count, token_init_words)
 from palp.core.tracking import REPORT_TO, TrackingError, resolve_report_to
 
 # What --compile may name: nothing, the UNet's repeated blocks (regional), or the whole UNet.
@@ -271,6 +271,11 @@ class TrainConfig:
                                              "textual-inversion: one of Textual Inversion's 27 object templates ('a photo of "
                                              "the small [V]'...), drawn per row (default: none; textual-inversion for "
                                              "--personalize neti, as NeTI trains)")
+    token_init: str | None = flag(None, section=METHOD, metavar="WORD",
+                                  help="the word each placeholder token's embedding starts from: class (its subject's class "
+                                       "word), rare (Custom Diffusion's rarely used words ktn, pll, ucd, one per subject in "
+                                       "turn) or any word, for every subject (default: class; rare for --personalize "
+                                       "custom-diffusion, as Custom Diffusion trains)")
     steps: int | None = flag(None, section=OPTIMISATION,
                              help=f"optimizer steps (default: {DEFAULT_STEPS}; 250 for --method custom-diffusion)")
     lr: float | None = flag(None, section=OPTIMISATION,
@@ -370,9 +375,12 @@ class TrainConfig:
         self._resolve_neti()
         for name, palp_default in (("steps", DEFAULT_STEPS), ("lr", DEFAULT_LR), ("batch_size", DEFAULT_BATCH_SIZE),
                                    ("prior_preservation", False), ("scale_augmentation", False), ("prompt_templates", "none"),
-                                   ("hflip", 0.0)):
+                                   ("hflip", 0.0), ("token_init", "class")):
             if getattr(self, name) is None:
                 setattr(self, name, self.method_default(name, palp_default))
+        need(self.token_init.strip() == self.token_init and not placeholders_in(self.token_init)
+             and token_count(self.token_init) > 2,  # (start and end: 2)
+             f"--token-init must be class, rare or a word to start each token from, not {self.token_init!r}")
         need(0 <= self.hflip <= 1, f"--hflip must be a probability between 0 and 1, not {self.hflip}")
         need(self.prompt_templates in ("none", *PROMPT_TEMPLATES),
              f"--prompt-templates must be one of none, {', '.join(PROMPT_TEMPLATES)}, not {self.prompt_templates!r}")
@@ -480,6 +488,11 @@ class TrainConfig:
     @property
     def class_words(self) -> dict[str, str]:
         return {s.placeholder: s.class_word for s in self.subjects}
+
+    @property
+    def init_words(self) -> dict[str, str]:
+        """{placeholder: the word its token starts from} (--token-init)."""
+        return token_init_words(self.token_init, self.class_words)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

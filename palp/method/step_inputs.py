@@ -219,9 +219,9 @@ def setup_model(base, cfg: TrainConfig, device: torch.device, dtype: torch.dtype
     with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from --seed, not global state
         torch.manual_seed(cfg.seed)
         if cfg.personalize in methods.LAYERED:  # P+ and NeTI: per-layer tokens on the frozen UNet
-            model, _, token_ids = build_layered_model(base, cfg.class_words, cfg.personalize, cfg.neti_options())
+            model, _, token_ids = build_layered_model(base, cfg.init_words, cfg.personalize, cfg.neti_options())
         else:
-            model, _, token_ids = build_personalized_model(base, cfg.class_words, rank=cfg.lora_rank,
+            model, _, token_ids = build_personalized_model(base, cfg.init_words, rank=cfg.lora_rank,
                                                            alpha=cfg.lora_alpha, targets=cfg.lora_targets,
                                                            personalize=cfg.personalize)
     model.to(device, dtype)

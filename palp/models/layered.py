@@ -172,7 +172,8 @@ def _with_bypass(text_encoder, input_ids, hidden, bypass, scale: float, first_id
 
 class PPlusTokens(nn.Module):
     """P+'s token: one embedding per cross-attention layer and placeholder, (n, K, D), each layer's
-    initialised from the class word. Kept in fp32 on any dtype the model is moved to."""
+    initialised from the token's initial word (the class word; --token-init). Kept in fp32 on any
+    dtype the model is moved to."""
 
     timed = False  # the same at every denoising timestep
     bypass = False
@@ -236,7 +237,7 @@ class LayeredModel(PersonalizedModel):
         yield  # the frozen UNet is the pretrained one; the pretrained branch's prompts hold no placeholder
 
 
-def build_layered_model(base, class_words: dict[str, str], personalize: str, neti: dict | None = None):
+def build_layered_model(base, init_words: dict[str, str], personalize: str, neti: dict | None = None):
     """Freeze the base, add the placeholder tokens (read through a ``RowEmbedding``), the per-layer
     processors and P+'s tokens or NeTI's mappers. Returns (model, None, token ids)."""
     if personalize not in LAYERED:
@@ -245,9 +246,9 @@ def build_layered_model(base, class_words: dict[str, str], personalize: str, net
         raise ValueError(f"--personalize {personalize} trains Stable Diffusion 1.x/2.x models, not SDXL")
     for module in (base.unet, base.vae, base.text_encoder):
         module.requires_grad_(False)
-    token_ids = add_placeholder_tokens(base.tokenizer, base.text_encoder, class_words)
+    token_ids = add_placeholder_tokens(base.tokenizer, base.text_encoder, init_words)
     placeholder = base.text_encoder.get_input_embeddings()
-    init = placeholder.learned.detach().clone()  # (K, D) the class words' embeddings
+    init = placeholder.learned.detach().clone()  # (K, D) the initial words' embeddings
     base.text_encoder.set_input_embeddings(RowEmbedding(placeholder.base, placeholder.first_id, init))
     layers = cross_attention_order(base.unet)
     set_layer_processors(base.unet, layers)

@@ -6,9 +6,9 @@ w ~ N(0, diag(sigma_t^2, sigma_l^2)), [sin(w x), cos(w x)] normalised to unit le
 layer initialised with the encodings of 10 time anchors x the layers takes it to
 10 n features; two blocks of Linear + LayerNorm + LeakyReLU of ``hidden`` units follow, then a
 linear output of D (the embedding) + D (the output bypass) values, the whole output rescaled to
-the class word's embedding norm. Nested dropout (training only): with probability
-``nested_dropout``, each row of a step keeps only the first k of its ``hidden`` units, k drawn
-uniformly (the step's draws: ``Draws.truncation``).
+the norm of its initial word's embedding (the class word; --token-init). Nested dropout
+(training only): with probability ``nested_dropout``, each row of a step keeps only the first k
+of its ``hidden`` units, k drawn uniformly (the step's draws: ``Draws.truncation``).
 """
 
 from __future__ import annotations

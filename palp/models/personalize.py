@@ -45,13 +45,14 @@ class PlaceholderEmbedding(nn.Module):
         return torch.where(is_new, new.to(old.dtype), old)  # (B, L, D)
 
 
-def add_placeholder_tokens(tokenizer, text_encoder, class_words: dict[str, str]) -> dict[str, int]:
-    """Add one token per placeholder, its embedding initialised from the class word.
+def add_placeholder_tokens(tokenizer, text_encoder, init_words: dict[str, str]) -> dict[str, int]:
+    """Add one token per placeholder, its embedding initialised from its word in ``init_words``
+    (its class word unless --token-init says otherwise).
 
-    A multi-token class word ("teddy bear") initialises from the mean of its tokens.
-    Returns {placeholder: token id}.
+    A word of several tokens ("teddy bear", or "ktn": CLIP's BPE reads it as "k" + "tn")
+    initialises from the mean of its tokens. Returns {placeholder: token id}.
     """
-    tokens = [placeholder_token(p) for p in class_words]
+    tokens = [placeholder_token(p) for p in init_words]
     clash = [t for t in tokens if t in tokenizer.get_vocab()]
     if clash:
         raise ValueError(f"tokens {clash} are already in the tokenizer; load a base model without them")
@@ -62,12 +63,14 @@ def add_placeholder_tokens(tokenizer, text_encoder, class_words: dict[str, str])
         raise RuntimeError(f"placeholder tokens got ids {ids}, expected consecutive ids from {first_id}")
     base = text_encoder.get_input_embeddings()
     init = []
-    for word in class_words.values():
+    for word in init_words.values():
         word_ids = tokenizer(word, add_special_tokens=False).input_ids
+        if not word_ids:
+            raise ValueError(f"the tokenizer reads no token in {word!r}; start the placeholder token from another word")
         init.append(base.weight[word_ids].detach().float().mean(0))
     emb = PlaceholderEmbedding(base, first_id, torch.stack(init))
     text_encoder.set_input_embeddings(emb)
-    return dict(zip(class_words, ids))
+    return dict(zip(init_words, ids))
 
 
 def add_lora(unet, *, rank: int, alpha: float | None = None, targets: str = "attention"):
@@ -170,7 +173,7 @@ class PersonalizedModel(nn.Module):
             self.unet.enable_adapters()
 
 
-def build_personalized_model(base, class_words: dict[str, str], *, rank: int | None = None, alpha: float | None = None,
+def build_personalized_model(base, init_words: dict[str, str], *, rank: int | None = None, alpha: float | None = None,
                              targets: str = "attention", personalize: str = "lora-token"):
     """Freeze the base, add LoRA (or Custom Diffusion's deltas) and placeholder tokens.
     Returns (model, lora_config (None for Custom Diffusion), token ids). P+ and NeTI are
@@ -186,10 +189,10 @@ def build_personalized_model(base, class_words: dict[str, str], *, rank: int | N
         raise ValueError("--personalize custom-diffusion trains Stable Diffusion 1.x/2.x models; "
                          "use lora-token for an SDXL model")
     if xl is None:
-        token_ids = add_placeholder_tokens(base.tokenizer, base.text_encoder, class_words)
-    else:  # SDXL: the token in both tokenizers and both encoders, each initialised from its class word
-        token_ids = add_placeholder_tokens(base.tokenizer.first, base.text_encoder, class_words)
-        if add_placeholder_tokens(base.tokenizer.second, base.text_encoder_2, class_words) != token_ids:
+        token_ids = add_placeholder_tokens(base.tokenizer, base.text_encoder, init_words)
+    else:  # SDXL: the token in both tokenizers and both encoders, each initialised from its word
+        token_ids = add_placeholder_tokens(base.tokenizer.first, base.text_encoder, init_words)
+        if add_placeholder_tokens(base.tokenizer.second, base.text_encoder_2, init_words) != token_ids:
             raise RuntimeError("the placeholder tokens got other ids in SDXL's second tokenizer")
     if personalize == "custom-diffusion":
         from palp.models.custom_diffusion import add_custom_diffusion

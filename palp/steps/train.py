@@ -677,9 +677,13 @@ def _write_report(out: RunOutput, cfg: TrainConfig) -> None:
 
 
 def _report_notes(cfg: TrainConfig) -> list[str]:
-    """The run page's lines on options beyond the method (--prompt-templates, --scale-augmentation,
-    --prior-preservation)."""
+    """The run page's lines on options beyond the method (--token-init, --hflip, --prompt-templates,
+    --scale-augmentation, --prior-preservation)."""
     notes = []
+    if cfg.token_init != "class":
+        words = ", ".join(f"{p} from '{w}'" for p, w in cfg.init_words.items())
+        notes.append(f"Token initialisation ({cfg.token_init}): each placeholder's embedding starts from another word "
+                     f"than its class word: {words}.")
     if cfg.hflip > 0:
         notes.append(f"Horizontal flips: each row's photo is mirrored left-right with probability {cfg.hflip:g}.")
     if cfg.prompt_templates != "none":

@@ -57,12 +57,21 @@ def _limited(argv: list[str], limit: int) -> tuple[int, int, str]:
     return proc.returncode, peak, proc.stderr
 
 
-@pytest.mark.slow
-def test_auto_micro_batch_backs_off_from_a_real_out_of_memory(tmp_path):
+@pytest.fixture(scope="module")
+def micro_8(tmp_path_factory) -> tuple:
+    """(run folder, peak address space) of one toy-world step at micro-batch 8, no limit: both
+    tests' reference (the training's peak, and the run the sampling test samples)."""
     if not sys.platform.startswith("linux"):
         pytest.skip("RLIMIT_AS and /proc/self/status are Linux's")
-    code, small, _ = _train(tmp_path / "m8", "--micro-batch-size", "8")
-    assert code == 0
+    run = tmp_path_factory.mktemp("memory") / "m8"
+    code, peak, err = _train(run, "--micro-batch-size", "8")
+    assert code == 0, err[-2000:]
+    return run, peak
+
+
+@pytest.mark.slow
+def test_auto_micro_batch_backs_off_from_a_real_out_of_memory(tmp_path, micro_8):
+    _, small = micro_8
     code, whole, _ = _train(tmp_path / "m64", "--micro-batch-size", str(BATCH))
     assert code == 0 and whole > small + 200 * 2**20, (small, whole)  # the whole batch needs visibly more
     limit = small + (whole - small) // 4  # holds 8 (and about 16), not 32 or 64
@@ -102,26 +111,23 @@ def _sample(run, out, *extra, limit: int = 0) -> tuple[int, int, str]:
 
 
 @pytest.mark.slow
-def test_sampling_backs_off_from_a_real_out_of_memory(tmp_path):
+def test_sampling_backs_off_from_a_real_out_of_memory(tmp_path, micro_8):
     """`palp sample --batch-size 64` under a limit that holds a batch of 8: the batch is made in
     halves until it fits, that size is kept, and every image is that of a run given the final
     size within one 8-bit level (CPU kernels differ by batch size by ~1e-6; a batch made before
     the size settled may have been larger, as tests/test_sample_score.py allows for)."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("RLIMIT_AS and /proc/self/status are Linux's")
-    code, _, err = _train(tmp_path / "run", "--micro-batch-size", "8")
-    assert code == 0, err[-2000:]
-    code, small, _ = _sample(tmp_path / "run", tmp_path / "s8", "--batch-size", "8")
+    run = micro_8[0]
+    code, small, _ = _sample(run, tmp_path / "s8", "--batch-size", "8")
     assert code == 0
-    code, whole, _ = _sample(tmp_path / "run", tmp_path / "s64")
+    code, whole, _ = _sample(run, tmp_path / "s64")
     assert code == 0 and whole > small + 50 * 2**20, (small, whole)  # about 85 MiB with the fixed threshold
-    code, _, err = _sample(tmp_path / "run", tmp_path / "auto", limit=small + (whole - small) // 4)
+    code, _, err = _sample(run, tmp_path / "auto", limit=small + (whole - small) // 4)
     assert code == 0, err[-2000:]
     said = [line for line in err.splitlines() if "ran out of memory" in line]
     assert said and said[0].startswith("palp sample: a batch of 64 ran out of memory on cpu; batches of 32 from now on")
     fitted = int(said[-1].split("batches of ")[1].split()[0])
     assert fitted < BATCH
-    code, _, _ = _sample(tmp_path / "run", tmp_path / "explicit", "--batch-size", str(fitted))
+    code, _, _ = _sample(run, tmp_path / "explicit", "--batch-size", str(fitted))
     assert code == 0
     import numpy as np
     from PIL import Image

@@ -101,3 +101,54 @@ def test_a_checked_prompt_is_made_only_by_checking_and_is_used_without_checking_
     assert elements_of(p) == expected
     # Class elements in the order of the class words; the tail's [V2] cleaned without a second check.
     assert [e["text"] for e in expected] == ["A sketch", "A photo of a dog", "A photo of an owl", "a dog", "in Paris", "at night"]
+
+
+def _corpus() -> list[str]:
+    """Prompts people write and strings nobody should: templates, the toy world's captions,
+    accents, mojibake, HTML entities, digits, contractions, emoji, CJK, runs of symbols and
+    white space, and 300 seeded random strings over all of these."""
+    import random
+
+    from palp.core.prompts import PROMPT_TEMPLATES
+    from palp.toyworld.v2.world import NAMES, pretraining_plan
+
+    fixed = [t.format("[V]") for t in PROMPT_TEMPLATES["textual-inversion"]] + \
+        [s.caption() for s in pretraining_plan(40, seed=3)] + list(NAMES[:50]) + [
+        "A sketch of a cat in Paris at night", "Café über naïve coöperation", "cafÃ© mojibake", "Tom &amp; Jerry &lt;3",
+        "it's, IT'S, don't, we'll, they've, I'm, she'd", "1984 and 3.14159 and 1,000,000", "🐱 in 東京 at 夜",
+        "  tabs\tand\nnewlines  ", "!!!???...;;;", "snake_case-and-kebab", "<|endoftext|> inside", "ÀÉÎÕÜ ß ø Ω",
+        "ktn pll ucd sks zwx", "a" * 60, "\u200b zero width \u00ad soft hyphen"]
+    rng = random.Random(0)
+    pool = "abcdefghijklmnopqrstuvwxyzABCXYZ0123456789 ',.!?-_&;:#@()[]éüßø🐱東夜\t"
+    return fixed + ["".join(rng.choice(pool) for _ in range(rng.randint(1, 40))) for _ in range(300)]
+
+
+def test_palps_clip_bpe_is_clips_tokenizer():
+    """palp.core.clip_bpe (read without torch) makes the pieces open_clip's tokenizer makes, on
+    every string of the corpus that both clean alike (open_clip also mends mojibake and HTML
+    entities, which SD's tokenizer does not: the next test); its vocabulary is open_clip's, in id order."""
+    from open_clip.tokenizer import SimpleTokenizer, basic_clean, whitespace_clean
+
+    from palp.core import clip_bpe
+
+    reference = SimpleTokenizer()
+    ours = clip_bpe.ClipBpe()
+    vocab = clip_bpe.vocabulary()
+    assert len(vocab) == 49408 and vocab[:-2] == list(reference.encoder)[:-2]
+    compared = 0
+    for text in _corpus():
+        if "<|endoftext|>" in text or whitespace_clean(basic_clean(text)).lower() != clip_bpe.clean(text).strip():
+            continue  # (open_clip names its specials otherwise)
+        assert ours.pieces(text) == [reference.decoder[i] for i in reference.encode(text)], text
+        compared += 1
+    assert compared > 300
+
+
+def test_token_count_is_what_sds_tokenizer_counts(tiny_dir):
+    from palp.core import prompts
+    from palp.models.base_model import load_base_model
+
+    tokenizer = load_base_model("tiny").tokenizer
+    for text in _corpus():  # (a placeholder counts one token: tests/test_bad_input.py)
+        text = text.replace("[V]", "cat")
+        assert prompts.token_count(text) == len(tokenizer(text).input_ids), text

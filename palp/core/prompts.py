@@ -257,17 +257,12 @@ def to_token_prompt(prompt: str) -> str:
 MAX_PROMPT_TOKENS = 77
 
 
-@functools.lru_cache(maxsize=1)
-def _clip_bpe():
-    from open_clip.tokenizer import SimpleTokenizer  # CLIP's BPE: the tokenizer of SD-1.x and 2.x
-
-    return SimpleTokenizer()
-
-
 def token_count(prompt: str) -> int:
     """Tokens the text encoder sees for ``prompt``: start and end included, a placeholder one
-    token (its learned token), counted offline with CLIP's BPE."""
-    return len(_clip_bpe().encode(PLACEHOLDER_RE.sub(" ", prompt))) + len(PLACEHOLDER_RE.findall(prompt)) + 2
+    token (its learned token), counted offline with CLIP's BPE (palp.core.clip_bpe)."""
+    from palp.core.clip_bpe import clip_bpe
+
+    return len(clip_bpe().pieces(PLACEHOLDER_RE.sub(" ", prompt))) + len(PLACEHOLDER_RE.findall(prompt)) + 2
 
 
 def check_token_length(prompt: str, *, what: str = "target prompt") -> None:

@@ -14,7 +14,6 @@ the same path as a real checkpoint.
 
 from __future__ import annotations
 
-import gzip
 import json
 import tempfile
 from pathlib import Path
@@ -53,18 +52,11 @@ def write_clip_tokenizer_files(out_dir: Path) -> None:
     CLIP's vocabulary is 256 byte symbols, the same with the end-of-word mark, one token per
     BPE merge (the first 48,894 merges), then <|startoftext|> and <|endoftext|>: 49,408.
     """
-    import open_clip
-    from open_clip.tokenizer import bytes_to_unicode
+    from palp.core import clip_bpe
 
-    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
-    byte_symbols = list(bytes_to_unicode().values())
-    vocab = byte_symbols + [s + "</w>" for s in byte_symbols]
-    vocab += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(clip_bpe.vocabulary())}))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in clip_bpe.merges()))
 
 
 def clip_text_encoder(*, hidden: int, intermediate: int, layers: int, heads: int, hidden_act: str = "quick_gelu",

@@ -138,17 +138,12 @@ def caption_words() -> frozenset[str]:
     return frozenset(w for t in texts for w in t.lower().split())
 
 
-def _bpe():
-    """CLIP's BPE (open_clip's copy of the tokenizer SD's CLIPTokenizer uses)."""
-    from open_clip.tokenizer import SimpleTokenizer
+def bpe_pieces(word: str) -> list[str]:
+    """How CLIP's BPE (the tokenizer of SD's text encoder) splits ``word`` (the last piece ends
+    with '</w>')."""
+    from palp.core.clip_bpe import clip_bpe
 
-    return SimpleTokenizer()
-
-
-def bpe_pieces(word: str, tokenizer=None) -> list[str]:
-    """How CLIP's BPE splits ``word`` (the last piece ends with '</w>')."""
-    tokenizer = tokenizer or _bpe()
-    return tokenizer.bpe(word).split(" ")
+    return list(clip_bpe().word(word))
 
 
 def _edit_distance(a: str, b: str) -> int:
@@ -161,12 +156,12 @@ def _edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
-def name_ok(name: str, taken=(), tokenizer=None) -> bool:
+def name_ok(name: str, taken=()) -> bool:
     """The rule every name follows (see the module docstring)."""
     words = caption_words()
     if not 5 <= len(name) <= 9 or name in words:
         return False
-    pieces = bpe_pieces(name, tokenizer)
+    pieces = bpe_pieces(name)
     if not 2 <= len(pieces) <= 3:
         return False
     if any(p.replace("</w>", "") in words for p in pieces):
@@ -176,14 +171,13 @@ def name_ok(name: str, taken=(), tokenizer=None) -> bool:
 
 def make_names(n: int = N_INSTANCES, seed: int = NAME_SEED) -> tuple[str, ...]:
     """``n`` names by the rule, seeded: what :data:`NAMES` holds."""
-    tokenizer = _bpe()
     rng = random.Random(f"names-{seed}")
     names: list[str] = []
     while len(names) < n:
         syllables = rng.choice((2, 2, 3))
         name = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + (rng.choice(_CODAS) if i == syllables - 1 or rng.random() < 0.3 else "")
                        for i in range(syllables))
-        if name not in names and name_ok(name, names, tokenizer):
+        if name not in names and name_ok(name, names):
             names.append(name)
     return tuple(names)
 

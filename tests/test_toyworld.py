@@ -318,6 +318,30 @@ def test_report_tables_and_intervals(tmp_path):
     assert json.loads((tmp_path / "out2/summary.json").read_text())["scores"] == str(tmp_path / "scores-gone.csv")
 
 
+def test_report_pairs_palp_over_each_personalization_with_it_alone(tmp_path):
+    """Every method of the paper's comparison in one table, in the paper's order, and each
+    palp+X paired with X alone (closed forms: X finds 1 of 3 elements, palp+X 2 or 3)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toy_report", REPO / "evaluation/toyworld/experiment_tables.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    found = {"ti-db": 0, "neti": 0, "palp+neti": 2, "p-plus": 1, "palp+p-plus": 3, "custom-diffusion": 0, "palp": 3}
+    rows = [{"subject": subject, "prompt": "p1", "method": m, "step": 100, "run": f"{subject}{m}",
+             **{e: float(i < k) for i, e in enumerate(report.ELEMENTS)}, "Judge: class": 1.0, "Judge: identity": 0.5,
+             "Target prompt": 0.2}
+            for subject in ("a", "b", "c") for m, k in found.items() for _ in range(2)]
+    pd.DataFrame(rows).to_csv(tmp_path / "scores.csv", index=False)
+    report.main(["--scores", str(tmp_path / "scores.csv"), "--out", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert list(summary["table2"]) == ["ti-db", "palp", "custom-diffusion", "p-plus", "palp+p-plus", "neti", "palp+neti"]
+    assert set(summary["paired_own"]) == {"palp+neti", "palp+p-plus"}  # no palp+custom-diffusion ran
+    assert summary["paired_own"]["palp+neti"]["Elements found"] == pytest.approx([2 / 3] * 3)
+    assert summary["paired_own"]["palp+p-plus"]["Elements found"] == pytest.approx([2 / 3] * 3)
+    assert summary["paired"]["palp+p-plus"]["Elements found"] == pytest.approx([1.0] * 3)  # against TI+DB
+    assert "palp+neti - neti" in (tmp_path / "out/paired.md").read_text()
+
+
 def test_score_with_the_judge_end_to_end(tmp_path):
     """prepare -> train (toy model, palp-iid) -> sample -> score --judge: judge columns beside CLIP's."""
     from palp.cli import main

@@ -14,7 +14,8 @@ writes, to ``--out``:
   same instance above others and does not measure identity; the judge's identity does;
 - ``table3.md``: the user study's shape with the judge as the rater: one random sample per
   (subject, prompt, method), % of prompt elements found and % identity kept;
-- ``paired.md``: each method minus TI+DB, paired by (subject, prompt);
+- ``paired.md``: each method minus TI+DB, paired by (subject, prompt); and each PALP-over-X run
+  (``palp+neti``...) minus X alone, where both ran;
 - ``curves.png``: the Fig.-6 curves (alignment and identity vs fine-tuning steps), the base
   model prompted with the class word as the reference line;
 - ``gallery.png``: final-step samples, a row per subject (each with another prompt), where the
@@ -44,7 +45,8 @@ ELEMENTS = ["Judge: style", "Judge: place", "Judge: time"]
 FOUND = "Elements found"
 IDENTITY = "Judge: identity"
 COLUMNS = [*ELEMENTS, FOUND, IDENTITY, "Judge: class", "Target prompt"]  # no "Image alignment": see above
-ORDER = ["base", "ti-db", "palp", "palp-iid", "sds", "sds-iid", "nfsd"]
+ORDER = ["base", "ti-db", "palp", "palp-iid", "sds", "sds-iid", "nfsd", "custom-diffusion", "palp+custom-diffusion",
+         "p-plus", "palp+p-plus", "neti", "palp+neti"]
 UNIT = ["subject", "prompt"]
 
 
@@ -123,20 +125,31 @@ def table3(df: pd.DataFrame, seed: int = 0) -> tuple[str, dict]:
     return pd.DataFrame(rows).to_markdown(index=False), numbers
 
 
-def paired(df: pd.DataFrame, baseline: str = "ti-db", reps: int = 2000, seed: int = 0) -> tuple[str, dict]:
-    """Method minus baseline per (subject, prompt) unit at the last step, bootstrapped."""
+def own_baselines(methods: list[str]) -> dict[str, str]:
+    """{PALP over a personalization: that personalization alone}, for the pairs both present
+    ("palp+neti": "neti"): the paper's claim that the alignment term improves any method."""
+    return {m: m.split("+", 1)[1] for m in methods if "+" in m and m.split("+", 1)[1] in methods}
+
+
+def paired(df: pd.DataFrame, baseline: str | None = "ti-db", reps: int = 2000, seed: int = 0) -> tuple[str, dict]:
+    """Method minus baseline per (subject, prompt) unit at the last step, bootstrapped; with
+    ``baseline`` None, each PALP-over-X run minus X alone (:func:`own_baselines`)."""
     final = final_step(df)
     cols = [FOUND, IDENTITY, "Target prompt"]
     means = final.groupby([*UNIT, "method"])[cols].mean()
-    if baseline not in final["method"].unique():
+    present = methods_in(final)
+    if baseline is None:
+        pairs = own_baselines(present)
+        if not pairs:
+            return "(no run of PALP over a personalization beside that personalization alone)", {}
+    elif baseline not in present:
         return f"(no {baseline} runs)", {}
-    base = means.xs(baseline, level="method")
+    else:
+        pairs = {m: baseline for m in present if m not in (baseline, "base")}
     rows, numbers = [], {}
     rng = np.random.default_rng(seed)
-    for m in methods_in(final):
-        if m in (baseline, "base"):
-            continue
-        diff = (means.xs(m, level="method") - base).dropna()
+    for m, b in pairs.items():
+        diff = (means.xs(m, level="method") - means.xs(b, level="method")).dropna()
         if diff.empty:
             continue
         idx = rng.integers(0, len(diff), size=(reps, len(diff)))
@@ -146,7 +159,7 @@ def paired(df: pd.DataFrame, baseline: str = "ti-db", reps: int = 2000, seed: in
             boot = v[idx].mean(1)
             stats[c] = (float(v.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
         numbers[m] = stats
-        rows.append({"method": f"{m} - {baseline}", "units": len(diff), **{c: fmt(stats[c]) for c in cols}})
+        rows.append({"method": f"{m} - {b}", "units": len(diff), **{c: fmt(stats[c]) for c in cols}})
     return pd.DataFrame(rows).to_markdown(index=False), numbers
 
 
@@ -249,19 +262,23 @@ def main(argv=None):
     t2, n2 = table2(df)
     t3, n3 = table3(df)
     tp, np_ = paired(df)
+    to, no = paired(df, baseline=None)
     out = args.out.rstrip("/")
     write_text(f"{out}/table2.md", t2 + "\n")
     write_text(f"{out}/table3.md", t3 + "\n")
-    write_text(f"{out}/paired.md", tp + "\n")
+    write_text(f"{out}/paired.md", f"Each method minus TI+DB:\n\n{tp}\n\nPALP over a personalization minus that "
+                                   f"personalization alone:\n\n{to}\n")
     write_bytes(f"{out}/curves.png", curves(df), content_type="image/png")
     sheet = gallery(df)
     if sheet is not None:
         write_bytes(f"{out}/gallery.png", sheet, content_type="image/png")
     else:
         print("no gallery: the scored images are not readable from here (a gallery.png already in --out is kept)")
-    write_text(f"{out}/summary.json", json.dumps({"scores": path, "table2": n2, "table3": n3, "paired": np_}, indent=2) + "\n")
+    write_text(f"{out}/summary.json", json.dumps({"scores": path, "table2": n2, "table3": n3, "paired": np_,
+                                                       "paired_own": no}, indent=2) + "\n")
     keep_scores(df, paths, out)
-    print(f"## Table 2 (last step; mean [95% CI])\n\n{t2}\n\n## Table 3 (judge as rater)\n\n{t3}\n\n## Paired\n\n{tp}\n")
+    print(f"## Table 2 (last step; mean [95% CI])\n\n{t2}\n\n## Table 3 (judge as rater)\n\n{t3}\n\n## Paired\n\n{tp}\n\n"
+          f"## PALP over each personalization, paired with it alone\n\n{to}\n")
     print(f"-> {out}")
 
 

@@ -193,6 +193,37 @@ def test_resume_with_changed_method_is_refused(cat_images, tmp_path, capsys):
     assert "already holds a finished run" in capsys.readouterr().err
 
 
+def test_a_run_checkpointed_before_newer_settings_resumes(cat_images, tmp_path, capsys):
+    """Checkpoints whose recorded settings predate --token-init, --hflip, --prompt-templates and
+    --scale-augmentation resume under today's defaults, which are what such a run did; PALP over
+    Custom Diffusion, whose defaults changed since, is refused, naming the settings, and resumes
+    with the old ones given."""
+    import json
+
+    from palp.steps.checkpoints import BEFORE_SETTINGS
+
+    cd = ["--personalize", "custom-diffusion"]
+    for extra, refused in (([], None), (cd, "scale_augmentation, token_init")):
+        out = tmp_path / ("cd" if extra else "lora")
+
+        def argv(*more, steps):
+            args = train_args(cat_images, out, *extra, *more, steps=steps)
+            return [a for i, a in enumerate(args) if not (extra and "--lora-rank" in args[i - 1: i + 1])]
+
+        assert main(argv("--checkpoint-every", "1", steps=2)) == 0
+        recorded = out / "checkpoints" / "config.json"
+        settings = json.loads(recorded.read_text())
+        now = {k: settings.pop(k) for k in BEFORE_SETTINGS}
+        assert now == (BEFORE_SETTINGS if refused is None else {**BEFORE_SETTINGS, "token_init": "rare", "scale_augmentation": True})
+        recorded.write_text(json.dumps(settings))  # as a run from before these settings recorded itself
+        if refused is None:
+            assert main(argv("--resume", steps=3)) == 0
+            continue
+        assert main(argv("--resume", steps=3)) == 2
+        assert f"settings differ from the checkpointed run in {refused}" in capsys.readouterr().err
+        assert main(argv("--token-init", "class", "--scale-augmentation", "off", "--resume", steps=3)) == 0
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(cat_images, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(train_args(cat_images, out, "--lr", "1e30", "--max-grad-norm", "0", "--checkpoint-every", "1", steps=20))

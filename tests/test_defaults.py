@@ -112,3 +112,18 @@ def test_the_train_components_own_defaults_are_the_librarys():
     assert {n: own[n] for n in zero_for_none} == dict.fromkeys(zero_for_none, 0) and all(_default(T, n) is None for n in zero_for_none)
     same = {n: v for n, v in own.items() if n not in zero_for_none}
     assert same == {n: _default(T, n) for n in same} and {"lam", "alpha", "beta"} <= set(same)
+
+
+def test_help_shows_each_default_once(capsys):
+    """`palp train --help`: a flag whose help states its default is not given "(default: None)"
+    after it; a flag with a plain default shows it."""
+    import pytest
+
+    from palp.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out
+    assert "(default: class; rare for" in out  # --token-init, which states its own
+    assert "(default: 100)" in out  # --checkpoint-every

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from palp.core.prompts import RARE_INIT_WORDS
+from palp.core.prompts import RARE_INIT_TOKENS
 from palp.core.settings import ConfigError, Subject, TrainConfig
 from palp.method.step_inputs import setup_model
 from palp.models.base_model import load_base_model
@@ -20,16 +20,17 @@ def cfg_of(subjects=None, target_prompt="A sketch of [V] in Paris at night", **k
 
 
 def test_defaults_follow_the_personalization_and_bad_words_are_refused():
-    assert RARE_INIT_WORDS == ("ktn", "pll", "ucd")  # the diffusers example's --initializer_token ktn+pll+ucd
+    assert RARE_INIT_TOKENS == ("ktn", "pll", "ucd</w>")  # the rows Custom Diffusion's code copies
     assert cfg_of(method="custom-diffusion").token_init == "rare"
     assert cfg_of(method="palp", personalize="custom-diffusion").token_init == "rare"
     for method in ("palp", "ti-db", "sds", "nfsd", "p-plus", "neti"):
         assert cfg_of(method=method).token_init == "class", method
     assert cfg_of(method="custom-diffusion", token_init="class").init_words == {"[V]": "cat"}
     assert cfg_of(method="palp", token_init="rare").init_words == {"[V]": "ktn"}
+    assert cfg_of(method="palp", token_init="<v>").init_words == {"[V]": "<v>"}  # a word, read by the BPE
     four = [Subject(f"[V{i}]", "unused", "dog") for i in range(1, 5)]
     assert cfg_of(four, "[V1], [V2], [V3] and [V4]", method="custom-diffusion").init_words == {
-        "[V1]": "ktn", "[V2]": "pll", "[V3]": "ucd", "[V4]": "ktn"}  # one per subject, in turn
+        "[V1]": "ktn", "[V2]": "pll", "[V3]": "ucd</w>", "[V4]": "ktn"}  # one per subject, in turn
     assert cfg_of(TWO, "[V1] and [V2]", token_init="teddy bear").init_words == {"[V1]": "teddy bear", "[V2]": "teddy bear"}
     for bad in ("", " cat", "[V]", "   "):
         with pytest.raises(ConfigError, match="--token-init must be class, rare or a word"):
@@ -45,12 +46,17 @@ def _embedding_rows(base, pieces: list[str]) -> torch.Tensor:
 
 @pytest.mark.parametrize("personalize", ["custom-diffusion", "lora-token", "p-plus", "neti"])
 def test_each_token_starts_from_its_word(tiny_dir, personalize):
-    """Two subjects under Custom Diffusion's rare words: [V1] starts from "ktn" (CLIP's BPE: "k" +
-    "tn</w>", their mean), [V2] from "pll</w>"; with a given word, both from it. For P+ every layer's
-    token starts there, for NeTI the mapper's output norm is that embedding's."""
-    want = {"rare": [["k", "tn</w>"], ["pll</w>"]], "dog": [["dog</w>"], ["dog</w>"]], "class": [["cat</w>"], ["cup</w>"]]}
+    """Two subjects under Custom Diffusion's rare tokens: [V1] starts from CLIP's vocabulary entry 42170
+    ("ktn"), [V2] from 47629 ("pll"), the rows its code copies (not the BPE's reading of the words,
+    "k" + "tn</w>" and "pll</w>"); with a given word, both from the BPE's pieces of it ("<v>", the
+    placeholder tokens' own spelling, included: it is read before they exist). For P+ every
+    layer's token starts there, for NeTI the mapper's output norm is that embedding's."""
+    want = {"rare": [["ktn"], ["pll"]], "dog": [["dog</w>"], ["dog</w>"]], "class": [["cat</w>"], ["cup</w>"]],
+            "<v>": [["<</w>", "v</w>", "></w>"]] * 2}
     for token_init, pieces in want.items():
         base = load_base_model("tiny")
+        if token_init == "rare":
+            assert base.tokenizer.convert_tokens_to_ids(["ktn", "pll", "ucd</w>"]) == [42170, 47629, 43514]
         expected = torch.stack([_embedding_rows(base, p) for p in pieces])
         cfg = cfg_of(TWO, "A sketch of [V1] and [V2] in Paris", method="palp", personalize=personalize,
                      token_init=token_init)

@@ -326,7 +326,8 @@ def test_report_pairs_palp_over_each_personalization_with_it_alone(tmp_path):
     spec = importlib.util.spec_from_file_location("toy_report", REPO / "evaluation/toyworld/experiment_tables.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    found = {"ti-db": 0, "neti": 0, "palp+neti": 2, "p-plus": 1, "palp+p-plus": 3, "custom-diffusion": 0, "palp": 3}
+    found = {"ti-db": 0, "neti": 0, "palp+neti": 2, "p-plus": 1, "palp+p-plus": 3, "custom-diffusion": 0, "palp": 3,
+             "sds+neti": 1}
     rows = [{"subject": subject, "prompt": "p1", "method": m, "step": 100, "run": f"{subject}{m}",
              **{e: float(i < k) for i, e in enumerate(report.ELEMENTS)}, "Judge: class": 1.0, "Judge: identity": 0.5,
              "Target prompt": 0.2}
@@ -334,8 +335,9 @@ def test_report_pairs_palp_over_each_personalization_with_it_alone(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "scores.csv", index=False)
     report.main(["--scores", str(tmp_path / "scores.csv"), "--out", str(tmp_path / "out")])
     summary = json.loads((tmp_path / "out/summary.json").read_text())
-    assert list(summary["table2"]) == ["ti-db", "palp", "custom-diffusion", "p-plus", "palp+p-plus", "neti", "palp+neti"]
-    assert set(summary["paired_own"]) == {"palp+neti", "palp+p-plus"}  # no palp+custom-diffusion ran
+    assert list(summary["table2"]) == ["ti-db", "palp", "custom-diffusion", "p-plus", "palp+p-plus", "neti", "palp+neti",
+                                       "sds+neti"]
+    assert set(summary["paired_own"]) == {"palp+neti", "palp+p-plus"}  # no palp+custom-diffusion ran; SDS is no PALP
     assert summary["paired_own"]["palp+neti"]["Elements found"] == pytest.approx([2 / 3] * 3)
     assert summary["paired_own"]["palp+p-plus"]["Elements found"] == pytest.approx([2 / 3] * 3)
     assert summary["paired"]["palp+p-plus"]["Elements found"] == pytest.approx([1.0] * 3)  # against TI+DB

@@ -188,7 +188,7 @@ def test_resume_with_changed_method_is_refused(cat_images, tmp_path, capsys):
     out = tmp_path / "run"
     _train(cat_images, out, "--checkpoint-every", "1", steps=2)
     assert main(train_args(cat_images, out, "--method", "sds", "--resume", steps=4)) == 2
-    assert "settings differ from the checkpointed run in method" in capsys.readouterr().err
+    assert 'settings differ from the checkpointed run in method ("palp" -> "sds")' in capsys.readouterr().err
     assert main(train_args(cat_images, out, steps=4)) == 2  # no silent overwrite either
     assert "already holds a finished run" in capsys.readouterr().err
 
@@ -203,7 +203,7 @@ def test_a_run_checkpointed_before_newer_settings_resumes(cat_images, tmp_path, 
     from palp.steps.checkpoints import BEFORE_SETTINGS
 
     cd = ["--personalize", "custom-diffusion"]
-    for extra, refused in (([], None), (cd, "scale_augmentation, token_init")):
+    for extra, refused in (([], None), (cd, 'scale_augmentation (false -> true), token_init ("class" -> "rare")')):
         out = tmp_path / ("cd" if extra else "lora")
 
         def argv(*more, steps):

@@ -89,8 +89,9 @@ PERSONALIZATION_DEFAULTS = {
                                             "at random with 'very small'/'zoomed in' phrases, the loss on the image's region; the "
                                             "diffusers example's CustomDiffusionDataset(aug=True), its default"),
         "token_init": Default("rare", "Custom Diffusion (Kumari et al. 2023): the modifier token V* is initialised with a "
-                                      "rarely occurring token embedding; the diffusers example's --initializer_token "
-                                      "ktn+pll+ucd, one word per modifier token"),
+                                      "rarely occurring token embedding; its code copies CLIP's vocabulary entries 42170, "
+                                      "47629, 43514 (ktn, pll, ucd</w>), one per modifier token (the diffusers example's "
+                                      "--initializer_token ktn+pll+ucd)"),
     },
     "p-plus": {
         "lr": Default(5e-3, "P+ (Voynov et al. 2023), Sec. 5: learning rate 5e-3, as Textual Inversion"),

@@ -231,19 +231,25 @@ def training_prompts(personalization_prompt: str, placeholder: str, templates: s
     return [t.format(placeholder) for t in PROMPT_TEMPLATES[templates]]
 
 
-# --token-init rare: Custom Diffusion's rarely used words, the initial embeddings of its modifier
-# tokens (its reference trainer's --initializer_token ktn+pll+ucd), one per subject in turn.
-RARE_INIT_WORDS = ("ktn", "pll", "ucd")
+class VocabularyEntry(str):
+    """A token of CLIP's vocabulary taken as it is (its one embedding row), not a word for the BPE
+    to read: "ktn" is the entry 42170, while the word "ktn" reads as "k" + "tn</w>"."""
+
+
+# --token-init rare: Custom Diffusion's rarely used tokens, the initial embeddings of its modifier
+# tokens: the vocabulary entries its code copies (ids 42170, 47629, 43514 of CLIP's vocabulary;
+# the diffusers example's --initializer_token ktn+pll+ucd), one per subject in turn.
+RARE_INIT_TOKENS = (VocabularyEntry("ktn"), VocabularyEntry("pll"), VocabularyEntry("ucd</w>"))
 
 
 def token_init_words(token_init: str, class_words: Mapping[str, str]) -> dict[str, str]:
-    """{placeholder: the word its token's embedding starts from} for ``--token-init``: ``class``
-    (each subject's class word), ``rare`` (RARE_INIT_WORDS, one per subject in the order given,
-    from the first again after the third) or one word for every subject."""
+    """{placeholder: the word (or VocabularyEntry) its token's embedding starts from} for
+    ``--token-init``: ``class`` (each subject's class word), ``rare`` (RARE_INIT_TOKENS, one per
+    subject in the order given, from the first again after the third) or one word for every subject."""
     if token_init == "class":
         return dict(class_words)
     if token_init == "rare":
-        return {p: RARE_INIT_WORDS[i % len(RARE_INIT_WORDS)] for i, p in enumerate(class_words)}
+        return {p: RARE_INIT_TOKENS[i % len(RARE_INIT_TOKENS)] for i, p in enumerate(class_words)}
     return {p: token_init for p in class_words}
 
 

@@ -273,7 +273,7 @@ class TrainConfig:
                                              "--personalize neti, as NeTI trains)")
     token_init: str | None = flag(None, section=METHOD, metavar="WORD",
                                   help="the word each placeholder token's embedding starts from: class (its subject's class "
-                                       "word), rare (Custom Diffusion's rarely used words ktn, pll, ucd, one per subject in "
+                                       "word), rare (Custom Diffusion's rarely used tokens ktn, pll, ucd, one per subject in "
                                        "turn) or any word, for every subject (default: class; rare for --personalize "
                                        "custom-diffusion, as Custom Diffusion trains)")
     steps: int | None = flag(None, section=OPTIMISATION,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from palp.core.prompts import placeholder_token
+from palp.core.prompts import VocabularyEntry, placeholder_token
 from palp.core.settings import LORA_TARGET_SETS
 from palp.models.lora_gate import LoraGate
 
@@ -45,29 +45,40 @@ class PlaceholderEmbedding(nn.Module):
         return torch.where(is_new, new.to(old.dtype), old)  # (B, L, D)
 
 
+def _init_ids(tokenizer, word: str) -> list[int]:
+    """The token ids a placeholder's embedding starts from: a VocabularyEntry's own, or the BPE's
+    reading of a word; ValueError when the tokenizer has no such entry or reads nothing."""
+    if isinstance(word, VocabularyEntry):
+        found = tokenizer.convert_tokens_to_ids(str(word))
+        if found is None or found == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no token {str(word)!r} to start the placeholder from; "
+                             f"use --token-init class or a word")
+        return [found]
+    word_ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not word_ids:
+        raise ValueError(f"the tokenizer reads no token in {word!r}; start the placeholder token from another word")
+    return word_ids
+
+
 def add_placeholder_tokens(tokenizer, text_encoder, init_words: dict[str, str]) -> dict[str, int]:
     """Add one token per placeholder, its embedding initialised from its word in ``init_words``
     (its class word unless --token-init says otherwise).
 
-    A word of several tokens ("teddy bear", or "ktn": CLIP's BPE reads it as "k" + "tn")
-    initialises from the mean of its tokens. Returns {placeholder: token id}.
+    A word of several tokens ("teddy bear") initialises from the mean of its tokens; a
+    ``VocabularyEntry`` (--token-init rare) from its own row. Returns {placeholder: token id}.
     """
     tokens = [placeholder_token(p) for p in init_words]
     clash = [t for t in tokens if t in tokenizer.get_vocab()]
     if clash:
         raise ValueError(f"tokens {clash} are already in the tokenizer; load a base model without them")
+    init_ids = [_init_ids(tokenizer, word) for word in init_words.values()]  # read before the new tokens exist
     first_id = len(tokenizer)
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
     if ids != list(range(first_id, first_id + len(tokens))):
         raise RuntimeError(f"placeholder tokens got ids {ids}, expected consecutive ids from {first_id}")
     base = text_encoder.get_input_embeddings()
-    init = []
-    for word in init_words.values():
-        word_ids = tokenizer(word, add_special_tokens=False).input_ids
-        if not word_ids:
-            raise ValueError(f"the tokenizer reads no token in {word!r}; start the placeholder token from another word")
-        init.append(base.weight[word_ids].detach().float().mean(0))
+    init = [base.weight[word_ids].detach().float().mean(0) for word_ids in init_ids]
     emb = PlaceholderEmbedding(base, first_id, torch.stack(init))
     text_encoder.set_input_embeddings(emb)
     return dict(zip(init_words, ids))

@@ -100,6 +100,11 @@ def recorded_setting(out: Path, key: str):
     return (recorded_settings(out) or {}).get(key)
 
 
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def record_config(out: Path, config: dict, *, resume: bool) -> None:
     """Write the run's settings; on --resume, check they match the checkpoints' run."""
     path = out / DIR / "config.json"
@@ -112,10 +117,9 @@ def record_config(out: Path, config: dict, *, resume: bool) -> None:
             old.setdefault(key, before)
         changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
         if changed:
-            raise ConfigError(
-                f"--resume: settings differ from the checkpointed run in {', '.join(changed)}; "
-                f"use the same settings or a new --output"
-            )
+            shown = ", ".join(f"{k} ({_short(old.get(k))} -> {_short(new.get(k))})" for k in changed)
+            raise ConfigError(f"--resume: settings differ from the checkpointed run in {shown}; "
+                              f"use the same settings or a new --output")
     atomic_write_json(path, config)
 
 

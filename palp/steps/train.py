@@ -682,8 +682,8 @@ def _report_notes(cfg: TrainConfig) -> list[str]:
     notes = []
     if cfg.token_init != "class":
         words = ", ".join(f"{p} from '{w}'" for p, w in cfg.init_words.items())
-        notes.append(f"Token initialisation ({cfg.token_init}): each placeholder's embedding starts from another word "
-                     f"than its class word: {words}.")
+        notes.append(f"Token initialisation (--token-init {cfg.token_init}): each placeholder's embedding starts "
+                     f"from a chosen token, not its class word: {words}.")
     if cfg.hflip > 0:
         notes.append(f"Horizontal flips: each row's photo is mirrored left-right with probability {cfg.hflip:g}.")
     if cfg.prompt_templates != "none":

@@ -184,6 +184,18 @@ def test_v2_architectures_have_the_stated_sizes():
     assert te.get_input_embeddings().weight.numel() * 4 < 20 * 10**6  # one file under 20 MB
 
 
+def _script(name: str):
+    """evaluation/toyworld/NAME.py as a module (beside the pretraining modules it imports)."""
+    import importlib.util
+
+    pretrain_script()
+    path = Path(__file__).resolve().parents[1] / "evaluation/toyworld" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"toy_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_v2_pretraining_runs_every_stage_resumes_and_exports(tmp_path, capsys, monkeypatch):
     import torch
     from diffusers import StableDiffusionPipeline
@@ -205,6 +217,17 @@ def test_v2_pretraining_runs_every_stage_resumes_and_exports(tmp_path, capsys, m
                                                    requires_safety_checker=False)
     image = pipe(f"A sketch of {w2.NAMES[0]}", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+    # The preview of the UNet in training: its checkpoint's EMA weights, read by the judge.
+    preview = _script("preview_v2")
+    preview.main(["--work", str(work), "--instances", "2", "--samples", "1", "--steps", "2"])
+    from PIL import Image
+
+    sheet = Image.open(work / "preview" / "preview-000002.png")
+    assert sheet.size == (150 + 4 * 64, 26 + 2 * 64)  # a column per prompt, a row per instance and sample
+    shown = json.loads((work / "preview" / "preview-000002.json").read_text())
+    assert shown["unet_step"] == 2 and len(shown["records"]) == 2 * len(preview.COMBOS)
+    assert shown["records"][0]["prompt"].startswith(f"A photo of {w2.NAMES[0]}")
+    assert 0 <= shown["means"]["identity"] <= 1 and 0 < shown["means"]["identity_chance"] < 1
     # Each stage resumes from its checkpoint.
     capsys.readouterr()
     for stage in ("vae", "judge", "clip", "unet"):

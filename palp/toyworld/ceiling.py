@@ -78,14 +78,17 @@ def load_vae():
     return AutoencoderKL.from_pretrained(str(weights_dir("sd")), subfolder="vae").eval()
 
 
-def unit_ceiling(judge, vae, subject: str, truth: dict, prompt: str, *, n: int = RENDERS, seed: int = 0) -> UnitCeiling:
+def unit_ceiling(judge, vae, subject: str, truth: dict, prompt: str, *, n: int = RENDERS, seed: int = 0,
+                 render=None) -> UnitCeiling:
     """The judge's identity and class on ``n`` clean renders of the unit and on their VAE round
-    trips, against ``truth`` (:func:`palp.toyworld.judge.truth_identity`'s form)."""
-    from palp.toyworld.render import render_array
+    trips, against ``truth`` (:func:`palp.toyworld.judge.truth_identity`'s form). ``render``: a
+    scene's (H, W, 3) image (default: the shipped world's, ``palp.toyworld.render.render_array``)."""
+    if render is None:
+        from palp.toyworld.render import render_array as render
 
     identity = Identity(truth["class"], truth["color"], truth["pattern"], truth["pattern_color"], truth["accessory"])
     scenes = unit_scenes(identity, prompt, n, seed)
-    clean = [render_array(s) for s in scenes]
+    clean = [render(s) for s in scenes]
     style = scenes[0].style
     means = {}
     for name, images in (("clean", clean), ("vae", vae_round_trip(vae, clean))):

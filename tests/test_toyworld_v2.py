@@ -228,6 +228,12 @@ def test_v2_pretraining_runs_every_stage_resumes_and_exports(tmp_path, capsys, m
     assert shown["unet_step"] == 2 and len(shown["records"]) == 2 * len(preview.COMBOS)
     assert shown["records"][0]["prompt"].startswith(f"A photo of {w2.NAMES[0]}")
     assert 0 <= shown["means"]["identity"] <= 1 and 0 < shown["means"]["identity_chance"] < 1
+    # Every unit's ceiling with the v2 judge and VAE (here barely trained: only the table's shape).
+    ceiling = _script("ceiling_v2")
+    assert ceiling.main(["--work", str(work), "--held-out", "1", "--renders", "2", "--out", str(tmp_path / "c.md")]) == 0
+    rows = [line for line in (tmp_path / "c.md").read_text().splitlines() if line.startswith("| ") and "[V]" in line]
+    assert len(rows) == (6 + 1) * len(ceiling.prompts()) == 7 * 15
+    assert ceiling.main(["--work", str(tmp_path / "empty")]) == 2
     # Each stage resumes from its checkpoint.
     capsys.readouterr()
     for stage in ("vae", "judge", "clip", "unet"):

@@ -174,6 +174,25 @@ def test_v2_patterns_are_coarse():
     assert widths and np.median(widths) >= 8, widths
 
 
+def test_v2_subject_photos_are_v2_renders_of_the_held_out_composites(tmp_path):
+    """``python -m palp.toyworld.v2.world --out DIR --held-out K``: v1's six and K held-out
+    subjects, each photo the v2 renderer's image of its training scene, the truth beside it."""
+    from PIL import Image
+
+    from palp.toyworld.v2.render import render_array
+    from palp.toyworld.world import PERSONAL_SUBJECTS
+
+    subjects = (PERSONAL_SUBJECTS[0], *w2.held_out_subjects(1))
+    w2.write_subjects(tmp_path, 2, subjects)
+    for s in subjects:
+        assert w2.is_held_out(s.identity)
+        scenes = w2.subject_training_scenes(s, 2)
+        for i, scene in enumerate(scenes):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / s.name / f"{i:02d}.png")), render_array(scene))
+        truth = json.loads((tmp_path / f"{s.name}.json").read_text())
+        assert truth["identity"]["cls"] == s.identity.cls and truth["class_word"] == s.identity.cls
+
+
 def test_v2_architectures_have_the_stated_sizes():
     v2 = sys.modules.get("pretrain_v2") or (pretrain_script() and sys.modules["pretrain_v2"])
     unet, te = v2.build_unet(), v2.build_text_encoder()

@@ -109,10 +109,13 @@ def subject_training_scenes(subject: PersonalSubject, n: int = 4, seed: int = 0)
     return [Scene(subject.identity, "photo", "plain", "day", seed=rng.randrange(2**31)) for _ in range(n)]
 
 
-def write_subjects(out_dir, n: int = 4, subjects=PERSONAL_SUBJECTS) -> list:
+def write_subjects(out_dir, n: int = 4, subjects=PERSONAL_SUBJECTS, *, scenes=None, render=None) -> list:
     """Render each personal subject's training photos to ``out_dir/NAME/NN.png``, atomically,
     with its ground truth in ``out_dir/NAME.json`` (beside the folder: a subject folder holds
-    only images)."""
+    only images). ``scenes(subject, n)`` and ``render(scene)``: the world's (default: this one's,
+    :func:`subject_training_scenes` and ``palp.toyworld.render.render_array``)."""
+    scenes = scenes or subject_training_scenes
+    render = render or render_array
     import json
     from dataclasses import asdict
     from pathlib import Path
@@ -126,8 +129,8 @@ def write_subjects(out_dir, n: int = 4, subjects=PERSONAL_SUBJECTS) -> list:
     written = []
     for subject in subjects:
         with atomic_directory(out_dir / subject.name, replace=True) as tmp:
-            for i, scene in enumerate(subject_training_scenes(subject, n)):
-                Image.fromarray(render_array(scene)).save(tmp / f"{i:02d}.png")
+            for i, scene in enumerate(scenes(subject, n)):
+                Image.fromarray(render(scene)).save(tmp / f"{i:02d}.png")
         truth = {"name": subject.name, "identity": asdict(subject.identity), "class_word": subject.identity.cls}
         (out_dir / f"{subject.name}.json").write_text(json.dumps(truth, indent=2) + "\n")
         written.append(out_dir / subject.name)

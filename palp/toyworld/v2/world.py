@@ -396,3 +396,25 @@ def judge_accuracy(judge, n: int = 2000, seed: int = 12345, *, held_out: bool = 
         images = vae_round_trip(vae, images)
     preds = predict(judge, images)
     return accuracy_per_attribute(scenes, preds)
+
+
+def write_subjects(out_dir, n: int = 4, subjects=PERSONAL_SUBJECTS) -> list:
+    """v1's ``write_subjects`` with v2's photos (:func:`subject_training_scenes`, v2's renderer):
+    ``out_dir/NAME/NN.png`` and the ground truth ``out_dir/NAME.json``."""
+    from palp.toyworld import world as v1
+    from palp.toyworld.v2.render import render_array
+
+    return v1.write_subjects(out_dir, n, subjects, scenes=subject_training_scenes, render=render_array)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Render world v2's personal subjects' photos: v1's six (the development "
+                                             "set) and --held-out more, drawn from the held-out composites.")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("-n", type=int, default=4, help="photos per subject")
+    ap.add_argument("--held-out", type=int, default=0, help="held-out subjects besides v1's six")
+    args = ap.parse_args()
+    for path in write_subjects(args.out, args.n, (*PERSONAL_SUBJECTS, *held_out_subjects(args.held_out))):
+        print(path)

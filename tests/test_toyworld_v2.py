@@ -257,7 +257,9 @@ def test_v2_pretraining_runs_every_stage_resumes_and_exports(tmp_path, capsys, m
     capsys.readouterr()
     for stage in ("vae", "judge", "clip", "unet"):
         pretrain.main([stage, "--work", str(work), *small, f"--{stage}-steps", "3"])
-        assert f"resumed {stage}.ckpt at step 2" in capsys.readouterr().out
+        said = capsys.readouterr()
+        assert f"resumed {stage}.ckpt at step 2" in said.out
+        assert f"[v2] {stage}: its checkpoint was trained with other settings ({stage}_steps 2 -> 3)" in said.err
     history = json.loads((work / "recipe.json").read_text())["history"]
     assert [(h["stage"], h["from_step"], h["to_step"]) for h in history[-4:]] == [
         ("vae", 2, 3), ("judge", 2, 3), ("clip", 2, 3), ("unet", 2, 3)]

@@ -33,6 +33,7 @@ import functools
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from types import MappingProxyType
@@ -440,6 +441,11 @@ def main(argv=None):
             raise SystemExit(f"{args.work} holds no v2 data set (names.json); run the data stage with --world v2 first")
         settings = cfg.stage_settings(s)
         if settings:
+            before = pretrain_state._read_recipe(args.work).get("stages", {}).get(s, {}).get("settings")
+            if before and before != settings and (args.work / f"{s}.ckpt").exists():
+                changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v)
+                print(f"[v2] {s}: its checkpoint was trained with other settings ({changed}); it goes on with the new "
+                      f"ones, and its learning-rate schedule follows them from here", file=sys.stderr, flush=True)
             record(args.work, s, settings=settings, device=str(cfg.device))
         print(f"[v2] stage {s}", flush=True)
         if s == "export":

@@ -52,8 +52,10 @@ RESUMABLE_CHANGES = {"steps", "save_steps", "checkpoint_every", "checkpoints_tot
 
 
 # What a run checkpointed before a setting existed did: its value then (a run that differs from
-# it now, as Custom Diffusion's new defaults do, is still refused, naming the setting).
-BEFORE_SETTINGS = {"token_init": "class", "hflip": 0.0, "prompt_templates": "none", "scale_augmentation": False}
+# it now, as Custom Diffusion's new defaults do, is still refused, naming the setting). Before
+# --personalize a run trained LoRA + [V]; before SDXL support, Stable Diffusion 1.x/2.x.
+BEFORE_SETTINGS = {"personalize": "lora-token", "model_family": "sd", "token_init": "class", "hflip": 0.0,
+                   "prompt_templates": "none", "scale_augmentation": False}
 
 
 def _step_dirs(out: Path) -> list[Path]:
@@ -111,8 +113,6 @@ def record_config(out: Path, config: dict, *, resume: bool) -> None:
     if resume and path.exists():
         old = recorded_settings(out)
         new = json.loads(json.dumps(config, default=str))
-        old.setdefault("personalize", "lora-token")  # a run from before --personalize trained LoRA + [V]
-        old.setdefault("model_family", "sd")  # a run from before SDXL support trained Stable Diffusion 1.x/2.x
         for key, before in BEFORE_SETTINGS.items():
             old.setdefault(key, before)
         changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))

@@ -13,6 +13,7 @@ three (place, time) settings. Needs the vae and judge stages of ``pretrain.py --
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -30,14 +31,11 @@ def prompts() -> list[str]:
 
 def subjects(held_out: int) -> list[tuple[str, dict]]:
     """(name, truth) of the development subjects, then of ``held_out`` held-out composites."""
+    from palp.toyworld.judge import truth_identity
     from palp.toyworld.v2.world import held_out_subjects
     from palp.toyworld.world import PERSONAL_SUBJECTS
 
-    def truth(identity) -> dict:
-        return {"class": identity.cls, "color": identity.color, "pattern": identity.pattern,
-                "pattern_color": identity.pattern_color, "accessory": identity.accessory}
-
-    return [(s.name, truth(s.identity)) for s in (*PERSONAL_SUBJECTS, *held_out_subjects(held_out))]
+    return [(s.name, truth_identity(dataclasses.asdict(s.identity))) for s in (*PERSONAL_SUBJECTS, *held_out_subjects(held_out))]
 
 
 def main(argv=None) -> int:

@@ -47,14 +47,14 @@ def load_data(work: Path):
     return d["images"], d["labels"], captions
 
 
-def _read_recipe(work: Path) -> dict:
+def read_recipe(work: Path) -> dict:
     path = work / "recipe.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def record(work: Path, stage: str, **info):
     """Add ``info`` to recipe.json's entry for ``stage`` (and say which hardware ran it)."""
-    recipe = _read_recipe(work)
+    recipe = read_recipe(work)
     recipe.setdefault("stages", {}).setdefault(stage, {}).update(info)
     recipe["hardware"] = f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}" + (
         f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
@@ -63,7 +63,7 @@ def record(work: Path, stage: str, **info):
 
 
 def _history(work: Path, entry: dict):
-    recipe = _read_recipe(work)
+    recipe = read_recipe(work)
     recipe.setdefault("history", []).append(entry)
     write_json(work / "recipe.json", recipe)
 

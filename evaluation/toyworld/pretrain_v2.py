@@ -441,7 +441,7 @@ def main(argv=None):
             raise SystemExit(f"{args.work} holds no v2 data set (names.json); run the data stage with --world v2 first")
         settings = cfg.stage_settings(s)
         if settings:
-            before = pretrain_state._read_recipe(args.work).get("stages", {}).get(s, {}).get("settings")
+            before = pretrain_state.read_recipe(args.work).get("stages", {}).get(s, {}).get("settings")
             if before and before != settings and (args.work / f"{s}.ckpt").exists():
                 changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v)
                 print(f"[v2] {s}: its checkpoint was trained with other settings ({changed}); it goes on with the new "

@@ -15,6 +15,7 @@ The pretraining itself is not touched (it may go on beside this, on other cores)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -58,6 +59,7 @@ def load_pipeline(work: Path):
 def prompts_and_truths(instances: int, seed: int = 0):
     """[(instance name, its composite as the judge's attributes, [(combo, caption)...])...]:
     instances spread over the 300, each in :data:`COMBOS`, captioned by name as pretraining does."""
+    from palp.toyworld.judge import truth_identity
     from palp.toyworld.scene import Scene
     from palp.toyworld.v2.world import NamedScene, named_instances
 
@@ -67,8 +69,7 @@ def prompts_and_truths(instances: int, seed: int = 0):
     out = []
     for inst in picked:
         ident = inst.identity
-        truth = {"class": ident.cls, "color": ident.color, "pattern": ident.pattern, "pattern_color": ident.pattern_color,
-                 "accessory": ident.accessory}
+        truth = truth_identity(dataclasses.asdict(ident))
         captions = [(combo, NamedScene(Scene(ident, *combo, seed=rng.randrange(2**31)), name=inst.name, form="name").caption())
                     for combo in COMBOS]
         out.append((inst.name, truth, ident, captions))

@@ -387,3 +387,65 @@ def test_the_gpu_hand_off_trains_the_unet_elsewhere_and_exports_here(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "weights" / "sd", safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
     assert pipe.unet.config.cross_attention_dim == 96
+
+
+def test_v2_kept_checkpoints_resume_on_a_fresh_folder_as_if_never_moved(tmp_path, monkeypatch, capsys):
+    """``keep`` (safetensors shards and a JSON skeleton, no pickle) and ``restore`` into an empty
+    folder give back each checkpoint value for value and type for type; the data stage renders
+    the data again there, and training goes on to the weights of a run that never moved."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    pretrain = pretrain_script()
+    state = sys.modules["pretrain_state"]
+    monkeypatch.setattr(state, "KEEP_SHARD_BYTES", 20_000)  # several shards, and tensors bigger than one
+    args = ["--world", "v2", "--n-train", "32", "--vae-batch", "2", "--judge-batch", "2", "--judge-eval-n", "4"]
+    a, b, kept = tmp_path / "a", tmp_path / "b", tmp_path / "kept"
+    for stage in ("data", "vae", "judge"):
+        pretrain.main([stage, "--work", str(a), *args, "--vae-steps", "2", "--judge-steps", "2"])
+    pretrain.main(["keep", "--work", str(a), "--kept", str(kept), "--world", "v2"])
+    files = sorted(p.name for p in kept.iterdir())
+    assert {"recipe.json", "names.json", "vae.ckpt.json", "judge.ckpt.json"} <= set(files)
+    assert sum(f.startswith("vae.ckpt.") and f.endswith(".safetensors") for f in files) > 1
+    assert all(f.endswith((".json", ".safetensors")) for f in files)
+    pretrain.main(["restore", "--work", str(b), "--kept", str(kept), "--world", "v2"])
+    assert "restored" in capsys.readouterr().out
+    for name in ("vae.ckpt", "judge.ckpt"):
+        before = torch.load(a / name, weights_only=True)
+        after = torch.load(b / name, weights_only=True)
+
+        def same(x, y, where):
+            assert type(x) is type(y), where
+            if isinstance(x, torch.Tensor):
+                assert x.dtype == y.dtype and torch.equal(x, y), where
+            elif isinstance(x, dict):
+                assert list(x) == list(y), where
+                for k in x:
+                    same(x[k], y[k], f"{where}/{k}")
+                assert getattr(x, "_metadata", None) == getattr(y, "_metadata", None), where
+            elif isinstance(x, (list, tuple)):
+                assert len(x) == len(y), where
+                for i, (u, v) in enumerate(zip(x, y)):
+                    same(u, v, f"{where}/{i}")
+            else:
+                assert x == y or (x != x and y != y), where
+
+        same(before, after, name)
+    # A second restore leaves what the folder holds.
+    (b / "vae.ckpt").write_bytes((a / "judge.ckpt").read_bytes())
+    pretrain.main(["restore", "--work", str(b), "--kept", str(kept), "--world", "v2"])
+    assert (b / "vae.ckpt").read_bytes() == (a / "judge.ckpt").read_bytes()
+    assert "left as it is" in capsys.readouterr().err
+    (b / "vae.ckpt").unlink()
+    pretrain.main(["restore", "--work", str(b), "--kept", str(kept), "--world", "v2"])
+    # Both folders train on to step 4: the same weights.
+    pretrain.main(["data", "--work", str(b), *args])  # the data, rendered again
+    assert (b / "data.npz").read_bytes() == (a / "data.npz").read_bytes()
+    for work in (a, b):
+        pretrain.main(["vae", "--work", str(work), *args, "--vae-steps", "4"])
+    wa = AutoencoderKL.from_pretrained(a / "vae").state_dict()
+    wb = AutoencoderKL.from_pretrained(b / "vae").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+    with pytest.raises(SystemExit, match="no kept checkpoint"):
+        pretrain.main(["restore", "--work", str(b), "--kept", str(tmp_path / "nothing"), "--world", "v2"])

@@ -13,7 +13,9 @@ import json
 import os
 import pickle
 import random
+import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +169,119 @@ def encode_latents(work: Path, vae, images, dev, vae_steps: int):
     write_json(work / "latents.json", {"vae_steps": vae_steps})
     vae.save_pretrained(work / "vae")
     record(work, "vae", scaling_factor=scaling, reconstruction_psnr_db=round(psnr, 2))
+
+
+# ----------------------------------------------------------------------------- a kept work folder
+#
+# A work folder holds tens of GB of data that the data stage renders again in minutes, and a few
+# checkpoints that took hours. ``keep`` copies what cannot be made again (the checkpoints,
+# recipe.json, names.json) to a folder that can be committed: every checkpoint as safetensors
+# shards below KEEP_SHARD_BYTES with a JSON skeleton of its other values, so no file is a pickle
+# and none is too large for a repository. ``restore`` writes them back into a work folder, where
+# ``all`` renders the data again and goes on from the checkpoints.
+
+KEEP_SHARD_BYTES = 19 * 10**6
+KEPT_FILES = ("recipe.json", "names.json")
+
+
+def _skeleton(obj, path: str, tensors: dict):
+    """``obj`` as JSON, each tensor replaced by its key in ``tensors`` (tuples, lists and dicts
+    with keys that are not strings tagged, so that ``_rebuild`` gives back the same types)."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous().clone()
+        return {"tensor": path}
+    if isinstance(obj, OrderedDict) and all(isinstance(k, str) for k in obj):  # a module's state_dict
+        return {"odict": {"items": {k: _skeleton(v, f"{path}/{k}", tensors) for k, v in obj.items()},
+                          "metadata": getattr(obj, "_metadata", None)}}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"dict": {k: _skeleton(v, f"{path}/{k}", tensors) for k, v in obj.items()}}
+        if all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
+            return {"int_dict": [[k, _skeleton(v, f"{path}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {type(obj).__name__: [_skeleton(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    raise TypeError(f"{path}: a {type(obj).__name__} cannot be kept")
+
+
+def _rebuild(node, tensors: dict):
+    (kind, v), = node.items()
+    if kind == "tensor":
+        return tensors[v]
+    if kind == "dict":
+        return {k: _rebuild(x, tensors) for k, x in v.items()}
+    if kind == "odict":
+        out = OrderedDict((k, _rebuild(x, tensors)) for k, x in v["items"].items())
+        if v["metadata"] is not None:
+            out._metadata = v["metadata"]
+        return out
+    if kind == "int_dict":
+        return {int(k): _rebuild(x, tensors) for k, x in v}
+    if kind in ("list", "tuple"):
+        items = [_rebuild(x, tensors) for x in v]
+        return items if kind == "list" else tuple(items)
+    return v
+
+
+def keep(work: Path, kept: Path) -> list[str]:
+    """Copy ``work``'s checkpoints, recipe.json and names.json to ``kept`` (replacing what it
+    held, atomically); returns the files written."""
+    from safetensors.torch import save
+
+    from palp.core.storage import atomic_directory
+
+    work, kept = Path(work), Path(kept)
+    ckpts = sorted(work.glob("*.ckpt"))
+    if not ckpts:
+        raise SystemExit(f"{work}: no checkpoint (*.ckpt) to keep")
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(kept, replace=True) as tmp:
+        for f in KEPT_FILES:
+            if (work / f).exists():
+                write_bytes(tmp / f, (work / f).read_bytes())
+        for ckpt in ckpts:
+            tensors: dict = {}
+            skeleton = _skeleton(torch.load(ckpt, weights_only=True, map_location="cpu"), "", tensors)
+            shards, size = [{}], 0
+            for key, t in tensors.items():
+                n = t.numel() * t.element_size()
+                if size and size + n > KEEP_SHARD_BYTES:
+                    shards.append({})
+                    size = 0
+                shards[-1][key] = t
+                size += n
+            names = [f"{ckpt.name}.{i:02d}.safetensors" for i in range(len(shards))]
+            for name, shard in zip(names, shards):
+                write_bytes(tmp / name, save(shard))
+            write_text(tmp / f"{ckpt.name}.json", json.dumps({"shards": names, "state": skeleton}))
+    return sorted(p.name for p in kept.iterdir())
+
+
+def restore(kept: Path, work: Path) -> list[str]:
+    """Write the checkpoints, recipe.json and names.json kept in ``kept`` into ``work``; a file
+    ``work`` already holds is left as it is (nothing written there is lost). Returns what it wrote."""
+    from safetensors.torch import load_file
+
+    kept, work = Path(kept), Path(work)
+    skeletons = sorted(kept.glob("*.ckpt.json"))
+    if not skeletons:
+        raise SystemExit(f"{kept}: no kept checkpoint (*.ckpt.json) to restore")
+    work.mkdir(parents=True, exist_ok=True)
+    wrote = []
+    for f in KEPT_FILES:
+        if (kept / f).exists() and not (work / f).exists():
+            write_bytes(work / f, (kept / f).read_bytes())
+            wrote.append(f)
+    for skeleton in skeletons:
+        target = work / skeleton.name[: -len(".json")]
+        if target.exists():
+            print(f"{target} exists: left as it is", file=sys.stderr)
+            continue
+        spec = json.loads(skeleton.read_text())
+        tensors = {}
+        for name in spec["shards"]:
+            tensors.update(load_file(kept / name))
+        save_torch(_rebuild(spec["state"], tensors), target)
+        wrote.append(target.name)
+    return wrote

@@ -20,6 +20,10 @@ Stages, in this order, each resuming from its last checkpoint in ``--work``:
 - ``export``: the diffusers folder (weights sharded below 20 MB a file), open_clip folder, judge
   and recipe.json to ``--out`` (default ``WORK/weights``).
 
+``keep`` and ``restore`` carry the checkpoints between machines (``pretrain_state.keep``):
+``keep`` writes them to ``--kept`` (default ``evaluation/toyworld/v2-state``), ``restore`` puts
+them in a new work folder, where ``all`` renders the data again and goes on.
+
 Unlike v1, every stage draws each step's batch from a generator seeded by the step, so a run
 killed and resumed from a checkpoint trains exactly as one that was never stopped; and it
 checkpoints every few hundred steps and at least every 10 minutes of wall time (``loop``).
@@ -51,6 +55,9 @@ from pretrain_state import encode_latents, load_data, record, save_npz, save_tor
 
 SEED = 100
 STAGES = ("data", "vae", "judge", "clip", "unet", "export")
+# Where ``keep`` puts the checkpoints and records (committed, so that a fresh checkout goes on
+# from them: ``restore``, then ``all``).
+KEPT = Path(__file__).resolve().parent / "v2-state"
 TEXT_HIDDEN = 96
 
 
@@ -415,8 +422,12 @@ assert set(STAGE_RUNNERS) | {"export"} == set(STAGES)
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="pretrain.py --world v2", description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=STAGES + ("all",), help="one stage, or all of them in order")
+    ap.add_argument("stage", choices=STAGES + ("all", "keep", "restore"),
+                    help="one stage, or all of them in order; keep: copy the work folder's checkpoints and "
+                         "records to --kept; restore: write them back into a work folder")
     ap.add_argument("--work", required=True, type=Path, help="working folder (data, checkpoints; resumable)")
+    ap.add_argument("--kept", type=Path, default=KEPT,
+                    help="keep/restore: the folder that holds the checkpoints between machines (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=None, help="where export writes the weights (default: WORK/weights)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="auto", help="auto: cuda where there is a GPU, else cpu; or cpu, cuda, cuda:1...")
@@ -425,6 +436,14 @@ def main(argv=None):
     for k, v in DEFAULTS.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     args = ap.parse_args(argv)
+    if args.stage in ("keep", "restore"):
+        if args.stage == "keep":
+            wrote = pretrain_state.keep(args.work, args.kept)
+            print(f"[v2] kept {len(wrote)} files in {args.kept}")
+        else:
+            wrote = pretrain_state.restore(args.kept, args.work)
+            print(f"[v2] restored {', '.join(wrote) or 'nothing'} into {args.work}; the data stage renders the data again")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

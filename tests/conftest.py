@@ -22,6 +22,13 @@ _SESSION_CACHE = Path(os.environ.get("PALP_TEST_CACHE", "/tmp/palp-test-cache"))
 os.environ["PALP_CACHE"] = str(_SESSION_CACHE)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Test workers share the cores: each one, and every process it starts, gets its share of torch
+# threads. Two workers each running torch's default (a thread per core) keep four spinning
+# OpenMP pools on two cores, which doubled the CPU time of the same tests. The tests about the
+# default thread count clear OMP_NUM_THREADS for the processes they start.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 
 def pytest_sessionfinish(session, exitstatus):

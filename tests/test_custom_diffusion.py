@@ -426,10 +426,12 @@ def test_pipeline_runs_custom_diffusion_p_plus_and_neti_variants_locally(tmp_pat
     methods = ["custom-diffusion", "palp+custom-diffusion", "p-plus", "neti", "palp+p-plus", "palp+neti"]
     config = yaml.safe_load((REPO / "evaluation/experiments/tiny.yaml").read_text())
     config.update(subjects=[{"name": "cat", "images": str(REPO / "examples/subjects/cat"), "class_word": "cat"}],
-                  methods=methods, train_steps=2, save_steps="2", num_class_images=2, study_forms=1)
+                  methods=methods, train_steps=2, save_steps="2", num_class_images=2, study_forms=1,
+                  reference=False, num_samples=1, sample_steps=2)
     (tmp_path / "cd.yaml").write_text(yaml.safe_dump(config))
+    # --share-cache: the steps build the tiny model once (step isolation: tests/test_cluster_isolation.py)
     assert pipeline_main(["pipeline", "run-local", "--config", str(tmp_path / "cd.yaml"),
-                          "--pipeline-root", str(tmp_path / "root")]) == 0
+                          "--pipeline-root", str(tmp_path / "root"), "--share-cache"]) == 0
     out = capsys.readouterr().out
     assert all(f"| {m} " in out or f"| {m}|" in out for m in methods), out[-3000:]
     run = next((tmp_path / "root").glob("palp-*"))

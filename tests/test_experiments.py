@@ -18,8 +18,17 @@ PAPER_SETTINGS = {"paper_single_shot": "single_shot", "paper_multi_subject": "mu
                   "paper_art_inspired": "art_inspired"}
 
 
+@pytest.fixture()
+def units_checked_elsewhere(monkeypatch):
+    """load_experiment without its judge gate (every committed judged config's units are read by
+    tests/test_judge_units.py, and the refusal of an unreadable unit is tested there too)."""
+    import pipelines.experiment
+
+    monkeypatch.setattr(pipelines.experiment, "check_judged_units", lambda params, path: None)
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.relative_to(REPO).as_posix())
-def test_every_experiment_loads_and_its_header_gives_its_command(path):
+def test_every_experiment_loads_and_its_header_gives_its_command(path, units_checked_elsewhere):
     params = load_experiment(str(path))
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     own = path.relative_to(REPO).as_posix()
@@ -49,14 +58,14 @@ def _prepared_tasks(config: str, tmp_path) -> list[dict]:
     return manifest["tasks"], tmp_path / "prep"
 
 
-def test_the_toy_single_shot_subjects_have_one_photo_each(tmp_path):
+def test_the_toy_single_shot_subjects_have_one_photo_each(tmp_path, units_checked_elsewhere):
     tasks, prep = _prepared_tasks("evaluation/toyworld/single_shot.yaml", tmp_path)
     assert len(tasks) == 4 and {tuple(t["subjects"].values()) for t in tasks} == {("purple-cat",), ("orange-dog",)}
     for name in ("purple-cat", "orange-dog"):
         assert len([p for p in (prep / "subjects" / name).iterdir() if p.suffix == ".png"]) == 1
 
 
-def test_the_toy_compositions_prepare_two_subject_tasks(tmp_path):
+def test_the_toy_compositions_prepare_two_subject_tasks(tmp_path, units_checked_elsewhere):
     (multi,), _ = _prepared_tasks("evaluation/toyworld/multi_subject.yaml", tmp_path / "m")
     assert multi["subjects"] == {"[V1]": "purple-cat", "[V2]": "orange-dog"}
     assert multi["clean_prompt"] == "A watercolour of a cat and a dog on the beach at sunset"

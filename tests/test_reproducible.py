@@ -45,7 +45,9 @@ def test_two_runs_at_the_default_thread_count_are_bit_identical(straight, tmp_pa
     subprocess.run(_cmd(EXAMPLE_CAT, tmp_path / "b"), check=True, cwd=REPO, env=_env())
     assert_identical_runs(straight, tmp_path / "b")
     config = json.loads((straight / CONFIG_FILE).read_text())
-    assert config["deterministic"] is True and config["num_threads"] == torch.get_num_threads()
+    default = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], check=True,
+                             env=_env(), capture_output=True, text=True).stdout  # a fresh process's default
+    assert config["deterministic"] is True and config["num_threads"] == int(default)
 
 
 def test_killed_and_resumed_run_is_bit_identical(straight, tmp_path):

@@ -32,7 +32,7 @@ def two_runs(tmp_path_factory) -> tuple[Path, Path]:
     roots = []
     for name, lr in (("slow", 0.001), ("fast", 0.002)):
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(dict(config, lr=lr)))
-        roots.append(run_local(str(tmp / f"{name}.yaml"), pipeline_root=str(tmp / name)))
+        roots.append(run_local(str(tmp / f"{name}.yaml"), pipeline_root=str(tmp / name), share_cache=True))
     return roots[0], roots[1]
 
 

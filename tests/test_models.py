@@ -58,6 +58,30 @@ def test_load_base_model_from_local_dir(tiny_dir):
     assert float(base.noise_scheduler.alphas_cumprod[0]) == pytest.approx(1 - 0.00085)
 
 
+def test_a_sharded_model_folder_loads_with_the_same_weights(tmp_path, tiny_dir):
+    """save_pretrained with max_shard_size (numbered shards and an index per component) is a
+    Stable Diffusion folder too: palp loads it with the weights of the unsharded one, and pins it."""
+    from diffusers import StableDiffusionPipeline
+
+    from palp.models.base_model import loaded_files
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="100KB")
+    sharded = tmp_path / "sharded"
+    for part in ("unet/diffusion_pytorch_model", "text_encoder/model"):
+        assert not (sharded / f"{part}.safetensors").exists() and (sharded / f"{part}.safetensors.index.json").exists()
+        assert len(list(sharded.glob(f"{part}-*-of-*.safetensors"))) > 1
+    whole, split = load_base_model(str(tiny_dir)), load_base_model(str(sharded))
+    for a, b in ((whole.unet, split.unet), (whole.text_encoder, split.text_encoder), (whole.vae, split.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    files = [p.relative_to(sharded).as_posix() for p in sharded.rglob("*") if p.is_file()]
+    pinned = set(loaded_files(files))
+    assert "unet/diffusion_pytorch_model.safetensors.index.json" in pinned
+    assert {f for f in files if f.startswith("unet/diffusion_pytorch_model-")} <= pinned
+
+
 def test_not_an_sd_layout_names_what_is_missing(tmp_path, tiny_dir):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dir, broken)

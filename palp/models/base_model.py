@@ -32,22 +32,27 @@ from palp.core.cache import cache_root
 from palp.models import tiny
 from palp.toyworld import TOYWORLD_NAME, weights_dir
 
-# What a Stable Diffusion (1.x/2.x) directory must hold, per component.
+# What a Stable Diffusion (1.x/2.x) directory must hold, per component. Weights come whole or
+# sharded (save_pretrained's max_shard_size: numbered shards beside an .index.json naming them).
 SD_LAYOUT = {
     "model_index.json": ("model_index.json",),
     "unet config": ("unet/config.json",),
-    "unet weights": ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"),
+    "unet weights": ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin",
+                     "unet/diffusion_pytorch_model.safetensors.index.json"),
     "vae config": ("vae/config.json",),
-    "vae weights": ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin"),
+    "vae weights": ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
+                    "vae/diffusion_pytorch_model.safetensors.index.json"),
     "text_encoder config": ("text_encoder/config.json",),
-    "text_encoder weights": ("text_encoder/model.safetensors", "text_encoder/pytorch_model.bin"),
+    "text_encoder weights": ("text_encoder/model.safetensors", "text_encoder/pytorch_model.bin",
+                             "text_encoder/model.safetensors.index.json"),
     "tokenizer": ("tokenizer/tokenizer.json", "tokenizer/vocab.json"),
     "scheduler config": ("scheduler/scheduler_config.json",),
 }
 # What an SDXL directory holds beside those: the second text encoder (with projection) and its tokenizer.
 SDXL_LAYOUT = {
     "text_encoder_2 config": ("text_encoder_2/config.json",),
-    "text_encoder_2 weights": ("text_encoder_2/model.safetensors", "text_encoder_2/pytorch_model.bin"),
+    "text_encoder_2 weights": ("text_encoder_2/model.safetensors", "text_encoder_2/pytorch_model.bin",
+                               "text_encoder_2/model.safetensors.index.json"),
     "tokenizer_2": ("tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json"),
 }
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -56,6 +61,11 @@ _HUB_PATTERNS = [
     "model_index.json", "scheduler/*", "tokenizer/*", "unet/config.json", "vae/config.json", "text_encoder/config.json",
     "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
     "tokenizer_2/*", "text_encoder_2/config.json", "text_encoder_2/model.safetensors",  # SDXL's second encoder
+    # sharded weights: the index and its numbered shards (not the fp16/EMA variants' shards)
+    "unet/diffusion_pytorch_model.safetensors.index.json", "unet/diffusion_pytorch_model-*-of-*.safetensors",
+    "vae/diffusion_pytorch_model.safetensors.index.json", "vae/diffusion_pytorch_model-*-of-*.safetensors",
+    "text_encoder/model.safetensors.index.json", "text_encoder/model-*-of-*.safetensors",
+    "text_encoder_2/model.safetensors.index.json", "text_encoder_2/model-*-of-*.safetensors",
 ]
 
 

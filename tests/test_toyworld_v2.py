@@ -236,6 +236,9 @@ def test_v2_pretraining_runs_every_stage_resumes_and_exports(tmp_path, capsys, m
                                                    requires_safety_checker=False)
     image = pipe(f"A sketch of {w2.NAMES[0]}", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+    from palp.models.base_model import load_base_model
+
+    assert load_base_model(str(out / "sd")).unet.config.cross_attention_dim == 96  # palp loads the export as it is
     # The preview of the UNet in training: its checkpoint's EMA weights, read by the judge.
     preview = _script("preview_v2")
     preview.main(["--work", str(work), "--instances", "2", "--samples", "1", "--steps", "2"])

@@ -227,6 +227,7 @@ def _rebuild(node, tensors: dict):
 def keep(work: Path, kept: Path) -> list[str]:
     """Copy ``work``'s checkpoints, recipe.json and names.json to ``kept`` (replacing what it
     held, atomically); returns the files written."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save
 
     from palp.core.storage import atomic_directory
@@ -243,18 +244,11 @@ def keep(work: Path, kept: Path) -> list[str]:
         for ckpt in ckpts:
             tensors: dict = {}
             skeleton = _skeleton(torch.load(ckpt, weights_only=True, map_location="cpu"), "", tensors)
-            shards, size = [{}], 0
-            for key, t in tensors.items():
-                n = t.numel() * t.element_size()
-                if size and size + n > KEEP_SHARD_BYTES:
-                    shards.append({})
-                    size = 0
-                shards[-1][key] = t
-                size += n
-            names = [f"{ckpt.name}.{i:02d}.safetensors" for i in range(len(shards))]
-            for name, shard in zip(names, shards):
-                write_bytes(tmp / name, save(shard))
-            write_text(tmp / f"{ckpt.name}.json", json.dumps({"shards": names, "state": skeleton}))
+            split = split_torch_state_dict_into_shards(tensors, filename_pattern=f"{ckpt.name}.shard{{suffix}}.safetensors",
+                                                       max_shard_size=KEEP_SHARD_BYTES)  # save_pretrained's split
+            for name, keys in split.filename_to_tensors.items():
+                write_bytes(tmp / name, save({k: tensors[k] for k in keys}))
+            write_text(tmp / f"{ckpt.name}.json", json.dumps({"shards": sorted(split.filename_to_tensors), "state": skeleton}))
     return sorted(p.name for p in kept.iterdir())
 
 

@@ -436,13 +436,12 @@ def main(argv=None):
     for k, v in DEFAULTS.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     args = ap.parse_args(argv)
-    if args.stage in ("keep", "restore"):
-        if args.stage == "keep":
-            wrote = pretrain_state.keep(args.work, args.kept)
-            print(f"[v2] kept {len(wrote)} files in {args.kept}")
-        else:
-            wrote = pretrain_state.restore(args.kept, args.work)
-            print(f"[v2] restored {', '.join(wrote) or 'nothing'} into {args.work}; the data stage renders the data again")
+    if args.stage == "keep":
+        print(f"[v2] kept {len(pretrain_state.keep(args.work, args.kept))} files in {args.kept}")
+        return
+    if args.stage == "restore":
+        wrote = pretrain_state.restore(args.kept, args.work)
+        print(f"[v2] restored {', '.join(wrote) or 'nothing'} into {args.work}; the data stage renders the data again")
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import pretrain_script
 from palp.toyworld.scene import CLASSES, STYLES, Identity, Scene, parse_caption
@@ -256,6 +257,7 @@ def test_v2_pretraining_runs_every_stage_resumes_and_exports(tmp_path, capsys, m
     rows = [line for line in (tmp_path / "c.md").read_text().splitlines() if line.startswith("| ") and "[V]" in line]
     assert len(rows) == (6 + 1) * len(ceiling.prompts()) == 7 * 15
     assert ceiling.main(["--work", str(tmp_path / "empty")]) == 2
+    _judge_knows_its_world(out, work)
     # Each stage resumes from its checkpoint.
     capsys.readouterr()
     for stage in ("vae", "judge", "clip", "unet"):
@@ -452,3 +454,67 @@ def test_v2_kept_checkpoints_resume_on_a_fresh_folder_as_if_never_moved(tmp_path
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
     with pytest.raises(SystemExit, match="no kept checkpoint"):
         pretrain.main(["restore", "--work", str(b), "--kept", str(tmp_path / "nothing"), "--world", "v2"])
+
+
+class _Recording(torch.nn.Module):
+    """A judge that remembers every batch of pictures it is shown."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.world, self.root, self.seen = inner, inner.world, inner.root, []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return self.inner(x)
+
+
+def _judge_knows_its_world(out: Path, work: Path):
+    """A judge loaded from a v2 export is read on v2's pictures through the VAE beside it: its
+    units' ceilings, its accuracy, and the VAE the ceilings load."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from palp.toyworld import ceiling as ceil
+    from palp.toyworld.judge import judge_accuracy, load_judge, to_tensor
+
+    judge = load_judge(out / "judge" / "judge.safetensors")
+    assert judge.world == "v2" and judge.root == out.resolve()
+    vae, work_vae = ceil.load_vae(judge), AutoencoderKL.from_pretrained(work / "vae").eval()
+    assert vae.state_dict().keys() == work_vae.state_dict().keys()
+    assert all(torch.equal(v, work_vae.state_dict()[k]) for k, v in vae.state_dict().items())
+    truth = {"class": "cat", "color": "purple", "pattern": "striped", "pattern_color": "yellow", "accessory": "hat"}
+    prompt = "A sketch of [V] on the beach at sunset"
+    spy = _Recording(judge)
+    ceil.check_units([("s", truth, prompt)], judge=spy, n=3)  # the VAE found from the judge
+    identity = Identity(truth["class"], truth["color"], truth["pattern"], truth["pattern_color"], truth["accessory"])
+    renders = [render_v2(s) for s in ceil.unit_scenes(identity, prompt, 3)]
+    assert torch.equal(spy.seen[0], to_tensor(np.stack(renders)))
+    assert torch.equal(spy.seen[1], to_tensor(np.stack(ceil.vae_round_trip(work_vae, renders))))
+    # The accuracy of a v2 judge is v2's: the same pictures as v2's own accuracy function.
+    a, b = _Recording(judge), _Recording(judge)
+    judge_accuracy(a, n=6, seed=3, held_out_pairs=True)
+    w2.judge_accuracy(b, 6, 3, held_out=True)
+    assert len(a.seen) == 1 and torch.equal(a.seen[0], b.seen[0])
+
+
+def test_the_judges_world_comes_from_its_weights_folder(tmp_path):
+    """v1 for the shipped weights and for a folder without a recipe; a recipe's unknown world and
+    a v2 judge with no VAE beside it are refused with the reason."""
+    from palp.toyworld import WEIGHTS
+    from palp.toyworld.ceiling import load_vae
+    from palp.toyworld.judge import load_judge
+    from palp.toyworld.worlds import weights_root_of, world_of
+
+    shipped = load_judge()
+    assert world_of(WEIGHTS) == "v1" and shipped.world == "v1" and shipped.root == WEIGHTS.resolve()
+    assert world_of(tmp_path) == "v1" and weights_root_of(tmp_path / "judge.safetensors") is None
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "judge.safetensors").write_bytes((WEIGHTS / "judge" / "judge.safetensors").read_bytes())
+    (tmp_path / "recipe.json").write_text(json.dumps({"stages": {"data": {"world": "v9"}}}))
+    with pytest.raises(ValueError, match="names world 'v9'; palp knows v1, v2"):
+        load_judge(tmp_path / "judge" / "judge.safetensors")
+    (tmp_path / "recipe.json").write_text(json.dumps({"stages": {"data": {"world": "v2"}}}))
+    alone = load_judge(tmp_path / "judge" / "judge.safetensors")
+    assert alone.world == "v2" and alone.root == tmp_path.resolve()
+    with pytest.raises(ValueError, match="trained in toy world v2 but the shipped model in v1, and no VAE lies beside"):
+        load_vae(alone)

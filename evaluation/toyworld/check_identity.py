@@ -63,7 +63,7 @@ def main(argv=None):
     root = REPO / "examples" / "toyworld"
     names = args.subjects or sorted(p.stem for p in root.glob("*.json"))
     judge = resolve_judge("toyworld")
-    vae = load_vae()
+    vae = load_vae(judge)
     out = Path(args.out)
     results, grids = {}, []
     for name in names:

@@ -192,7 +192,10 @@ def unit_table(scores: pd.DataFrame, identity: dict, judge) -> pd.DataFrame | No
     final = final[final[ident].notna()]
     if final.empty:
         return None
-    vae = load_vae()
+    try:
+        vae = load_vae(judge)
+    except ValueError as e:
+        raise ScoreError(f"--judge: {e}") from e
     rows = []
     for (subject, clean), df in final.groupby(["subject", "clean_prompt"], sort=True):
         c = unit_ceiling(judge, vae, subject, identity[subject], clean)

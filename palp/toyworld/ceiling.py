@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from palp.toyworld.judge import identity_chance, identity_kept, predict, to_tensor
 from palp.toyworld.scene import Identity, Scene, parse_caption
+from palp.toyworld.worlds import judge_world, renderer
 
 # Clean renders: identity and class; VAE round trips: identity.
 THRESHOLDS = {"identity_clean": 0.95, "identity_vae": 0.90, "class_clean": 0.95}
@@ -69,22 +71,36 @@ def vae_round_trip(vae, images: list) -> list[np.ndarray]:
     return out
 
 
-def load_vae():
-    """The toy world's VAE (the decoder every toy sample is drawn with)."""
+def load_vae(judge=None):
+    """The toy world's VAE (the decoder every toy sample is drawn with): the one in ``judge``'s
+    weights folder (its ``sd/vae``) when it has one, else the shipped model's. ValueError when
+    the judge is another world's than the shipped model and has no VAE beside it (its pictures
+    would go through the wrong decoder)."""
     from diffusers import AutoencoderKL
 
-    from palp.toyworld import weights_dir
+    from palp.toyworld import WEIGHTS, weights_dir
+    from palp.toyworld.worlds import judge_world, world_of
 
-    return AutoencoderKL.from_pretrained(str(weights_dir("sd")), subfolder="vae").eval()
+    root = getattr(judge, "root", None)
+    if root is not None and (Path(root) / "sd" / "vae").is_dir():
+        folder = Path(root) / "sd" / "vae"
+    else:
+        if judge is not None and judge_world(judge) != world_of(WEIGHTS):
+            raise ValueError(f"the judge was trained in toy world {judge_world(judge)} but the shipped model in "
+                             f"{world_of(WEIGHTS)}, and no VAE lies beside the judge ({root or 'a judge file alone'} has "
+                             f"no sd/vae): keep the judge in its export folder (sd/, judge/, recipe.json)")
+        folder = weights_dir("sd") / "vae"
+    return AutoencoderKL.from_pretrained(str(folder)).eval()
 
 
 def unit_ceiling(judge, vae, subject: str, truth: dict, prompt: str, *, n: int = RENDERS, seed: int = 0,
                  render=None) -> UnitCeiling:
     """The judge's identity and class on ``n`` clean renders of the unit and on their VAE round
     trips, against ``truth`` (:func:`palp.toyworld.judge.truth_identity`'s form). ``render``: a
-    scene's (H, W, 3) image (default: the shipped world's, ``palp.toyworld.render.render_array``)."""
+    scene's (H, W, 3) image (default: the renderer of the judge's world,
+    :func:`palp.toyworld.worlds.renderer`)."""
     if render is None:
-        from palp.toyworld.render import render_array as render
+        render = renderer(judge_world(judge))
 
     identity = Identity(truth["class"], truth["color"], truth["pattern"], truth["pattern_color"], truth["accessory"])
     scenes = unit_scenes(identity, prompt, n, seed)
@@ -116,27 +132,29 @@ def experiment_units(params: dict, prompts: list[tuple[str, list[str]]] | None =
 
 
 def check_units(units: list[tuple[str, dict, str]], *, judge=None, vae=None, n: int = RENDERS) -> list[UnitCeiling]:
-    """Every unit's ceiling (the shipped judge and VAE unless given)."""
+    """Every unit's ceiling (the shipped judge unless given; the VAE of the judge's weights
+    folder unless given, :func:`load_vae`)."""
     from palp.toyworld.judge import resolve_judge
 
     judge = judge if judge is not None else resolve_judge("toyworld")
-    vae = vae if vae is not None else load_vae()
+    vae = vae if vae is not None else load_vae(judge)
     return [unit_ceiling(judge, vae, name, truth, prompt, n=n) for name, truth, prompt in units]
 
 
 def accuracy_by_style(judge, vae, n: int = 3000, seed: int = 7) -> str:
     """Markdown: the judge's accuracy on each identity attribute in each style, on ``n`` fresh
     renders of random subjects (every class-colour pair) outside the plain studio, clean and
-    through the VAE: the evidence for which attributes identity counts in which style."""
+    through the VAE: the evidence for which attributes identity counts in which style. The
+    scenes are drawn in the judge's world (:func:`palp.toyworld.worlds.renderer`)."""
     from collections import defaultdict
 
-    from palp.toyworld.render import render_array
     from palp.toyworld.scene import STYLES
     from palp.toyworld.world import random_identity, random_scene
 
     rng = random.Random(seed)
     scenes = [s for s in (random_scene(rng, random_identity(rng, every_pair=True)) for _ in range(n)) if s.place != "plain"]
-    clean = [render_array(s) for s in scenes]
+    render = renderer(judge_world(judge))
+    clean = [render(s) for s in scenes]
     keys = ("class", "color", "pattern", "pattern_color", "accessory")
     lines = ["| style | images | " + " | ".join(f"{k}, clean / VAE" for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
     hits = {name: defaultdict(list) for name in ("clean", "vae")}
@@ -184,7 +202,8 @@ def main(argv=None) -> int:
     if args.by_style:
         from palp.toyworld.judge import resolve_judge
 
-        sys.stdout.write(accuracy_by_style(resolve_judge("toyworld"), load_vae()))
+        judge = resolve_judge("toyworld")
+        sys.stdout.write(accuracy_by_style(judge, load_vae(judge)))
         return 0
     if args.config:
         params = yaml.safe_load(open(args.config)) or {}

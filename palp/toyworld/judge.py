@@ -69,14 +69,20 @@ class Judge(torch.nn.Module):
 
 
 def load_judge(path: str | Path | None = None):
-    """The judge from a judge.safetensors (default: the shipped one)."""
+    """The judge from a judge.safetensors (default: the shipped one), with the weights folder it
+    belongs to (``judge.root``, None for a judge file alone) and the world that folder's recipe
+    names (``judge.world``, :mod:`palp.toyworld.worlds`)."""
     from safetensors.torch import load_file
+
+    from palp.toyworld.worlds import weights_root_of, world_of
 
     path = Path(path) if path else weights_dir("judge") / "judge.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"no judge weights at {path}; run python evaluation/toyworld/pretrain.py all")
     judge = Judge()
     judge.load_state_dict(load_file(str(path)))
+    judge.root = weights_root_of(path)
+    judge.world = world_of(judge.root) if judge.root is not None else "v1"
     return judge.eval()
 
 
@@ -115,8 +121,16 @@ def judge_accuracy(judge, n: int = 2000, seed: int = 12345, *, held_out_pairs: b
     such as the personal subjects'.
 
     Colours count only where the style shows them, pattern colour only where there is a
-    pattern.
+    pattern. A judge of world v2 (:func:`palp.toyworld.worlds.judge_world`) is read on v2's
+    renders (``palp.toyworld.v2.world.judge_accuracy``; ``held_out_pairs``: its held-out
+    composites).
     """
+    from palp.toyworld.worlds import judge_world
+
+    if judge_world(judge) == "v2":
+        from palp.toyworld.v2.world import judge_accuracy as v2_accuracy
+
+        return v2_accuracy(judge, n, seed, held_out=held_out_pairs)
     from palp.toyworld.world import HELD_OUT_PAIRS, random_identity
 
     rng = random.Random(seed)

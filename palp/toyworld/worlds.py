@@ -1,0 +1,59 @@
+"""Which toy world a set of toy-world weights was trained in, and that world's renderer.
+
+A toy-world weights folder (``palp/toyworld/weights``, or any export of
+``evaluation/toyworld/pretrain.py``) holds ``sd/``, ``clip/``, ``judge/`` and ``recipe.json``;
+the recipe's ``stages.data.world`` names the world its data was rendered in (``v1`` when the
+recipe predates world v2 and names none). Everything that draws scenes for a judge (its
+accuracy, a unit's ceiling) draws them in the judge's own world and passes them through the VAE
+beside it, so a judge is never measured on another world's pictures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORLDS = ("v1", "v2")
+
+
+def world_of(root: str | Path) -> str:
+    """The world of the weights folder ``root`` (its ``recipe.json``; ``v1`` without one).
+    ValueError naming the file if the recipe names a world palp does not know."""
+    recipe = Path(root) / "recipe.json"
+    if not recipe.is_file():
+        return "v1"
+    try:
+        world = json.loads(recipe.read_text()).get("stages", {}).get("data", {}).get("world", "v1")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{recipe} is not a pretraining recipe (a JSON object with stages.data): {e}") from e
+    if world not in WORLDS:
+        raise ValueError(f"{recipe} names world {str(world)[:40]!r}; palp knows {', '.join(WORLDS)}")
+    return world
+
+
+def weights_root_of(judge_file: str | Path) -> Path | None:
+    """The weights folder a judge.safetensors belongs to: the folder above ``judge/`` when it
+    holds a recipe.json (the export's layout), else the judge's own folder when it does; None
+    for a judge standing alone."""
+    path = Path(judge_file).resolve()
+    for root in (path.parent.parent, path.parent):
+        if (root / "recipe.json").is_file():
+            return root
+    return None
+
+
+def renderer(world: str):
+    """``world``'s scene renderer: a :class:`palp.toyworld.scene.Scene` -> (64, 64, 3) uint8."""
+    if world == "v1":
+        from palp.toyworld.render import render_array
+    elif world == "v2":
+        from palp.toyworld.v2.render import render_array
+    else:
+        raise ValueError(f"unknown toy world {world!r}; palp knows {', '.join(WORLDS)}")
+    return render_array
+
+
+def judge_world(judge) -> str:
+    """The world a loaded judge was trained in (:func:`palp.toyworld.judge.load_judge` records
+    it; ``v1`` for a judge built in code)."""
+    return getattr(judge, "world", "v1")

@@ -251,6 +251,13 @@ def test_v2_pretraining_runs_every_stage_resumes_and_exports(tmp_path, capsys, m
     assert shown["unet_step"] == 2 and len(shown["records"]) == 2 * len(preview.COMBOS)
     assert shown["records"][0]["prompt"].startswith(f"A photo of {w2.NAMES[0]}")
     assert 0 <= shown["means"]["identity"] <= 1 and 0 < shown["means"]["identity_chance"] < 1
+    preview.main(["--work", str(work), "--instances", "1", "--samples", "1", "--steps", "2", "--weights", "trained"])
+    pipe_ema, _ = preview.load_pipeline(work)
+    pipe_now, _ = preview.load_pipeline(work, "trained")
+    state = torch.load(work / "unet.ckpt", weights_only=True)
+    assert all(torch.equal(v, state["unet"][k]) for k, v in pipe_now.unet.state_dict().items())
+    assert not all(torch.equal(v, state["unet"][k]) for k, v in pipe_ema.unet.state_dict().items())
+    assert json.loads((work / "preview" / "preview-000002-trained.json").read_text())["unet_step"] == 2
     # Every unit's ceiling with the v2 judge and VAE (here barely trained: only the table's shape).
     ceiling = _script("ceiling_v2")
     assert ceiling.main(["--work", str(work), "--held-out", "1", "--renders", "2", "--out", str(tmp_path / "c.md")]) == 0

@@ -35,8 +35,9 @@ COMBOS = (("photo", "plain", "day"), ("watercolour", "beach", "sunset"), ("sketc
           ("neon", "grass", "day"))
 
 
-def load_pipeline(work: Path):
-    """(StableDiffusionPipeline with the checkpoint's EMA UNet and text encoder, the step)."""
+def load_pipeline(work: Path, weights: str = "ema"):
+    """(StableDiffusionPipeline with the checkpoint's EMA UNet and text encoder, or with the
+    weights the optimiser is at (``weights="trained"``), the step)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
     from palp.models.tiny import SD_SCHEDULER_CONFIG
@@ -46,8 +47,8 @@ def load_pipeline(work: Path):
         raise SystemExit(f"{work} holds no unet checkpoint yet (unet.ckpt): the unet stage has not saved one")
     state = torch.load(ckpt, weights_only=True, map_location="cpu")  # tensors and numbers only: no code runs
     unet, te = build_unet(), build_text_encoder()
-    unet.load_state_dict(state["ema_unet"])
-    te.load_state_dict(state["ema_te"])
+    unet.load_state_dict(state["ema_unet" if weights == "ema" else "unet"])
+    te.load_state_dict(state["ema_te" if weights == "ema" else "te"])
     pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(work / "vae"), text_encoder=te, tokenizer=build_tokenizer(),
                                    unet=unet, scheduler=DDIMScheduler.from_config({**SD_SCHEDULER_CONFIG, "clip_sample": False,
                                                                                   "set_alpha_to_one": False}), safety_checker=None,
@@ -100,11 +101,14 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=2, help="images per instance and prompt")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--weights", choices=("ema", "trained"), default="ema",
+                    help="the checkpoint's EMA weights (what the export ships) or the optimiser's current ones "
+                         "(early in training the EMA lags them); the files are named -trained for the latter")
     args = ap.parse_args(argv)
     from palp.toyworld.judge import Judge, identity_chance, identity_kept, predict
     from palp.toyworld.v2.render import render_array
 
-    pipe, step = load_pipeline(args.work)
+    pipe, step = load_pipeline(args.work, args.weights)
     units = prompts_and_truths(args.instances)
     judge = None
     if (args.work / "judge.pt").exists():
@@ -135,18 +139,19 @@ def main(argv=None):
         rows += per_sample
         labels += [f"{name} ({truth['class']}) #{s}" for s in range(args.samples)]
     out = args.out or args.work / "preview"
+    tag = "" if args.weights == "ema" else "-trained"
     sheet = grid(rows, labels, list(COMBOS))
     import io
 
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
-    write_bytes(out / f"preview-{step:06d}.png", buf.getvalue(), content_type="image/png")
+    write_bytes(out / f"preview-{step:06d}{tag}.png", buf.getvalue(), content_type="image/png")
     summary = {"unet_step": step, "records": records}
     if judge is not None:
         keys = ("identity", "cls", "style_read", "identity_ceiling", "identity_chance")
         summary["means"] = {k: round(float(np.mean([r[k] for r in records])), 3) for k in keys}
-    write_text(out / f"preview-{step:06d}.json", json.dumps(summary, indent=2) + "\n")
-    print(f"unet step {step}: {out / f'preview-{step:06d}.png'}")
+    write_text(out / f"preview-{step:06d}{tag}.json", json.dumps(summary, indent=2) + "\n")
+    print(f"unet step {step}: {out / f'preview-{step:06d}{tag}.png'}")
     if judge is not None:
         m = summary["means"]
         print(f"judge on the samples: identity kept {m['identity']:.2f} (chance {m['identity_chance']:.2f}, "

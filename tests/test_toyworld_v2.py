@@ -246,11 +246,16 @@ def test_v2_pretraining_runs_every_stage_resumes_and_exports(tmp_path, capsys, m
     from PIL import Image
 
     sheet = Image.open(work / "preview" / "preview-000002.png")
-    assert sheet.size == (150 + 4 * 64, 26 + 2 * 64)  # a column per prompt, a row per instance and sample
+    assert sheet.size == (150 + 4 * 64, 26 + 2 * 2 * 64)  # a column per prompt, a row per instance, form and sample
     shown = json.loads((work / "preview" / "preview-000002.json").read_text())
-    assert shown["unet_step"] == 2 and len(shown["records"]) == 2 * len(preview.COMBOS)
+    assert shown["unet_step"] == 2 and len(shown["records"]) == 2 * 2 * len(preview.COMBOS)
     assert shown["records"][0]["prompt"].startswith(f"A photo of {w2.NAMES[0]}")
-    assert 0 <= shown["means"]["identity"] <= 1 and 0 < shown["means"]["identity_chance"] < 1
+    described = [r["prompt"] for r in shown["records"] if r["form"] == "describe"]
+    ident = w2.named_instances()[0].identity  # the control spells the identity out, in the same scenes
+    assert described[: len(preview.COMBOS)] == [Scene(ident, *c, seed=0).caption() for c in preview.COMBOS]
+    assert f"{ident.color} {ident.cls}" in described[0] and w2.NAMES[0] not in described[0]
+    for key in ("means", "means_described"):
+        assert 0 <= shown[key]["identity"] <= 1 and 0 < shown[key]["identity_chance"] < 1
     preview.main(["--work", str(work), "--instances", "1", "--samples", "1", "--steps", "2", "--weights", "trained"])
     pipe_ema, _ = preview.load_pipeline(work)
     pipe_now, _ = preview.load_pipeline(work, "trained")

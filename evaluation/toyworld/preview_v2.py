@@ -4,7 +4,8 @@
 
 Reads the unet stage's newest checkpoint in ``WORK`` (its EMA weights, whatever step it is at)
 and the VAE, samples "A <style> of <name> <place> <time>" for a few named instances in a few
-of the world's (style, place, time) combinations, and writes ``preview-<step>.png`` (a row per
+of the world's (style, place, time) combinations, each also from its whole description (the
+control: what a bound name should reach), and writes ``preview-<step>.png`` (a row per
 instance and sample, a column per prompt) and ``preview-<step>.json``. Where the judge stage
 has finished (``WORK/judge.pt``), each image is read by it: class, style and identity kept
 against the instance's own composite, beside the chance level of identity (what a model that
@@ -31,6 +32,7 @@ from pretrain_v2 import build_text_encoder, build_unet  # noqa: E402
 
 from palp.core.storage import write_bytes, write_text  # noqa: E402
 
+FORMS = ("name", "describe")
 COMBOS = (("photo", "plain", "day"), ("watercolour", "beach", "sunset"), ("sketch", "city", "night"),
           ("neon", "grass", "day"))
 
@@ -58,8 +60,10 @@ def load_pipeline(work: Path, weights: str = "ema"):
 
 
 def prompts_and_truths(instances: int, seed: int = 0):
-    """[(instance name, its composite as the judge's attributes, [(combo, caption)...])...]:
-    instances spread over the 300, each in :data:`COMBOS`, captioned by name as pretraining does."""
+    """[(instance name, its composite as the judge's attributes, [(combo, form, caption)...])...]:
+    instances spread over the 300, each in :data:`COMBOS`, captioned by name as pretraining does
+    (form ``name``) and, as the control, by its whole description (form ``describe``: what the
+    model draws when the caption spells the identity out, the level a bound name should reach)."""
     from palp.toyworld.judge import truth_identity
     from palp.toyworld.scene import Scene
     from palp.toyworld.v2.world import NamedScene, named_instances
@@ -71,8 +75,10 @@ def prompts_and_truths(instances: int, seed: int = 0):
     for inst in picked:
         ident = inst.identity
         truth = truth_identity(dataclasses.asdict(ident))
-        captions = [(combo, NamedScene(Scene(ident, *combo, seed=rng.randrange(2**31)), name=inst.name, form="name").caption())
-                    for combo in COMBOS]
+        captions = [(combo, "name", NamedScene(Scene(ident, *combo, seed=rng.randrange(2**31)), name=inst.name,
+                                               form="name").caption()) for combo in COMBOS]
+        captions += [(combo, "describe", Scene(ident, *combo, seed=0, caption_color=True, caption_pattern=True,
+                                               caption_accessory=True).caption()) for combo in COMBOS]
         out.append((inst.name, truth, ident, captions))
     return out
 
@@ -117,14 +123,14 @@ def main(argv=None):
         judge.eval()
     rows, labels, records = [], [], []
     for name, truth, ident, captions in units:
-        per_sample = [[] for _ in range(args.samples)]
-        for k, (combo, caption) in enumerate(captions):
-            gen = torch.Generator().manual_seed(1000 + k)
+        per_sample = {form: [[] for _ in range(args.samples)] for form in FORMS}
+        for k, (combo, form, caption) in enumerate(captions):
+            gen = torch.Generator().manual_seed(1000 + k % len(COMBOS))  # a name and its description: the same noise
             images = pipe([caption] * args.samples, num_inference_steps=args.steps, guidance_scale=args.guidance,
                           generator=gen, height=64, width=64).images
             for s, im in enumerate(images):
-                per_sample[s].append(im)
-            rec = {"instance": name, "prompt": caption, "style": combo[0], "place": combo[1], "time": combo[2]}
+                per_sample[form][s].append(im)
+            rec = {"instance": name, "form": form, "prompt": caption, "style": combo[0], "place": combo[1], "time": combo[2]}
             if judge is not None:
                 from palp.toyworld.scene import Scene
 
@@ -136,8 +142,9 @@ def main(argv=None):
                            identity_ceiling=float(np.mean([identity_kept(r, truth, combo[0]) for r in predict(judge, clean)])),
                            identity_chance=identity_chance(combo[0]))
             records.append(rec)
-        rows += per_sample
-        labels += [f"{name} ({truth['class']}) #{s}" for s in range(args.samples)]
+        for form in FORMS:
+            rows += per_sample[form]
+            labels += [f"{name} ({truth['class']}) #{s}" if form == "name" else f"  described #{s}" for s in range(args.samples)]
     out = args.out or args.work / "preview"
     tag = "" if args.weights == "ema" else "-trained"
     sheet = grid(rows, labels, list(COMBOS))
@@ -149,13 +156,16 @@ def main(argv=None):
     summary = {"unet_step": step, "records": records}
     if judge is not None:
         keys = ("identity", "cls", "style_read", "identity_ceiling", "identity_chance")
-        summary["means"] = {k: round(float(np.mean([r[k] for r in records])), 3) for k in keys}
+        for form, key in (("name", "means"), ("describe", "means_described")):
+            summary[key] = {k: round(float(np.mean([r[k] for r in records if r["form"] == form])), 3) for k in keys}
     write_text(out / f"preview-{step:06d}{tag}.json", json.dumps(summary, indent=2) + "\n")
     print(f"unet step {step}: {out / f'preview-{step:06d}{tag}.png'}")
     if judge is not None:
         m = summary["means"]
-        print(f"judge on the samples: identity kept {m['identity']:.2f} (chance {m['identity_chance']:.2f}, "
-              f"ceiling on clean renders {m['identity_ceiling']:.2f}), class {m['cls']:.2f}, style {m['style_read']:.2f}")
+        d = summary["means_described"]
+        print(f"judge on the samples named: identity kept {m['identity']:.2f} (chance {m['identity_chance']:.2f}, "
+              f"ceiling on clean renders {m['identity_ceiling']:.2f}), class {m['cls']:.2f}, style {m['style_read']:.2f}; "
+              f"described (the control): identity {d['identity']:.2f}, class {d['cls']:.2f}, style {d['style_read']:.2f}")
 
 
 if __name__ == "__main__":

@@ -413,17 +413,18 @@ def test_a_damaged_custom_diffusion_file_is_refused_when_sampling(cd_workspace, 
 # ---------------------------------------------------------------- the pipeline
 
 
-def test_pipeline_runs_custom_diffusion_p_plus_and_neti_variants_locally(tmp_path, capsys):
-    """The tiny experiment with methods [custom-diffusion, palp+custom-diffusion, p-plus, neti,
-    palp+p-plus, palp+neti], one subject, under kfp.local: custom-diffusion trains with its own prior
-    preservation, palp over it without; every run holds its personalization's file, is sampled and
-    reaches the comparison table."""
+def test_pipeline_runs_custom_diffusion_and_layered_variants_locally(tmp_path, capsys):
+    """The tiny experiment with methods [custom-diffusion, palp+custom-diffusion, palp+neti], one
+    subject, under kfp.local: custom-diffusion trains with its own prior preservation, palp over it
+    without; every run holds its personalization's file, is sampled and reaches the comparison
+    table. (P+ and NeTI alone, and PALP over P+, go through the same train, sample and score
+    steps: their files, samples and scores are tests/test_layered_tokens.py's.)"""
     import yaml
 
     from palp.models.run_weights import LAYERED_FILE
     from pipelines.cli import main as pipeline_main
 
-    methods = ["custom-diffusion", "palp+custom-diffusion", "p-plus", "neti", "palp+p-plus", "palp+neti"]
+    methods = ["custom-diffusion", "palp+custom-diffusion", "palp+neti"]
     config = yaml.safe_load((REPO / "evaluation/experiments/tiny.yaml").read_text())
     config.update(subjects=[{"name": "cat", "images": str(REPO / "examples/subjects/cat"), "class_word": "cat"}],
                   methods=methods, train_steps=2, save_steps="2", num_class_images=2, study_forms=1,
@@ -437,12 +438,11 @@ def test_pipeline_runs_custom_diffusion_p_plus_and_neti_variants_locally(tmp_pat
     run = next((tmp_path / "root").glob("palp-*"))
     configs = {json.loads(p.read_text())["method"] + "/" + json.loads(p.read_text())["personalize"]:
                json.loads(p.read_text()) for p in run.glob("for-loop-*/train/model/training_config.json")}
-    assert set(configs) == {"custom-diffusion/custom-diffusion", "palp/custom-diffusion", "p-plus/p-plus", "neti/neti",
-                            "palp/p-plus", "palp/neti"}
+    assert set(configs) == {"custom-diffusion/custom-diffusion", "palp/custom-diffusion", "palp/neti"}
     cd, palp_cd = configs["custom-diffusion/custom-diffusion"], configs["palp/custom-diffusion"]
     assert cd["prior_preservation"] and cd["num_class_images"] == 2 and not palp_cd["prior_preservation"]
     assert cd["lr"] == palp_cd["lr"] == 0.001 and cd["lora_rank"] is None  # the experiment's lr; no LoRA rank
-    assert configs["neti/neti"]["neti_hidden"] == 128 and not configs["palp/p-plus"]["prior_preservation"]
+    assert configs["palp/neti"]["neti_hidden"] == 128 and not configs["palp/neti"]["prior_preservation"]
     for p in run.glob("for-loop-*/train/model"):
         personalize = json.loads((p / "training_config.json").read_text())["personalize"]
         want = CUSTOM_DIFFUSION_FILE if personalize == "custom-diffusion" else LAYERED_FILE

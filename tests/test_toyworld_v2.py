@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -270,6 +271,7 @@ def test_v2_pretraining_runs_every_stage_resumes_and_exports(tmp_path, capsys, m
     assert len(rows) == (6 + 1) * len(ceiling.prompts()) == 7 * 15
     assert ceiling.main(["--work", str(tmp_path / "empty")]) == 2
     _judge_knows_its_world(out, work)
+    _ships_as_the_toy_world(out, tmp_path, capsys)
     # Each stage resumes from its checkpoint.
     capsys.readouterr()
     for stage in ("vae", "judge", "clip", "unet"):
@@ -530,3 +532,33 @@ def test_the_judges_world_comes_from_its_weights_folder(tmp_path):
     assert alone.world == "v2" and alone.root == tmp_path.resolve()
     with pytest.raises(ValueError, match="trained in toy world v2 but the shipped model in v1, and no VAE lies beside"):
         load_vae(alone)
+
+
+def _ships_as_the_toy_world(export: Path, tmp_path: Path, capsys):
+    """ship_v2.py: a finished v2 export becomes a weights folder palp reads as world v2, with the
+    examples rendered in v2; a v1 folder or an unfinished export is refused and nothing written."""
+    from palp.toyworld import WEIGHTS
+    from palp.toyworld.judge import load_judge
+
+    ship = _script("ship_v2")
+    weights, examples = tmp_path / "shipped" / "weights", tmp_path / "shipped" / "examples"
+    assert ship.main(["--export", str(WEIGHTS), "--weights", str(weights), "--examples", str(examples)]) == 2
+    assert "lacks names.json" in capsys.readouterr().err and not weights.exists() and not examples.exists()
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(export, unfinished)
+    recipe = json.loads((unfinished / "recipe.json").read_text())
+    recipe["stages"]["unet"]["settings"]["unet_steps"] = 10
+    (unfinished / "recipe.json").write_text(json.dumps(recipe))
+    assert ship.main(["--export", str(unfinished), "--weights", str(weights), "--examples", str(examples)]) == 2
+    assert "has not finished (2 of 10 steps)" in capsys.readouterr().err and not weights.exists()
+    assert ship.main(["--export", str(export), "--held-out", "1", "--weights", str(weights), "--examples", str(examples)]) == 0
+    assert load_judge(weights / "judge" / "judge.safetensors").world == "v2"
+    assert (weights / "names.json").read_bytes() == (export / "names.json").read_bytes()
+    held = w2.held_out_subjects(1)[0]
+    assert sorted(p.name for p in examples.glob("*.json")) == sorted(f"{s.name}.json" for s in (*PERSONAL_SUBJECTS, held))
+    from PIL import Image
+
+    photo = np.asarray(Image.open(examples / held.name / "00.png"))
+    assert np.array_equal(photo, render_v2(w2.subject_training_scenes(held, 4)[0]))
+    assert (examples / "single-shot" / "purple-cat" / "00.png").read_bytes() == (examples / "purple-cat" / "00.png").read_bytes()
+    assert Image.open(examples / "art" / "watercolour-robot" / "00.png").size == (64, 64)

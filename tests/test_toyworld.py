@@ -143,9 +143,10 @@ def test_shipped_weight_files_are_small():
 @pytest.mark.parametrize("held_out_pairs", [False, True])
 def test_judge_reads_fresh_renders(held_out_pairs):
     """On renders it never saw, and on the (class, colour) pairs the toy model never saw."""
-    from palp.toyworld.judge import judge_accuracy, load_judge
+    from palp.toyworld.accuracy import judge_accuracy
+    from palp.toyworld.judge import load_judge
 
-    acc = judge_accuracy(load_judge(), n=300, seed=4242, held_out_pairs=held_out_pairs)
+    acc = judge_accuracy(load_judge(), n=300, seed=4242, held_out=held_out_pairs)
     for k in ("style", "place", "time", "class", "accessory"):
         assert acc[k] >= 0.95, acc
     assert acc["pattern"] >= 0.85 and acc["color"] >= 0.72, acc
@@ -344,7 +345,7 @@ def test_report_pairs_palp_over_each_personalization_with_it_alone(tmp_path):
     assert "palp+neti - neti" in (tmp_path / "out/paired.md").read_text()
 
 
-def test_score_with_the_judge_end_to_end(tmp_path):
+def test_score_with_the_judge_end_to_end(tmp_path, capsys):
     """prepare -> train (toy model, palp-iid) -> sample -> score --judge: judge columns beside CLIP's."""
     from palp.cli import main
 
@@ -377,6 +378,21 @@ def test_score_with_the_judge_end_to_end(tmp_path):
     assert "Judge: class" in table2 and "Class" not in table2.replace("Judge: class", "")  # no toy-CLIP class cosine
     assert main(["score", "--samples", str(tmp_path / "samples"), "--prepared", str(tmp_path / "prep"), "--output",
                  str(tmp_path / "bad"), "--clip", "toyworld", "--judge", str(tmp_path / "nope.safetensors"), "--quiet"]) != 0
+    # A judge whose weights folder names a world palp does not know, and a file that is no judge:
+    # one line each, exit 2.
+    from palp.toyworld import WEIGHTS
+
+    (tmp_path / "w" / "judge").mkdir(parents=True)
+    (tmp_path / "w" / "sd").mkdir()
+    (tmp_path / "w" / "judge" / "judge.safetensors").write_bytes((WEIGHTS / "judge" / "judge.safetensors").read_bytes())
+    (tmp_path / "w" / "recipe.json").write_text('{"stages": {"data": {"world": "v7"}}}')
+    (tmp_path / "junk.safetensors").write_bytes(b"not a judge")
+    for judge, says in ((tmp_path / "w" / "judge" / "judge.safetensors", "names world 'v7'"), (tmp_path / "junk.safetensors", "junk")):
+        capsys.readouterr()
+        assert main(["score", "--samples", str(tmp_path / "samples"), "--prepared", str(tmp_path / "prep"), "--output",
+                     str(tmp_path / "bad"), "--clip", "toyworld", "--judge", str(judge), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_pretraining_script_runs_every_stage_and_resumes(tmp_path, capsys):

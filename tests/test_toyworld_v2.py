@@ -489,10 +489,17 @@ def _judge_knows_its_world(out: Path, work: Path):
     from diffusers import AutoencoderKL
 
     from palp.toyworld import ceiling as ceil
-    from palp.toyworld.judge import judge_accuracy, load_judge, to_tensor
+    from palp.toyworld.accuracy import accuracy_scenes, judge_accuracy
+    from palp.toyworld.judge import load_judge, to_tensor
+
+    from safetensors import safe_open
+
+    from palp.toyworld.worlds import WORLD_KEY
 
     judge = load_judge(out / "judge" / "judge.safetensors")
     assert judge.world == "v2" and judge.root == out.resolve()
+    with safe_open(str(out / "judge" / "judge.safetensors"), framework="pt") as f:
+        assert f.metadata()[WORLD_KEY] == "v2"  # the export names the world in the judge's own file
     vae, work_vae = ceil.load_vae(judge), AutoencoderKL.from_pretrained(work / "vae").eval()
     assert vae.state_dict().keys() == work_vae.state_dict().keys()
     assert all(torch.equal(v, work_vae.state_dict()[k]) for k, v in vae.state_dict().items())
@@ -504,34 +511,57 @@ def _judge_knows_its_world(out: Path, work: Path):
     renders = [render_v2(s) for s in ceil.unit_scenes(identity, prompt, 3)]
     assert torch.equal(spy.seen[0], to_tensor(np.stack(renders)))
     assert torch.equal(spy.seen[1], to_tensor(np.stack(ceil.vae_round_trip(work_vae, renders))))
-    # The accuracy of a v2 judge is v2's: the same pictures as v2's own accuracy function.
-    a, b = _Recording(judge), _Recording(judge)
-    judge_accuracy(a, n=6, seed=3, held_out_pairs=True)
-    w2.judge_accuracy(b, 6, 3, held_out=True)
-    assert len(a.seen) == 1 and torch.equal(a.seen[0], b.seen[0])
+    # The accuracy of a v2 judge is read on v2 renders of held-out composites (here), through
+    # the VAE when given.
+    a = _Recording(judge)
+    judge_accuracy(a, n=6, seed=3, held_out=True)
+    scenes = accuracy_scenes("v2", 6, 3, held_out=True)
+    assert len(scenes) == 6 and all(w2.is_held_out(s.identity) for s in scenes)
+    assert len(a.seen) == 1 and torch.equal(a.seen[0], to_tensor(np.stack([render_v2(s) for s in scenes])))
+    judge_accuracy(a, n=6, seed=3, held_out=True, vae=work_vae)
+    assert torch.equal(a.seen[1], to_tensor(np.stack(ceil.vae_round_trip(work_vae, [render_v2(s) for s in scenes]))))
 
 
-def test_the_judges_world_comes_from_its_weights_folder(tmp_path):
-    """v1 for the shipped weights and for a folder without a recipe; a recipe's unknown world and
-    a v2 judge with no VAE beside it are refused with the reason."""
+def test_the_judges_world_comes_from_its_file_or_its_weights_folder(tmp_path):
+    """v1 for the shipped weights and for a judge file alone; the world a judge file's metadata
+    names, else its export folder's recipe (ROOT/judge/judge.safetensors beside ROOT/sd); a
+    recipe above an unrelated folder is not the judge's; an unknown world, a disagreement and a
+    judge of v2 with no VAE beside it are refused with the reason."""
+    from safetensors.torch import load_file, save_file
+
     from palp.toyworld import WEIGHTS
     from palp.toyworld.ceiling import load_vae
     from palp.toyworld.judge import load_judge
-    from palp.toyworld.worlds import weights_root_of, world_of
+    from palp.toyworld.worlds import WORLD_KEY, world_of
 
     shipped = load_judge()
     assert world_of(WEIGHTS) == "v1" and shipped.world == "v1" and shipped.root == WEIGHTS.resolve()
-    assert world_of(tmp_path) == "v1" and weights_root_of(tmp_path / "judge.safetensors") is None
-    (tmp_path / "judge").mkdir()
-    (tmp_path / "judge" / "judge.safetensors").write_bytes((WEIGHTS / "judge" / "judge.safetensors").read_bytes())
-    (tmp_path / "recipe.json").write_text(json.dumps({"stages": {"data": {"world": "v9"}}}))
+    tensors = load_file(WEIGHTS / "judge" / "judge.safetensors")
+    root = tmp_path / "export"
+    (root / "judge").mkdir(parents=True)
+    (root / "sd").mkdir()
+    save_file(tensors, root / "judge" / "judge.safetensors")
+    (root / "recipe.json").write_text(json.dumps({"stages": {"data": {"world": "v9"}}}))
     with pytest.raises(ValueError, match="names world 'v9'; palp knows v1, v2"):
-        load_judge(tmp_path / "judge" / "judge.safetensors")
-    (tmp_path / "recipe.json").write_text(json.dumps({"stages": {"data": {"world": "v2"}}}))
-    alone = load_judge(tmp_path / "judge" / "judge.safetensors")
-    assert alone.world == "v2" and alone.root == tmp_path.resolve()
+        load_judge(root / "judge" / "judge.safetensors")
+    (root / "recipe.json").write_text(json.dumps({"stages": {"data": {"world": "v2"}}}))
+    in_folder = load_judge(root / "judge" / "judge.safetensors")
+    assert in_folder.world == "v2" and in_folder.root == root.resolve()
     with pytest.raises(ValueError, match="trained in toy world v2 but the shipped model in v1, and no VAE lies beside"):
+        load_vae(in_folder)  # ROOT/sd holds no vae
+    (root / "elsewhere").mkdir()  # a judge file in another folder of ROOT: ROOT's recipe is not its own
+    save_file(tensors, root / "elsewhere" / "judge.safetensors")
+    stray = load_judge(root / "elsewhere" / "judge.safetensors")
+    assert stray.world == "v1" and stray.root is None
+    save_file(tensors, root / "elsewhere" / "v2.safetensors", metadata={WORLD_KEY: "v2"})  # the world travels with the file
+    alone = load_judge(root / "elsewhere" / "v2.safetensors")
+    assert alone.world == "v2" and alone.root is None
+    with pytest.raises(ValueError, match="no VAE lies beside the judge \\(a judge file alone has no sd/vae\\)"):
         load_vae(alone)
+    (root / "recipe.json").write_text(json.dumps({"stages": {"data": {"world": "v1"}}}))
+    save_file(tensors, root / "judge" / "judge.safetensors", metadata={WORLD_KEY: "v2"})
+    with pytest.raises(ValueError, match="is a world-v2 judge but its weights folder's recipe.json names v1"):
+        load_judge(root / "judge" / "judge.safetensors")
 
 
 def _ships_as_the_toy_world(export: Path, tmp_path: Path, capsys):
@@ -544,6 +574,14 @@ def _ships_as_the_toy_world(export: Path, tmp_path: Path, capsys):
     weights, examples = tmp_path / "shipped" / "weights", tmp_path / "shipped" / "examples"
     assert ship.main(["--export", str(WEIGHTS), "--weights", str(weights), "--examples", str(examples)]) == 2
     assert "lacks names.json" in capsys.readouterr().err and not weights.exists() and not examples.exists()
+    v1 = tmp_path / "v1-weights"
+    shutil.copytree(WEIGHTS, v1)
+    (v1 / "names.json").write_text("[]")
+    assert ship.main(["--export", str(v1), "--weights", str(weights), "--examples", str(examples)]) == 2
+    assert "recipe.json names world v1, not v2" in capsys.readouterr().err and not weights.exists()
+    with pytest.raises(SystemExit):
+        ship.main(["--export", str(export), "--held-out", "-1", "--weights", str(weights), "--examples", str(examples)])
+    assert "--held-out must be between 0 and" in capsys.readouterr().err and not weights.exists()
     unfinished = tmp_path / "unfinished"
     shutil.copytree(export, unfinished)
     recipe = json.loads((unfinished / "recipe.json").read_text())
@@ -551,7 +589,9 @@ def _ships_as_the_toy_world(export: Path, tmp_path: Path, capsys):
     (unfinished / "recipe.json").write_text(json.dumps(recipe))
     assert ship.main(["--export", str(unfinished), "--weights", str(weights), "--examples", str(examples)]) == 2
     assert "has not finished (2 of 10 steps)" in capsys.readouterr().err and not weights.exists()
+    (examples / "v1-leftover").mkdir(parents=True)  # what the examples folder held before goes
     assert ship.main(["--export", str(export), "--held-out", "1", "--weights", str(weights), "--examples", str(examples)]) == 0
+    assert not (examples / "v1-leftover").exists() and not list(examples.parent.glob(".*"))  # no staging left behind
     assert load_judge(weights / "judge" / "judge.safetensors").world == "v2"
     assert (weights / "names.json").read_bytes() == (export / "names.json").read_bytes()
     held = w2.held_out_subjects(1)[0]

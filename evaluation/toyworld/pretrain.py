@@ -317,11 +317,11 @@ def stage_judge(work: Path, cfg: PretrainConfig):
         return loss.item()
 
     loop("judge", work, cfg, cfg.judge_steps, 250, run_step, judge=judge, opt=opt)
-    from palp.toyworld.judge import judge_accuracy
+    from palp.toyworld.accuracy import judge_accuracy
 
     judge.cpu().eval()  # judge_accuracy and predict read on the CPU
     acc = judge_accuracy(judge, n=2000, seed=12345)
-    acc_pairs = judge_accuracy(judge, n=1000, seed=54321, held_out_pairs=True)
+    acc_pairs = judge_accuracy(judge, n=1000, seed=54321, held_out=True)
     save_torch(judge.state_dict(), work / "judge.pt")
     record(work, "judge", heldout_accuracy=acc, heldout_pairs_accuracy=acc_pairs)
     print("judge accuracy on fresh renders:", json.dumps(acc))

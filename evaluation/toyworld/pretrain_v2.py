@@ -240,7 +240,7 @@ class Prefetched:
 def stage_judge(work: Path, cfg: PretrainConfigV2):
     from diffusers import AutoencoderKL
 
-    from palp.toyworld.v2.world import judge_accuracy
+    from palp.toyworld.accuracy import judge_accuracy
 
     dev = cfg.device
     vae = AutoencoderKL.from_pretrained(work / "vae").to(dev).eval().requires_grad_(False)
@@ -268,9 +268,9 @@ def stage_judge(work: Path, cfg: PretrainConfigV2):
     judge.cpu().eval()
     vae_cpu = vae.cpu()
     n = cfg.judge_eval_n
-    acc = {"any": judge_accuracy(judge, n=n, seed=12345),
-           "held_out": judge_accuracy(judge, n=n // 2, seed=54321, held_out=True),
-           "any_vae": judge_accuracy(judge, n=n // 2, seed=777, vae=vae_cpu)}
+    acc = {"any": judge_accuracy(judge, n=n, seed=12345, world="v2"),
+           "held_out": judge_accuracy(judge, n=n // 2, seed=54321, held_out=True, world="v2"),
+           "any_vae": judge_accuracy(judge, n=n // 2, seed=777, vae=vae_cpu, world="v2")}
     save_torch(judge.state_dict(), work / "judge.pt")
     record(work, "judge", accuracy=acc)
     for k, v in acc.items():
@@ -383,6 +383,7 @@ def stage_export(work: Path, out: Path):
 
     from palp.core.storage import atomic_directory, read_bytes
     from palp.models.tiny import SD_SCHEDULER_CONFIG
+    from palp.toyworld.worlds import WORLD_KEY
 
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / "vae"),
@@ -408,7 +409,7 @@ def stage_export(work: Path, out: Path):
             write_bytes(tmp / f, read_bytes(work / "clip" / f))
     with atomic_directory(out / "judge", replace=True) as tmp:
         state = torch.load(work / "judge.pt")
-        write_bytes(tmp / "judge.safetensors", save({k: v.contiguous() for k, v in state.items()}))
+        write_bytes(tmp / "judge.safetensors", save({k: v.contiguous() for k, v in state.items()}, metadata={WORLD_KEY: "v2"}))
     write_bytes(out / "recipe.json", read_bytes(work / "recipe.json"))
     write_bytes(out / "names.json", read_bytes(work / "names.json"))
     big = [p for p in out.rglob("*") if p.is_file() and p.stat().st_size > 20 * 10**6]

@@ -5,15 +5,17 @@ and the example photos are rendered again in v2.
 
 ``DIR`` is ``pretrain.py export --world v2``'s folder (sd/, clip/, judge/, recipe.json,
 names.json). Before anything is written it is checked: its recipe names world v2 and a
-finished unet stage, palp loads its model, and its judge loads. Then, each folder replaced in
-one rename:
+finished unet stage, palp loads its model, and its judge loads. Both folders below are then
+made whole beside their destinations and swapped in by renames at the end (the old ones
+deleted only after both are in place), so a failure before that leaves both as they were:
 
 - ``W`` (default ``palp/toyworld/weights``): the export's folders and files;
 - ``E`` (default ``examples/toyworld``): the six personal subjects (the development set) and
   ``--held-out`` subjects drawn from the composites pretraining never showed
   (``palp.toyworld.v2.world.held_out_subjects``), four photos each with their truth files;
   ``single-shot/{purple-cat,orange-dog}/00.png`` (each subject's first photo) and
-  ``art/watercolour-robot/00.png`` (the pink robot as a watercolour in the snow at night).
+  ``art/watercolour-robot/00.png`` (the pink robot as a watercolour in the snow at night);
+  nothing else (v1's photos go).
 
 The tests and numbers that pin the v1 world are then re-measured by hand (see
 evaluation/toyworld/README.md, "World v2").
@@ -25,6 +27,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,13 +44,16 @@ def check_export(export: Path) -> dict:
     from palp.toyworld.judge import load_judge
     from palp.toyworld.worlds import world_of
 
-    missing = [p for p in ("sd", "clip", "judge/judge.safetensors", "recipe.json", "names.json") if not (export / p).exists()]
+    missing = [p for p in ("sd", "clip/open_clip_config.json", "clip/open_clip_model.safetensors", "judge/judge.safetensors",
+                           "recipe.json", "names.json") if not (export / p).exists()]
     if missing:
         raise ShipError(f"{export} is not a v2 export: it lacks {', '.join(missing)} (run pretrain.py export --world v2)")
     if world_of(export) != "v2":
         raise ShipError(f"{export}/recipe.json names world {world_of(export)}, not v2")
     recipe = json.loads((export / "recipe.json").read_text())
     unet = recipe.get("stages", {}).get("unet", {})
+    if not isinstance(unet, dict) or not isinstance(unet.get("settings", {}), dict):
+        raise ShipError(f"{export}/recipe.json: stages.unet is not a pretraining record")
     if "steps" not in unet or unet.get("steps") != unet.get("settings", {}).get("unet_steps"):
         raise ShipError(f"{export}/recipe.json: the unet stage has not finished ({unet.get('steps', 0)} of "
                         f"{unet.get('settings', {}).get('unet_steps', '?')} steps)")
@@ -57,18 +63,15 @@ def check_export(export: Path) -> dict:
     return recipe
 
 
-def ship_weights(export: Path, weights: Path) -> None:
-    from palp.core.storage import atomic_directory
-
-    with atomic_directory(weights, replace=True) as tmp:
-        for name in ("sd", "clip", "judge"):
-            shutil.copytree(export / name, tmp / name)
-        for name in ("recipe.json", "names.json"):
-            shutil.copy2(export / name, tmp / name)
+def stage_weights(export: Path, tmp: Path) -> None:
+    for name in ("sd", "clip", "judge"):
+        shutil.copytree(export / name, tmp / name)
+    for name in ("recipe.json", "names.json"):
+        shutil.copy2(export / name, tmp / name)
 
 
-def ship_examples(examples: Path, held_out: int) -> list[str]:
-    """The v2 photos; returns the subjects' names."""
+def stage_examples(examples: Path, held_out: int) -> list[str]:
+    """The v2 photos written into ``examples``; returns the subjects' names."""
     from PIL import Image
 
     from palp.core.storage import atomic_directory
@@ -88,6 +91,28 @@ def ship_examples(examples: Path, held_out: int) -> list[str]:
     return [s.name for s in subjects]
 
 
+def swap(pairs: list[tuple[Path, Path]]) -> None:
+    """Each (staged, dest): the old ``dest`` renamed aside, ``staged`` renamed into its place;
+    the old folders deleted once every new one is in, put back if a rename fails."""
+    moved = []
+    try:
+        for staged, dest in pairs:
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            if dest.exists():
+                dest.rename(old)
+            moved.append((dest, old))
+            staged.rename(dest)
+    except OSError:
+        for dest, old in reversed(moved):
+            if old.exists():
+                shutil.rmtree(dest, ignore_errors=True)
+                old.rename(dest)
+        raise
+    for _, old in moved:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--export", required=True, type=Path, help="pretrain.py export --world v2's folder")
@@ -95,13 +120,29 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", type=Path, default=REPO / "palp" / "toyworld" / "weights")
     ap.add_argument("--examples", type=Path, default=REPO / "examples" / "toyworld")
     args = ap.parse_args(argv)
+    from safetensors import SafetensorError
+
+    from palp.toyworld.v2.world import held_out_subjects
+
+    pool = len(held_out_subjects(10**6))
+    if not 0 <= args.held_out <= pool:
+        ap.error(f"--held-out must be between 0 and {pool} (the held-out composites that are not the development subjects)")
     try:
         recipe = check_export(args.export)
-    except (ShipError, OSError, ValueError) as e:
+    except (ShipError, OSError, ValueError, RuntimeError, SafetensorError) as e:  # damaged or foreign weights too
         print(f"ship_v2: {e}", file=sys.stderr)
         return 2
-    ship_weights(args.export, args.weights)
-    names = ship_examples(args.examples, args.held_out)
+    staged = []
+    try:
+        for dest in (args.weights, args.examples):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staged.append(Path(tempfile.mkdtemp(prefix=f".{dest.name}.v2.", dir=dest.parent)))
+        stage_weights(args.export, staged[0])
+        names = stage_examples(staged[1], args.held_out)
+        swap(list(zip(staged, (args.weights, args.examples))))
+    finally:
+        for tmp in staged:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(f"shipped world v2 (unet {recipe['stages']['unet']['steps']} steps) to {args.weights}; "
           f"photos of {len(names)} subjects in {args.examples}: {', '.join(names)}")
     return 0

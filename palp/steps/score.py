@@ -140,13 +140,15 @@ def judge_columns(scores: pd.DataFrame, manifest: dict, spec: str, *, progress: 
     word."""
     import sys
 
+    from safetensors import SafetensorError
+
     from palp.toyworld.judge import JUDGE_COLUMNS, judge_row, predict, resolve_judge, truth_identity
     from palp.toyworld.render import SIZE
     from palp.toyworld.scene import parse_caption
 
     try:
         model = resolve_judge(spec)
-    except (FileNotFoundError, OSError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, damaged, another model's, an unknown world
         raise ScoreError(f"--judge {spec}: {e}") from e
     identity = {}
     for name, s in manifest["subjects"].items():
@@ -194,7 +196,7 @@ def unit_table(scores: pd.DataFrame, identity: dict, judge) -> pd.DataFrame | No
         return None
     try:
         vae = load_vae(judge)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # another world's judge without its VAE; a damaged VAE folder
         raise ScoreError(f"--judge: {e}") from e
     rows = []
     for (subject, clean), df in final.groupby(["subject", "clean_prompt"], sort=True):

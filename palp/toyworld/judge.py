@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from palp.toyworld import TOYWORLD_NAME, weights_dir
-from palp.toyworld.render import render_array
 from palp.toyworld.scene import VISIBLE_IDENTITY
-from palp.toyworld.world import ATTRIBUTES, random_scene
+from palp.toyworld.world import ATTRIBUTES
 
 IDENTITY_ATTRIBUTES = ("color", "pattern", "pattern_color", "accessory")
 # The identity attributes identity is measured on, in every style: the pattern (stripes, dots,
@@ -70,11 +68,12 @@ class Judge(torch.nn.Module):
 
 def load_judge(path: str | Path | None = None):
     """The judge from a judge.safetensors (default: the shipped one), with the weights folder it
-    belongs to (``judge.root``, None for a judge file alone) and the world that folder's recipe
-    names (``judge.world``, :mod:`palp.toyworld.worlds`)."""
+    belongs to (``judge.root``: the export's layout, else None) and the world it was trained in
+    (``judge.world``: its file's metadata, else that folder's recipe, else v1;
+    :mod:`palp.toyworld.worlds`)."""
     from safetensors.torch import load_file
 
-    from palp.toyworld.worlds import weights_root_of, world_of
+    from palp.toyworld.worlds import weights_root_of, world_of_judge_file
 
     path = Path(path) if path else weights_dir("judge") / "judge.safetensors"
     if not path.exists():
@@ -82,7 +81,7 @@ def load_judge(path: str | Path | None = None):
     judge = Judge()
     judge.load_state_dict(load_file(str(path)))
     judge.root = weights_root_of(path)
-    judge.world = world_of(judge.root) if judge.root is not None else "v1"
+    judge.world = world_of_judge_file(path, judge.root)
     return judge.eval()
 
 
@@ -113,35 +112,6 @@ def accuracy_per_attribute(scenes, preds: list[dict]) -> dict:
                 continue
             hits[k].append(p[k] == truth[k])
     return {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
-
-
-def judge_accuracy(judge, n: int = 2000, seed: int = 12345, *, held_out_pairs: bool = False) -> dict:
-    """Accuracy per attribute on freshly rendered scenes the judge never saw: any subject, or
-    (``held_out_pairs``) only the (class, colour) pairs the toy model's pretraining never shows,
-    such as the personal subjects'.
-
-    Colours count only where the style shows them, pattern colour only where there is a
-    pattern. A judge of world v2 (:func:`palp.toyworld.worlds.judge_world`) is read on v2's
-    renders (``palp.toyworld.v2.world.judge_accuracy``; ``held_out_pairs``: its held-out
-    composites).
-    """
-    from palp.toyworld.worlds import judge_world
-
-    if judge_world(judge) == "v2":
-        from palp.toyworld.v2.world import judge_accuracy as v2_accuracy
-
-        return v2_accuracy(judge, n, seed, held_out=held_out_pairs)
-    from palp.toyworld.world import HELD_OUT_PAIRS, random_identity
-
-    rng = random.Random(seed)
-    scenes = []
-    while len(scenes) < n:
-        identity = random_identity(rng, every_pair=True)
-        if held_out_pairs and (identity.cls, identity.color) not in HELD_OUT_PAIRS:
-            continue
-        scenes.append(random_scene(rng, identity))
-    preds = predict(judge, [render_array(s) for s in scenes])
-    return accuracy_per_attribute(scenes, preds)
 
 
 JUDGE_COLUMNS = {

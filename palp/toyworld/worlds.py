@@ -31,15 +31,34 @@ def world_of(root: str | Path) -> str:
     return world
 
 
+WORLD_KEY = "palp_toyworld_world"  # a judge.safetensors' metadata entry naming its world (v2's export writes it)
+
+
 def weights_root_of(judge_file: str | Path) -> Path | None:
-    """The weights folder a judge.safetensors belongs to: the folder above ``judge/`` when it
-    holds a recipe.json (the export's layout), else the judge's own folder when it does; None
-    for a judge standing alone."""
+    """The weights folder a judge file belongs to, in the export's layout only:
+    ``ROOT/judge/judge.safetensors`` beside ``ROOT/recipe.json`` and ``ROOT/sd``. None for a judge
+    anywhere else (a recipe.json that merely lies above it is not its own)."""
     path = Path(judge_file).resolve()
-    for root in (path.parent.parent, path.parent):
-        if (root / "recipe.json").is_file():
-            return root
+    root = path.parent.parent
+    if path.parent.name == "judge" and (root / "recipe.json").is_file() and (root / "sd").is_dir():
+        return root
     return None
+
+
+def world_of_judge_file(judge_file: str | Path, root: Path | None) -> str:
+    """The world of a judge file: its own metadata's (:data:`WORLD_KEY`), else its weights
+    folder's recipe (:func:`world_of`), else v1. ValueError when the two disagree or name a
+    world palp does not know."""
+    from safetensors import safe_open
+
+    with safe_open(str(judge_file), framework="pt") as f:
+        own = (f.metadata() or {}).get(WORLD_KEY)
+    if own is not None and own not in WORLDS:
+        raise ValueError(f"{judge_file} names world {own[:40]!r} in its metadata; palp knows {', '.join(WORLDS)}")
+    folder = world_of(root) if root is not None else None
+    if own is not None and folder is not None and own != folder:
+        raise ValueError(f"{judge_file} is a world-{own} judge but its weights folder's recipe.json names {folder}")
+    return own or folder or "v1"
 
 
 def renderer(world: str):

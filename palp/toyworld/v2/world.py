@@ -374,30 +374,6 @@ def random_judge_scene(rng: random.Random) -> Scene:
     return random_scene(rng, every_pair=True)
 
 
-def judge_accuracy(judge, n: int = 2000, seed: int = 12345, *, held_out: bool = False, vae=None) -> dict:
-    """The judge's accuracy per attribute on ``n`` fresh v2 renders (any composite, or only
-    held-out ones), clean or (``vae``) through the VAE's round trip. Colours count only where the
-    style shows them, the pattern colour only where there is a pattern (v1's rule)."""
-    from palp.toyworld.judge import accuracy_per_attribute, predict
-    from palp.toyworld.v2.render import render_array
-
-    rng = random.Random(f"v2-accuracy-{seed}")
-    scenes = []
-    while len(scenes) < n:
-        scene = random_judge_scene(rng)
-        if held_out:
-            if not is_held_out(scene.identity):
-                continue
-        scenes.append(scene)
-    images = [render_array(s) for s in scenes]
-    if vae is not None:
-        from palp.toyworld.ceiling import vae_round_trip
-
-        images = vae_round_trip(vae, images)
-    preds = predict(judge, images)
-    return accuracy_per_attribute(scenes, preds)
-
-
 def write_subjects(out_dir, n: int = 4, subjects=PERSONAL_SUBJECTS) -> list:
     """v1's ``write_subjects`` with v2's photos (:func:`subject_training_scenes`, v2's renderer):
     ``out_dir/NAME/NN.png`` and the ground truth ``out_dir/NAME.json``."""

@@ -473,3 +473,53 @@ def test_pretraining_refuses_a_device_it_cannot_use(tmp_path, capsys):
     assert e.value.code == 2
     assert "--device nosuchdevice" in capsys.readouterr().err
     assert not (tmp_path / "work" / "vae.ckpt").exists()
+
+
+def _regime():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toy_regime", REPO / "evaluation/toyworld/regime.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_regime_verdicts_on_readings_with_known_answers():
+    """regime.py's two verdicts on made-up judge readings: identity 0.9 at step 500 reaches the
+    regime, 0.75 does not; a point that loses the prompt and keeps subject and class overfits,
+    one that loses the class too collapses."""
+    regime = _regime()
+
+    def scores(points):  # (lr, step, identity, found, class) -> 2 units x 4 samples each, exactly those means
+        rows = []
+        for lr, step, ident, found, cls in points:
+            for subject in ("a", "b"):
+                for k in range(4):
+                    rows.append({"method": "ti-db", "lr": lr, "step": step, "subject": subject, "prompt": "p",
+                                 "Judge: identity": ident, "Judge: class": float(k < 4 * cls), "Judge: style": found,
+                                 "Judge: place": found, "Judge: time": found})
+        return pd.DataFrame(rows)
+
+    text = regime.summarise(scores([(1e-3, 500, 0.9, 1.0, 1.0), (3e-3, 2000, 0.75, 0.5, 1.0)]), None, 1000)
+    assert "1. Reached (identity >= 0.8 by step 1000): **yes**, first at lr 0.001, step 500: identity 0.900" in text
+    assert "**yes**, at lr 0.003 step 2000 (elements 0.500, identity 0.750, class 1.000)" in text
+    text = regime.summarise(scores([(1e-3, 500, 0.75, 1.0, 1.0), (1e-3, 2000, 0.95, 1.0, 1.0), (3e-3, 2000, 0.75, 0.5, 0.5)]),
+                            None, 1000)
+    assert "**no**: the best by step 1000 is identity 0.750" in text  # 0.95 came only at step 2000
+    assert "2. Overfits without collapsing (elements found <= 0.7, identity >= 0.7, class >= 0.9): **no** point" in text
+    assert "| 0.001 | 500 | 0.750 [0.750, 0.750] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 2 |" in text
+
+
+def test_regime_runs_ti_db_samples_and_scores_with_the_judge(tmp_path):
+    """regime.py end to end at a tiny size on the shipped toy world; a second call reuses what is done."""
+    regime = _regime()
+    argv = ["--out", str(tmp_path / "r"), "--subjects", "purple-cat", "--prompt", "A sketch of [V] in the snow at night",
+            "--lr", "1e-3", "--steps", "2", "--save-steps", "1,2", "--samples", "1", "--sample-steps", "2", "--lora-rank", "4"]
+    assert regime.main(argv) == 0
+    text = (tmp_path / "r" / "regime.md").read_text()
+    assert "| 0.001 | 1 |" in text and "| 0.001 | 2 |" in text and "chance level of identity 0.250-0.250" in text
+    sampled = tmp_path / "r" / "samples" / "ti-db~0.001~purple-cat" / "samples.csv"
+    before = sampled.stat().st_mtime_ns
+    assert regime.main(argv) == 0 and sampled.stat().st_mtime_ns == before
+    with pytest.raises(SystemExit):
+        regime.main([*argv[:2], "--subjects", "nobody"])

@@ -361,3 +361,32 @@ def test_the_memory_plan_per_card_is_the_model_and_refuses_what_cannot_fit(tmp_p
     assert _pipeline(["pipeline", "submit", "--backend", "vertex", "--config", str(config), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "is predicted to need 45.5 GiB for palp on NVIDIA_L4" in err and len(_lines(err)) == 1
+
+
+def test_a_replaced_folder_survives_a_failed_swap(tmp_path, monkeypatch):
+    """atomic_directory(replace=True): the old folder is renamed aside, not deleted, until the new
+    one is in its place; if that rename fails the old one is put back, and no aside copy remains
+    after a swap that succeeds."""
+    import pathlib
+
+    from palp.core.storage import atomic_directory
+
+    dest = tmp_path / "weights"
+    dest.mkdir()
+    (dest / "a.txt").write_text("old")
+    real_rename = pathlib.Path.rename
+
+    def failing(self, target):
+        if pathlib.Path(target) == dest and self.name != ".weights.old":
+            raise OSError("rename failed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", failing)
+    with pytest.raises(OSError, match="rename failed"):
+        with atomic_directory(dest, replace=True) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert (dest / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["weights"]
+    monkeypatch.setattr(pathlib.Path, "rename", real_rename)
+    with atomic_directory(dest, replace=True) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (dest / "a.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["weights"]

@@ -6,8 +6,9 @@ and the example photos are rendered again in v2.
 ``DIR`` is ``pretrain.py export --world v2``'s folder (sd/, clip/, judge/, recipe.json,
 names.json). Before anything is written it is checked: its recipe names world v2 and a
 finished unet stage, palp loads its model, and its judge loads. Both folders below are then
-made whole beside their destinations and swapped in by renames at the end (the old ones
-deleted only after both are in place), so a failure before that leaves both as they were:
+made whole beside their destinations and swapped in by renames at the end
+(``palp.core.storage.atomic_directory``: each old folder deleted once its new one is in
+place), so a failure before that leaves both as they were:
 
 - ``W`` (default ``palp/toyworld/weights``): the export's folders and files;
 - ``E`` (default ``examples/toyworld``): the six personal subjects (the development set) and
@@ -27,7 +28,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,28 +91,6 @@ def stage_examples(examples: Path, held_out: int) -> list[str]:
     return [s.name for s in subjects]
 
 
-def swap(pairs: list[tuple[Path, Path]]) -> None:
-    """Each (staged, dest): the old ``dest`` renamed aside, ``staged`` renamed into its place;
-    the old folders deleted once every new one is in, put back if a rename fails."""
-    moved = []
-    try:
-        for staged, dest in pairs:
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            if dest.exists():
-                dest.rename(old)
-            moved.append((dest, old))
-            staged.rename(dest)
-    except OSError:
-        for dest, old in reversed(moved):
-            if old.exists():
-                shutil.rmtree(dest, ignore_errors=True)
-                old.rename(dest)
-        raise
-    for _, old in moved:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--export", required=True, type=Path, help="pretrain.py export --world v2's folder")
@@ -132,17 +110,12 @@ def main(argv=None) -> int:
     except (ShipError, OSError, ValueError, RuntimeError, SafetensorError) as e:  # damaged or foreign weights too
         print(f"ship_v2: {e}", file=sys.stderr)
         return 2
-    staged = []
-    try:
-        for dest in (args.weights, args.examples):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            staged.append(Path(tempfile.mkdtemp(prefix=f".{dest.name}.v2.", dir=dest.parent)))
-        stage_weights(args.export, staged[0])
-        names = stage_examples(staged[1], args.held_out)
-        swap(list(zip(staged, (args.weights, args.examples))))
-    finally:
-        for tmp in staged:
-            shutil.rmtree(tmp, ignore_errors=True)
+    from palp.core.storage import atomic_directory
+
+    # Both folders are made whole first; each is swapped in only when the block ends without error.
+    with atomic_directory(args.weights, replace=True) as weights, atomic_directory(args.examples, replace=True) as examples:
+        stage_weights(args.export, weights)
+        names = stage_examples(examples, args.held_out)
     print(f"shipped world v2 (unet {recipe['stages']['unet']['steps']} steps) to {args.weights}; "
           f"photos of {len(names)} subjects in {args.examples}: {', '.join(names)}")
     return 0

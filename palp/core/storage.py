@@ -237,20 +237,29 @@ def atomic_directory(dest: str | Path, *, replace: bool = False):
     """Yield a temporary folder beside ``dest`` that becomes ``dest`` by one rename on success.
 
     Readers see the whole folder or none of it. With ``replace`` an existing ``dest`` is
-    swapped out; without, a ``dest`` that a concurrent writer completed first is kept.
+    swapped out: renamed aside to ``.<name>.old`` (a stale one from an interrupted swap is
+    dropped first), deleted only once the new folder is in its place, and put back if that
+    rename fails. Without, a ``dest`` that a concurrent writer completed first is kept.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    old = None
     try:
         yield tmp
         if replace and dest.exists():
-            shutil.rmtree(dest)
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
         try:
             tmp.rename(dest)
         except OSError:
             if not dest.exists():
+                if old is not None:
+                    old.rename(dest)
                 raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -27,14 +27,16 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from experiment_tables import ELEMENTS, FOUND, IDENTITY, cluster_bootstrap  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ("A sketch of [V] in the snow at night", "A watercolour of [V] on the beach at sunset",
            "A neon drawing of [V] on the grass at sunset")
-ELEMENTS = ("Judge: style", "Judge: place", "Judge: time")
-IDENTITY, CLASS, FOUND = "Judge: identity", "Judge: class", "Elements found"
+CLASS = "Judge: class"
 REACHED, KEPT_IDENTITY, KEPT_CLASS, LOST_PROMPT = 0.8, 0.7, 0.9, 0.7
 
 
@@ -46,22 +48,13 @@ def palp(argv: list[str]) -> None:
         raise SystemExit(f"regime.py: palp {argv[0]} failed (exit {code}): {' '.join(argv)}")
 
 
-def cluster_interval(df: pd.DataFrame, col: str, *, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean over the samples with a 95% interval from resampling whole (subject, prompt) units."""
-    units = df.groupby(["subject", "prompt"])[col].agg(["sum", "count"])
-    s, n = units["sum"].to_numpy(float), units["count"].to_numpy(float)
-    idx = np.random.default_rng(seed).integers(0, len(units), size=(reps, len(units)))
-    boot = s[idx].sum(1) / n[idx].sum(1)
-    return float(s.sum() / n.sum()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
-
-
 def summarise(scores: pd.DataFrame, units: pd.DataFrame | None, reach_by: int) -> str:
     """regime.md's text: the table per (rate, step) and the two verdicts."""
     scores = scores[scores["method"] == "ti-db"].copy()
-    scores[FOUND] = scores[list(ELEMENTS)].mean(axis=1)
+    scores[FOUND] = scores[ELEMENTS].mean(axis=1)
     rows, points = [], []
     for (lr, step), df in scores.groupby(["lr", "step"], sort=True):
-        stats = {c: cluster_interval(df, c) for c in (IDENTITY, FOUND, CLASS)}
+        stats = cluster_bootstrap(df, [IDENTITY, FOUND, CLASS])  # 95% intervals over (subject, prompt) units
         points.append((lr, step, stats))
         rows.append(f"| {lr:g} | {step} | " + " | ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in stats.values())
                     + f" | {df.groupby(['subject', 'prompt']).ngroups} |")

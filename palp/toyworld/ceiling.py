@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from palp.toyworld.judge import identity_chance, identity_kept, predict, to_tensor
 from palp.toyworld.scene import Identity, Scene, parse_caption
-from palp.toyworld.worlds import judge_world, renderer
+from palp.toyworld.worlds import judge_world, renderer, world_of
 
 # Clean renders: identity and class; VAE round trips: identity.
 THRESHOLDS = {"identity_clean": 0.95, "identity_vae": 0.90, "class_clean": 0.95}
@@ -79,11 +78,10 @@ def load_vae(judge=None):
     from diffusers import AutoencoderKL
 
     from palp.toyworld import WEIGHTS, weights_dir
-    from palp.toyworld.worlds import judge_world, world_of
 
     root = getattr(judge, "root", None)
-    if root is not None and (Path(root) / "sd" / "vae").is_dir():
-        folder = Path(root) / "sd" / "vae"
+    if root is not None and (root / "sd" / "vae").is_dir():
+        folder = root / "sd" / "vae"
     else:
         if judge is not None and judge_world(judge) != world_of(WEIGHTS):
             raise ValueError(f"the judge was trained in toy world {judge_world(judge)} but the shipped model in "
